@@ -1,0 +1,206 @@
+"""``opd``: the command line. Every subcommand has --help; errors are one clear line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from opd.config import TrainConfig, load_config
+from opd.models import OpdError
+
+# the demo's settings, chosen by the sweep reported in the README (section "The embedded default")
+DEMO_OVERRIDES = ["steps=150", "kl=full", "lr=1e-3", "eval_every=25"]
+
+
+def config_help() -> str:
+    """The config fields with defaults and the comments written beside them in config.py."""
+    import opd.config
+
+    source = inspect.getsource(opd.config.TrainConfig)
+    lines = ["config fields (key=value):"]
+    for match in re.finditer(r"^    (\w+): [\w |]+ = ([^#\n]+?)\s*(?:#\s*(.*))?$", source, re.M):
+        name, default, comment = match.groups()
+        lines.append(f"  {name}={default.strip()}" + (f"  {comment}" if comment else ""))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from opd.trainer import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        config_path = Path(args.resume) / "config.json"
+        if not config_path.is_file():
+            raise OpdError(f"{args.resume} is not an opd run directory (no config.json)")
+        saved = json.loads(config_path.read_text())
+        base = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+        config = load_config(args.config, overrides, base=base)
+    else:
+        if args.out:
+            overrides.append(f"out={args.out}")
+        config = load_config(args.config, overrides)
+    summary = train(config, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from opd.trainer import train
+
+    overrides = DEMO_OVERRIDES + list(args.overrides)
+    out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = load_config(None, overrides + [f"out={out}"])
+    print(f"opd demo: on-policy distillation of the embedded student from the embedded teacher "
+          f"({config.steps} steps, kl={config.kl}, lr={config.lr})")
+    started = time.time()
+    summary = train(config, progress=not args.quiet)
+    rows = [
+        ("held-out accuracy", summary["student_accuracy_before"], summary["student_accuracy_after"],
+         summary["teacher_accuracy"], True),
+        ("reverse KL to teacher", summary["teacher_kl_before"], summary["teacher_kl_after"], 0.0, False),
+    ]
+    print(f"\n{'':24}{'before':>10}{'after':>10}{'teacher':>10}")
+    for name, before, after, teacher, percent in rows:
+        cells = [f"{100 * v:.1f}%" if percent else f"{v:.3f}" for v in (before, after, teacher)]
+        print(f"{name:24}" + "".join(f"{c:>10}" for c in cells))
+    print(f"\nwall time {time.time() - started:.0f} s; run directory: {out} (report.md, curves.png)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from opd.evaluation import evaluate
+    from opd.models import check_same_vocabulary, load_model, load_tokenizer, pick_device, pick_dtype
+    from opd.setup import make_task, resolve_model_path
+    from opd.teacher import LocalTeacher
+
+    device = pick_device(args.device)
+    dtype = pick_dtype("auto", device)
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    config = TrainConfig(task=args.task, eval_file=args.eval_file or "")
+    task = make_task(config)
+    examples = task.eval_examples(args.examples)
+    if not examples:
+        raise OpdError(f"task {task.name} has no held-out prompts; pass --eval-file PATH.jsonl")
+    teacher = None
+    if args.teacher:
+        teacher_path = resolve_model_path(args.teacher)
+        check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), path, teacher_path)
+        teacher = LocalTeacher(load_model(teacher_path, device, dtype), len(tokenizer))
+    result = evaluate(load_model(path, device, dtype), tokenizer, task, examples,
+                      max_new_tokens=args.max_new_tokens, teacher=teacher)
+    print(json.dumps({"model": args.model, "examples": len(examples), "accuracy": result.accuracy,
+                      "teacher_kl": result.teacher_kl,
+                      "mean_completion_tokens": result.mean_completion_tokens}, indent=2))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from opd.evaluation import completions_text
+    from opd.models import chat_prompt_ids, load_model, load_tokenizer, pick_device, pick_dtype
+    from opd.sampler import sample
+    from opd.setup import resolve_model_path
+
+    device = pick_device(args.device)
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, device, pick_dtype("auto", device)).eval()
+    prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
+    rollouts = sample(model, [prompt], samples_per_prompt=args.n, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, eos_id=tokenizer.eos_token_id,
+                      pad_id=tokenizer.pad_token_id,
+                      generator=torch.Generator(device).manual_seed(args.seed))
+    for i, text in enumerate(completions_text(tokenizer, rollouts.completion_ids())):
+        print(f"--- sample {i + 1}\n{text}")
+    return 0
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from opd.zoo import EMBEDDED_DIR, ZooConfig, build
+
+    config = ZooConfig()
+    for item in args.overrides:
+        name, sep, value = item.partition("=")
+        if not sep or not hasattr(config, name):
+            raise OpdError(f"zoo override {item!r}: expected key=value with key one of "
+                           f"{', '.join(config.__dataclass_fields__)}")
+        setattr(config, name, type(getattr(config, name))(value))
+    card = build(Path(args.out) if args.out else EMBEDDED_DIR, config)
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
+    sub = root.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    train = sub.add_parser("train", help="run on-policy distillation", formatter_class=fmt,
+                           description="Train a student on its own samples graded by a teacher.",
+                           epilog=config_help())
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    train.add_argument("--config", help="TOML file of config fields (overrides still win)")
+    train.add_argument("--out", help="run directory (default runs/<time>-<method>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="distil the embedded student from the embedded teacher",
+                          formatter_class=fmt, epilog=f"demo settings: {' '.join(DEMO_OVERRIDES)}\n\n"
+                          + config_help())
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    demo.add_argument("--out", help="run directory (default runs/demo-<time>)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="held-out accuracy (and teacher KL) of a model")
+    ev.add_argument("model", help="HF model directory, hub id, or embedded:student / embedded:teacher")
+    ev.add_argument("--teacher", help="also report the per-token reverse KL to this teacher")
+    ev.add_argument("--task", default="arithmetic", help="built-in task or a JSONL prompts file")
+    ev.add_argument("--eval-file", help="JSONL of held-out prompts when --task is a file")
+    ev.add_argument("--examples", type=int, default=256, help="number of held-out prompts")
+    ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_eval)
+
+    sm = sub.add_parser("sample", help="print completions of a prompt")
+    sm.add_argument("model", help="HF model directory, hub id, or embedded:student / embedded:teacher")
+    sm.add_argument("--prompt", required=True, help="the user message")
+    sm.add_argument("-n", type=int, default=1, help="number of samples")
+    sm.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    sm.add_argument("--top-p", type=float, default=1.0)
+    sm.add_argument("--max-new-tokens", type=int, default=64)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--device", default="auto")
+    sm.set_defaults(func=cmd_sample)
+
+    zoo = sub.add_parser("zoo", help="the embedded tiny models")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_sub.add_parser("build", help="rebuild tokenizer, teacher and student from scratch")
+    build.add_argument("overrides", nargs="*", metavar="key=value", help="ZooConfig overrides, e.g. seed=1")
+    build.add_argument("--out", help="output directory (default: the package's embedded/)")
+    build.set_defaults(func=cmd_zoo_build)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OpdError as err:
+        print(f"opd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opd: interrupted; continue a training run with `opd train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

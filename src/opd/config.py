@@ -1,0 +1,141 @@
+"""The one typed config of ``opd train``: a dataclass, loadable from TOML, overridable as key=value.
+
+Defaults run the embedded demo on a CPU. ``embedded:teacher`` and ``embedded:student`` name the
+models shipped in the package (built by ``opd zoo build``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from opd.models import OpdError
+
+
+@dataclass
+class TrainConfig:
+    # models and data
+    student: str = "embedded:student"  # HF model directory or hub id
+    teacher: str = "embedded:teacher"  # HF model directory or hub id; same tokenizer as the student
+    task: str = "arithmetic"  # a built-in task, or a JSONL file of prompts
+    eval_file: str = ""  # JSONL of held-out prompts when task is a file
+    # the method
+    method: str = "opd"
+    kl: str = "sampled"  # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary
+    kl_coef: float = 1.0
+    gamma: float = 0.0  # discount of the per-token advantage (0: no future terms, as in the reference)
+    ppo_clip: float = 0.0  # PPO clip epsilon; 0 turns clipping off
+    # sampling
+    steps: int = 100
+    prompts_per_step: int = 32
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 0  # 0: the model's context length minus max_new_tokens
+    truncate_prompts: bool = False  # cut over-long prompts from the left instead of refusing them
+    # optimisation
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per step (the step's rows are split evenly)
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 32.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # evaluation, logging, checkpoints
+    eval_every: int = 25
+    eval_examples: int = 256
+    save_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = ""  # run directory; default runs/<time>-<method>
+
+    CHOICES = {"method": ("opd",), "kl": ("sampled", "full")}
+
+    def validate(self) -> None:
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise OpdError(f"config field {name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
+        positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "grad_accum",
+                    "eval_every", "eval_examples", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise OpdError(f"config field {name}={getattr(self, name)} must be at least 1")
+        if self.lr <= 0:
+            raise OpdError(f"config field lr={self.lr} must be positive")
+        if not 0 < self.top_p <= 1:
+            raise OpdError(f"config field top_p={self.top_p} must be in (0, 1]")
+        if self.temperature <= 0:
+            raise OpdError(f"config field temperature={self.temperature} must be positive for training")
+        if (self.prompts_per_step * self.samples_per_prompt) % self.grad_accum:
+            raise OpdError(f"grad_accum={self.grad_accum} must divide prompts_per_step * samples_per_prompt")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def field_types() -> dict[str, type]:
+    return {f.name: type(f.default) for f in fields(TrainConfig)}
+
+
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def parse_value(name: str, text: str, kind: type, source: str):
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise OpdError(f"{source}: config field {name}={text!r} must be true or false")
+    try:
+        return kind(text)
+    except ValueError:
+        raise OpdError(f"{source}: config field {name}={text!r} must be {KIND_NAMES[kind]}") from None
+
+
+def apply_values(config: TrainConfig, values: dict, source: str) -> TrainConfig:
+    types = field_types()
+    for name, value in values.items():
+        if name not in types:
+            raise OpdError(f"{source}: unknown config field {name!r}; known fields: {', '.join(types)}")
+        kind = types[name]
+        if isinstance(value, str) and kind is not str:
+            value = parse_value(name, value, kind, source)
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, kind):
+            raise OpdError(f"{source}: config field {name}={value!r} must be {KIND_NAMES[kind]}")
+        setattr(config, name, value)
+    return config
+
+
+def load_config(toml_path: str | None = None, overrides: list[str] | None = None,
+                base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults, then the TOML file, then ``key=value`` overrides; validated."""
+    config = base or TrainConfig()
+    if toml_path:
+        path = Path(toml_path)
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise OpdError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise OpdError(f"config file {path} is not valid TOML: {err}") from None
+        apply_values(config, values, str(path))
+    parsed = {}
+    for item in overrides or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise OpdError(f"override {item!r} must look like key=value")
+        parsed[name.strip()] = value.strip()
+    apply_values(config, parsed, "command line")
+    config.validate()
+    return config

@@ -1,0 +1,69 @@
+"""Held-out evaluation: task accuracy (greedy, verified) and per-token reverse KL to the teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from opd.models import chat_prompt_ids
+from opd.sampler import sample
+from opd.tasks import Example, Task
+
+
+@dataclass
+class EvalResult:
+    accuracy: float | None  # None when the task has no verifier
+    teacher_kl: float | None  # None when no teacher was given
+    mean_completion_tokens: float
+
+
+def completions_text(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]]) -> list[str]:
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: list[Example],
+    *,
+    max_new_tokens: int,
+    teacher=None,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> EvalResult:
+    """Greedy accuracy on ``examples``; with a teacher, also the mean over completion tokens of
+    ``log pi(x_t) - log p_teacher(x_t)`` on the student's own temperature-1 samples, the
+    Monte Carlo estimate of the per-token reverse KL (the same estimator for any teacher)."""
+    was_training = model.training
+    model.eval()
+    correct, scored, lengths = 0.0, 0, []
+    kl_sum, kl_tokens = 0.0, 0
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [chat_prompt_ids(tokenizer, ex.messages) for ex in chunk]
+        greedy = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+        lengths.extend(greedy.completion_mask.sum(-1).tolist())
+        if chunk[0].answer is not None:
+            texts = completions_text(tokenizer, greedy.completion_ids())
+            correct += sum(task.reward(t, ex.answer) for t, ex in zip(texts, chunk, strict=True))
+            scored += len(chunk)
+        if teacher is not None:
+            sampled = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
+                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                             generator=generator)
+            teacher_lp = teacher.score(sampled)
+            mask = sampled.completion_mask
+            kl_sum += float(((sampled.sampler_logprobs - teacher_lp) * mask).sum())
+            kl_tokens += int(mask.sum())
+    model.train(was_training)
+    return EvalResult(
+        accuracy=correct / scored if scored else None,
+        teacher_kl=kl_sum / max(kl_tokens, 1) if teacher is not None else None,
+        mean_completion_tokens=sum(lengths) / max(len(lengths), 1),
+    )

@@ -1,0 +1,97 @@
+"""The algorithm as small pure tensor functions. Shapes: (B, T) aligned with ``Rollouts.tokens``.
+
+Notation: q is the sampler (the student when sampling), p_teacher the teacher, pi the learner
+(the student being updated). All masks are 1.0 on completion tokens and 0.0 elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def discounted_future_sum(values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``out[t] = sum_{k >= t} gamma^(k - t) * values[k] * mask[k]``, only over completion tokens.
+
+    ``gamma = 0`` returns ``values * mask`` unchanged (the reference setting).
+    """
+    values = values * mask
+    if gamma == 0.0:
+        return values
+    out = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in range(values.shape[1] - 1, -1, -1):
+        running = values[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
+
+def reverse_kl_advantages(
+    sampler_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    coef: float = 1.0,
+    gamma: float = 0.0,
+) -> torch.Tensor:
+    """Per-token advantage of on-policy distillation: the negative sampled reverse KL.
+
+    ``adv[t] = -coef * (log q(x_t) - log p_teacher(x_t))`` on completion tokens, 0 elsewhere, then an
+    optional discounted future sum. Since ``x_t ~ q``, ``E[log q - log p_teacher] = KL(q || p_teacher)``
+    at that position, so maximising the advantage minimises the reverse KL. No baseline is subtracted.
+    Source: Thinking Machines Lab, "On-Policy Distillation" (2025); tinker-cookbook's
+    ``incorporate_kl_penalty``.
+    """
+    per_token = -coef * (sampler_logprobs - teacher_logprobs)
+    return discounted_future_sum(per_token, mask, gamma)
+
+
+def importance_sampling_loss(
+    learner_logprobs: torch.Tensor,
+    sampler_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_epsilon: float = 0.0,
+    num_tokens: float | None = None,
+) -> torch.Tensor:
+    """Importance-sampling policy-gradient loss, optionally PPO-clipped.
+
+    ``loss = -(1/N) sum_t r_t * A_t`` with ``r_t = exp(log pi(x_t) - log q(x_t))`` and the advantages
+    constant. With ``clip_epsilon > 0`` it is PPO's pessimistic objective
+    ``-(1/N) sum_t min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)`` (Schulman et al. 2017, eq. 7).
+    ``N`` is the number of completion tokens (``num_tokens`` overrides it, e.g. for gradient
+    accumulation); an all-masked batch gives exactly 0.
+    At ``pi = q`` the gradient is the REINFORCE gradient ``-(1/N) sum_t A_t grad log pi(x_t)``.
+    """
+    advantages = advantages.detach()
+    ratio = torch.exp(learner_logprobs - sampler_logprobs.detach())
+    objective = ratio * advantages
+    if clip_epsilon > 0:
+        clipped = ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * advantages
+        objective = torch.minimum(objective, clipped)
+    denominator = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens))
+    return -(objective * mask).sum() / denominator.clamp(min=1.0)
+
+
+def exact_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """``KL(pi || p_teacher) = sum_v pi(v) (log pi(v) - log p_teacher(v))`` over the last dimension.
+
+    Inputs are full-vocabulary log-probs (..., V); returns (...). Tokens the teacher gives zero
+    probability while the student gives them mass make the KL infinite, as it should be.
+    """
+    return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+
+
+def masked_token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
+    """``sum(values * mask) / N`` with N the mask's sum (or ``num_tokens``); 0 for an empty mask."""
+    denominator = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens))
+    return (values * mask).sum() / denominator.clamp(min=1.0)
+
+
+def label_smoothed_nll(logprobs: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Per-row ``(1 - eps) * -log p(target) + eps * mean_v -log p(v)`` (Szegedy et al. 2016, sec. 7).
+
+    ``logprobs`` is (N, V) full log-softmax, ``targets`` (N,); ``eps = 0`` is plain cross-entropy.
+    """
+    nll = -logprobs.gather(-1, targets[:, None])[:, 0]
+    if smoothing == 0.0:
+        return nll
+    return (1 - smoothing) * nll - smoothing * logprobs.mean(-1)

@@ -1,0 +1,141 @@
+"""Load and save Hugging Face models and tokenizers; LoRA; device/dtype choice; vocab checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+
+class OpdError(Exception):
+    """A user-facing error: the message says what is wrong and what to do."""
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that supports it, float32 on a CPU, unless asked otherwise."""
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if requested not in names:
+        raise OpdError(f"dtype={requested!r} is not one of auto, {', '.join(names)}")
+    return names[requested]
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise OpdError(f"cannot load a tokenizer from {path}: {err}") from err
+    if tokenizer.eos_token_id is None:
+        raise OpdError(f"the tokenizer in {path} has no eos_token; set one in tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        # a pad equal to EOS is safe here: masks come from the sampler, never from pad ids
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise OpdError(f"cannot load a causal LM from {path}: {err}") from err
+    return model.to(device)
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` rendered with the tokenizer's chat template, ready for the reply."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    # a base model without a template sees the plain text of the last user message
+    return tokenizer.encode(messages[-1]["content"], add_special_tokens=True)
+
+
+def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
+                          student_path: str, teacher_path: str) -> None:
+    """Teacher and student must map every token to the same id (embedding sizes may differ)."""
+    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
+    if student_vocab == teacher_vocab and student.eos_token_id == teacher.eos_token_id:
+        return
+    only_student = sorted(set(student_vocab) - set(teacher_vocab))
+    only_teacher = sorted(set(teacher_vocab) - set(student_vocab))
+    moved = sorted(t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t])
+    lines = [f"the tokenizers of the student ({student_path}) and the teacher ({teacher_path}) differ:"]
+    if only_student:
+        lines.append(f"  {len(only_student)} tokens only in the student, e.g. {only_student[:5]}")
+    if only_teacher:
+        lines.append(f"  {len(only_teacher)} tokens only in the teacher, e.g. {only_teacher[:5]}")
+    if moved:
+        t = moved[0]
+        lines.append(f"  {len(moved)} tokens with different ids, e.g. {t!r}: "
+                     f"student {student_vocab[t]}, teacher {teacher_vocab[t]}")
+    if student.eos_token_id != teacher.eos_token_id:
+        lines.append(f"  EOS differs: student {student.eos_token!r}, teacher {teacher.eos_token!r}")
+    lines.append("On-policy distillation scores the student's token ids with the teacher, so both must "
+                 "share one tokenizer: pick a teacher from the student's model family.")
+    raise OpdError("\n".join(lines))
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    modules = [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def plain_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with any LoRA adapters merged in (a copy), for saving in plain HF format."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+
+
+def save_atomically(directory: Path, write: callable) -> None:
+    """Write a directory through ``write(tmp_dir)`` and rename it into place: all or nothing."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+
+
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    """Save ``model`` (LoRA merged) and its tokenizer as one HF directory, atomically."""
+
+    def write(tmp: Path) -> None:
+        plain_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    save_atomically(directory, write)

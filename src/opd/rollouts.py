@@ -1,0 +1,74 @@
+"""The one batch type that flows through every stage: sampler -> scorer -> advantages -> loss.
+
+Layout: each row is ``[left padding] prompt completion [right padding]`` in one (B, T) tensor, so the
+prompt ends at the same column for every row (what batched sampling with a KV cache needs) and no
+stage ever re-tokenizes. Log-prob tensors are aligned with ``tokens``: ``x_logprobs[b, t]`` is the
+log-probability of ``tokens[b, t]`` given ``tokens[b, :t]``; positions outside the completion hold 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    tokens: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long: 1 on prompt and completion tokens, 0 on padding
+    completion_mask: torch.Tensor  # (B, T) float: 1 on sampled tokens (EOS included), 0 elsewhere
+    prompt_index: torch.Tensor  # (B,) long: which prompt of the batch each row answers (its group)
+    sampler_logprobs: torch.Tensor | None = None  # (B, T) log-prob under the sampling distribution
+    teacher_logprobs: torch.Tensor | None = None  # (B, T)
+    rewards: torch.Tensor | None = None  # (B,) task reward of each completion
+    advantages: torch.Tensor | None = None  # (B, T)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """Positions that skip left padding, so padded and unpadded rows see the same positions."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum().item())
+
+    def completion_ids(self) -> list[list[int]]:
+        """Each row's completion tokens (EOS included when it was sampled)."""
+        out = []
+        for row, mask in zip(self.tokens.tolist(), self.completion_mask.tolist(), strict=True):
+            out.append([tok for tok, m in zip(row, mask, strict=True) if m > 0])
+        return out
+
+    def to(self, device: torch.device | str) -> Rollouts:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return replace(self, **moved)
+
+    def select(self, rows: torch.Tensor | slice) -> Rollouts:
+        """The sub-batch of ``rows`` (used for gradient accumulation micro-batches)."""
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = value[rows] if isinstance(value, torch.Tensor) else value
+        return replace(self, **picked)
+
+
+def pack_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Rollouts:
+    """Rollouts for given (prompt, completion) token pairs: the SFT layout, same as the sampler's."""
+    prompt_width = max(len(p) for p in prompts)
+    completion_width = max(max(len(c) for c in completions), 1)
+    batch = len(prompts)
+    tokens = torch.full((batch, prompt_width + completion_width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(tokens)
+    completion_mask = torch.zeros(tokens.shape, dtype=torch.float32)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        start = prompt_width - len(prompt)
+        tokens[row, start:prompt_width] = torch.tensor(prompt, dtype=torch.long)
+        tokens[row, prompt_width : prompt_width + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        attention[row, start : prompt_width + len(completion)] = 1
+        completion_mask[row, prompt_width : prompt_width + len(completion)] = 1.0
+    return Rollouts(tokens, attention, completion_mask, torch.arange(batch))

@@ -1,0 +1,91 @@
+"""Log-probs of a rollout's tokens under a model, computed without a (B, T, V) logits tensor.
+
+Only the positions that predict completion tokens go through the output head, in chunks of rows sized
+so that one chunk's float32 logits stay under ``LOGITS_BUDGET`` elements; with gradients on, each
+chunk is recomputed in the backward pass (activation checkpointing) instead of being kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from opd.losses import exact_reverse_kl
+from opd.rollouts import Rollouts
+
+LOGITS_BUDGET = 1 << 25  # float32 elements per chunk of logits (128 MiB)
+
+
+def completion_hidden(model: torch.nn.Module, rollouts: Rollouts) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Final hidden states at the positions that predict completion tokens: (N, H), and the head."""
+    decoder = model.get_decoder()
+    hidden = decoder(
+        input_ids=rollouts.tokens,
+        attention_mask=rollouts.attention_mask,
+        position_ids=rollouts.position_ids,
+    ).last_hidden_state
+    predicts_completion = rollouts.completion_mask[:, 1:] > 0  # position t-1 predicts token t
+    return hidden[:, :-1][predicts_completion], model.get_output_embeddings()
+
+
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Full log-softmax over the first ``vocab_size`` ids (embedding rows past it are padding)."""
+    return torch.log_softmax(head(hidden)[:, :vocab_size].float(), dim=-1)
+
+
+def chunked_rows(
+    fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], vocab_size: int
+) -> torch.Tensor:
+    """Apply ``fn`` to row chunks of ``inputs`` and concatenate, checkpointing when it saves memory."""
+    rows = inputs[0].shape[0]
+    chunk = max(1, LOGITS_BUDGET // max(vocab_size, 1))
+    if rows <= chunk:
+        return fn(*inputs)
+    outputs = []
+    for start in range(0, rows, chunk):
+        part = tuple(x[start : start + chunk] for x in inputs)
+        if torch.is_grad_enabled():
+            outputs.append(checkpoint(fn, *part, use_reentrant=False))
+        else:
+            outputs.append(fn(*part))
+    return torch.cat(outputs)
+
+
+def scatter_completion(rollouts: Rollouts, values: torch.Tensor) -> torch.Tensor:
+    """Place per-completion-token values (N,) back into a (B, T) tensor aligned with the tokens."""
+    out = torch.zeros(rollouts.tokens.shape, dtype=values.dtype, device=values.device)
+    predicts_completion = rollouts.completion_mask[:, 1:] > 0
+    out[:, 1:] = out[:, 1:].masked_scatter(predicts_completion, values)
+    return out
+
+
+def token_logprobs(model: torch.nn.Module, rollouts: Rollouts, vocab_size: int) -> torch.Tensor:
+    """(B, T) log-prob of each completion token under ``model``; 0 outside the completion."""
+    hidden, head = completion_hidden(model, rollouts)
+    targets = rollouts.tokens[:, 1:][rollouts.completion_mask[:, 1:] > 0]
+
+    def gather(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return head_logprobs(head, h, vocab_size).gather(-1, t[:, None])[:, 0]
+
+    return scatter_completion(rollouts, chunked_rows(gather, (hidden, targets), vocab_size))
+
+
+def full_reverse_kl(
+    student: torch.nn.Module,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.nn.Module,
+    rollouts: Rollouts,
+    vocab_size: int,
+) -> torch.Tensor:
+    """(B, T) exact reverse KL(student || teacher) over the whole vocabulary at every completion
+    position, differentiable in the student; ``teacher_hidden`` comes from ``completion_hidden``."""
+    hidden, head = completion_hidden(student, rollouts)
+
+    def kl(h: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_lp = head_logprobs(teacher_head, th, vocab_size)
+        return exact_reverse_kl(head_logprobs(head, h, vocab_size), teacher_lp)
+
+    return scatter_completion(rollouts, chunked_rows(kl, (hidden, teacher_hidden), vocab_size))

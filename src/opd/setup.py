@@ -1,0 +1,156 @@
+"""Everything a run needs before its first step: models, tokenizer, task, teacher, optimizer, run
+directory, and the state to continue from when resuming. All input checks happen here, before any
+compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opd import runs
+from opd.config import TrainConfig
+from opd.models import (
+    OpdError,
+    add_lora,
+    chat_prompt_ids,
+    check_same_vocabulary,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+)
+from opd.tasks import ArithmeticTask, Example, Task
+from opd.teacher import LocalTeacher
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def resolve_model_path(name: str) -> str:
+    """``embedded:NAME`` is a model shipped with opd; anything else is a directory or hub id."""
+    if not name.startswith(EMBEDDED_PREFIX):
+        return name
+    from opd.zoo import EMBEDDED_DIR
+
+    path = EMBEDDED_DIR / name[len(EMBEDDED_PREFIX):]
+    if not (path / "config.json").is_file():
+        raise OpdError(f"the embedded model {name} is missing at {path}; rebuild it with `opd zoo build`")
+    return str(path)
+
+
+def make_task(config: TrainConfig) -> Task:
+    if config.task == "arithmetic":
+        return ArithmeticTask()
+    if config.task.endswith(".jsonl") or Path(config.task).is_file():
+        from opd.tasks.jsonl import JsonlTask
+
+        return JsonlTask(config.task, config.eval_file or None)
+    raise OpdError(f"task={config.task!r} is neither a built-in task (arithmetic) nor a JSONL file")
+
+
+@dataclass
+class Session:
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    tokenizer: object
+    student: torch.nn.Module
+    teacher_model: torch.nn.Module
+    teacher: LocalTeacher
+    task: Task
+    eval_set: list[Example]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainable: list[torch.nn.Parameter]
+    vocab_size: int
+    max_prompt_tokens: int
+    start_step: int = 0
+    records: list[dict] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+    def trainer_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids = chat_prompt_ids(self.tokenizer, messages)
+        if len(ids) > self.max_prompt_tokens:
+            if not self.config.truncate_prompts:
+                raise OpdError(f"a prompt of {len(ids)} tokens exceeds max_prompt_tokens="
+                               f"{self.max_prompt_tokens} (context minus max_new_tokens): shorten it, "
+                               f"lower max_new_tokens, or set truncate_prompts=true to keep its end")
+            ids = ids[-self.max_prompt_tokens:]
+        return ids
+
+
+def check_prompts(session: Session) -> None:
+    """Every held-out prompt and the first training prompts must fit, before any compute."""
+    for example in session.eval_set + session.task.train_examples(0, session.config.prompts_per_step,
+                                                                  session.config.seed):
+        session.prompt_ids(example.messages)
+
+
+def open_session(config: TrainConfig, resume: str | Path | None = None) -> Session:
+    config.validate()
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    student_path, teacher_path = resolve_model_path(config.student), resolve_model_path(config.teacher)
+    tokenizer = load_tokenizer(student_path)
+    check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), student_path, teacher_path)
+    task = make_task(config)
+    eval_set = task.eval_examples(config.eval_examples)
+    if not eval_set:
+        raise OpdError(f"task {task.name} has no held-out prompts; pass eval_file=PATH.jsonl")
+
+    if resume is not None:
+        run_dir = Path(resume)
+        runs.check_resumable(run_dir, config)
+    else:
+        run_dir = None  # created after the checks below pass, so bad input leaves nothing behind
+    checkpoint = runs.latest_checkpoint(run_dir) if run_dir else None
+
+    torch.manual_seed(config.seed)
+    if checkpoint and config.lora_rank == 0:
+        student = load_model(checkpoint[1], device, dtype)
+    else:
+        student = load_model(student_path, device, dtype)
+    if config.lora_rank > 0:
+        if checkpoint:
+            from peft import PeftModel
+
+            student = PeftModel.from_pretrained(student, str(checkpoint[1]), is_trainable=True)
+        else:
+            student = add_lora(student, config.lora_rank, config.lora_alpha, config.lora_targets)
+    teacher_model = load_model(teacher_path, device, dtype)
+    vocab_size = len(tokenizer)
+    context = getattr(student.config, "max_position_embeddings", 2048)
+    max_prompt = context - config.max_new_tokens
+    if max_prompt < 1:
+        raise OpdError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the "
+                       f"student's context of {context} tokens")
+    if config.max_prompt_tokens:
+        max_prompt = min(max_prompt, config.max_prompt_tokens)
+
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(config.beta1, config.beta2),
+                                  weight_decay=config.weight_decay)
+    warmup = max(config.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    session = Session(config, run_dir or Path(), device, tokenizer, student, teacher_model,
+                      LocalTeacher(teacher_model, vocab_size), task, eval_set, optimizer, scheduler,
+                      trainable, vocab_size, max_prompt)
+    check_prompts(session)
+
+    if run_dir is None:
+        session.run_dir = runs.new_run_dir(config)
+    elif checkpoint:
+        step, path = checkpoint
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        session.start_step, session.last_checkpoint = step, path
+        session.records = runs.read_metrics(run_dir, up_to_step=step)
+        runs.rewrite_metrics(run_dir, session.records)
+    else:  # interrupted before its first checkpoint: start over in the same directory
+        runs.rewrite_metrics(run_dir, [])
+    return session

@@ -1,0 +1,63 @@
+"""Tasks supply prompts (train and held-out splits) and a verifier; they know nothing of models."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
+from opd.tasks import arithmetic
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: list[dict]  # chat messages; the last one is the user's
+    answer: str | None  # what the verifier expects; None when the task has no verifier
+
+
+class Task(Protocol):
+    name: str
+
+    def train_examples(self, step: int, count: int, seed: int) -> list[Example]:
+        """The ``count`` training prompts of ``step``: a pure function of (seed, step)."""
+        ...
+
+    def eval_examples(self, count: int) -> list[Example]:
+        """The first ``count`` prompts of the held-out split, always the same ones."""
+        ...
+
+    def reward(self, completion: str, answer: str | None) -> float:
+        """1.0 for a correct completion, 0.0 otherwise."""
+        ...
+
+
+def step_rng(seed: int, step: int, salt: int = 0) -> random.Random:
+    """A random stream that depends only on (seed, step): data order survives a resume."""
+    return random.Random(f"{seed}/{step}/{salt}")
+
+
+class ArithmeticTask:
+    """Multi-step integer arithmetic with a chain of thought (see ``tasks/arithmetic.py``)."""
+
+    name = "arithmetic"
+    EVAL_SEED = 1234
+
+    def __init__(self, operators: int = 3) -> None:
+        self.operators = operators
+
+    def problems(self, rng: random.Random, count: int, split: str) -> list[arithmetic.Problem]:
+        return [arithmetic.make_problem(rng, self.operators, split) for _ in range(count)]
+
+    def train_examples(self, step: int, count: int, seed: int) -> list[Example]:
+        return [self.example(p) for p in self.problems(step_rng(seed, step), count, "train")]
+
+    def eval_examples(self, count: int) -> list[Example]:
+        rng = random.Random(self.EVAL_SEED)
+        return [self.example(p) for p in self.problems(rng, count, "eval")]
+
+    @staticmethod
+    def example(problem: arithmetic.Problem) -> Example:
+        return Example([{"role": "user", "content": problem.prompt}], problem.answer)
+
+    def reward(self, completion: str, answer: str | None) -> float:
+        return arithmetic.reward(completion, answer or "")

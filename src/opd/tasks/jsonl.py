@@ -1,0 +1,99 @@
+"""A user's prompts from a JSONL file: one object per line, ``{"prompt": ..., "answer": ...}`` or
+``{"messages": [{"role": ..., "content": ...}, ...], "answer": ...}``; ``answer`` is optional.
+
+With answers, accuracy is exact match of the completion's final answer (the text after the last
+``Answer:``, else its last line), compared case-, space- and trailing-punctuation-insensitively.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from opd.models import OpdError
+from opd.tasks import Example
+
+ROLES = ("system", "user", "assistant")
+
+
+def parse_line(path: Path, lineno: int, line: str) -> Example:
+    where = f"{path}:{lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise OpdError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise OpdError(f"{where}: each line must be a JSON object with a 'prompt' or 'messages' field")
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+            raise OpdError(f"{where}: field 'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": obj["prompt"]}]
+    elif "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise OpdError(f"{where}: field 'messages' must be a non-empty list")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES \
+                    or not isinstance(message.get("content"), str):
+                raise OpdError(f"{where}: field 'messages[{i}]' must be an object with 'role' "
+                               f"({', '.join(ROLES)}) and 'content' (a string)")
+    else:
+        raise OpdError(f"{where}: missing field 'prompt' (or 'messages')")
+    answer = obj.get("answer")
+    if answer is not None and not isinstance(answer, str | int | float):
+        raise OpdError(f"{where}: field 'answer' must be a string or a number")
+    return Example(messages, None if answer is None else str(answer))
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise OpdError(f"prompts file {path} does not exist")
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if line.strip():
+                examples.append(parse_line(path, lineno, line))
+    if not examples:
+        raise OpdError(f"prompts file {path} holds no prompts")
+    return examples
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .!?,;:\"'")
+
+
+def final_answer(completion: str) -> str:
+    if "Answer:" in completion:
+        return completion.rsplit("Answer:", 1)[1]
+    lines = [line for line in completion.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+class JsonlTask:
+    """Training prompts from ``path``, held-out prompts from ``eval_path`` (both JSONL)."""
+
+    def __init__(self, path: str | Path, eval_path: str | Path | None = None) -> None:
+        self.name = str(path)
+        self.train = load_examples(path)
+        self.held_out = load_examples(eval_path) if eval_path else []
+
+    def train_examples(self, step: int, count: int, seed: int) -> list[Example]:
+        # walk a seeded permutation of the file, reshuffled every epoch
+        out = []
+        for i in range(step * count, (step + 1) * count):
+            epoch, index = divmod(i, len(self.train))
+            order = list(range(len(self.train)))
+            random.Random(f"{seed}/{epoch}").shuffle(order)
+            out.append(self.train[order[index]])
+        return out
+
+    def eval_examples(self, count: int) -> list[Example]:
+        return self.held_out[:count]
+
+    def reward(self, completion: str, answer: str | None) -> float:
+        if answer is None:
+            return 0.0
+        return 1.0 if normalise(final_answer(completion)) == normalise(answer) else 0.0

@@ -1,0 +1,159 @@
+"""The training loop: sample, score, advantages, step, evaluate, log, checkpoint.
+
+``train`` reads top to bottom; ``policy_loss`` is the whole on-policy distillation update.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from opd import runs
+from opd.config import TrainConfig
+from opd.evaluation import completions_text, evaluate
+from opd.losses import importance_sampling_loss, masked_token_mean, reverse_kl_advantages
+from opd.models import OpdError
+from opd.rollouts import Rollouts
+from opd.sampler import sample
+from opd.scoring import full_reverse_kl, token_logprobs
+from opd.setup import Session, open_session
+
+
+def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int) -> torch.Tensor:
+    """The student's loss on one micro-batch, normalised by the step's completion-token count."""
+    config, student, vocab = session.config, session.student, session.vocab_size
+    if config.kl == "full":
+        # exact reverse KL over the vocabulary at every visited position (lower variance)
+        teacher_hidden, teacher_head = session.teacher.hidden(rollouts)
+        kl = full_reverse_kl(student, teacher_hidden, teacher_head, rollouts, vocab)
+        return config.kl_coef * masked_token_mean(kl, rollouts.completion_mask, num_tokens)
+    learner_logprobs = token_logprobs(student, rollouts, vocab)
+    return importance_sampling_loss(learner_logprobs, rollouts.sampler_logprobs, rollouts.advantages,
+                                    rollouts.completion_mask, config.ppo_clip, num_tokens)
+
+
+def training_step(session: Session, step: int) -> dict:
+    config, student, tokenizer = session.config, session.student, session.tokenizer
+    examples = session.task.train_examples(step, config.prompts_per_step, config.seed)
+    prompts = [session.prompt_ids(ex.messages) for ex in examples]
+
+    started = time.perf_counter()
+    student.eval()
+    generator = torch.Generator(session.device).manual_seed(config.seed * 1_000_003 + step)
+    rollouts = sample(student, prompts, samples_per_prompt=config.samples_per_prompt,
+                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                      top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                      generator=generator)
+    sampled = time.perf_counter()
+
+    rollouts.teacher_logprobs = session.teacher.score(rollouts)
+    rollouts.advantages = reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs,
+                                                rollouts.completion_mask, config.kl_coef, config.gamma)
+    scored = time.perf_counter()
+
+    student.train()
+    session.optimizer.zero_grad(set_to_none=True)
+    num_tokens = rollouts.num_completion_tokens
+    micro = rollouts.tokens.shape[0] // config.grad_accum
+    loss_total = 0.0
+    for start in range(0, rollouts.tokens.shape[0], micro):
+        loss = policy_loss(session, rollouts.select(slice(start, start + micro)), num_tokens)
+        loss.backward()
+        loss_total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, config.grad_clip).item()
+    if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+        raise OpdError(f"step {step}: non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
+                       f"the run stopped before applying it. The last good checkpoint is "
+                       f"{session.last_checkpoint or 'none (no checkpoint was written yet)'}. "
+                       "Lower lr or raise warmup_steps, then --resume.")
+    session.optimizer.step()
+    session.scheduler.step()
+    trained = time.perf_counter()
+
+    mask = rollouts.completion_mask
+    texts = completions_text(tokenizer, rollouts.completion_ids())
+    answers = [ex.answer for ex in examples for _ in range(config.samples_per_prompt)]
+    return {
+        "step": step + 1,
+        "loss": loss_total,
+        "teacher_kl": float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum()
+                            / max(num_tokens, 1)),
+        "train_reward": sum(session.task.reward(t, a) for t, a in zip(texts, answers, strict=True))
+        / len(texts),
+        "completion_tokens": num_tokens,
+        "grad_norm": grad_norm,
+        "lr": session.scheduler.get_last_lr()[0],
+        "sample_seconds": round(sampled - started, 4),
+        "score_seconds": round(scored - sampled, 4),
+        "train_seconds": round(trained - scored, 4),
+    }
+
+
+def run_eval(session: Session) -> dict:
+    config = session.config
+    result = evaluate(session.student, session.tokenizer, session.task, session.eval_set,
+                      max_new_tokens=config.max_new_tokens, teacher=session.teacher, seed=config.seed)
+    return {"accuracy": result.accuracy, "eval_teacher_kl": result.teacher_kl}
+
+
+def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True) -> dict:
+    """Run (or resume) on-policy distillation; returns the summary written to summary.json."""
+    session = open_session(config, resume)
+    run_dir, records = session.run_dir, session.records
+    if not records:  # a fresh run: measure where the student and teacher start
+        teacher_eval = evaluate(session.teacher_model, session.tokenizer, session.task, session.eval_set,
+                                max_new_tokens=config.max_new_tokens)
+        first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher_eval.accuracy, "elapsed": 0.0}
+        runs.append_metrics(run_dir, first)
+        records.append(first)
+    elapsed = records[-1]["elapsed"]
+    bar = tqdm(range(session.start_step, config.steps), desc="opd", disable=not progress,
+               initial=session.start_step, total=config.steps, dynamic_ncols=True)
+    for step in bar:
+        tick = time.perf_counter()
+        record = training_step(session, step)
+        if record["step"] % config.eval_every == 0 or record["step"] == config.steps:
+            record.update(run_eval(session))
+        elapsed += time.perf_counter() - tick
+        record["elapsed"] = round(elapsed, 3)
+        runs.append_metrics(run_dir, record)
+        records.append(record)
+        if record["step"] % config.save_every == 0 or record["step"] == config.steps:
+            session.last_checkpoint = runs.save_checkpoint(run_dir, record["step"], session.student,
+                                                           session.tokenizer, session.trainer_state())
+        bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['teacher_kl']:.3f}",
+                        acc=_last(records, "accuracy"))
+    bar.close()
+    runs.save_final(run_dir, session.student, session.tokenizer)
+    summary = summarize(records, config)
+    runs.write_json(run_dir / "summary.json", summary)
+    from opd.report import write_report
+
+    write_report(run_dir, config, records, summary)
+    return summary
+
+
+def _last(records: list[dict], key: str) -> str:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return f"{values[-1]:.3f}" if values else "-"
+
+
+def summarize(records: list[dict], config: TrainConfig) -> dict:
+    evals = [r for r in records if "accuracy" in r]
+    first, last = evals[0], evals[-1]
+    return {
+        "method": config.method,
+        "student_accuracy_before": first["accuracy"],
+        "student_accuracy_after": last["accuracy"],
+        "teacher_accuracy": first["teacher_accuracy"],
+        "teacher_kl_before": first["eval_teacher_kl"],
+        "teacher_kl_after": last["eval_teacher_kl"],
+        "steps": records[-1]["step"],
+        "wall_seconds": records[-1]["elapsed"],
+        "completion_tokens_trained": sum(r.get("completion_tokens", 0) for r in records),
+    }
+

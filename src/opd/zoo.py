@@ -1,0 +1,196 @@
+"""The embedded default: a byte-level BPE tokenizer, a teacher and an SFT-initialised student,
+built from scratch, deterministically from a seed, in real Hugging Face format.
+
+``opd zoo build`` runs ``build``. The teacher learns the arithmetic task from reference solutions
+(with label smoothing, so that its distribution gives a graded signal in states it never saw); the
+student is a smaller model trained briefly on a fixed set of teacher samples, like the blog's
+"SFT-400K" starting point.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from opd.evaluation import completions_text, evaluate
+from opd.losses import label_smoothed_nll
+from opd.models import chat_prompt_ids, save_model
+from opd.rollouts import pack_pairs
+from opd.sampler import sample
+from opd.scoring import completion_hidden, head_logprobs
+from opd.tasks import ArithmeticTask, step_rng
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WORDS = (
+    "the a an of to and in is was for on that with as it by at from this be are or not have has "
+    "which you your please write answer list question sentence word words paragraph short long "
+    "company team project report policy meeting office staff manager engineer customer product "
+    "plan budget year month week day time people city river mountain north south east west "
+    "always never only every each first last next before after because when where what who how "
+    "summary title bullet point format json lowercase uppercase start end include exclude"
+).split()
+
+
+@dataclass
+class ZooConfig:
+    seed: int = 0
+    vocab_size: int = 512
+    operators: int = 3
+    teacher_layers: int = 4
+    teacher_width: int = 128
+    teacher_steps: int = 3000
+    teacher_lr: float = 3e-3
+    teacher_label_smoothing: float = 0.05
+    student_layers: int = 2
+    student_width: int = 64
+    student_sft_examples: int = 1024  # fixed set of teacher samples the student is trained on
+    student_sft_steps: int = 400
+    student_lr: float = 3e-3
+    sample_temperature: float = 1.0  # teacher's temperature when writing the student's SFT data
+    batch_size: int = 64
+    eval_examples: int = 500
+    max_new_tokens: int = 48
+
+
+def corpus(seed: int, operators: int, lines: int = 4000) -> list[str]:
+    """Text the tokenizer learns its merges from: task chats plus plain English sentences."""
+    rng = random.Random(seed)
+    task = ArithmeticTask(operators)
+    texts = []
+    for problem in task.problems(rng, lines, "train"):
+        texts.append(f"<|im_start|>user\n{problem.prompt}<|im_end|>\n<|im_start|>assistant\n"
+                     f"{problem.solution}<|im_end|>\n")
+    for _ in range(lines):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+        texts.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ":", ","]))
+    return texts
+
+
+def build_tokenizer(seed: int, vocab_size: int, operators: int, corpus_lines: int = 4000) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (encodes any text) whose digits are always single tokens, as in Llama."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus(seed, operators, corpus_lines), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
+        model_max_length=256,
+    )
+
+
+def make_model(tokenizer: PreTrainedTokenizerFast, layers: int, width: int, seed: int) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    heads = max(2, width // 32)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=3 * width,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        head_dim=width // heads, max_position_embeddings=256, tie_word_embeddings=True,
+        rope_theta=10000.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    return Qwen3ForCausalLM(config)
+
+
+def train_sft(model, tokenizer, batches, steps: int, lr: float, smoothing: float, desc: str) -> None:
+    """Cross-entropy on completion tokens; ``batches(step)`` gives (prompt ids, completion ids)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
+    model.train()
+    vocab = len(tokenizer)
+    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    for step in bar:
+        prompts, completions = batches(step)
+        rollouts = pack_pairs(prompts, completions, tokenizer.pad_token_id)
+        hidden, head = completion_hidden(model, rollouts)
+        targets = rollouts.tokens[:, 1:][rollouts.completion_mask[:, 1:] > 0]
+        loss = label_smoothed_nll(head_logprobs(head, hidden, vocab), targets, smoothing).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+def build(out_dir: Path = EMBEDDED_DIR, config: ZooConfig | None = None) -> dict:
+    """Build tokenizer, teacher and student into ``out_dir``; returns the zoo's card (zoo.json)."""
+    config = config or ZooConfig()
+    started = time.time()
+    torch.manual_seed(config.seed)
+    task = ArithmeticTask(config.operators)
+    tokenizer = build_tokenizer(config.seed, config.vocab_size, config.operators)
+    eos = tokenizer.eos_token_id
+    eval_set = task.eval_examples(config.eval_examples)
+
+    def encode(problem_prompt: str) -> list[int]:
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": problem_prompt}])
+
+    def teacher_batches(step: int):
+        problems = task.problems(step_rng(config.seed, step, salt=1), config.batch_size, "train")
+        return ([encode(p.prompt) for p in problems],
+                [tokenizer.encode(p.solution, add_special_tokens=False) + [eos] for p in problems])
+
+    teacher = make_model(tokenizer, config.teacher_layers, config.teacher_width, config.seed)
+    train_sft(teacher, tokenizer, teacher_batches, config.teacher_steps, config.teacher_lr,
+              config.teacher_label_smoothing, "zoo: teacher")
+    teacher_acc = evaluate(teacher, tokenizer, task, eval_set, max_new_tokens=config.max_new_tokens).accuracy
+
+    # the student's SFT data: one teacher sample for each of a fixed set of training prompts
+    problems = task.problems(step_rng(config.seed, 0, salt=2), config.student_sft_examples, "train")
+    prompts = [encode(p.prompt) for p in problems]
+    generator = torch.Generator().manual_seed(config.seed)
+    completions: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), 256), desc="zoo: teacher samples", dynamic_ncols=True):
+        rollouts = sample(teacher, prompts[start : start + 256], max_new_tokens=config.max_new_tokens,
+                          temperature=config.sample_temperature, eos_id=eos,
+                          pad_id=tokenizer.pad_token_id, generator=generator)
+        completions.extend(rollouts.completion_ids())
+    sft_data_acc = sum(task.reward(t, p.answer) for t, p in
+                       zip(completions_text(tokenizer, completions), problems, strict=True)) / len(problems)
+
+    def student_batches(step: int):
+        rng = step_rng(config.seed, step, salt=3)
+        picks = [rng.randrange(len(prompts)) for _ in range(config.batch_size)]
+        return [prompts[i] for i in picks], [completions[i] for i in picks]
+
+    student = make_model(tokenizer, config.student_layers, config.student_width, config.seed + 1)
+    train_sft(student, tokenizer, student_batches, config.student_sft_steps, config.student_lr, 0.0,
+              "zoo: student SFT")
+    student_acc = evaluate(student, tokenizer, task, eval_set, max_new_tokens=config.max_new_tokens).accuracy
+
+    card = {
+        "config": asdict(config),
+        "teacher_accuracy": teacher_acc,
+        "student_accuracy": student_acc,
+        "student_sft_data_accuracy": sft_data_acc,
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "build_seconds": round(time.time() - started, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(teacher, tokenizer, out_dir / "teacher")
+    save_model(student, tokenizer, out_dir / "student")
+    (out_dir / "zoo.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card

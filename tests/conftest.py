@@ -1,0 +1,49 @@
+"""Tiny models and a tokenizer built in-process: no network, seconds to make."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd.models import save_model
+from opd.zoo import build_tokenizer, make_model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer(seed=0, vocab_size=300, operators=2, corpus_lines=300)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """A random 'teacher' and a different random 'student' sharing the tokenizer, saved in HF format."""
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for name, width, seed in (("teacher", 32, 1), ("student", 16, 2)):
+        dirs[name] = root / name
+        save_model(make_model(tokenizer, layers=1, width=width, seed=seed), tokenizer, dirs[name])
+    return dirs
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    return make_model(tokenizer, layers=1, width=16, seed=3).eval()
+
+
+def tiny_train_overrides(model_dirs: dict[str, Path], out: Path, **extra) -> list[str]:
+    """Config overrides for a run of a few seconds on the tiny models."""
+    values = {"student": str(model_dirs["student"]), "teacher": str(model_dirs["teacher"]),
+              "steps": 4, "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 8,
+              "eval_examples": 4, "eval_every": 2, "save_every": 2, "warmup_steps": 1, "lr": 1e-2,
+              "out": str(out), **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+torch.set_num_threads(2)

@@ -1,0 +1,49 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_train_overrides
+from opd.cli import config_help, main
+from opd.config import TrainConfig
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["demo", "--help"], ["eval", "--help"],
+                                  ["sample", "--help"], ["zoo", "--help"], ["zoo", "build", "--help"]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "usage: opd" in capsys.readouterr().out
+
+
+def test_config_help_lists_every_field_with_its_comment():
+    text = config_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"  {name}=" in text, name
+    assert "kl=\"sampled\"  \"sampled\": per-token reverse-KL advantage" in text
+
+
+def test_train_eval_and_sample_from_the_command_line(model_dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--quiet", *tiny_train_overrides(model_dirs, tmp_path / "ignored", steps=2)[:-1],
+                 "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and (out / "final" / "config.json").exists()
+    assert main(["eval", str(out / "final"), "--teacher", str(model_dirs["teacher"]), "--examples", "3",
+                 "--max-new-tokens", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 3 and 0 <= result["accuracy"] <= 1 and result["teacher_kl"] is not None
+    assert main(["sample", str(model_dirs["student"]), "--prompt", "Compute 1+2", "-n", "2",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("--- sample") == 2
+
+
+def test_user_errors_exit_2_with_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "opd", "train", "kl=exact"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "opd: error: config field kl='exact' must be one of sampled, full"
+    result = subprocess.run([sys.executable, "-m", "opd", "train", "--resume", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "not an opd run directory" in result.stderr

@@ -1,0 +1,121 @@
+"""Each formula against an independent computation: enumeration on a tiny vocabulary, float64."""
+
+import itertools
+
+import pytest
+import torch
+
+from opd.losses import (
+    discounted_future_sum,
+    exact_reverse_kl,
+    importance_sampling_loss,
+    label_smoothed_nll,
+    masked_token_mean,
+    reverse_kl_advantages,
+)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_sampled_reverse_kl_averages_to_exact_kl_over_sequences():
+    # two-token sequences over a 3-token vocabulary; q and p are autoregressive tables
+    gen = torch.Generator().manual_seed(0)
+    q_first = torch.randn(3, generator=gen).log_softmax(-1)
+    p_first = torch.randn(3, generator=gen).log_softmax(-1)
+    q_second = torch.randn(3, 3, generator=gen).log_softmax(-1)  # [first token, second token]
+    p_second = torch.randn(3, 3, generator=gen).log_softmax(-1)
+    exact = 0.0  # KL(q || p) of the sequence distribution, by enumerating all 9 sequences
+    for a, b in itertools.product(range(3), range(3)):
+        log_q = q_first[a] + q_second[a, b]
+        exact += log_q.exp() * (log_q - p_first[a] - p_second[a, b])
+    # Monte Carlo: sum over tokens of the negative advantage, sequences drawn from q
+    n = 200_000
+    first = torch.multinomial(q_first.exp(), n, replacement=True, generator=gen)
+    second = torch.multinomial(q_second[first].exp(), 1, generator=gen)[:, 0]
+    sampler = torch.stack([q_first[first], q_second[first, second]], dim=1)
+    teacher = torch.stack([p_first[first], p_second[first, second]], dim=1)
+    advantages = reverse_kl_advantages(sampler, teacher, torch.ones(n, 2))
+    estimate = -advantages.sum(-1).mean()
+    assert abs(estimate - exact) < 4 * (-advantages.sum(-1)).std() / n**0.5
+
+
+def test_exact_reverse_kl_matches_definition():
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(4, 5, generator=gen).log_softmax(-1)
+    teacher = torch.randn(4, 5, generator=gen).log_softmax(-1)
+    for row in range(4):
+        expected = sum(student[row, v].exp() * (student[row, v] - teacher[row, v]) for v in range(5))
+        assert torch.isclose(exact_reverse_kl(student, teacher)[row], expected)
+    assert torch.allclose(exact_reverse_kl(student, student), torch.zeros(4))
+
+
+def test_importance_sampling_gradient_equals_reinforce_on_policy():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 6, requires_grad=True, generator=gen)  # one position per row, vocab 6
+    tokens = torch.tensor([1, 4, 2])
+    advantages = torch.randn(3, 1, generator=gen)
+    mask = torch.ones(3, 1)
+    learner = logits.log_softmax(-1).gather(-1, tokens[:, None])
+    loss = importance_sampling_loss(learner, learner.detach(), advantages, mask)
+    (grad_is,) = torch.autograd.grad(loss, logits)
+    # REINFORCE: -(1/N) sum_t A_t grad log pi(x_t), with grad log softmax = onehot - softmax
+    onehot = torch.nn.functional.one_hot(tokens, 6).double()
+    reinforce = -(advantages * (onehot - logits.detach().softmax(-1))) / 3
+    assert torch.allclose(grad_is, reinforce)
+
+
+def test_ppo_clip_clips_the_ratio():
+    sampler = torch.zeros(1, 4)
+    learner = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]]))
+    advantages = torch.ones(1, 4)
+    mask = torch.ones(1, 4)
+    clipped = importance_sampling_loss(learner, sampler, advantages, mask, clip_epsilon=0.2)
+    # min(r, clip(r)) with A > 0: 0.5, 0.9, 1.1, 1.2
+    assert torch.isclose(clipped, -torch.tensor((0.5 + 0.9 + 1.1 + 1.2) / 4))
+    negative = importance_sampling_loss(learner, sampler, -advantages, mask, clip_epsilon=0.2)
+    # with A < 0 the pessimistic bound keeps the larger ratio: 0.8, 0.9, 1.1, 1.5
+    assert torch.isclose(negative, torch.tensor((0.8 + 0.9 + 1.1 + 1.5) / 4))
+    learner_param = learner.clone().requires_grad_(True)
+    importance_sampling_loss(learner_param, sampler, advantages, mask, clip_epsilon=0.2).backward()
+    assert learner_param.grad[0, 3] == 0 and learner_param.grad[0, 0] != 0  # clipped side has no gradient
+
+
+def test_fully_masked_batch_gives_zero_not_nan():
+    values = torch.randn(2, 3)
+    mask = torch.zeros(2, 3)
+    assert importance_sampling_loss(values, values, values, mask).item() == 0.0
+    assert masked_token_mean(values, mask).item() == 0.0
+
+
+def test_gamma_gives_discounted_future_sum():
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(2, 5, generator=gen)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float64)
+    gamma = 0.7
+    out = discounted_future_sum(values, mask, gamma)
+    for b in range(2):
+        for t in range(5):
+            expected = sum(gamma ** (k - t) * values[b, k] * mask[b, k] for k in range(t, 5)) * mask[b, t]
+            assert torch.isclose(out[b, t], torch.as_tensor(expected))
+    assert torch.equal(discounted_future_sum(values, mask, 0.0), values * mask)
+
+
+def test_advantage_is_negative_log_ratio_times_coef():
+    sampler = torch.tensor([[-1.0, -2.0]])
+    teacher = torch.tensor([[-1.5, -0.5]])
+    adv = reverse_kl_advantages(sampler, teacher, torch.tensor([[1.0, 0.0]]), coef=2.0)
+    assert torch.allclose(adv, torch.tensor([[-1.0, 0.0]]))
+
+
+def test_label_smoothed_nll():
+    logprobs = torch.tensor([[0.7, 0.2, 0.1]]).log()
+    target = torch.tensor([0])
+    assert torch.isclose(label_smoothed_nll(logprobs, target), -logprobs[0, 0])
+    expected = 0.9 * -logprobs[0, 0] + 0.1 * -logprobs[0].mean()
+    assert torch.isclose(label_smoothed_nll(logprobs, target, 0.1)[0], expected)

@@ -1,0 +1,53 @@
+import torch
+
+from opd.models import chat_prompt_ids
+from opd.sampler import sample, sampling_logprobs
+from opd.scoring import token_logprobs
+
+
+def prompts_of(tokenizer, texts):
+    return [chat_prompt_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+
+
+def test_recorded_logprobs_equal_a_full_forward_pass(tokenizer, tiny_model):
+    prompts = prompts_of(tokenizer, ["Compute 1+2", "Compute 3*(4+5)-2", "a much longer prompt here ok"])
+    rollouts = sample(tiny_model, prompts, samples_per_prompt=3, max_new_tokens=12,
+                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        recomputed = token_logprobs(tiny_model, rollouts, len(tokenizer))
+    assert rollouts.tokens.shape[0] == 9
+    assert (recomputed - rollouts.sampler_logprobs).abs().max() <= 1e-5
+
+
+def test_eos_is_part_of_the_completion_even_when_pad_equals_eos(tokenizer, tiny_model):
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # make EOS overwhelmingly likely so that rows stop at different steps
+        tiny_model.get_output_embeddings().weight[eos] *= 0
+    prompts = prompts_of(tokenizer, ["Compute 1+2", "Compute 2+2"])
+    rollouts = sample(tiny_model, prompts, samples_per_prompt=4, max_new_tokens=30, temperature=3.0,
+                      eos_id=eos, pad_id=eos, generator=torch.Generator().manual_seed(1))
+    for row, completion in enumerate(rollouts.completion_ids()):
+        if eos in completion:
+            assert completion.index(eos) == len(completion) - 1  # EOS kept, nothing after it
+        assert rollouts.completion_mask[row].sum() == len(completion)
+
+
+def test_greedy_is_deterministic_and_picks_the_argmax(tokenizer, tiny_model):
+    prompts = prompts_of(tokenizer, ["Compute 1+2"])
+    first = sample(tiny_model, prompts, max_new_tokens=6, temperature=0.0,
+                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    second = sample(tiny_model, prompts, max_new_tokens=6, temperature=0.0,
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    assert torch.equal(first.tokens, second.tokens)
+    with torch.no_grad():
+        logits = tiny_model(first.tokens[:, :-1]).logits[0, -1]
+    assert first.tokens[0, -1] == logits.argmax()
+
+
+def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    out = sampling_logprobs(probs.log(), temperature=1.0, top_p=0.8).exp()
+    assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]], dtype=torch.float64))
+    hotter = sampling_logprobs(probs.log(), temperature=2.0, top_p=1.0).exp()
+    assert torch.allclose(hotter, probs.sqrt() / probs.sqrt().sum())

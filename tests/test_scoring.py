@@ -1,0 +1,67 @@
+import torch
+
+from opd import scoring
+from opd.losses import exact_reverse_kl
+from opd.models import chat_prompt_ids
+from opd.rollouts import pack_pairs
+from opd.scoring import completion_hidden, full_reverse_kl, token_logprobs
+from opd.teacher import LocalTeacher
+from opd.zoo import make_model
+
+
+def batch(tokenizer):
+    texts = ["Compute 1+2", "Compute 3*(4+5)-2 please, with many words", "x"]
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    completions = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id]
+                   for c in ["= 3\nAnswer: 3", "= 3*9-2\n= 25\nAnswer: 25", "hello"]]
+    return prompts, completions
+
+
+def test_padded_batch_scores_like_each_sequence_alone(tokenizer):
+    teacher = LocalTeacher(make_model(tokenizer, layers=2, width=32, seed=5), len(tokenizer))
+    prompts, completions = batch(tokenizer)
+    together = teacher.score(pack_pairs(prompts, completions, tokenizer.pad_token_id))
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        alone = teacher.score(pack_pairs([prompt], [completion], tokenizer.pad_token_id))
+        assert torch.allclose(together[row][together[row] != 0], alone[0][alone[0] != 0], atol=1e-5)
+        # and against a plain forward pass with no padding at all
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            plain = teacher.model(ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+        assert torch.allclose(alone[0][alone[0] != 0], plain[len(prompt) - 1:], atol=1e-5)
+
+
+def test_chunked_logprobs_and_gradients_match_unchunked(tokenizer, monkeypatch):
+    model = make_model(tokenizer, layers=1, width=16, seed=6)
+    rollouts = pack_pairs(*batch(tokenizer), tokenizer.pad_token_id)
+
+    def run():
+        model.zero_grad()
+        logprobs = token_logprobs(model, rollouts, len(tokenizer))
+        logprobs.sum().backward()
+        return logprobs.detach(), model.get_output_embeddings().weight.grad.clone()
+
+    whole, whole_grad = run()
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 3 * len(tokenizer))  # 3 rows per chunk
+    chunked, chunked_grad = run()
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    assert torch.allclose(whole_grad, chunked_grad, atol=1e-6)
+
+
+def test_full_reverse_kl_matches_direct_computation(tokenizer, monkeypatch):
+    student = make_model(tokenizer, layers=1, width=16, seed=7)
+    teacher = make_model(tokenizer, layers=1, width=32, seed=8).eval()
+    rollouts = pack_pairs(*batch(tokenizer), tokenizer.pad_token_id)
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 5 * len(tokenizer))
+    with torch.no_grad():
+        teacher_hidden, teacher_head = completion_hidden(teacher, rollouts)
+    kl = full_reverse_kl(student, teacher_hidden, teacher_head, rollouts, len(tokenizer))
+    with torch.no_grad():
+        positions = rollouts.completion_mask[:, 1:] > 0
+        student_lp = student(rollouts.tokens, attention_mask=rollouts.attention_mask,
+                             position_ids=rollouts.position_ids).logits[:, :-1][positions].log_softmax(-1)
+        teacher_lp = teacher(rollouts.tokens, attention_mask=rollouts.attention_mask,
+                             position_ids=rollouts.position_ids).logits[:, :-1][positions].log_softmax(-1)
+        expected = exact_reverse_kl(student_lp.double(), teacher_lp.double())
+    assert torch.allclose(kl[:, 1:][positions].double(), expected, atol=1e-5)
+    assert (kl[rollouts.completion_mask == 0] == 0).all()

@@ -1,0 +1,112 @@
+import json
+import shutil
+
+import pytest
+
+from conftest import read_jsonl, tiny_train_overrides
+from opd.config import load_config
+from opd.models import OpdError
+from opd.trainer import train
+
+
+def test_short_run_lowers_teacher_kl_and_writes_the_run_directory(model_dirs, tmp_path):
+    out = tmp_path / "run"
+    config = load_config(None, tiny_train_overrides(model_dirs, out, steps=12, eval_every=12,
+                                                    prompts_per_step=8, samples_per_prompt=4, lr=3e-2))
+    summary = train(config, progress=False)
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(13))
+    first_kl = sum(r["teacher_kl"] for r in records[1:4]) / 3
+    last_kl = sum(r["teacher_kl"] for r in records[-3:]) / 3
+    assert last_kl < 0.8 * first_kl
+    assert summary["teacher_kl_after"] < summary["teacher_kl_before"]
+    for name in ("config.json", "summary.json", "report.md", "curves.png", "final/config.json",
+                 "checkpoints/latest.json"):
+        assert (out / name).exists(), name
+    for key in ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy",
+                "teacher_kl_before", "teacher_kl_after", "steps", "wall_seconds"):
+        assert key in summary
+
+
+@pytest.mark.parametrize("extra", [{}, {"kl": "full"}, {"lora_rank": 4, "lora_targets": "q_proj,v_proj"}])
+def test_resume_reproduces_the_uninterrupted_run(model_dirs, tmp_path, extra):
+    whole = tmp_path / "whole"
+    train(load_config(None, tiny_train_overrides(model_dirs, whole, **extra)), progress=False)
+    part = tmp_path / "part"
+    # an interrupted run: stopped after step 3, with a checkpoint at step 2 and a metrics line past it
+    train(load_config(None, tiny_train_overrides(model_dirs, part, steps=3, **extra)), progress=False)
+    shutil.rmtree(part / "final")
+    resumed_config = load_config(None, tiny_train_overrides(model_dirs, part, **extra))
+    train(resumed_config, resume=part, progress=False)
+    expected, got = read_jsonl(whole / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(expected, got, strict=True):
+        for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_resume_refuses_a_directory_that_is_not_a_run(model_dirs, tmp_path):
+    with pytest.raises(OpdError, match="not an opd run directory"):
+        train(load_config(None, tiny_train_overrides(model_dirs, tmp_path)), resume=tmp_path, progress=False)
+
+
+def test_resume_refuses_a_disagreeing_config(model_dirs, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, tiny_train_overrides(model_dirs, out, steps=2)), progress=False)
+    changed = load_config(None, tiny_train_overrides(model_dirs, out, lr=0.5))
+    with pytest.raises(OpdError, match="lr: run has 0.01, now 0.5"):
+        train(changed, resume=out, progress=False)
+
+
+def test_existing_run_directory_is_not_overwritten(model_dirs, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OpdError, match="already exists"):
+        train(load_config(None, tiny_train_overrides(model_dirs, out)), progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dirs, tmp_path, monkeypatch):
+    import opd.trainer
+
+    out = tmp_path / "run"
+    real = opd.trainer.policy_loss
+    calls = {"n": 0}
+
+    def exploding(session, rollouts, num_tokens):
+        calls["n"] += 1
+        loss = real(session, rollouts, num_tokens)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(opd.trainer, "policy_loss", exploding)
+    with pytest.raises(OpdError, match="step 2: non-finite loss.*step_000002"):
+        train(load_config(None, tiny_train_overrides(model_dirs, out)), progress=False)
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 2
+    assert (out / "checkpoints" / "step_000002" / "model.safetensors").exists()
+    assert not (out / "final").exists()
+
+
+def test_tokenizers_that_differ_are_refused_before_any_compute(model_dirs, tmp_path, tokenizer):
+    from opd.models import save_model
+    from opd.zoo import build_tokenizer, make_model
+
+    other = build_tokenizer(seed=5, vocab_size=280, operators=2, corpus_lines=200)
+    other_dir = tmp_path / "other"
+    save_model(make_model(other, layers=1, width=16, seed=0), other, other_dir)
+    overrides = tiny_train_overrides(model_dirs, tmp_path / "run", teacher=other_dir)
+    with pytest.raises(OpdError, match="tokenizers of the student .* differ"):
+        train(load_config(None, overrides), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_prompt_over_the_context_limit_is_refused_or_truncated(model_dirs, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "word " * 300, "answer": "1"}) + "\n")
+    overrides = tiny_train_overrides(model_dirs, tmp_path / "run", task=prompts, eval_file=prompts, steps=1)
+    with pytest.raises(OpdError, match="exceeds max_prompt_tokens"):
+        train(load_config(None, overrides), progress=False)
+    assert not (tmp_path / "run").exists()
+    train(load_config(None, overrides + ["truncate_prompts=true"]), progress=False)
