@@ -132,7 +132,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
             raise OpdError(f"zoo override {item!r}: expected key=value with key one of "
                            f"{', '.join(config.__dataclass_fields__)}")
         setattr(config, name, type(getattr(config, name))(value))
-    card = build(Path(args.out) if args.out else EMBEDDED_DIR, config)
+    card = build(Path(args.out) if args.out else EMBEDDED_DIR, config, reuse_teacher=args.reuse_teacher)
     print(json.dumps(card, indent=2))
     return 0
 
@@ -186,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     build = zoo_sub.add_parser("build", help="rebuild tokenizer, teacher and student from scratch")
     build.add_argument("overrides", nargs="*", metavar="key=value", help="ZooConfig overrides, e.g. seed=1")
     build.add_argument("--out", help="output directory (default: the package's embedded/)")
+    build.add_argument("--reuse-teacher", action="store_true",
+                       help="keep the tokenizer and teacher already in the output directory; rebuild the student")
     build.set_defaults(func=cmd_zoo_build)
     return root
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from opd.evaluation import completions_text, evaluate
 from opd.losses import label_smoothed_nll
-from opd.models import chat_prompt_ids, save_model
+from opd.models import chat_prompt_ids, load_model, load_tokenizer, save_model
 from opd.rollouts import pack_pairs
 from opd.sampler import sample
 from opd.scoring import completion_hidden, head_logprobs
@@ -134,63 +134,82 @@ def train_sft(model, tokenizer, batches, steps: int, lr: float, smoothing: float
     model.eval()
 
 
-def build(out_dir: Path = EMBEDDED_DIR, config: ZooConfig | None = None) -> dict:
-    """Build tokenizer, teacher and student into ``out_dir``; returns the zoo's card (zoo.json)."""
-    config = config or ZooConfig()
-    started = time.time()
-    torch.manual_seed(config.seed)
+def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def build_teacher(tokenizer: PreTrainedTokenizerFast, config: ZooConfig) -> Qwen3ForCausalLM:
+    """The teacher learns the task from reference solutions, with label smoothing."""
     task = ArithmeticTask(config.operators)
-    tokenizer = build_tokenizer(config.seed, config.vocab_size, config.operators)
-    eos = tokenizer.eos_token_id
-    eval_set = task.eval_examples(config.eval_examples)
 
-    def encode(problem_prompt: str) -> list[int]:
-        return chat_prompt_ids(tokenizer, [{"role": "user", "content": problem_prompt}])
-
-    def teacher_batches(step: int):
+    def batches(step: int):
         problems = task.problems(step_rng(config.seed, step, salt=1), config.batch_size, "train")
-        return ([encode(p.prompt) for p in problems],
-                [tokenizer.encode(p.solution, add_special_tokens=False) + [eos] for p in problems])
+        return ([encode_prompt(tokenizer, p.prompt) for p in problems],
+                [tokenizer.encode(p.solution, add_special_tokens=False) + [tokenizer.eos_token_id]
+                 for p in problems])
 
     teacher = make_model(tokenizer, config.teacher_layers, config.teacher_width, config.seed)
-    train_sft(teacher, tokenizer, teacher_batches, config.teacher_steps, config.teacher_lr,
+    train_sft(teacher, tokenizer, batches, config.teacher_steps, config.teacher_lr,
               config.teacher_label_smoothing, "zoo: teacher")
-    teacher_acc = evaluate(teacher, tokenizer, task, eval_set, max_new_tokens=config.max_new_tokens).accuracy
+    return teacher
 
-    # the student's SFT data: one teacher sample for each of a fixed set of training prompts
+
+def build_student(tokenizer: PreTrainedTokenizerFast, teacher: torch.nn.Module,
+                  config: ZooConfig) -> tuple[Qwen3ForCausalLM, float]:
+    """A smaller model trained on one teacher sample for each of a fixed set of training prompts.
+    Returns the student and the verified accuracy of its SFT data."""
+    task = ArithmeticTask(config.operators)
     problems = task.problems(step_rng(config.seed, 0, salt=2), config.student_sft_examples, "train")
-    prompts = [encode(p.prompt) for p in problems]
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
     generator = torch.Generator().manual_seed(config.seed)
     completions: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), 256), desc="zoo: teacher samples", dynamic_ncols=True):
         rollouts = sample(teacher, prompts[start : start + 256], max_new_tokens=config.max_new_tokens,
-                          temperature=config.sample_temperature, eos_id=eos,
+                          temperature=config.sample_temperature, eos_id=tokenizer.eos_token_id,
                           pad_id=tokenizer.pad_token_id, generator=generator)
         completions.extend(rollouts.completion_ids())
-    sft_data_acc = sum(task.reward(t, p.answer) for t, p in
-                       zip(completions_text(tokenizer, completions), problems, strict=True)) / len(problems)
+    texts = completions_text(tokenizer, completions)
+    data_accuracy = sum(task.reward(t, p.answer) for t, p in zip(texts, problems, strict=True)) / len(problems)
 
-    def student_batches(step: int):
+    def batches(step: int):
         rng = step_rng(config.seed, step, salt=3)
         picks = [rng.randrange(len(prompts)) for _ in range(config.batch_size)]
         return [prompts[i] for i in picks], [completions[i] for i in picks]
 
     student = make_model(tokenizer, config.student_layers, config.student_width, config.seed + 1)
-    train_sft(student, tokenizer, student_batches, config.student_sft_steps, config.student_lr, 0.0,
-              "zoo: student SFT")
-    student_acc = evaluate(student, tokenizer, task, eval_set, max_new_tokens=config.max_new_tokens).accuracy
+    train_sft(student, tokenizer, batches, config.student_sft_steps, config.student_lr, 0.0, "zoo: student SFT")
+    return student, data_accuracy
 
+
+def build(out_dir: Path = EMBEDDED_DIR, config: ZooConfig | None = None, reuse_teacher: bool = False) -> dict:
+    """Build tokenizer, teacher and student into ``out_dir``; returns the zoo's card (zoo.json).
+    With ``reuse_teacher`` the tokenizer and teacher already in ``out_dir`` are kept."""
+    config = config or ZooConfig()
+    started = time.time()
+    torch.manual_seed(config.seed)
+    task = ArithmeticTask(config.operators)
+    eval_set = task.eval_examples(config.eval_examples)
+    if reuse_teacher:
+        tokenizer = load_tokenizer(out_dir / "teacher")
+        teacher = load_model(out_dir / "teacher", torch.device("cpu"), torch.float32).eval()
+    else:
+        tokenizer = build_tokenizer(config.seed, config.vocab_size, config.operators)
+        teacher = build_teacher(tokenizer, config)
+    teacher_acc = evaluate(teacher, tokenizer, task, eval_set, max_new_tokens=config.max_new_tokens).accuracy
+    student, data_accuracy = build_student(tokenizer, teacher, config)
+    student_acc = evaluate(student, tokenizer, task, eval_set, max_new_tokens=config.max_new_tokens).accuracy
     card = {
         "config": asdict(config),
         "teacher_accuracy": teacher_acc,
         "student_accuracy": student_acc,
-        "student_sft_data_accuracy": sft_data_acc,
+        "student_sft_data_accuracy": data_accuracy,
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "build_seconds": round(time.time() - started, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(teacher, tokenizer, out_dir / "teacher")
+    if not reuse_teacher:
+        save_model(teacher, tokenizer, out_dir / "teacher")
     save_model(student, tokenizer, out_dir / "student")
     (out_dir / "zoo.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
