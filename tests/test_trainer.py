@@ -75,9 +75,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dirs,
     real = opd.trainer.policy_loss
     calls = {"n": 0}
 
-    def exploding(session, rollouts, num_tokens):
+    def exploding(session, rollouts, num_tokens, teacher_hidden=None):
         calls["n"] += 1
-        loss = real(session, rollouts, num_tokens)
+        loss = real(session, rollouts, num_tokens, teacher_hidden)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(opd.trainer, "policy_loss", exploding)
@@ -110,3 +110,12 @@ def test_a_prompt_over_the_context_limit_is_refused_or_truncated(model_dirs, tmp
         train(load_config(None, overrides), progress=False)
     assert not (tmp_path / "run").exists()
     train(load_config(None, overrides + ["truncate_prompts=true"]), progress=False)
+
+
+def test_gradient_accumulation_gives_the_same_update(model_dirs, tmp_path):
+    for kl in ("sampled", "full"):
+        one = train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / f"{kl}1", kl=kl, steps=2)),
+                    progress=False)
+        two = train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / f"{kl}2", kl=kl, steps=2,
+                                                            grad_accum=2)), progress=False)
+        assert two["teacher_kl_after"] == pytest.approx(one["teacher_kl_after"], rel=1e-4)

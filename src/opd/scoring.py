@@ -61,15 +61,34 @@ def scatter_completion(rollouts: Rollouts, values: torch.Tensor) -> torch.Tensor
     return out
 
 
-def token_logprobs(model: torch.nn.Module, rollouts: Rollouts, vocab_size: int) -> torch.Tensor:
-    """(B, T) log-prob of each completion token under ``model``; 0 outside the completion."""
-    hidden, head = completion_hidden(model, rollouts)
-    targets = rollouts.tokens[:, 1:][rollouts.completion_mask[:, 1:] > 0]
+def completion_targets(rollouts: Rollouts) -> torch.Tensor:
+    """(N,) the completion tokens, in the order of ``completion_hidden``'s rows."""
+    return rollouts.tokens[:, 1:][rollouts.completion_mask[:, 1:] > 0]
+
+
+def completion_row_offsets(rollouts: Rollouts) -> list[int]:
+    """Where each batch row's completion positions start among ``completion_hidden``'s rows (B + 1)."""
+    counts = (rollouts.completion_mask[:, 1:] > 0).sum(-1).tolist()
+    offsets = [0]
+    for count in counts:
+        offsets.append(offsets[-1] + count)
+    return offsets
+
+
+def gather_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    vocab_size: int) -> torch.Tensor:
+    """(N,) log-prob of ``targets`` from hidden states (N, H), chunked over rows."""
 
     def gather(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return head_logprobs(head, h, vocab_size).gather(-1, t[:, None])[:, 0]
 
-    return scatter_completion(rollouts, chunked_rows(gather, (hidden, targets), vocab_size))
+    return chunked_rows(gather, (hidden, targets), vocab_size)
+
+
+def token_logprobs(model: torch.nn.Module, rollouts: Rollouts, vocab_size: int) -> torch.Tensor:
+    """(B, T) log-prob of each completion token under ``model``; 0 outside the completion."""
+    hidden, head = completion_hidden(model, rollouts)
+    return scatter_completion(rollouts, gather_logprobs(head, hidden, completion_targets(rollouts), vocab_size))
 
 
 def full_reverse_kl(
@@ -85,7 +104,7 @@ def full_reverse_kl(
 
     def kl(h: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            teacher_lp = head_logprobs(teacher_head, th, vocab_size)
+            teacher_lp = head_logprobs(teacher_head, th, vocab_size).to(h.device)
         return exact_reverse_kl(head_logprobs(head, h, vocab_size), teacher_lp)
 
     return scatter_completion(rollouts, chunked_rows(kl, (hidden, teacher_hidden), vocab_size))

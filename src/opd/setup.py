@@ -68,6 +68,7 @@ class Session:
     start_step: int = 0
     records: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
+    teacher_head: torch.nn.Module | None = None
 
     def trainer_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

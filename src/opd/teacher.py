@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 
 from opd.rollouts import Rollouts
-from opd.scoring import completion_hidden, token_logprobs
+from opd.scoring import completion_hidden, completion_targets, gather_logprobs, scatter_completion, token_logprobs
 
 
 class Teacher(Protocol):
@@ -30,6 +30,10 @@ class LocalTeacher:
         return logprobs.to(rollouts.tokens.device, torch.float32)
 
     @torch.no_grad()
-    def hidden(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.nn.Module]:
-        """Final hidden states at the completion-predicting positions, for the exact KL."""
-        return completion_hidden(self.model, rollouts.to(self.device))
+    def score_with_hidden(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+        """``score`` plus the final hidden states (N, H) at the completion-predicting positions and the
+        output head, from one forward pass: what the exact-KL loss needs."""
+        rollouts = rollouts.to(self.device)
+        hidden, head = completion_hidden(self.model, rollouts)
+        logprobs = gather_logprobs(head, hidden, completion_targets(rollouts), self.vocab_size)
+        return scatter_completion(rollouts, logprobs).float(), hidden, head

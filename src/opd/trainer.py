@@ -19,17 +19,18 @@ from opd.losses import importance_sampling_loss, masked_token_mean, reverse_kl_a
 from opd.models import OpdError
 from opd.rollouts import Rollouts
 from opd.sampler import sample
-from opd.scoring import full_reverse_kl, token_logprobs
+from opd.scoring import completion_row_offsets, full_reverse_kl, token_logprobs
 from opd.setup import Session, open_session
 
 
-def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int) -> torch.Tensor:
-    """The student's loss on one micro-batch, normalised by the step's completion-token count."""
+def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
+                teacher_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's loss on one micro-batch, normalised by the step's completion-token count.
+    ``teacher_hidden``: the teacher's hidden states at this micro-batch's completion positions."""
     config, student, vocab = session.config, session.student, session.vocab_size
     if config.kl == "full":
         # exact reverse KL over the vocabulary at every visited position (lower variance)
-        teacher_hidden, teacher_head = session.teacher.hidden(rollouts)
-        kl = full_reverse_kl(student, teacher_hidden, teacher_head, rollouts, vocab)
+        kl = full_reverse_kl(student, teacher_hidden, session.teacher_head, rollouts, vocab)
         return config.kl_coef * masked_token_mean(kl, rollouts.completion_mask, num_tokens)
     learner_logprobs = token_logprobs(student, rollouts, vocab)
     return importance_sampling_loss(learner_logprobs, rollouts.sampler_logprobs, rollouts.advantages,
@@ -50,7 +51,11 @@ def training_step(session: Session, step: int) -> dict:
                       generator=generator)
     sampled = time.perf_counter()
 
-    rollouts.teacher_logprobs = session.teacher.score(rollouts)
+    teacher_hidden = None
+    if config.kl == "full":  # one teacher forward serves both the logged KL and the exact-KL loss
+        rollouts.teacher_logprobs, teacher_hidden, session.teacher_head = session.teacher.score_with_hidden(rollouts)
+    else:
+        rollouts.teacher_logprobs = session.teacher.score(rollouts)
     rollouts.advantages = reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs,
                                                 rollouts.completion_mask, config.kl_coef, config.gamma)
     scored = time.perf_counter()
@@ -59,9 +64,11 @@ def training_step(session: Session, step: int) -> dict:
     session.optimizer.zero_grad(set_to_none=True)
     num_tokens = rollouts.num_completion_tokens
     micro = rollouts.tokens.shape[0] // config.grad_accum
+    offsets = completion_row_offsets(rollouts)
     loss_total = 0.0
     for start in range(0, rollouts.tokens.shape[0], micro):
-        loss = policy_loss(session, rollouts.select(slice(start, start + micro)), num_tokens)
+        part_hidden = None if teacher_hidden is None else teacher_hidden[offsets[start] : offsets[start + micro]]
+        loss = policy_loss(session, rollouts.select(slice(start, start + micro)), num_tokens, part_hidden)
         loss.backward()
         loss_total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, config.grad_clip).item()
