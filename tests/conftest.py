@@ -37,7 +37,7 @@ def tiny_train_overrides(model_dirs: dict[str, Path], out: Path, **extra) -> lis
     """Config overrides for a run of a few seconds on the tiny models."""
     values = {"student": str(model_dirs["student"]), "teacher": str(model_dirs["teacher"]),
               "steps": 4, "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 8,
-              "eval_examples": 4, "eval_every": 2, "save_every": 2, "warmup_steps": 1, "lr": 1e-2,
+              "eval_examples": 4, "eval_every": 2, "save_every": 2, "warmup_steps": 1, "lr": 1e-2, "kl": "sampled",
               "out": str(out), **extra}
     return [f"{k}={v}" for k, v in values.items()]
 

@@ -22,7 +22,7 @@ def test_config_help_lists_every_field_with_its_comment():
     text = config_help()
     for name in TrainConfig.__dataclass_fields__:
         assert f"  {name}=" in text, name
-    assert "kl=\"sampled\"  \"sampled\": per-token reverse-KL advantage" in text
+    assert "kl=\"full\"  \"sampled\": per-token reverse-KL advantage" in text
 
 
 def test_train_eval_and_sample_from_the_command_line(model_dirs, tmp_path, capsys):

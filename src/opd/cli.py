@@ -13,8 +13,6 @@ from pathlib import Path
 from opd.config import TrainConfig, load_config
 from opd.models import OpdError
 
-# the demo's settings, chosen by the sweep reported in the README (section "The embedded default")
-DEMO_OVERRIDES = ["steps=150", "kl=full", "lr=1e-3", "eval_every=25"]
 
 
 def config_help() -> str:
@@ -52,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from opd.trainer import train
 
-    overrides = DEMO_OVERRIDES + list(args.overrides)
+    overrides = list(args.overrides)  # the config's defaults are the demo's settings
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     config = load_config(None, overrides + [f"out={out}"])
     print(f"opd demo: on-policy distillation of the embedded student from the embedded teacher "
@@ -153,8 +151,7 @@ def parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="distil the embedded student from the embedded teacher",
-                          formatter_class=fmt, epilog=f"demo settings: {' '.join(DEMO_OVERRIDES)}\n\n"
-                          + config_help())
+                          formatter_class=fmt, epilog=config_help())
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     demo.add_argument("--out", help="run directory (default runs/demo-<time>)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
