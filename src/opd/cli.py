@@ -14,7 +14,6 @@ from opd.config import TrainConfig, load_config
 from opd.models import OpdError
 
 
-
 def config_help() -> str:
     """The config fields with defaults and the comments written beside them in config.py."""
     import opd.config

@@ -1,7 +1,8 @@
 """The one typed config of ``opd train``: a dataclass, loadable from TOML, overridable as key=value.
 
-Defaults run the embedded demo on a CPU (the settings come from the sweep in the README). ``embedded:teacher`` and ``embedded:student`` name the
-models shipped in the package (built by ``opd zoo build``).
+Defaults run the embedded demo on a CPU (the settings come from the sweep in the README).
+``embedded:teacher`` and ``embedded:student`` name the models shipped in the package (built by
+``opd zoo build``).
 """
 
 from __future__ import annotations
