@@ -81,6 +81,7 @@ def sample(
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,  # never a (B, P, V) logits tensor for the prompt
         )
         logits = out.logits[:, -1, :]
         if temperature == 0:
