@@ -10,7 +10,8 @@ from opd.config import TrainConfig
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["demo", "--help"], ["eval", "--help"],
-                                  ["sample", "--help"], ["zoo", "--help"], ["zoo", "build", "--help"]])
+                                  ["sample", "--help"], ["serve", "--help"], ["zoo", "--help"],
+                                  ["zoo", "build", "--help"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

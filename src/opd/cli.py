@@ -134,6 +134,15 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from opd.server import serve
+
+    print(f"opd serve: {args.model} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    serve(args.model, args.host, args.port, args.api_key, args.name, args.device, args.dtype,
+          args.max_batch_tokens)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     sub = root.add_subparsers(dest="command", required=True)
@@ -176,6 +185,18 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--device", default="auto")
     sm.set_defaults(func=cmd_sample)
+
+    sv = sub.add_parser("serve", help="serve a teacher's log-probs over the OpenAI-compatible API")
+    sv.add_argument("model", help="HF model directory, hub id, or embedded:teacher")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require this bearer token (default: $OPD_API_KEY, else none)")
+    sv.add_argument("--name", help="model name to answer to (default: the MODEL argument)")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--dtype", default="auto")
+    sv.add_argument("--max-batch-tokens", type=int, default=8192,
+                    help="most prompt tokens scored in one forward pass across queued requests")
+    sv.set_defaults(func=cmd_serve)
 
     zoo = sub.add_parser("zoo", help="the embedded tiny models")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)

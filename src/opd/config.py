@@ -19,7 +19,8 @@ from opd.models import OpdError
 class TrainConfig:
     # models and data
     student: str = "embedded:student"  # HF model directory or hub id
-    teacher: str = "embedded:teacher"  # HF model directory or hub id; same tokenizer as the student
+    teacher: str = "embedded:teacher"  # HF model directory, hub id, or http://HOST:PORT of a log-prob server
+    teacher_model: str = ""  # model name on the teacher server (default: the one it serves)
     task: str = "arithmetic"  # a built-in task, or a JSONL file of prompts
     eval_file: str = ""  # JSONL of held-out prompts when task is a file
     # the method

@@ -4,6 +4,7 @@ compute."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from opd.models import (
     pick_device,
     pick_dtype,
 )
+from opd.remote import RemoteTeacher
 from opd.tasks import ArithmeticTask, Example, Task
 from opd.teacher import LocalTeacher
 
@@ -28,7 +30,7 @@ EMBEDDED_PREFIX = "embedded:"
 
 
 def resolve_model_path(name: str) -> str:
-    """``embedded:NAME`` is a model shipped with opd; anything else is a directory or hub id."""
+    """``embedded:NAME`` is a model shipped with opd; anything else is a directory, hub id or URL."""
     if not name.startswith(EMBEDDED_PREFIX):
         return name
     from opd.zoo import EMBEDDED_DIR
@@ -56,8 +58,8 @@ class Session:
     device: torch.device
     tokenizer: object
     student: torch.nn.Module
-    teacher_model: torch.nn.Module
-    teacher: LocalTeacher
+    teacher_model: torch.nn.Module | None  # None when the teacher is behind a server
+    teacher: LocalTeacher | RemoteTeacher
     task: Task
     eval_set: list[Example]
     optimizer: torch.optim.Optimizer
@@ -95,9 +97,14 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     config.validate()
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
+    remote = config.teacher.startswith(("http://", "https://"))
+    if remote and config.kl == "full":
+        raise OpdError("kl=full needs the teacher's whole distribution, which a server does not send: "
+                       "use kl=sampled with a remote teacher, or load the teacher in-process")
     student_path, teacher_path = resolve_model_path(config.student), resolve_model_path(config.teacher)
     tokenizer = load_tokenizer(student_path)
-    check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), student_path, teacher_path)
+    if not remote:
+        check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), student_path, teacher_path)
     task = make_task(config)
     eval_set = task.eval_examples(config.eval_examples)
     if not eval_set:
@@ -122,7 +129,6 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
             student = PeftModel.from_pretrained(student, str(checkpoint[1]), is_trainable=True)
         else:
             student = add_lora(student, config.lora_rank, config.lora_alpha, config.lora_targets)
-    teacher_model = load_model(teacher_path, device, dtype)
     vocab_size = len(tokenizer)
     context = getattr(student.config, "max_position_embeddings", 2048)
     max_prompt = context - config.max_new_tokens
@@ -131,6 +137,14 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
                        f"student's context of {context} tokens")
     if config.max_prompt_tokens:
         max_prompt = min(max_prompt, config.max_prompt_tokens)
+    if remote:
+        teacher_model = None
+        teacher = RemoteTeacher(config.teacher, config.teacher_model or None,
+                                api_key=os.environ.get("OPD_TEACHER_API_KEY"))
+        teacher.connect(tokenizer, max_prompt + config.max_new_tokens)
+    else:
+        teacher_model = load_model(teacher_path, device, dtype)
+        teacher = LocalTeacher(teacher_model, vocab_size)
 
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(config.beta1, config.beta2),
@@ -138,7 +152,7 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     warmup = max(config.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     session = Session(config, run_dir or Path(), device, tokenizer, student, teacher_model,
-                      LocalTeacher(teacher_model, vocab_size), task, eval_set, optimizer, scheduler,
+                      teacher, task, eval_set, optimizer, scheduler,
                       trainable, vocab_size, max_prompt)
     check_prompts(session)
 

@@ -112,9 +112,11 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
     session = open_session(config, resume)
     run_dir, records = session.run_dir, session.records
     if not records:  # a fresh run: measure where the student and teacher start
-        teacher_eval = evaluate(session.teacher_model, session.tokenizer, session.task, session.eval_set,
-                                max_new_tokens=config.max_new_tokens)
-        first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher_eval.accuracy, "elapsed": 0.0}
+        teacher_accuracy = None  # a teacher behind a server only scores; it cannot be asked to answer
+        if session.teacher_model is not None:
+            teacher_accuracy = evaluate(session.teacher_model, session.tokenizer, session.task, session.eval_set,
+                                        max_new_tokens=config.max_new_tokens).accuracy
+        first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher_accuracy, "elapsed": 0.0}
         runs.append_metrics(run_dir, first)
         records.append(first)
     elapsed = records[-1]["elapsed"]

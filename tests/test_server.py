@@ -1,0 +1,199 @@
+"""`opd serve` and the remote teacher, on loopback only, every request loop bounded."""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from conftest import read_jsonl, tiny_train_overrides
+from opd.config import load_config
+from opd.models import OpdError, chat_prompt_ids, load_model, load_tokenizer
+from opd.remote import RemoteTeacher
+from opd.rollouts import pack_pairs
+from opd.server import ServerConfig, create_app
+from opd.teacher import LocalTeacher
+from opd.trainer import train
+
+API_KEY = "test-key"
+
+
+class LiveServer:
+    """uvicorn in a thread on a free loopback port."""
+
+    def __init__(self, model_dir, api_key=None, max_model_len=256):
+        self.model = load_model(model_dir, torch.device("cpu"), torch.float32).eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        config = ServerConfig(model_name="teacher", api_key=api_key, max_model_len=max_model_len,
+                              max_body_bytes=64 * 1024)
+        self.app = create_app(self.model, self.tokenizer, config)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs):
+    with LiveServer(model_dirs["teacher"]) as live:
+        yield live
+
+
+def rollouts_of(tokenizer):
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": t}])
+               for t in ["Compute 1+2", "Compute 3*(4+5)-2 with a longer prompt", "x"]]
+    completions = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id]
+                   for c in ["= 3\nAnswer: 3", "= 25", "hello there, a longer completion"]]
+    return pack_pairs(prompts, completions, tokenizer.pad_token_id)
+
+
+def test_remote_scoring_equals_in_process_scoring(server, tokenizer):
+    rollouts = rollouts_of(tokenizer)
+    local = LocalTeacher(server.model, len(tokenizer)).score(rollouts)
+    remote = RemoteTeacher(server.url, rows_per_request=2)
+    remote.connect(tokenizer, 200)
+    assert remote.model == "teacher"
+    assert (remote.score(rollouts) - local).abs().max() <= 1e-5
+
+
+def test_the_openai_client_reads_the_log_probs(server, tokenizer):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    ids = tokenizer.encode("Compute 1+2", add_special_tokens=False)
+    result = client.completions.create(model="teacher", prompt=ids, max_tokens=1, echo=True, logprobs=2,
+                                       extra_body={"prompt_logprobs": 1})
+    choice = result.choices[0]
+    assert len(choice.logprobs.token_logprobs) == len(ids) + 1 and choice.logprobs.token_logprobs[0] is None
+    prompt_logprobs = choice.model_extra["prompt_logprobs"]
+    assert prompt_logprobs[0] is None
+    assert prompt_logprobs[1][str(ids[1])]["logprob"] == pytest.approx(choice.logprobs.token_logprobs[1])
+    with torch.no_grad():
+        expected = server.model(torch.tensor([ids])).logits.log_softmax(-1)[0, 0, ids[1]].item()
+    assert choice.logprobs.token_logprobs[1] == pytest.approx(expected, abs=1e-5)
+    assert [m.id for m in client.models.list().data] == ["teacher"]
+
+
+def test_many_concurrent_clients_all_get_correct_answers(server, tokenizer):
+    sequences = [tokenizer.encode(f"Compute {i}+{i % 7}*3", add_special_tokens=False) for i in range(50)]
+    with torch.no_grad():
+        expected = [server.model(torch.tensor([s])).logits.log_softmax(-1)[0, :-1]
+                    .gather(-1, torch.tensor(s[1:])[:, None])[:, 0] for s in sequences]
+    batches_before = server.app.state.scorer.batches_run
+
+    def client(_: int) -> float:
+        worst = 0.0
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for seq, want in zip(sequences, expected, strict=True):
+                body = {"prompt": seq, "max_tokens": 0, "prompt_logprobs": 0}
+                entries = http.post("/v1/completions", json=body).json()["choices"][0]["prompt_logprobs"]
+                got = torch.tensor([entries[t][str(seq[t])]["logprob"] for t in range(1, len(seq))])
+                worst = max(worst, (got - want).abs().max().item())
+        return worst
+
+    started = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        errors = list(pool.map(client, range(8)))
+    assert time.time() - started < 120
+    assert max(errors) <= 1e-5
+    assert server.app.state.scorer.batches_run - batches_before < 400  # requests were batched together
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": [1, 2, 99999]}, 400, "token id 99999, outside the vocabulary"),
+    ({"prompt": [1, -1]}, 400, "token id -1"),
+    ({"prompt": []}, 400, "prompt is empty"),
+    ({"prompt": [[1, 2], []]}, 400, "prompt[1] is empty"),
+    ({"prompt": [5] * 300, "max_tokens": 0}, 400, "maximum context length of 256"),
+    ({"prompt": "Compute 1+2"}, 400, "invalid request: prompt"),
+    ({"prompt": [1.5, 2]}, 400, "invalid request: prompt"),
+    ({"prompt": [1, 2], "max_tokens": "one"}, 400, "invalid request: max_tokens"),
+    ({"prompt": [1, 2], "max_tokens": 5}, 400, "only scores"),
+    ({"prompt": [1, 2], "prompt_logprobs": 100}, 400, "prompt_logprobs=100"),
+    ({"prompt": [1, 2], "model": "gpt-9"}, 404, "does not exist"),
+    ({}, 400, "invalid request: prompt"),
+])
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
+    body = {"max_tokens": 0, **body} if body else body
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == status
+    assert message in response.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_malformed_json_and_oversized_bodies(server):
+    response = httpx.post(f"{server.url}/v1/completions", content=b"{not json",
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and "invalid request" in response.json()["error"]["message"]
+    huge = json.dumps({"prompt": [1] * 40000})
+    response = httpx.post(f"{server.url}/v1/completions", content=huge,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 413
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": [1, 2], "max_tokens": 0},
+                      timeout=30).status_code == 200
+
+
+def test_api_key_is_required_when_set(model_dirs):
+    with LiveServer(model_dirs["teacher"], api_key=API_KEY) as live:
+        body = {"prompt": [1, 2], "max_tokens": 0}
+        assert httpx.post(f"{live.url}/v1/completions", json=body, timeout=30).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert httpx.post(f"{live.url}/v1/completions", json=body, headers=wrong, timeout=30).status_code == 401
+        right = {"Authorization": f"Bearer {API_KEY}"}
+        assert httpx.post(f"{live.url}/v1/completions", json=body, headers=right, timeout=30).status_code == 200
+        with pytest.raises(OpdError, match="HTTP 401"):
+            RemoteTeacher(live.url).connect(live.tokenizer, 10)
+        RemoteTeacher(live.url, api_key=API_KEY).connect(live.tokenizer, 10)
+
+
+def test_a_server_that_is_down_or_dies_gives_a_clear_error(model_dirs, tokenizer):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = RemoteTeacher(f"http://127.0.0.1:{port}", model="teacher", retries=2, backoff=0.01)
+    with pytest.raises(OpdError, match=rf"127.0.0.1:{port} did not answer .* after 3 tries; last failure: Connect"):
+        down.score(rollouts_of(tokenizer))
+    live = LiveServer(model_dirs["teacher"])
+    with live:
+        teacher = RemoteTeacher(live.url, retries=1, backoff=0.01)
+        teacher.connect(tokenizer, 10)
+        teacher.score(rollouts_of(tokenizer))
+    with pytest.raises(OpdError, match="did not answer"):
+        teacher.score(rollouts_of(tokenizer))
+
+
+def test_training_against_the_server_matches_the_in_process_teacher(server, model_dirs, tmp_path):
+    local = tmp_path / "local"
+    train(load_config(None, tiny_train_overrides(model_dirs, local)), progress=False)
+    remote = tmp_path / "remote"
+    overrides = tiny_train_overrides(model_dirs, remote) + [f"teacher={server.url}"]
+    summary = train(load_config(None, overrides), progress=False)
+    assert summary["teacher_accuracy"] is None  # a server only scores
+    for a, b in zip(read_jsonl(local / "metrics.jsonl"), read_jsonl(remote / "metrics.jsonl"), strict=True):
+        for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_remote_teacher_is_refused_with_the_full_estimator(server, model_dirs, tmp_path):
+    overrides = tiny_train_overrides(model_dirs, tmp_path / "run", kl="full") + [f"teacher={server.url}"]
+    with pytest.raises(OpdError, match="kl=full needs the teacher's whole distribution"):
+        train(load_config(None, overrides), progress=False)
