@@ -18,11 +18,11 @@ demo: $(STAMP)
 	$(BIN)/opd demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 
 zoo: $(STAMP)
 	$(BIN)/opd zoo build
