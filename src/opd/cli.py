@@ -211,6 +211,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # opd shows its own progress; per-file loading bars are noise
     try:
         return args.func(args)
     except OpdError as err:
