@@ -187,6 +187,7 @@ def test_training_against_the_server_matches_the_in_process_teacher(server, mode
     overrides = tiny_train_overrides(model_dirs, remote) + [f"teacher={server.url}"]
     summary = train(load_config(None, overrides), progress=False)
     assert summary["teacher_accuracy"] is None  # a server only scores
+    assert summary["teacher_flops"] is None and summary["student_flops"] > 0  # its architecture is unknown
     for a, b in zip(read_jsonl(local / "metrics.jsonl"), read_jsonl(remote / "metrics.jsonl"), strict=True):
         for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl"):
             if key in a:

@@ -26,6 +26,8 @@ def test_short_run_lowers_teacher_kl_and_writes_the_run_directory(model_dirs, tm
     for key in ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy",
                 "teacher_kl_before", "teacher_kl_after", "steps", "wall_seconds"):
         assert key in summary
+    assert summary["student_flops"] == pytest.approx(sum(r["student_flops"] for r in records[1:]))
+    assert summary["teacher_flops"] == records[-1]["teacher_flops_total"] > summary["student_flops"] / 10
 
 
 @pytest.mark.parametrize("extra", [{}, {"kl": "full"}, {"lora_rank": 4, "lora_targets": "q_proj,v_proj"}])

@@ -39,6 +39,10 @@ def fmt(value: float | None, percent: bool = False) -> str:
     return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
 
 
+def flops(value: float | None) -> str:
+    return "unknown (teacher behind a server)" if value is None else f"{value:.3g} FLOPs"
+
+
 def write_report(run_dir: Path, config: TrainConfig, records: list[dict], summary: dict) -> None:
     plot_curves(records, summary, run_dir / "curves.png")
     timed = [r for r in records if "sample_seconds" in r]
@@ -63,6 +67,9 @@ def write_report(run_dir: Path, config: TrainConfig, records: list[dict], summar
         f"{totals['sample_seconds']:.0f} s, teacher scoring {totals['score_seconds']:.0f} s, "
         f"student update {totals['train_seconds']:.0f} s. "
         f"{summary['completion_tokens_trained']} completion tokens trained.",
+        "",
+        f"Compute (see `src/opd/flops.py`): student {flops(summary.get('student_flops'))} (sampling and "
+        f"training), teacher {flops(summary.get('teacher_flops'))} (scoring); evaluation not counted.",
         "",
         "How to read it: accuracy is greedy decoding on the held-out split, checked by the task's "
         "verifier. The KL is the mean over the student's own temperature-1 samples of "

@@ -12,6 +12,7 @@ import torch
 
 from opd import runs
 from opd.config import TrainConfig
+from opd.flops import ModelShape
 from opd.models import (
     OpdError,
     add_lora,
@@ -71,6 +72,8 @@ class Session:
     records: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
     teacher_head: torch.nn.Module | None = None
+    student_shape: ModelShape | None = None
+    teacher_shape: ModelShape | None = None  # None for a teacher behind a server
 
     def trainer_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -154,6 +157,8 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     session = Session(config, run_dir or Path(), device, tokenizer, student, teacher_model,
                       teacher, task, eval_set, optimizer, scheduler,
                       trainable, vocab_size, max_prompt)
+    session.student_shape = ModelShape.of(student)
+    session.teacher_shape = ModelShape.of(teacher_model) if teacher_model is not None else None
     check_prompts(session)
 
     if run_dir is None:

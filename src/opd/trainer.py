@@ -15,6 +15,7 @@ from tqdm import tqdm
 from opd import runs
 from opd.config import TrainConfig
 from opd.evaluation import completions_text, evaluate
+from opd.flops import step_flops
 from opd.losses import importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.models import OpdError
 from opd.rollouts import Rollouts
@@ -82,6 +83,9 @@ def training_step(session: Session, step: int) -> dict:
     trained = time.perf_counter()
 
     mask = rollouts.completion_mask
+    completion_lengths = [int(n) for n in mask.sum(-1).tolist()]
+    prompt_lengths = [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion_lengths,
+                                                 strict=True)]
     texts = completions_text(tokenizer, rollouts.completion_ids())
     answers = [ex.answer for ex in examples for _ in range(config.samples_per_prompt)]
     return {
@@ -94,6 +98,7 @@ def training_step(session: Session, step: int) -> dict:
         "completion_tokens": num_tokens,
         "grad_norm": grad_norm,
         "lr": session.scheduler.get_last_lr()[0],
+        **step_flops(session.student_shape, session.teacher_shape, prompt_lengths, completion_lengths),
         "sample_seconds": round(sampled - started, 4),
         "score_seconds": round(scored - sampled, 4),
         "train_seconds": round(trained - scored, 4),
@@ -120,6 +125,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         runs.append_metrics(run_dir, first)
         records.append(first)
     elapsed = records[-1]["elapsed"]
+    totals = {key: records[-1].get(f"{key}_total", 0.0) for key in ("student_flops", "teacher_flops")}
     bar = tqdm(range(session.start_step, config.steps), desc="opd", disable=not progress,
                initial=session.start_step, total=config.steps, dynamic_ncols=True)
     for step in bar:
@@ -129,6 +135,9 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
             record.update(run_eval(session))
         elapsed += time.perf_counter() - tick
         record["elapsed"] = round(elapsed, 3)
+        for key in totals:  # cumulative compute; a remote teacher's architecture is unknown (null)
+            totals[key] = None if record[key] is None or totals[key] is None else totals[key] + record[key]
+            record[f"{key}_total"] = totals[key]
         runs.append_metrics(run_dir, record)
         records.append(record)
         if record["step"] % config.save_every == 0 or record["step"] == config.steps:
@@ -164,5 +173,7 @@ def summarize(records: list[dict], config: TrainConfig) -> dict:
         "steps": records[-1]["step"],
         "wall_seconds": records[-1]["elapsed"],
         "completion_tokens_trained": sum(r.get("completion_tokens", 0) for r in records),
+        "student_flops": records[-1].get("student_flops_total"),
+        "teacher_flops": records[-1].get("teacher_flops_total"),
     }
 

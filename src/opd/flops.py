@@ -1,0 +1,78 @@
+"""Compute accounting: FLOPs of the forward passes, backward passes and sampling a run performs.
+
+For a decoder-only transformer, one token through the body costs ``2 * N_body`` FLOPs (one multiply
+and one add per weight of every linear layer, N_body = the parameters of all layers, embeddings
+excluded), the output head ``2 * d_model * V`` FLOPs at each position where logits are computed, and
+attention ``4 * d_attn`` FLOPs per (query, key) pair per layer (``Q K^T`` and ``A V``, with
+``d_attn = n_heads * head_dim``) — Kaplan et al. 2020, "Scaling Laws for Neural Language Models",
+table 1, with the attention-values product counted too. Attention is counted dense over the padded
+length (``L * L`` pairs for a forward over L tokens), as an eager or math kernel computes it; a
+FlashAttention kernel that skips masked blocks does about half of that. A backward pass costs twice its
+forward. Only real tokens are counted (padding is an implementation cost, not the method's), and the
+head's recomputation under activation checkpointing is not. Evaluation is not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    body_params: int  # parameters of the transformer layers and final norm (no embeddings, no head)
+    d_model: int
+    d_attn: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelShape:
+        config = model.config
+        embed = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        total = sum(p.numel() for p in model.parameters())
+        shared = head.data_ptr() == embed.data_ptr()
+        body = total - embed.numel() - (0 if shared else head.numel())
+        if hasattr(model, "peft_config"):  # LoRA adapters add a few body weights; count them too
+            body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(body, config.hidden_size, config.num_attention_heads * head_dim, config.num_hidden_layers,
+                   head.shape[0])
+
+
+def forward_flops(shape: ModelShape, lengths: list[int], logit_positions: int) -> float:
+    """One forward pass over sequences of the given real lengths, with logits at ``logit_positions``
+    positions in all: ``sum_L (2 N_body L + 4 layers d_attn L^2) + 2 d_model V * logit_positions``."""
+    body = sum(2 * shape.body_params * n + 4 * shape.layers * shape.d_attn * n * n for n in lengths)
+    return float(body + 2 * shape.d_model * shape.vocab * logit_positions)
+
+
+def sampling_flops(shape: ModelShape, prompt_lengths: list[int], completion_lengths: list[int]) -> float:
+    """Sampling with a KV cache: one forward over each prompt (logits at its last position only), then
+    one token at a time, token ``i`` attending to the ``P + i`` keys before it and itself."""
+    total = forward_flops(shape, prompt_lengths, logit_positions=len(prompt_lengths))
+    per_token_body = 2 * shape.body_params + 2 * shape.d_model * shape.vocab
+    for prompt, completion in zip(prompt_lengths, completion_lengths, strict=True):
+        # the first sampled token comes from the prompt pass; each later one costs one cached step
+        for step in range(1, completion):
+            total += per_token_body + 4 * shape.layers * shape.d_attn * (prompt + step)
+    return float(total)
+
+
+def training_flops(shape: ModelShape, lengths: list[int], logit_positions: int) -> float:
+    """Forward plus backward (twice the forward) of the learner."""
+    return 3 * forward_flops(shape, lengths, logit_positions)
+
+
+def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: list[int],
+               completion_lengths: list[int]) -> dict:
+    """One on-policy distillation step: the student samples, the teacher scores every sequence once
+    (logits at completion positions), the student trains on every sequence."""
+    lengths = [p + c for p, c in zip(prompt_lengths, completion_lengths, strict=True)]
+    completion_tokens = sum(completion_lengths)
+    student_flops = (sampling_flops(student, prompt_lengths, completion_lengths)
+                     + training_flops(student, lengths, completion_tokens))
+    teacher_flops = None if teacher is None else forward_flops(teacher, lengths, completion_tokens)
+    return {"student_flops": student_flops, "teacher_flops": teacher_flops}
