@@ -8,6 +8,7 @@ import torch
 from opd.losses import (
     discounted_future_sum,
     exact_reverse_kl,
+    group_centred_rewards,
     importance_sampling_loss,
     label_smoothed_nll,
     masked_token_mean,
@@ -119,3 +120,10 @@ def test_label_smoothed_nll():
     assert torch.isclose(label_smoothed_nll(logprobs, target), -logprobs[0, 0])
     expected = 0.9 * -logprobs[0, 0] + 0.1 * -logprobs[0].mean()
     assert torch.isclose(label_smoothed_nll(logprobs, target, 0.1)[0], expected)
+
+
+def test_group_centred_rewards():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 2])
+    expected = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0])
+    assert torch.allclose(group_centred_rewards(rewards, group), expected)

@@ -24,7 +24,8 @@ class TrainConfig:
     task: str = "arithmetic"  # a built-in task, or a JSONL file of prompts
     eval_file: str = ""  # JSONL of held-out prompts when task is a file
     # the method
-    method: str = "opd"
+    method: str = "opd"  # opd | sft (the teacher samples; cross-entropy) | rl (task reward) | opd+rl
+    reward_coef: float = 1.0  # weight of the group-centred task reward (rl, opd+rl)
     kl: str = "full"  # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary
     kl_coef: float = 1.0
     gamma: float = 0.0  # discount of the per-token advantage (0: no future terms, as in the reference)
@@ -58,7 +59,7 @@ class TrainConfig:
     dtype: str = "auto"
     out: str = ""  # run directory; default runs/<time>-<method>
 
-    CHOICES = {"method": ("opd",), "kl": ("sampled", "full")}
+    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl"), "kl": ("sampled", "full")}
 
     def validate(self) -> None:
         for name, allowed in self.CHOICES.items():

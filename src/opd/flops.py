@@ -67,12 +67,18 @@ def training_flops(shape: ModelShape, lengths: list[int], logit_positions: int) 
 
 
 def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: list[int],
-               completion_lengths: list[int]) -> dict:
-    """One on-policy distillation step: the student samples, the teacher scores every sequence once
-    (logits at completion positions), the student trains on every sequence."""
+               completion_lengths: list[int], method: str = "opd") -> dict:
+    """One training step. opd (and opd+rl): the student samples, the teacher scores every sequence once
+    (logits at completion positions), the student trains. rl: no teacher. sft: the teacher samples
+    and the student only trains."""
     lengths = [p + c for p, c in zip(prompt_lengths, completion_lengths, strict=True)]
     completion_tokens = sum(completion_lengths)
-    student_flops = (sampling_flops(student, prompt_lengths, completion_lengths)
-                     + training_flops(student, lengths, completion_tokens))
+    student_flops = training_flops(student, lengths, completion_tokens)
+    if method == "sft":
+        teacher_flops = None if teacher is None else sampling_flops(teacher, prompt_lengths, completion_lengths)
+        return {"student_flops": student_flops, "teacher_flops": teacher_flops}
+    student_flops += sampling_flops(student, prompt_lengths, completion_lengths)
+    if method == "rl":
+        return {"student_flops": student_flops, "teacher_flops": 0.0}
     teacher_flops = None if teacher is None else forward_flops(teacher, lengths, completion_tokens)
     return {"student_flops": student_flops, "teacher_flops": teacher_flops}

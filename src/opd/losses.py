@@ -95,3 +95,12 @@ def label_smoothed_nll(logprobs: torch.Tensor, targets: torch.Tensor, smoothing:
     if smoothing == 0.0:
         return nll
     return (1 - smoothing) * nll - smoothing * logprobs.mean(-1)
+
+
+def group_centred_rewards(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """``r_i - mean_{j in group(i)} r_j``: each completion's reward against the other samples of its
+    prompt (GRPO's baseline without the std normalisation; Shao et al. 2024, DeepSeekMath, sec. 4.1).
+    A group whose samples all scored the same gets 0: no signal, as it should be."""
+    sums = torch.zeros(int(group.max()) + 1, dtype=rewards.dtype, device=rewards.device).index_add(0, group, rewards)
+    counts = torch.zeros_like(sums).index_add(0, group, torch.ones_like(rewards))
+    return rewards - (sums / counts)[group]

@@ -14,7 +14,7 @@ from opd.config import TrainConfig  # noqa: E402
 
 def plot_curves(records: list[dict], summary: dict, path: Path) -> None:
     evals = [r for r in records if r.get("accuracy") is not None]
-    trains = [r for r in records if "teacher_kl" in r]
+    trains = [r for r in records if r.get("teacher_kl") is not None]
     fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
     acc_ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="student")
     if summary.get("teacher_accuracy") is not None:

@@ -101,7 +101,10 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     remote = config.teacher.startswith(("http://", "https://"))
-    if remote and config.kl == "full":
+    if remote and config.method == "sft":
+        raise OpdError("method=sft has the teacher write the completions, which a scoring server cannot: "
+                       "load the teacher in-process")
+    if remote and config.kl == "full" and "opd" in config.method:
         raise OpdError("kl=full needs the teacher's whole distribution, which a server does not send: "
                        "use kl=sampled with a remote teacher, or load the teacher in-process")
     student_path, teacher_path = resolve_model_path(config.student), resolve_model_path(config.teacher)
@@ -112,6 +115,10 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     eval_set = task.eval_examples(config.eval_examples)
     if not eval_set:
         raise OpdError(f"task {task.name} has no held-out prompts; pass eval_file=PATH.jsonl")
+    if "rl" in config.method and any(ex.answer is None for ex in task.train_examples(0, config.prompts_per_step,
+                                                                                     config.seed)):
+        raise OpdError(f"method={config.method} needs a reward: every training prompt of {task.name} needs an "
+                       "'answer' for the verifier")
 
     if resume is not None:
         run_dir = Path(resume)

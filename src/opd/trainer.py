@@ -16,7 +16,7 @@ from opd import runs
 from opd.config import TrainConfig
 from opd.evaluation import completions_text, evaluate
 from opd.flops import step_flops
-from opd.losses import importance_sampling_loss, masked_token_mean, reverse_kl_advantages
+from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.models import OpdError
 from opd.rollouts import Rollouts
 from opd.sampler import sample
@@ -28,14 +28,33 @@ def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
                 teacher_hidden: torch.Tensor | None = None) -> torch.Tensor:
     """The student's loss on one micro-batch, normalised by the step's completion-token count.
     ``teacher_hidden``: the teacher's hidden states at this micro-batch's completion positions."""
-    config, student, vocab = session.config, session.student, session.vocab_size
-    if config.kl == "full":
+    config, student, vocab, mask = session.config, session.student, session.vocab_size, rollouts.completion_mask
+    if config.method == "sft":  # off-policy distillation: cross-entropy on the teacher's tokens
+        return -masked_token_mean(token_logprobs(student, rollouts, vocab), mask, num_tokens)
+    loss = torch.zeros(())
+    if config.kl == "full" and "opd" in config.method:
         # exact reverse KL over the vocabulary at every visited position (lower variance)
         kl = full_reverse_kl(student, teacher_hidden, session.teacher_head, rollouts, vocab)
-        return config.kl_coef * masked_token_mean(kl, rollouts.completion_mask, num_tokens)
+        loss = config.kl_coef * masked_token_mean(kl, mask, num_tokens)
+        if config.method == "opd":
+            return loss
     learner_logprobs = token_logprobs(student, rollouts, vocab)
-    return importance_sampling_loss(learner_logprobs, rollouts.sampler_logprobs, rollouts.advantages,
-                                    rollouts.completion_mask, config.ppo_clip, num_tokens)
+    return loss + importance_sampling_loss(learner_logprobs, rollouts.sampler_logprobs, rollouts.advantages,
+                                           mask, config.ppo_clip, num_tokens)
+
+
+def advantages(session: Session, rollouts: Rollouts) -> torch.Tensor:
+    """Per-token signal: the negative sampled reverse KL (opd), the group-centred task reward on every
+    completion token (rl), or their sum (opd+rl; with kl=full the KL enters the loss directly)."""
+    config, mask = session.config, rollouts.completion_mask
+    total = torch.zeros_like(mask)
+    if "opd" in config.method and config.kl == "sampled":
+        total = total + reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs, mask,
+                                              config.kl_coef, config.gamma)
+    if "rl" in config.method:
+        centred = group_centred_rewards(rollouts.rewards, rollouts.prompt_index)
+        total = total + config.reward_coef * centred[:, None] * mask
+    return total
 
 
 def training_step(session: Session, step: int) -> dict:
@@ -45,20 +64,26 @@ def training_step(session: Session, step: int) -> dict:
 
     started = time.perf_counter()
     student.eval()
+    sampler = session.teacher_model if config.method == "sft" else student  # who samples
     generator = torch.Generator(session.device).manual_seed(config.seed * 1_000_003 + step)
-    rollouts = sample(student, prompts, samples_per_prompt=config.samples_per_prompt,
+    rollouts = sample(sampler, prompts, samples_per_prompt=config.samples_per_prompt,
                       max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                       top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                       generator=generator)
+    texts = completions_text(tokenizer, rollouts.completion_ids())
+    answers = [ex.answer for ex in examples for _ in range(config.samples_per_prompt)]
+    rollouts.rewards = torch.tensor([session.task.reward(t, a) for t, a in zip(texts, answers, strict=True)],
+                                    device=rollouts.tokens.device)
     sampled = time.perf_counter()
 
     teacher_hidden = None
-    if config.kl == "full":  # one teacher forward serves both the logged KL and the exact-KL loss
-        rollouts.teacher_logprobs, teacher_hidden, session.teacher_head = session.teacher.score_with_hidden(rollouts)
-    else:
-        rollouts.teacher_logprobs = session.teacher.score(rollouts)
-    rollouts.advantages = reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs,
-                                                rollouts.completion_mask, config.kl_coef, config.gamma)
+    if "opd" in config.method:
+        if config.kl == "full":  # one teacher forward serves both the logged KL and the exact-KL loss
+            rollouts.teacher_logprobs, teacher_hidden, session.teacher_head = \
+                session.teacher.score_with_hidden(rollouts)
+        else:
+            rollouts.teacher_logprobs = session.teacher.score(rollouts)
+    rollouts.advantages = advantages(session, rollouts)
     scored = time.perf_counter()
 
     student.train()
@@ -86,19 +111,20 @@ def training_step(session: Session, step: int) -> dict:
     completion_lengths = [int(n) for n in mask.sum(-1).tolist()]
     prompt_lengths = [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion_lengths,
                                                  strict=True)]
-    texts = completions_text(tokenizer, rollouts.completion_ids())
-    answers = [ex.answer for ex in examples for _ in range(config.samples_per_prompt)]
+    teacher_kl = None
+    if rollouts.teacher_logprobs is not None:
+        teacher_kl = float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum()
+                           / max(num_tokens, 1))
     return {
         "step": step + 1,
         "loss": loss_total,
-        "teacher_kl": float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum()
-                            / max(num_tokens, 1)),
-        "train_reward": sum(session.task.reward(t, a) for t, a in zip(texts, answers, strict=True))
-        / len(texts),
+        "teacher_kl": teacher_kl,
+        "train_reward": float(rollouts.rewards.mean()),
         "completion_tokens": num_tokens,
         "grad_norm": grad_norm,
         "lr": session.scheduler.get_last_lr()[0],
-        **step_flops(session.student_shape, session.teacher_shape, prompt_lengths, completion_lengths),
+        **step_flops(session.student_shape, session.teacher_shape, prompt_lengths, completion_lengths,
+                     config.method),
         "sample_seconds": round(sampled - started, 4),
         "score_seconds": round(scored - sampled, 4),
         "train_seconds": round(trained - scored, 4),
@@ -143,8 +169,8 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         if record["step"] % config.save_every == 0 or record["step"] == config.steps:
             session.last_checkpoint = runs.save_checkpoint(run_dir, record["step"], session.student,
                                                            session.tokenizer, session.trainer_state())
-        bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['teacher_kl']:.3f}",
-                        acc=_last(records, "accuracy"))
+        bar.set_postfix(loss=f"{record['loss']:.3f}", kl=_last(records, "teacher_kl"),
+                        reward=f"{record['train_reward']:.2f}", acc=_last(records, "accuracy"))
     bar.close()
     runs.save_final(run_dir, session.student, session.tokenizer)
     summary = summarize(records, config)

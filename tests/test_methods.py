@@ -1,0 +1,60 @@
+"""The baselines in the one loop: SFT on teacher samples, RL on a verifiable reward, opd+rl."""
+
+import pytest
+
+import opd.setup
+from conftest import read_jsonl, tiny_train_overrides
+from opd.config import load_config
+from opd.models import OpdError
+from opd.tasks import ArithmeticTask
+from opd.trainer import train
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_sft_lowers_cross_entropy_on_teacher_tokens(model_dirs, tmp_path):
+    out = tmp_path / "sft"
+    summary = train(load_config(None, tiny_train_overrides(model_dirs, out, method="sft", steps=16, temperature=0.001,
+                                                           eval_every=16, lr=3e-2)), progress=False)
+    records = read_jsonl(out / "metrics.jsonl")[1:]
+    assert mean([r["loss"] for r in records[-4:]]) < 0.8 * mean([r["loss"] for r in records[:4]])
+    assert all(r["teacher_kl"] is None for r in records)
+    # (a near-greedy random teacher writes learnable text; at temperature 1 it is uniform noise)
+    # the teacher wrote the completions: its FLOPs are sampling, the student's only training
+    assert summary["teacher_flops"] > 0 and summary["student_flops"] > 0
+
+
+class DigitTask(ArithmeticTask):
+    """A reward the tiny random student can climb: the fraction of its characters that are digits."""
+
+    def reward(self, completion, answer):
+        return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def test_rl_raises_the_reward(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(opd.setup, "make_task", lambda config: DigitTask())
+    out = tmp_path / "rl"
+    summary = train(load_config(None, tiny_train_overrides(model_dirs, out, method="rl", steps=30, eval_every=30,
+                                                           prompts_per_step=8, samples_per_prompt=8, lr=3e-2)),
+                    progress=False)
+    rewards = [r["train_reward"] for r in read_jsonl(out / "metrics.jsonl")[1:]]
+    assert mean(rewards[-5:]) > mean(rewards[:5]) + 0.1
+    assert summary["teacher_flops"] == 0.0
+
+
+@pytest.mark.parametrize("kl", ["sampled", "full"])
+def test_opd_plus_rl_runs_and_logs_both_signals(model_dirs, tmp_path, kl):
+    out = tmp_path / kl
+    train(load_config(None, tiny_train_overrides(model_dirs, out, method="opd+rl", kl=kl, steps=2)), progress=False)
+    last = read_jsonl(out / "metrics.jsonl")[-1]
+    assert last["teacher_kl"] is not None and "train_reward" in last
+
+
+def test_rl_needs_answers(model_dirs, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    overrides = tiny_train_overrides(model_dirs, tmp_path / "run", method="rl", task=prompts, eval_file=prompts)
+    with pytest.raises(OpdError, match="needs a reward"):
+        train(load_config(None, overrides), progress=False)
