@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned: on a machine with no GPU this is the CPU build, never a multi-GB CUDA one
+	# torch first, pinned: on this project's GPU-less machines 2.13.0 is the CPU build on their disk
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
