@@ -1,5 +1,7 @@
 """The baselines in the one loop: SFT on teacher samples, RL on a verifiable reward, opd+rl."""
 
+import json
+
 import pytest
 
 import opd.setup
@@ -58,3 +60,34 @@ def test_rl_needs_answers(model_dirs, tmp_path):
     overrides = tiny_train_overrides(model_dirs, tmp_path / "run", method="rl", task=prompts, eval_file=prompts)
     with pytest.raises(OpdError, match="needs a reward"):
         train(load_config(None, overrides), progress=False)
+
+
+def test_sft_from_a_dataset_file(model_dirs, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    lines = [json.dumps({"prompt": f"Compute {i}+1", "completion": f"= {i + 1}\nAnswer: {i + 1}"}) for i in range(6)]
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    summary = train(load_config(None, tiny_train_overrides(model_dirs, out, method="sft", sft_data=data, steps=16,
+                                                           eval_every=16, lr=3e-2)), progress=False)
+    records = read_jsonl(out / "metrics.jsonl")[1:]
+    assert mean([r["loss"] for r in records[-4:]]) < 0.5 * mean([r["loss"] for r in records[:4]])
+    assert summary["teacher_flops"] == 0.0  # the data was given
+    assert records[0]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x"}', r"sft.jsonl:1: field 'completion' must be a non-empty string"),
+    ('{"completion": "x"}', r"sft.jsonl:1: missing field 'prompt'"),
+])
+def test_sft_data_errors_name_the_line(model_dirs, tmp_path, line, message):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(line + "\n")
+    overrides = tiny_train_overrides(model_dirs, tmp_path / "run", method="sft", sft_data=data)
+    with pytest.raises(OpdError, match=message):
+        train(load_config(None, overrides), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sft_data_needs_method_sft(model_dirs, tmp_path):
+    with pytest.raises(OpdError, match="sft_data is only read by method=sft"):
+        load_config(None, tiny_train_overrides(model_dirs, tmp_path, sft_data="x.jsonl"))

@@ -26,6 +26,7 @@ class TrainConfig:
     # the method
     method: str = "opd"  # opd | sft (the teacher samples; cross-entropy) | rl (task reward) | opd+rl
     reward_coef: float = 1.0  # weight of the group-centred task reward (rl, opd+rl)
+    sft_data: str = ""  # method=sft: JSONL of prompt + completion instead of teacher samples
     kl: str = "full"  # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary
     kl_coef: float = 1.0
     gamma: float = 0.0  # discount of the per-token advantage (0: no future terms, as in the reference)
@@ -76,6 +77,8 @@ class TrainConfig:
             raise OpdError(f"config field top_p={self.top_p} must be in (0, 1]")
         if self.temperature <= 0:
             raise OpdError(f"config field temperature={self.temperature} must be positive for training")
+        if self.sft_data and self.method != "sft":
+            raise OpdError(f"sft_data is only read by method=sft (method is {self.method!r})")
         if (self.prompts_per_step * self.samples_per_prompt) % self.grad_accum:
             raise OpdError(f"grad_accum={self.grad_accum} must divide prompts_per_step * samples_per_prompt")
 

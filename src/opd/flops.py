@@ -70,10 +70,12 @@ def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: 
                completion_lengths: list[int], method: str = "opd") -> dict:
     """One training step. opd (and opd+rl): the student samples, the teacher scores every sequence once
     (logits at completion positions), the student trains. rl: no teacher. sft: the teacher samples
-    and the student only trains."""
+    and the student only trains. sft_data: the student trains on a given dataset."""
     lengths = [p + c for p, c in zip(prompt_lengths, completion_lengths, strict=True)]
     completion_tokens = sum(completion_lengths)
     student_flops = training_flops(student, lengths, completion_tokens)
+    if method == "sft_data":  # SFT on a given dataset: producing it is not this run's compute
+        return {"student_flops": student_flops, "teacher_flops": 0.0}
     if method == "sft":
         teacher_flops = None if teacher is None else sampling_flops(teacher, prompt_lengths, completion_lengths)
         return {"student_flops": student_flops, "teacher_flops": teacher_flops}

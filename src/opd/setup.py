@@ -74,6 +74,7 @@ class Session:
     teacher_head: torch.nn.Module | None = None
     student_shape: ModelShape | None = None
     teacher_shape: ModelShape | None = None  # None for a teacher behind a server
+    sft_pairs: list = field(default_factory=list)  # method=sft with sft_data: (Example, completion)
 
     def trainer_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -164,6 +165,12 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     session = Session(config, run_dir or Path(), device, tokenizer, student, teacher_model,
                       teacher, task, eval_set, optimizer, scheduler,
                       trainable, vocab_size, max_prompt)
+    if config.sft_data:
+        from opd.tasks.jsonl import load_sft_pairs
+
+        session.sft_pairs = load_sft_pairs(config.sft_data)
+        for example, _ in session.sft_pairs:
+            session.prompt_ids(example.messages)
     session.student_shape = ModelShape.of(student)
     session.teacher_shape = ModelShape.of(teacher_model) if teacher_model is not None else None
     check_prompts(session)

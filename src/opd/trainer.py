@@ -18,10 +18,12 @@ from opd.evaluation import completions_text, evaluate
 from opd.flops import step_flops
 from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.models import OpdError
-from opd.rollouts import Rollouts
+from opd.rollouts import Rollouts, pack_pairs
 from opd.sampler import sample
 from opd.scoring import completion_row_offsets, full_reverse_kl, token_logprobs
 from opd.setup import Session, open_session
+from opd.tasks import Example
+from opd.tasks.jsonl import epoch_order
 
 
 def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
@@ -57,21 +59,37 @@ def advantages(session: Session, rollouts: Rollouts) -> torch.Tensor:
     return total
 
 
+def dataset_rollouts(session: Session, step: int) -> tuple[list[Example], Rollouts]:
+    """method=sft with sft_data: the step's (prompt, completion) pairs, EOS appended, no sampling."""
+    config, tokenizer = session.config, session.tokenizer
+    pairs = [session.sft_pairs[i] for i in epoch_order(len(session.sft_pairs), step, config.prompts_per_step,
+                                                       config.seed)]
+    prompts = [session.prompt_ids(example.messages) for example, _ in pairs]
+    completions = [tokenizer.encode(text, add_special_tokens=False)[: config.max_new_tokens - 1]
+                   + [tokenizer.eos_token_id] for _, text in pairs]
+    rollouts = pack_pairs(prompts, completions, tokenizer.pad_token_id).to(session.device)
+    return [example for example, _ in pairs], rollouts
+
+
 def training_step(session: Session, step: int) -> dict:
     config, student, tokenizer = session.config, session.student, session.tokenizer
-    examples = session.task.train_examples(step, config.prompts_per_step, config.seed)
-    prompts = [session.prompt_ids(ex.messages) for ex in examples]
-
     started = time.perf_counter()
     student.eval()
-    sampler = session.teacher_model if config.method == "sft" else student  # who samples
-    generator = torch.Generator(session.device).manual_seed(config.seed * 1_000_003 + step)
-    rollouts = sample(sampler, prompts, samples_per_prompt=config.samples_per_prompt,
-                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                      top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                      generator=generator)
+    if session.sft_pairs:
+        examples, rollouts = dataset_rollouts(session, step)
+        samples_per_prompt = 1
+    else:
+        examples = session.task.train_examples(step, config.prompts_per_step, config.seed)
+        prompts = [session.prompt_ids(ex.messages) for ex in examples]
+        sampler = session.teacher_model if config.method == "sft" else student  # who samples
+        generator = torch.Generator(session.device).manual_seed(config.seed * 1_000_003 + step)
+        rollouts = sample(sampler, prompts, samples_per_prompt=config.samples_per_prompt,
+                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                          top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                          generator=generator)
+        samples_per_prompt = config.samples_per_prompt
     texts = completions_text(tokenizer, rollouts.completion_ids())
-    answers = [ex.answer for ex in examples for _ in range(config.samples_per_prompt)]
+    answers = [ex.answer for ex in examples for _ in range(samples_per_prompt)]
     rollouts.rewards = torch.tensor([session.task.reward(t, a) for t, a in zip(texts, answers, strict=True)],
                                     device=rollouts.tokens.device)
     sampled = time.perf_counter()
@@ -89,7 +107,7 @@ def training_step(session: Session, step: int) -> dict:
     student.train()
     session.optimizer.zero_grad(set_to_none=True)
     num_tokens = rollouts.num_completion_tokens
-    micro = rollouts.tokens.shape[0] // config.grad_accum
+    micro = max(rollouts.tokens.shape[0] // config.grad_accum, 1)
     offsets = completion_row_offsets(rollouts)
     loss_total = 0.0
     for start in range(0, rollouts.tokens.shape[0], micro):
@@ -124,7 +142,7 @@ def training_step(session: Session, step: int) -> dict:
         "grad_norm": grad_norm,
         "lr": session.scheduler.get_last_lr()[0],
         **step_flops(session.student_shape, session.teacher_shape, prompt_lengths, completion_lengths,
-                     config.method),
+                     "sft_data" if session.sft_pairs else config.method),
         "sample_seconds": round(sampled - started, 4),
         "score_seconds": round(scored - sampled, 4),
         "train_seconds": round(trained - scored, 4),

@@ -81,14 +81,7 @@ class JsonlTask:
         self.held_out = load_examples(eval_path) if eval_path else []
 
     def train_examples(self, step: int, count: int, seed: int) -> list[Example]:
-        # walk a seeded permutation of the file, reshuffled every epoch
-        out = []
-        for i in range(step * count, (step + 1) * count):
-            epoch, index = divmod(i, len(self.train))
-            order = list(range(len(self.train)))
-            random.Random(f"{seed}/{epoch}").shuffle(order)
-            out.append(self.train[order[index]])
-        return out
+        return [self.train[i] for i in epoch_order(len(self.train), step, count, seed)]
 
     def eval_examples(self, count: int) -> list[Example]:
         return self.held_out[:count]
@@ -97,3 +90,34 @@ class JsonlTask:
         if answer is None:
             return 0.0
         return 1.0 if normalise(final_answer(completion)) == normalise(answer) else 0.0
+
+
+def load_sft_pairs(path: str | Path) -> list[tuple[Example, str]]:
+    """An SFT dataset: each line a prompt (``prompt`` or ``messages``, as above) and its ``completion``."""
+    path = Path(path)
+    if not path.is_file():
+        raise OpdError(f"SFT data file {path} does not exist")
+    pairs = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            example = parse_line(path, lineno, line)
+            completion = json.loads(line).get("completion")
+            if not isinstance(completion, str) or not completion:
+                raise OpdError(f"{path}:{lineno}: field 'completion' must be a non-empty string")
+            pairs.append((example, completion))
+    if not pairs:
+        raise OpdError(f"SFT data file {path} holds no examples")
+    return pairs
+
+
+def epoch_order(count: int, step: int, batch: int, seed: int) -> list[int]:
+    """Indices for ``step``: a seeded permutation of ``range(count)``, reshuffled every epoch."""
+    out = []
+    for i in range(step * batch, (step + 1) * batch):
+        epoch, index = divmod(i, count)
+        order = list(range(count))
+        random.Random(f"{seed}/{epoch}").shuffle(order)
+        out.append(order[index])
+    return out
