@@ -32,7 +32,7 @@ class TrainConfig:
     gamma: float = 0.0  # discount of the per-token advantage (0: no future terms, as in the reference)
     ppo_clip: float = 0.0  # PPO clip epsilon; 0 turns clipping off
     # sampling
-    steps: int = 1000
+    steps: int = 800
     prompts_per_step: int = 32
     samples_per_prompt: int = 4
     max_new_tokens: int = 48
