@@ -77,5 +77,5 @@ def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(OpdError, match="does not exist"):
         load_examples(tmp_path / "nope.jsonl")
-    with pytest.raises(OpdError, match="holds no prompts"):
+    with pytest.raises(OpdError, match="holds nothing"):
         load_examples(write(tmp_path / "empty.jsonl", [""]))

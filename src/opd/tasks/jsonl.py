@@ -47,18 +47,20 @@ def parse_line(path: Path, lineno: int, line: str) -> Example:
     return Example(messages, None if answer is None else str(answer))
 
 
-def load_examples(path: str | Path) -> list[Example]:
+def read_jsonl(path: str | Path, what: str, parse) -> list:
+    """``parse(path, lineno, line)`` for every non-blank line of ``path``; ``what`` names the file in errors."""
     path = Path(path)
     if not path.is_file():
-        raise OpdError(f"prompts file {path} does not exist")
-    examples = []
+        raise OpdError(f"{what} {path} does not exist")
     with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if line.strip():
-                examples.append(parse_line(path, lineno, line))
-    if not examples:
-        raise OpdError(f"prompts file {path} holds no prompts")
-    return examples
+        items = [parse(path, lineno, line) for lineno, line in enumerate(handle, start=1) if line.strip()]
+    if not items:
+        raise OpdError(f"{what} {path} holds nothing (no non-blank line)")
+    return items
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    return read_jsonl(path, "prompts file", parse_line)
 
 
 def normalise(text: str) -> str:
@@ -94,22 +96,15 @@ class JsonlTask:
 
 def load_sft_pairs(path: str | Path) -> list[tuple[Example, str]]:
     """An SFT dataset: each line a prompt (``prompt`` or ``messages``, as above) and its ``completion``."""
-    path = Path(path)
-    if not path.is_file():
-        raise OpdError(f"SFT data file {path} does not exist")
-    pairs = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            example = parse_line(path, lineno, line)
-            completion = json.loads(line).get("completion")
-            if not isinstance(completion, str) or not completion:
-                raise OpdError(f"{path}:{lineno}: field 'completion' must be a non-empty string")
-            pairs.append((example, completion))
-    if not pairs:
-        raise OpdError(f"SFT data file {path} holds no examples")
-    return pairs
+
+    def parse(path: Path, lineno: int, line: str) -> tuple[Example, str]:
+        example = parse_line(path, lineno, line)
+        completion = json.loads(line).get("completion")
+        if not isinstance(completion, str) or not completion:
+            raise OpdError(f"{path}:{lineno}: field 'completion' must be a non-empty string")
+        return example, completion
+
+    return read_jsonl(path, "SFT data file", parse)
 
 
 def epoch_order(count: int, step: int, batch: int, seed: int) -> list[int]:
