@@ -8,18 +8,15 @@ Prints completion tokens scored per second for each path and their ratio; not a 
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import threading
 import time
 
 import torch
-import uvicorn
 
 from opd.models import chat_prompt_ids, load_model, load_tokenizer
 from opd.remote import RemoteTeacher
 from opd.sampler import sample
-from opd.server import ServerConfig, create_app
+from opd.server import BackgroundServer, ServerConfig, create_app
 from opd.setup import resolve_model_path
 from opd.tasks import ArithmeticTask
 from opd.teacher import LocalTeacher
@@ -43,27 +40,16 @@ def main() -> None:
                       pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
     tokens = rollouts.num_completion_tokens
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(teacher, tokenizer, ServerConfig("teacher", None, 256))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    local, remote = LocalTeacher(teacher, len(tokenizer)), RemoteTeacher(f"http://127.0.0.1:{port}")
-    remote.connect(tokenizer, 200)
-
     times: dict[str, list[float]] = {"in-process": [], "opd serve": []}
-    for _ in range(args.repeats):
-        for name, scorer in (("in-process", local), ("opd serve", remote)):
-            started = time.perf_counter()
-            scorer.score(rollouts)
-            times[name].append(time.perf_counter() - started)
-    difference = (local.score(rollouts) - remote.score(rollouts)).abs().max().item()
-    server.should_exit = True
-    thread.join(timeout=10)
+    with BackgroundServer(create_app(teacher, tokenizer, ServerConfig("teacher", None, 256))) as server:
+        local, remote = LocalTeacher(teacher, len(tokenizer)), RemoteTeacher(server.url)
+        remote.connect(tokenizer, 200)
+        for _ in range(args.repeats):
+            for name, scorer in (("in-process", local), ("opd serve", remote)):
+                started = time.perf_counter()
+                scorer.score(rollouts)
+                times[name].append(time.perf_counter() - started)
+        difference = (local.score(rollouts) - remote.score(rollouts)).abs().max().item()
 
     print(f"{args.rows} rows, {tokens} completion tokens, {args.repeats} alternating repeats, "
           f"{torch.get_num_threads()} threads; max |difference| {difference:.2e}")

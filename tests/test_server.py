@@ -1,30 +1,27 @@
 """`opd serve` and the remote teacher, on loopback only, every request loop bounded."""
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
 from opd.models import OpdError, chat_prompt_ids, load_model, load_tokenizer
 from opd.remote import RemoteTeacher
 from opd.rollouts import pack_pairs
-from opd.server import ServerConfig, create_app
+from opd.server import BackgroundServer, ServerConfig, create_app, free_port
 from opd.teacher import LocalTeacher
 from opd.trainer import train
 
 API_KEY = "test-key"
 
 
-class LiveServer:
-    """uvicorn in a thread on a free loopback port."""
+class LiveServer(BackgroundServer):
+    """``opd serve``'s app for a model directory, on a free loopback port."""
 
     def __init__(self, model_dir, api_key=None, max_model_len=256):
         self.model = load_model(model_dir, torch.device("cpu"), torch.float32).eval()
@@ -32,24 +29,7 @@ class LiveServer:
         config = ServerConfig(model_name="teacher", api_key=api_key, max_model_len=max_model_len,
                               max_body_bytes=64 * 1024)
         self.app = create_app(self.model, self.tokenizer, config)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(self.app)
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +145,7 @@ def test_api_key_is_required_when_set(model_dirs):
 
 
 def test_a_server_that_is_down_or_dies_gives_a_clear_error(model_dirs, tokenizer):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     down = RemoteTeacher(f"http://127.0.0.1:{port}", model="teacher", retries=2, backoff=0.01)
     with pytest.raises(OpdError, match=rf"127.0.0.1:{port} did not answer .* after 3 tries; last failure: Connect"):
         down.score(rollouts_of(tokenizer))

@@ -34,9 +34,7 @@ class ModelShape:
         head = model.get_output_embeddings().weight
         total = sum(p.numel() for p in model.parameters())
         shared = head.data_ptr() == embed.data_ptr()
-        body = total - embed.numel() - (0 if shared else head.numel())
-        if hasattr(model, "peft_config"):  # LoRA adapters add a few body weights; count them too
-            body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+        body = total - embed.numel() - (0 if shared else head.numel())  # LoRA adapters count as body
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(body, config.hidden_size, config.num_attention_heads * head_dim, config.num_hidden_layers,
                    head.shape[0])

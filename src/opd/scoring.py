@@ -7,6 +7,7 @@ chunk is recomputed in the backward pass (activation checkpointing) instead of b
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -69,10 +70,7 @@ def completion_targets(rollouts: Rollouts) -> torch.Tensor:
 def completion_row_offsets(rollouts: Rollouts) -> list[int]:
     """Where each batch row's completion positions start among ``completion_hidden``'s rows (B + 1)."""
     counts = (rollouts.completion_mask[:, 1:] > 0).sum(-1).tolist()
-    offsets = [0]
-    for count in counts:
-        offsets.append(offsets[-1] + count)
-    return offsets
+    return [0, *itertools.accumulate(counts)]
 
 
 def gather_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,

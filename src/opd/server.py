@@ -312,3 +312,39 @@ def serve(model_dir: str, host: str, port: int, api_key: str | None, name: str |
                           max_model_len=getattr(model.config, "max_position_embeddings", 2048),
                           max_batch_tokens=max_batch_tokens)
     uvicorn.run(create_app(model, tokenizer, config), host=host, port=port, log_level="warning")
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class BackgroundServer:
+    """``app`` served by uvicorn in a daemon thread on a free loopback port (tests, benchmarks):
+    ``with BackgroundServer(app) as server: ... server.url``."""
+
+    def __init__(self, app: FastAPI, start_timeout: float = 20.0) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.start_timeout = start_timeout
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.time() + self.start_timeout
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

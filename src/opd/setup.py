@@ -71,7 +71,6 @@ class Session:
     start_step: int = 0
     records: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
-    teacher_head: torch.nn.Module | None = None
     student_shape: ModelShape | None = None
     teacher_shape: ModelShape | None = None  # None for a teacher behind a server
     sft_pairs: list = field(default_factory=list)  # method=sft with sft_data: (Example, completion)

@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 
 from opd.rollouts import Rollouts
-from opd.scoring import completion_hidden, completion_targets, gather_logprobs, scatter_completion, token_logprobs
+from opd.scoring import completion_hidden, completion_targets, gather_logprobs, scatter_completion
 
 
 class Teacher(Protocol):
@@ -23,17 +23,17 @@ class LocalTeacher:
         self.model = model.eval().requires_grad_(False)
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
+        self.head = model.get_output_embeddings()
 
-    @torch.no_grad()
     def score(self, rollouts: Rollouts) -> torch.Tensor:
-        logprobs = token_logprobs(self.model, rollouts.to(self.device), self.vocab_size)
-        return logprobs.to(rollouts.tokens.device, torch.float32)
+        return self.score_with_hidden(rollouts)[0]
 
     @torch.no_grad()
-    def score_with_hidden(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
-        """``score`` plus the final hidden states (N, H) at the completion-predicting positions and the
-        output head, from one forward pass: what the exact-KL loss needs."""
-        rollouts = rollouts.to(self.device)
-        hidden, head = completion_hidden(self.model, rollouts)
-        logprobs = gather_logprobs(head, hidden, completion_targets(rollouts), self.vocab_size)
-        return scatter_completion(rollouts, logprobs).float(), hidden, head
+    def score_with_hidden(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score`` plus the final hidden states (N, H) at the completion-predicting positions, from
+        one forward pass: with ``self.head``, what the exact-KL loss needs."""
+        moved = rollouts.to(self.device)
+        hidden, _ = completion_hidden(self.model, moved)
+        logprobs = scatter_completion(moved, gather_logprobs(self.head, hidden, completion_targets(moved),
+                                                             self.vocab_size))
+        return logprobs.to(rollouts.tokens.device, torch.float32), hidden

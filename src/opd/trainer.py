@@ -36,7 +36,7 @@ def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
     loss = torch.zeros(())
     if config.kl == "full" and "opd" in config.method:
         # exact reverse KL over the vocabulary at every visited position (lower variance)
-        kl = full_reverse_kl(student, teacher_hidden, session.teacher_head, rollouts, vocab)
+        kl = full_reverse_kl(student, teacher_hidden, session.teacher.head, rollouts, vocab)
         loss = config.kl_coef * masked_token_mean(kl, mask, num_tokens)
         if config.method == "opd":
             return loss
@@ -97,8 +97,7 @@ def training_step(session: Session, step: int) -> dict:
     teacher_hidden = None
     if "opd" in config.method:
         if config.kl == "full":  # one teacher forward serves both the logged KL and the exact-KL loss
-            rollouts.teacher_logprobs, teacher_hidden, session.teacher_head = \
-                session.teacher.score_with_hidden(rollouts)
+            rollouts.teacher_logprobs, teacher_hidden = session.teacher.score_with_hidden(rollouts)
         else:
             rollouts.teacher_logprobs = session.teacher.score(rollouts)
     rollouts.advantages = advantages(session, rollouts)
@@ -108,7 +107,7 @@ def training_step(session: Session, step: int) -> dict:
     session.optimizer.zero_grad(set_to_none=True)
     num_tokens = rollouts.num_completion_tokens
     micro = max(rollouts.tokens.shape[0] // config.grad_accum, 1)
-    offsets = completion_row_offsets(rollouts)
+    offsets = completion_row_offsets(rollouts) if teacher_hidden is not None else []
     loss_total = 0.0
     for start in range(0, rollouts.tokens.shape[0], micro):
         part_hidden = None if teacher_hidden is None else teacher_hidden[offsets[start] : offsets[start + micro]]

@@ -109,10 +109,12 @@ def load_sft_pairs(path: str | Path) -> list[tuple[Example, str]]:
 
 def epoch_order(count: int, step: int, batch: int, seed: int) -> list[int]:
     """Indices for ``step``: a seeded permutation of ``range(count)``, reshuffled every epoch."""
+    orders: dict[int, list[int]] = {}  # one shuffle per epoch the step touches (at most a few)
     out = []
     for i in range(step * batch, (step + 1) * batch):
         epoch, index = divmod(i, count)
-        order = list(range(count))
-        random.Random(f"{seed}/{epoch}").shuffle(order)
-        out.append(order[index])
+        if epoch not in orders:
+            orders[epoch] = list(range(count))
+            random.Random(f"{seed}/{epoch}").shuffle(orders[epoch])
+        out.append(orders[epoch][index])
     return out
