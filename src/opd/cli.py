@@ -26,9 +26,27 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
+    """The same ``opd`` command line under ``torchrun`` on this node, without ``--nproc``."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "opd", *rest]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from opd.trainer import train
 
+    if args.nproc and args.nproc > 1:
+        import subprocess
+
+        return subprocess.call(torchrun_argv(args.nproc, sys.argv[1:]))
     overrides = list(args.overrides)
     if args.resume:
         config_path = Path(args.resume) / "config.json"
@@ -42,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.append(f"out={args.out}")
         config = load_config(args.config, overrides)
     summary = train(config, resume=args.resume, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    if summary:  # under torchrun only rank 0 has one
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -119,6 +138,40 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def rates(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of learning rates") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: learning rates must be positive")
+    return values
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"runs/{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
+    progress = not args.quiet
+    if args.experiment == "reasoning":
+        from opd.experiments.reasoning import ReasoningPlan, run_reasoning
+
+        lrs = {m: getattr(args, f"lr_{m}") for m in ("sft", "rl", "opd") if getattr(args, f"lr_{m}")}
+        summary = run_reasoning(ReasoningPlan(out, args.steps, args.eval_every, lrs, args.target,
+                                              args.validation_examples, args.overrides), progress)
+    elif args.experiment == "data-reuse":
+        from opd.experiments.variants import DataReusePlan, run_data_reuse
+
+        summary = run_data_reuse(DataReusePlan(out, args.steps, args.samples, args.lr, args.warmup_steps,
+                                               args.eval_every, args.overrides), progress)
+    else:
+        from opd.experiments.variants import LoraPlan, run_lora
+
+        summary = run_lora(LoraPlan(out, args.rank, args.steps, args.lr, args.lora_lr_scale, args.eval_every,
+                                    args.overrides), progress)
+    print((out / "report.md").read_text())
+    print(f"summary: {out / 'summary.json'} (wall time {summary['wall_seconds']:.0f} s)")
+    return 0
+
+
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     from opd.zoo import EMBEDDED_DIR, ZooConfig, build
 
@@ -156,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<time>-<method>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="run data-parallel on N processes of this machine (calls torchrun; see parallel=)")
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="distil the embedded student from the embedded teacher",
@@ -198,6 +253,46 @@ def parser() -> argparse.ArgumentParser:
                     help="most prompt tokens scored in one forward pass across queued requests")
     sv.set_defaults(func=cmd_serve)
 
+    ex = sub.add_parser("experiment", help="the blog's experiments on the embedded default (or your models)")
+    ex_sub = ex.add_subparsers(dest="experiment", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config fields for every run (student=, teacher=, task=, prompts_per_step=, ...)")
+    common.add_argument("--out", help="experiment directory (default runs/<experiment>-<time>); "
+                        "running the same command again reuses finished runs and resumes the unfinished one")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    rs = ex_sub.add_parser("reasoning", parents=[common], formatter_class=fmt, epilog=config_help(),
+                           help="SFT vs RL vs on-policy distillation: accuracy against steps and FLOPs",
+                           description="SFT, RL and on-policy distillation from the same student, each at its "
+                           "best learning rate (chosen on a validation split), compared in the blog's table.")
+    rs.add_argument("--steps", type=int, default=300, help="gradient steps per run (default 300)")
+    rs.add_argument("--eval-every", type=int, default=25, help="held-out evaluation interval (default 25)")
+    rs.add_argument("--target", type=float, help="held-out accuracy to reach (default: start + 80%% of the gap "
+                    "to the teacher)")
+    rs.add_argument("--validation-examples", type=int, default=256,
+                    help="prompts the learning rates are chosen on (default 256)")
+    for method, default in (("sft", "3e-4,6e-4,1e-3"), ("rl", "3e-5,1e-4,3e-4"), ("opd", "3e-4,6e-4,1e-3")):
+        rs.add_argument(f"--lr-{method}", type=rates, default=rates(default),
+                        help=f"learning rates swept for {method} (default {default}); empty to skip the method")
+    rs.set_defaults(func=cmd_experiment)
+    dr = ex_sub.add_parser("data-reuse", parents=[common], formatter_class=fmt, epilog=config_help(),
+                           help="on-policy distillation on one prompt reused every step vs fresh prompts")
+    dr.add_argument("--steps", type=int, default=20, help="gradient steps (default 20, as in the blog)")
+    dr.add_argument("--samples", type=int, default=128, help="sequences sampled per step (default 128)")
+    dr.add_argument("--lr", type=float, default=6e-4)
+    dr.add_argument("--warmup-steps", type=int, default=2)
+    dr.add_argument("--eval-every", type=int, default=5)
+    dr.set_defaults(func=cmd_experiment)
+    lo = ex_sub.add_parser("lora", parents=[common], formatter_class=fmt, epilog=config_help(),
+                           help="LoRA vs full fine-tuning after SFT and after on-policy distillation")
+    lo.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    lo.add_argument("--steps", type=int, default=200, help="gradient steps per run (default 200)")
+    lo.add_argument("--lr", type=float, default=6e-4, help="full fine-tuning's learning rate (default 6e-4)")
+    lo.add_argument("--lora-lr-scale", type=float, default=10.0,
+                    help="LoRA's learning rate = lr x this (default 10)")
+    lo.add_argument("--eval-every", type=int, default=25)
+    lo.set_defaults(func=cmd_experiment)
+
     zoo = sub.add_parser("zoo", help="the embedded tiny models")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     build = zoo_sub.add_parser("build", help="rebuild tokenizer, teacher and student from scratch")
@@ -222,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("opd: interrupted; continue a training run with `opd train --resume RUN_DIR`", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

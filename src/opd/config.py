@@ -33,6 +33,7 @@ class TrainConfig:
     ppo_clip: float = 0.0  # PPO clip epsilon; 0 turns clipping off
     # sampling
     steps: int = 800
+    train_prompts: int = 0  # 0: fresh training prompts every step; N: reuse only the N prompts step 0 draws
     prompts_per_step: int = 32
     samples_per_prompt: int = 4
     max_new_tokens: int = 48
@@ -51,6 +52,9 @@ class TrainConfig:
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 32.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # several processes (torchrun --nproc_per_node=N -m opd train ..., or opd train --nproc N)
+    parallel: str = "ddp"  # ddp: weights replicated on every rank | fsdp: FSDP2, weights and optimizer sharded
+    dist_timeout: float = 600.0  # seconds a rank waits for the others (e.g. rank 0 evaluating) before failing
     # evaluation, logging, checkpoints
     eval_every: int = 100
     eval_examples: int = 256
@@ -60,7 +64,7 @@ class TrainConfig:
     dtype: str = "auto"
     out: str = ""  # run directory; default runs/<time>-<method>
 
-    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl"), "kl": ("sampled", "full")}
+    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl"), "kl": ("sampled", "full"), "parallel": ("ddp", "fsdp")}
 
     def validate(self) -> None:
         for name, allowed in self.CHOICES.items():
@@ -79,6 +83,10 @@ class TrainConfig:
             raise OpdError(f"config field temperature={self.temperature} must be positive for training")
         if self.sft_data and self.method != "sft":
             raise OpdError(f"sft_data is only read by method=sft (method is {self.method!r})")
+        if self.dist_timeout <= 0:
+            raise OpdError(f"config field dist_timeout={self.dist_timeout} must be positive (seconds)")
+        if self.train_prompts < 0:
+            raise OpdError(f"config field train_prompts={self.train_prompts} must be 0 (no limit) or positive")
         if (self.prompts_per_step * self.samples_per_prompt) % self.grad_accum:
             raise OpdError(f"grad_accum={self.grad_accum} must divide prompts_per_step * samples_per_prompt")
 

@@ -18,7 +18,7 @@ from opd.config import TrainConfig
 from opd.models import OpdError, plain_model, save_atomically
 
 # fields that may differ between a run and its resumption without changing its results
-RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device"}
+RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device", "parallel", "dist_timeout"}
 
 
 def new_run_dir(config: TrainConfig) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from opd import runs
+from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.flops import ModelShape
 from opd.models import (
@@ -74,9 +74,14 @@ class Session:
     student_shape: ModelShape | None = None
     teacher_shape: ModelShape | None = None  # None for a teacher behind a server
     sft_pairs: list = field(default_factory=list)  # method=sft with sft_data: (Example, completion)
+    dist: distributed.Dist = field(default_factory=distributed.Dist)
+    loss_module: torch.nn.Module | None = None  # forward = policy loss; DDP- or FSDP2-wrapped under torchrun
+    full_model: torch.nn.Module | None = None  # the whole student to sample from, evaluate and save
 
     def trainer_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimizer (keyed by parameter name, any world size) and scheduler state; every rank calls it."""
+        return {"optimizer": distributed.optimizer_state(self.student, self.optimizer),
+                "scheduler": self.scheduler.state_dict()}
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         ids = chat_prompt_ids(self.tokenizer, messages)
@@ -98,7 +103,15 @@ def check_prompts(session: Session) -> None:
 
 def open_session(config: TrainConfig, resume: str | Path | None = None) -> Session:
     config.validate()
+    state = distributed.from_environment(config.dist_timeout, config.device)
     device = pick_device(config.device)
+    if state.active:
+        if config.prompts_per_step % state.world:
+            raise OpdError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the {state.world} "
+                           "ranks: each rank takes an equal share of the step's prompts")
+        if config.parallel == "fsdp" and config.lora_rank > 0:
+            raise OpdError("parallel=fsdp with LoRA: the adapters and their optimizer state are small, so there is "
+                           "nothing worth sharding; use parallel=ddp")
     dtype = pick_dtype(config.dtype, device)
     remote = config.teacher.startswith(("http://", "https://"))
     if remote and config.method == "sft":
@@ -156,6 +169,9 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
         teacher_model = load_model(teacher_path, device, dtype)
         teacher = LocalTeacher(teacher_model, vocab_size)
 
+    from opd.trainer import policy_loss
+
+    loss_module, full_model = distributed.wrap(student, policy_loss, config.parallel, state)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(config.beta1, config.beta2),
                                   weight_decay=config.weight_decay)
@@ -163,27 +179,29 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     session = Session(config, run_dir or Path(), device, tokenizer, student, teacher_model,
                       teacher, task, eval_set, optimizer, scheduler,
-                      trainable, vocab_size, max_prompt)
+                      trainable, vocab_size, max_prompt, dist=state, loss_module=loss_module,
+                      full_model=full_model)
     if config.sft_data:
         from opd.tasks.jsonl import load_sft_pairs
 
         session.sft_pairs = load_sft_pairs(config.sft_data)
         for example, _ in session.sft_pairs:
             session.prompt_ids(example.messages)
-    session.student_shape = ModelShape.of(student)
+    session.student_shape = ModelShape.of(full_model)
     session.teacher_shape = ModelShape.of(teacher_model) if teacher_model is not None else None
     check_prompts(session)
 
-    if run_dir is None:
-        session.run_dir = runs.new_run_dir(config)
+    if run_dir is None:  # rank 0 alone writes the run directory; the others learn its path
+        session.run_dir = Path(distributed.broadcast(str(runs.new_run_dir(config)) if state.main else None, state))
     elif checkpoint:
         step, path = checkpoint
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        saved = torch.load(path / "trainer_state.pt", weights_only=False)
+        distributed.load_optimizer_state(student, optimizer, saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
         session.start_step, session.last_checkpoint = step, path
         session.records = runs.read_metrics(run_dir, up_to_step=step)
-        runs.rewrite_metrics(run_dir, session.records)
-    else:  # interrupted before its first checkpoint: start over in the same directory
+        if state.main:
+            runs.rewrite_metrics(run_dir, session.records)
+    elif state.main:  # interrupted before its first checkpoint: start over in the same directory
         runs.rewrite_metrics(run_dir, [])
     return session

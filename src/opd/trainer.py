@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from opd import runs
+from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.evaluation import completions_text, evaluate
 from opd.flops import step_flops
@@ -59,11 +60,21 @@ def advantages(session: Session, rollouts: Rollouts) -> torch.Tensor:
     return total
 
 
+def train_examples(session: Session, step: int) -> list[Example]:
+    """The step's prompts (all ranks'): a fresh draw from the task, or with ``train_prompts=N`` the N
+    prompts of step 0 reused in a reshuffled cycle (the blog's data-reuse experiment uses N=1)."""
+    config, task = session.config, session.task
+    if not config.train_prompts:
+        return task.train_examples(step, config.prompts_per_step, config.seed)
+    pool = task.train_examples(0, config.train_prompts, config.seed)
+    return [pool[i] for i in epoch_order(len(pool), step, config.prompts_per_step, config.seed)]
+
+
 def dataset_rollouts(session: Session, step: int) -> tuple[list[Example], Rollouts]:
-    """method=sft with sft_data: the step's (prompt, completion) pairs, EOS appended, no sampling."""
+    """method=sft with sft_data: this rank's (prompt, completion) pairs of the step, EOS appended."""
     config, tokenizer = session.config, session.tokenizer
-    pairs = [session.sft_pairs[i] for i in epoch_order(len(session.sft_pairs), step, config.prompts_per_step,
-                                                       config.seed)]
+    order = epoch_order(len(session.sft_pairs), step, config.prompts_per_step, config.seed)
+    pairs = [session.sft_pairs[i] for i in distributed.shard(order, session.dist)]
     prompts = [session.prompt_ids(example.messages) for example, _ in pairs]
     completions = [tokenizer.encode(text, add_special_tokens=False)[: config.max_new_tokens - 1]
                    + [tokenizer.eos_token_id] for _, text in pairs]
@@ -71,27 +82,66 @@ def dataset_rollouts(session: Session, step: int) -> tuple[list[Example], Rollou
     return [example for example, _ in pairs], rollouts
 
 
-def training_step(session: Session, step: int) -> dict:
-    config, student, tokenizer = session.config, session.student, session.tokenizer
-    started = time.perf_counter()
-    student.eval()
+def step_rollouts(session: Session, step: int) -> Rollouts:
+    """This rank's share of the step: sampled by the student (the teacher for sft), with rewards."""
+    config, tokenizer = session.config, session.tokenizer
     if session.sft_pairs:
         examples, rollouts = dataset_rollouts(session, step)
         samples_per_prompt = 1
     else:
-        examples = session.task.train_examples(step, config.prompts_per_step, config.seed)
+        examples = distributed.shard(train_examples(session, step), session.dist)
         prompts = [session.prompt_ids(ex.messages) for ex in examples]
-        sampler = session.teacher_model if config.method == "sft" else student  # who samples
-        generator = torch.Generator(session.device).manual_seed(config.seed * 1_000_003 + step)
+        sampler = session.teacher_model if config.method == "sft" else session.full_model  # who samples
+        seed = config.seed * 1_000_003 + step + session.dist.rank * 7_919_000_003  # rank 0: as one process
         rollouts = sample(sampler, prompts, samples_per_prompt=config.samples_per_prompt,
                           max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                           top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                          generator=generator)
+                          generator=torch.Generator(session.device).manual_seed(seed))
         samples_per_prompt = config.samples_per_prompt
     texts = completions_text(tokenizer, rollouts.completion_ids())
     answers = [ex.answer for ex in examples for _ in range(samples_per_prompt)]
     rollouts.rewards = torch.tensor([session.task.reward(t, a) for t, a in zip(texts, answers, strict=True)],
                                     device=rollouts.tokens.device)
+    return rollouts
+
+
+def update(session: Session, rollouts: Rollouts, teacher_hidden: torch.Tensor | None, step_tokens: int,
+           step: int) -> tuple[float, float]:
+    """One optimizer step on this rank's rollouts; ``step_tokens`` counts the completion tokens of all
+    ranks. Returns (this rank's loss, the gradient norm before clipping)."""
+    config, module = session.config, session.loss_module
+    session.student.train()
+    session.optimizer.zero_grad(set_to_none=True)
+    rows = rollouts.tokens.shape[0]
+    micro = max(rows // config.grad_accum, 1)
+    starts = list(range(0, rows, micro))
+    offsets = completion_row_offsets(rollouts) if teacher_hidden is not None else []
+    per_rank_tokens = step_tokens / session.dist.world  # DDP and FSDP2 average gradients over ranks
+    loss_total = 0.0
+    for i, start in enumerate(starts):
+        part_hidden = None if teacher_hidden is None else teacher_hidden[offsets[start] : offsets[start + micro]]
+        last = i == len(starts) - 1  # DDP all-reduces once, after the last micro-batch
+        with nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync():
+            loss = module(session, rollouts.select(slice(start, start + micro)), per_rank_tokens, part_hidden)
+            loss.backward()
+        loss_total += loss.item()
+    grad_norm = distributed.local_value(torch.nn.utils.clip_grad_norm_(session.trainable, config.grad_clip)).item()
+    if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+        raise OpdError(f"step {step}: non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
+                       f"the run stopped before applying it. The last good checkpoint is "
+                       f"{session.last_checkpoint or 'none (no checkpoint was written yet)'}. "
+                       "Lower lr or raise warmup_steps, then --resume.")
+    session.optimizer.step()
+    session.scheduler.step()
+    distributed.refresh_full_copy(session.student, session.full_model, session.config.parallel, session.dist)
+    return loss_total, grad_norm
+
+
+def training_step(session: Session, step: int) -> dict:
+    config = session.config
+    started = time.perf_counter()
+    session.full_model.eval()
+    rollouts = step_rollouts(session, step)
     sampled = time.perf_counter()
 
     teacher_hidden = None
@@ -103,45 +153,34 @@ def training_step(session: Session, step: int) -> dict:
     rollouts.advantages = advantages(session, rollouts)
     scored = time.perf_counter()
 
-    student.train()
-    session.optimizer.zero_grad(set_to_none=True)
-    num_tokens = rollouts.num_completion_tokens
-    micro = max(rollouts.tokens.shape[0] // config.grad_accum, 1)
-    offsets = completion_row_offsets(rollouts) if teacher_hidden is not None else []
-    loss_total = 0.0
-    for start in range(0, rollouts.tokens.shape[0], micro):
-        part_hidden = None if teacher_hidden is None else teacher_hidden[offsets[start] : offsets[start + micro]]
-        loss = policy_loss(session, rollouts.select(slice(start, start + micro)), num_tokens, part_hidden)
-        loss.backward()
-        loss_total += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, config.grad_clip).item()
-    if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
-        raise OpdError(f"step {step}: non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
-                       f"the run stopped before applying it. The last good checkpoint is "
-                       f"{session.last_checkpoint or 'none (no checkpoint was written yet)'}. "
-                       "Lower lr or raise warmup_steps, then --resume.")
-    session.optimizer.step()
-    session.scheduler.step()
-    trained = time.perf_counter()
-
     mask = rollouts.completion_mask
     completion_lengths = [int(n) for n in mask.sum(-1).tolist()]
-    prompt_lengths = [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion_lengths,
-                                                 strict=True)]
-    teacher_kl = None
-    if rollouts.teacher_logprobs is not None:
-        teacher_kl = float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum()
-                           / max(num_tokens, 1))
+    local = {  # what the step's record needs from every rank
+        "completion_lengths": completion_lengths,
+        "prompt_lengths": [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion_lengths,
+                                                      strict=True)],
+        "rewards": rollouts.rewards.tolist(),
+        "kl_sum": None if rollouts.teacher_logprobs is None
+        else float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum()),
+    }
+    ranks = distributed.all_gather(local, session.dist)
+    merged = {key: [v for r in ranks for v in r[key]] for key in ("completion_lengths", "prompt_lengths", "rewards")}
+    num_tokens = sum(merged["completion_lengths"])
+    loss, grad_norm = update(session, rollouts, teacher_hidden, num_tokens, step)
+    loss = sum(distributed.all_gather(loss, session.dist)) / session.dist.world
+    trained = time.perf_counter()
+
+    teacher_kl = None if local["kl_sum"] is None else sum(r["kl_sum"] for r in ranks) / max(num_tokens, 1)
     return {
         "step": step + 1,
-        "loss": loss_total,
+        "loss": loss,
         "teacher_kl": teacher_kl,
-        "train_reward": float(rollouts.rewards.mean()),
+        "train_reward": sum(merged["rewards"]) / len(merged["rewards"]),
         "completion_tokens": num_tokens,
         "grad_norm": grad_norm,
         "lr": session.scheduler.get_last_lr()[0],
-        **step_flops(session.student_shape, session.teacher_shape, prompt_lengths, completion_lengths,
-                     "sft_data" if session.sft_pairs else config.method),
+        **step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
+                     merged["completion_lengths"], "sft_data" if session.sft_pairs else config.method),
         "sample_seconds": round(sampled - started, 4),
         "score_seconds": round(scored - sampled, 4),
         "train_seconds": round(trained - scored, 4),
@@ -150,16 +189,17 @@ def training_step(session: Session, step: int) -> dict:
 
 def run_eval(session: Session) -> dict:
     config = session.config
-    result = evaluate(session.student, session.tokenizer, session.task, session.eval_set,
+    result = evaluate(session.full_model, session.tokenizer, session.task, session.eval_set,
                       max_new_tokens=config.max_new_tokens, teacher=session.teacher, seed=config.seed)
     return {"accuracy": result.accuracy, "eval_teacher_kl": result.teacher_kl}
 
 
-def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True) -> dict:
-    """Run (or resume) on-policy distillation; returns the summary written to summary.json."""
+def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True, desc: str = "opd") -> dict:
+    """Run (or resume) on-policy distillation; returns the summary written to summary.json. Under
+    torchrun every rank trains; rank 0 alone evaluates, logs and writes (the others return {})."""
     session = open_session(config, resume)
-    run_dir, records = session.run_dir, session.records
-    if not records:  # a fresh run: measure where the student and teacher start
+    run_dir, records, main = session.run_dir, session.records, session.dist.main
+    if not records and main:  # a fresh run: measure where the student and teacher start
         teacher_accuracy = None  # a teacher behind a server only scores; it cannot be asked to answer
         if session.teacher_model is not None:
             teacher_accuracy = evaluate(session.teacher_model, session.tokenizer, session.task, session.eval_set,
@@ -167,29 +207,37 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher_accuracy, "elapsed": 0.0}
         runs.append_metrics(run_dir, first)
         records.append(first)
-    elapsed = records[-1]["elapsed"]
-    totals = {key: records[-1].get(f"{key}_total", 0.0) for key in ("student_flops", "teacher_flops")}
-    bar = tqdm(range(session.start_step, config.steps), desc="opd", disable=not progress,
+    elapsed = records[-1]["elapsed"] if records else 0.0
+    totals = {key: records[-1].get(f"{key}_total", 0.0) if records else 0.0
+              for key in ("student_flops", "teacher_flops")}
+    bar = tqdm(range(session.start_step, config.steps), desc=desc, disable=not (progress and main),
                initial=session.start_step, total=config.steps, dynamic_ncols=True)
     for step in bar:
         tick = time.perf_counter()
         record = training_step(session, step)
-        if record["step"] % config.eval_every == 0 or record["step"] == config.steps:
+        done = record["step"] == config.steps
+        if main and (record["step"] % config.eval_every == 0 or done):
             record.update(run_eval(session))
         elapsed += time.perf_counter() - tick
         record["elapsed"] = round(elapsed, 3)
         for key in totals:  # cumulative compute; a remote teacher's architecture is unknown (null)
             totals[key] = None if record[key] is None or totals[key] is None else totals[key] + record[key]
             record[f"{key}_total"] = totals[key]
-        runs.append_metrics(run_dir, record)
+        if record["step"] % config.save_every == 0 or done:
+            trainer_state = session.trainer_state()  # a collective under FSDP2: every rank gathers
+            session.last_checkpoint = run_dir / "checkpoints" / f"step_{record['step']:06d}"
+            if main:
+                runs.append_metrics(run_dir, record)
+                runs.save_checkpoint(run_dir, record["step"], session.full_model, session.tokenizer, trainer_state)
+        elif main:
+            runs.append_metrics(run_dir, record)
         records.append(record)
-        if record["step"] % config.save_every == 0 or record["step"] == config.steps:
-            session.last_checkpoint = runs.save_checkpoint(run_dir, record["step"], session.student,
-                                                           session.tokenizer, session.trainer_state())
         bar.set_postfix(loss=f"{record['loss']:.3f}", kl=_last(records, "teacher_kl"),
                         reward=f"{record['train_reward']:.2f}", acc=_last(records, "accuracy"))
     bar.close()
-    runs.save_final(run_dir, session.student, session.tokenizer)
+    if not main:
+        return {}
+    runs.save_final(run_dir, session.full_model, session.tokenizer)
     summary = summarize(records, config)
     runs.write_json(run_dir / "summary.json", summary)
     from opd.report import write_report

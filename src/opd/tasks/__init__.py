@@ -41,6 +41,7 @@ class ArithmeticTask:
 
     name = "arithmetic"
     EVAL_SEED = 1234
+    VALIDATION_SEED = 4321
 
     def __init__(self, operators: int = 3) -> None:
         self.operators = operators
@@ -54,6 +55,19 @@ class ArithmeticTask:
     def eval_examples(self, count: int) -> list[Example]:
         rng = random.Random(self.EVAL_SEED)
         return [self.example(p) for p in self.problems(rng, count, "eval")]
+
+    def validation_examples(self, count: int, exclude: list[Example]) -> list[Example]:
+        """Held-out prompts for choosing hyperparameters: from the held-out split (never trained on)
+        but disjoint from ``exclude`` (the prompts a result is reported on), so that a choice made
+        on them does not leak into the reported figure."""
+        taken = {ex.messages[-1]["content"] for ex in exclude}
+        rng, out = random.Random(self.VALIDATION_SEED), []
+        while len(out) < count:
+            problem = arithmetic.make_problem(rng, self.operators, "eval")
+            if problem.prompt not in taken:
+                taken.add(problem.prompt)
+                out.append(self.example(problem))
+        return out
 
     @staticmethod
     def example(problem: arithmetic.Problem) -> Example:

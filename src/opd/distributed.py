@@ -1,0 +1,154 @@
+"""Data parallelism under ``torchrun``: PyTorch's own DDP or FSDP2, nothing of opd's own runtime.
+
+The step's prompts are split across ranks; each rank samples, scores and back-propagates its share
+with the loss normalised by the *global* completion-token count, so that the gradient averaged over
+ranks is exactly the one-process gradient of the whole batch: with ``n_r`` tokens on rank ``r`` and
+``N = sum_r n_r``, rank ``r`` minimises ``world * sum_{t in r} l_t / N`` and DDP's mean over ranks gives
+``sum_t l_t / N``. ``prompts_per_step`` and ``lr`` therefore mean the same at any world size.
+
+DDP needs the backward to start from its module's forward, and FSDP2 unshards the parameters of a
+module in that module's forward; opd's scorer calls the student's decoder and head directly, so the
+student is wrapped in ``PolicyLoss``, a module whose forward is the policy loss, and that module is what
+DDP wraps, or what FSDP2 shards as the root (each decoder layer its own group).
+
+Sampling under FSDP2: a rank holds only a shard of each weight, so sampling, evaluation and saving use
+a separate full copy of the student, refreshed from the sharded weights after every optimizer step
+(one all-gather). Memory: one unsharded copy of the weights per rank, on top of the shards, grads and
+optimizer state that FSDP2 divides by the world size. With AdamW in float32 the sharded part is about
+16 bytes per parameter / world, the copy 2-4 bytes per parameter: FSDP2 still pays off from 2 ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from opd.models import OpdError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def from_environment(timeout_seconds: float, device: str) -> Dist:
+    """Join the process group ``torchrun`` describes in the environment (gloo on CPU, NCCL on GPU); a
+    plain process is rank 0 of 1. A collective that waits longer than ``timeout_seconds`` raises."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        gpu = device != "cpu" and torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout_seconds))
+    return Dist(rank, world, local_rank)
+
+
+def shard(items: list, state: Dist) -> list:
+    """Rank ``r``'s contiguous share of ``items`` (sizes differ by at most one)."""
+    per, extra = divmod(len(items), state.world)
+    start = state.rank * per + min(state.rank, extra)
+    return items[start : start + per + (state.rank < extra)]
+
+
+def all_gather(obj, state: Dist) -> list:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if not state.active:
+        return [obj]
+    out = [None] * state.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj, state: Dist):
+    """Rank 0's ``obj`` on every rank."""
+    if not state.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class PolicyLoss(torch.nn.Module):
+    """The student, with the policy loss as its forward: what DDP wraps and FSDP2 shards."""
+
+    def __init__(self, student: torch.nn.Module, loss_fn) -> None:
+        super().__init__()
+        self.student = student
+        self.loss_fn = loss_fn
+
+    def forward(self, *args):
+        return self.loss_fn(*args)
+
+
+def decoder_layers(student: torch.nn.Module) -> list[torch.nn.Module]:
+    layers = getattr(student.get_decoder(), "layers", None)
+    if layers is None:
+        raise OpdError(f"parallel=fsdp needs the decoder's layers at .layers; {type(student).__name__} has none")
+    return list(layers)
+
+
+def wrap(student: torch.nn.Module, loss_fn, parallel: str, state: Dist) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the module whose forward computes the loss, the full model to sample from and save)."""
+    module = PolicyLoss(student, loss_fn)
+    if not state.active:
+        return module, student
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module), student
+    from torch.distributed.fsdp import fully_shard
+
+    full_copy = copy.deepcopy(student).requires_grad_(False)
+    for layer in decoder_layers(student):
+        fully_shard(layer)
+    fully_shard(module)
+    return module, full_copy
+
+
+def refresh_full_copy(student: torch.nn.Module, full_copy: torch.nn.Module, parallel: str, state: Dist) -> None:
+    """After an optimizer step under FSDP2: gather the sharded weights into the sampling copy."""
+    if not state.active or parallel != "fsdp":
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True))
+    full_copy.load_state_dict(full)
+
+
+def optimizer_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name: the same format at any world size and with
+    DDP or FSDP2 (a collective under FSDP2: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+
+
+def load_optimizer_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(student, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def local_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (e.g. the gradient norm under FSDP2)."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else tensor

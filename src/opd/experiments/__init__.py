@@ -1,0 +1,69 @@
+"""Experiments: several ordinary training runs under one directory, compared in one report.
+
+Each run is a normal opd run directory under ``OUT/runs/``; an interrupted experiment started again
+with the same command reuses the finished runs and resumes the unfinished one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opd import runs
+from opd.config import TrainConfig, load_config
+from opd.models import OpdError, load_model, load_tokenizer, pick_device, pick_dtype
+
+
+def run_config(overrides: list[str], out: Path, **values) -> TrainConfig:
+    """The user's overrides, then the experiment's own values (which win), run into ``out``."""
+    fixed = [f"{k}={v}" for k, v in values.items()]
+    return load_config(None, list(overrides) + fixed + [f"out={out}"])
+
+
+def run_once(config: TrainConfig, progress: bool = True, desc: str = "opd") -> list[dict]:
+    """Train ``config`` into ``config.out`` and return its metrics: a finished run with the same config
+    is reused, an interrupted one resumed, otherwise a new one started."""
+    from opd.trainer import train
+
+    run_dir = Path(config.out)
+    if (run_dir / "config.json").is_file():
+        runs.check_resumable(run_dir, config)
+        summary_path = run_dir / "summary.json"
+        done = summary_path.is_file() and json.loads(summary_path.read_text())["steps"] == config.steps
+        if not done:
+            train(config, resume=run_dir, progress=progress, desc=desc)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise OpdError(f"{run_dir} exists and is not an opd run directory; move it away or choose another --out")
+    else:
+        train(config, progress=progress, desc=desc)
+    return runs.read_metrics(run_dir)
+
+
+def final_accuracy(run_dir: Path, config: TrainConfig, examples: list, name: str) -> float:
+    """Greedy accuracy of a run's final model on ``examples``, cached in ``run_dir/<name>.json``."""
+    from opd.evaluation import evaluate
+    from opd.setup import make_task
+
+    cache = run_dir / f"{name}.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved["examples"] == len(examples):
+            return saved["accuracy"]
+    device = pick_device(config.device)
+    model = load_model(run_dir / "final", device, pick_dtype(config.dtype, device))
+    result = evaluate(model, load_tokenizer(run_dir / "final"), make_task(config), examples,
+                      max_new_tokens=config.max_new_tokens)
+    runs.write_json(cache, {"examples": len(examples), "accuracy": result.accuracy})
+    return result.accuracy
+
+
+def evals(records: list[dict]) -> list[dict]:
+    """The records that carry a held-out evaluation, in step order."""
+    return [r for r in records if r.get("accuracy") is not None]
+
+
+def total_flops(record: dict, include_teacher: bool = True) -> float | None:
+    student, teacher = record.get("student_flops_total", 0.0), record.get("teacher_flops_total", 0.0)
+    if student is None or (include_teacher and teacher is None):
+        return None
+    return student + (teacher if include_teacher else 0.0)

@@ -1,0 +1,151 @@
+"""``opd experiment reasoning``: SFT, RL and on-policy distillation from the same student, each at its
+own best learning rate, compared on held-out accuracy against steps and FLOPs (the blog's table).
+
+The learning rate of each method is chosen on a *validation* split (held-out prompts disjoint from the
+ones reported on, when the task has one); the reported curves and table use the held-out split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opd import runs
+from opd.experiments import evals, final_accuracy, run_config, run_once, total_flops
+from opd.models import OpdError
+
+METHODS = ("sft", "rl", "opd")
+DEFAULT_LRS = {"sft": (3e-4, 6e-4, 1e-3), "rl": (3e-5, 1e-4, 3e-4), "opd": (3e-4, 6e-4, 1e-3)}
+MILESTONES = (0.25, 0.5, 0.8)  # fractions of the student-to-teacher gap reported beside the target
+BLOG = {"compute_vs_sft": "9-30x", "steps_vs_rl": "7-10x"}
+
+
+@dataclass
+class ReasoningPlan:
+    out: Path
+    steps: int = 300
+    eval_every: int = 25
+    lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LRS))
+    target: float | None = None  # held-out accuracy; None: start + 80% of the gap to the teacher
+    validation_examples: int = 256
+    overrides: list[str] = field(default_factory=list)  # config fields applied to every run
+
+
+def default_target(start: float, teacher: float, fraction: float = 0.8) -> float:
+    """``start + fraction * (teacher - start)``: the accuracy that closes ``fraction`` of the gap."""
+    return start + fraction * (teacher - start)
+
+
+def first_reaching(records: list[dict], target: float) -> dict | None:
+    """The first evaluation record (step order) whose held-out accuracy is at least ``target``."""
+    return next((r for r in evals(records) if r["accuracy"] >= target - 1e-12), None)
+
+
+def method_result(records: list[dict], target: float) -> dict:
+    """One method's row of summary.json, from its run's metrics."""
+    last, hit = records[-1], first_reaching(records, target)
+    return {
+        "final_accuracy": evals(records)[-1]["accuracy"],
+        "teacher_flops": last.get("teacher_flops_total"),
+        "student_flops": last.get("student_flops_total"),
+        "steps": last["step"],
+        "wall_seconds": last["elapsed"],
+        "steps_to_target": None if hit is None else hit["step"],
+        "flops_to_target": None if hit is None else total_flops(hit),
+        "student_flops_to_target": None if hit is None else hit.get("student_flops_total"),
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if not numerator or not denominator else numerator / denominator
+
+
+def comparisons(curves: dict[str, list[dict]], start: float, teacher: float, target: float) -> list[dict]:
+    """For the target and each milestone: steps and FLOPs each method needed, with the blog's ratios
+    (SFT FLOPs / method FLOPs, total and with SFT's data given; RL steps / opd steps)."""
+    levels = [("target", target)] + [(f"{int(100 * f)}% of gap", default_target(start, teacher, f))
+                                      for f in MILESTONES]
+    out = []
+    for name, accuracy in levels:
+        row = {"level": name, "accuracy": accuracy}
+        for method, records in curves.items():
+            hit = first_reaching(records, accuracy)
+            row[method] = None if hit is None else {"steps": hit["step"], "flops": total_flops(hit),
+                                                    "student_flops": hit.get("student_flops_total")}
+        sft, rl, opd = (row.get(m) for m in METHODS)
+        if sft and opd:
+            row["opd_compute_efficiency_vs_sft"] = ratio(sft["flops"], opd["flops"])
+            row["opd_compute_efficiency_vs_sft_data_given"] = ratio(sft["student_flops"], opd["flops"])
+        if rl and opd:
+            row["rl_steps_over_opd_steps"] = ratio(rl["steps"], opd["steps"])
+        out.append(row)
+    return out
+
+
+def validation_set(task, reported: list) -> tuple[list, str]:
+    """Prompts to choose learning rates on, and a sentence saying what they are."""
+    pick = getattr(task, "validation_examples", None)
+    if pick is not None:
+        return pick, "a validation split: held-out prompts disjoint from the reported ones"
+    return None, ("the reported held-out split itself (this task has no separate validation split; "
+                  "the chosen rates are optimistic by the selection)")
+
+
+def run_reasoning(plan: ReasoningPlan, progress: bool = True) -> dict:
+    """Run the sweep, choose each method's rate, write summary.json, the plots and report.md."""
+    from opd.experiments.reasoning_report import write_reasoning_report
+    from opd.setup import make_task
+
+    unknown = set(plan.lrs) - set(METHODS)
+    if unknown:
+        raise OpdError(f"unknown method(s) {', '.join(sorted(unknown))}: the experiment compares {', '.join(METHODS)}")
+    started = time.perf_counter()
+    plan.out.mkdir(parents=True, exist_ok=True)
+    sweep, total = [], sum(len(v) for v in plan.lrs.values())
+    validation, selection_note = None, ""
+    for method in METHODS:
+        for lr in plan.lrs.get(method, ()):
+            out = plan.out / "runs" / f"{method}-lr{lr:g}"
+            config = run_config(plan.overrides, out, method=method, lr=lr, steps=plan.steps,
+                                eval_every=plan.eval_every, save_every=plan.eval_every * 4)
+            desc = f"[{len(sweep) + 1}/{total}] {method} lr={lr:g}"
+            records = run_once(config, progress, desc)
+            if validation is None:
+                task = make_task(config)
+                reported = task.eval_examples(config.eval_examples)
+                pick, selection_note = validation_set(task, reported)
+                validation = pick(plan.validation_examples, reported) if pick else reported
+            sweep.append({"method": method, "lr": lr, "run": str(out.relative_to(plan.out)),
+                          "final_accuracy": evals(records)[-1]["accuracy"],
+                          "validation_accuracy": final_accuracy(out, config, validation, "validation"),
+                          "records": records})
+    if not sweep:
+        raise OpdError("no runs: give at least one learning rate for a method")
+    best = {}
+    for entry in sweep:  # highest validation accuracy; the lower rate on a tie
+        current = best.get(entry["method"])
+        if current is None or entry["validation_accuracy"] > current["validation_accuracy"]:
+            best[entry["method"]] = entry
+    first = sweep[0]["records"][0]
+    start, teacher = first["accuracy"], first.get("teacher_accuracy")
+    if teacher is None and plan.target is None:
+        raise OpdError("the teacher's accuracy is unknown (a teacher behind a server): pass --target")
+    target = plan.target if plan.target is not None else default_target(start, teacher)
+    curves = {m: e["records"] for m, e in best.items()}
+    summary = {
+        "start_accuracy": start,
+        "teacher_accuracy": teacher,
+        "target_accuracy": target,
+        **{m: {"lr": e["lr"], "run": e["run"], **method_result(e["records"], target)} for m, e in best.items()},
+        "comparisons": comparisons(curves, start, teacher if teacher is not None else target, target),
+        "sweep": [{k: v for k, v in e.items() if k != "records"} for e in sweep],
+        "selection": selection_note,
+        "validation_examples": len(validation),
+        "steps": plan.steps,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "run_seconds": round(sum(e["records"][-1]["elapsed"] for e in sweep), 1),
+    }
+    runs.write_json(plan.out / "summary.json", summary)
+    write_reasoning_report(plan.out, summary, sweep, best)
+    return summary

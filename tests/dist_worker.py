@@ -1,0 +1,83 @@
+"""Run by the distributed tests, under torchrun or as one plain process (not a test module itself).
+
+``equivalence OUT key=value...``: build one fixed batch (the same on every rank), let each rank
+update on its share, and save the student's weights after the step to OUT/weights.pt (rank 0).
+``fail RANK MODE key=value...``: train, with rank RANK raising ("raise") or hanging ("hang") at step 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from opd import distributed
+from opd.config import load_config
+from opd.rollouts import Rollouts
+from opd.sampler import sample
+from opd.setup import open_session
+from opd.trainer import advantages, train, update
+
+
+def fixed_batch(session) -> Rollouts:
+    """Every rank draws the same batch: same weights, same prompts, same generator."""
+    config, tokenizer = session.config, session.tokenizer
+    examples = session.task.train_examples(0, config.prompts_per_step, config.seed)
+    prompts = [session.prompt_ids(ex.messages) for ex in examples]
+    rollouts = sample(session.full_model, prompts, samples_per_prompt=config.samples_per_prompt,
+                      max_new_tokens=config.max_new_tokens, eos_id=tokenizer.eos_token_id,
+                      pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(123))
+    rollouts.rewards = torch.linspace(0, 1, rollouts.tokens.shape[0])
+    return rollouts
+
+
+def equivalence(out: Path, overrides: list[str]) -> None:
+    torch.manual_seed(0)
+    session = open_session(load_config(None, overrides + [f"out={out / 'run'}"]))
+    state = session.dist
+    batch = fixed_batch(session)
+    rows = distributed.shard(list(range(batch.tokens.shape[0])), state)
+    mine = batch.select(slice(rows[0], rows[-1] + 1))
+    hidden = None
+    if session.config.kl == "full":
+        mine.teacher_logprobs, hidden = session.teacher.score_with_hidden(mine)
+    else:
+        mine.teacher_logprobs = session.teacher.score(mine)
+    mine.advantages = advantages(session, mine)
+    # plain SGD at rate 1 and no clipping: the weight change is the gradient itself (Adam's first step
+    # is nearly blind to a gradient's scale, which would hide a wrong normalisation)
+    session.optimizer = torch.optim.SGD(session.trainable, lr=1.0)
+    update(session, mine, hidden, int(batch.completion_mask.sum()), step=0)
+    if state.main:
+        weights = {k: v.detach().clone() for k, v in session.full_model.state_dict().items()}
+        torch.save(weights, out / "weights.pt")
+
+
+def fail(rank: int, mode: str, overrides: list[str]) -> None:
+    import opd.trainer
+
+    real_step = opd.trainer.training_step
+
+    def step(session, index):
+        if index == 1 and session.dist.rank == rank:
+            if mode == "raise":
+                raise RuntimeError(f"rank {rank} fails on purpose")
+            time.sleep(3600)
+        return real_step(session, index)
+
+    opd.trainer.training_step = step
+    train(load_config(None, overrides), progress=False)
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    if command == "equivalence":
+        equivalence(Path(args[0]), args[1:])
+    else:
+        fail(int(args[0]), args[1], args[2:])
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

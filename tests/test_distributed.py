@@ -1,0 +1,84 @@
+"""Data parallelism on CPU (gloo, 2 processes under torchrun): equivalence, rank-0 writing, resume on a
+different world size, and a failing or hanging rank ending the job within a bounded time."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_jsonl, tiny_train_overrides
+from opd.cli import main
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a 2-core machine
+
+
+def torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
+
+
+def equivalence_overrides(model_dirs, tmp_path, **extra) -> list[str]:
+    return [o for o in tiny_train_overrides(model_dirs, tmp_path / "unused", prompts_per_step=4, samples_per_prompt=2,
+                                            max_new_tokens=8, grad_clip=1e9, **extra)
+            if not o.startswith("out=")]
+
+
+@pytest.mark.parametrize("parallel,kl,grad_accum", [("ddp", "sampled", 1), ("ddp", "full", 2), ("fsdp", "sampled", 1),
+                                                    ("fsdp", "full", 1)])
+def test_two_ranks_update_like_one_process_on_the_whole_batch(model_dirs, tmp_path, parallel, kl, grad_accum):
+    overrides = equivalence_overrides(model_dirs, tmp_path, kl=kl, parallel=parallel, grad_accum=grad_accum)
+    single, double = tmp_path / "one", tmp_path / "two"
+    single.mkdir(), double.mkdir()
+    subprocess.run([sys.executable, str(WORKER), "equivalence", str(single), *overrides], check=True,
+                   capture_output=True, timeout=120)
+    result = torchrun([str(WORKER), "equivalence", str(double), *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = torch.load(single / "weights.pt"), torch.load(double / "weights.pt")
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < 1e-6, f"{parallel}: 2 ranks differ from 1 process by {worst}"
+    moved = max((one[k] - v).abs().max().item() for k, v in _initial(model_dirs).items() if k in one)
+    assert moved > 1e-4  # the step did change the weights, so the comparison means something
+
+
+def _initial(model_dirs) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(model_dirs["student"] / "model.safetensors")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_rank_zero_writes_and_a_two_rank_run_resumes_on_one(model_dirs, tmp_path, parallel, capsys):
+    out = tmp_path / "run"
+    overrides = tiny_train_overrides(model_dirs, out, steps=4, save_every=2, eval_every=2, parallel=parallel)
+    command = [sys.executable, "-m", "opd", "train", "--nproc", "2", "--quiet", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                            env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('"student_accuracy_after"') == 1  # one summary: rank 0's
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3, 4]  # each step logged once, by rank 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "curves.png", "final",
+                                                     "metrics.jsonl", "report.md", "summary.json"]
+    assert main(["train", "--resume", str(out), "--quiet", "steps=6"]) == 0  # one process now
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6] and records[-1]["accuracy"] is not None
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_a_failing_rank_ends_the_job_within_a_bounded_time(model_dirs, tmp_path, mode):
+    overrides = tiny_train_overrides(model_dirs, tmp_path / "run", steps=4, dist_timeout=10)
+    started = time.monotonic()
+    result = torchrun([str(WORKER), "fail", "1", mode, *overrides], timeout=180)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    if mode == "raise":
+        assert "rank 1 fails on purpose" in result.stderr
+    else:  # rank 0 gives up waiting for rank 1 at the next collective
+        assert "timed out" in result.stderr.lower() or "timeout" in result.stderr.lower(), result.stderr[-3000:]

@@ -1,0 +1,103 @@
+"""The experiments: target/milestone arithmetic, the validation split, and tiny end-to-end runs."""
+
+import json
+
+import pytest
+
+from conftest import tiny_train_overrides
+from opd.config import load_config
+from opd.experiments.reasoning import ReasoningPlan, comparisons, default_target, first_reaching, run_reasoning
+from opd.experiments.variants import DataReusePlan, LoraPlan, run_data_reuse, run_lora
+from opd.setup import open_session
+from opd.tasks import ArithmeticTask
+from opd.tasks.arithmetic import is_eval_expression
+from opd.trainer import train_examples
+
+
+def curve(points):
+    """Evaluation records at (step, accuracy), with 10 student + 5 teacher FLOPs per step."""
+    return [{"step": s, "accuracy": a, "student_flops_total": 10.0 * s, "teacher_flops_total": 5.0 * s}
+            for s, a in points]
+
+
+def test_default_target_closes_the_fraction_of_the_gap():
+    assert default_target(0.5, 1.0) == pytest.approx(0.9)
+    assert default_target(0.2, 0.6, 0.25) == pytest.approx(0.3)
+
+
+def test_first_reaching_is_the_first_evaluation_at_or_over_the_target():
+    records = curve([(0, 0.5), (10, 0.7), (20, 0.65), (30, 0.9)])
+    assert first_reaching(records, 0.7)["step"] == 10
+    assert first_reaching(records, 0.8)["step"] == 30
+    assert first_reaching(records, 0.95) is None
+    assert first_reaching([{"step": 1, "loss": 1.0}] + records, 0.5)["step"] == 0  # non-eval records skipped
+
+
+def test_comparisons_give_the_blogs_ratios():
+    curves = {"sft": curve([(0, 0.5), (40, 0.9)]), "rl": curve([(0, 0.5), (80, 0.9)]),
+              "opd": curve([(0, 0.5), (10, 0.9)])}
+    rows = comparisons(curves, start=0.5, teacher=1.0, target=0.9)
+    target = rows[0]
+    assert target["level"] == "target" and target["opd"]["steps"] == 10
+    assert target["opd_compute_efficiency_vs_sft"] == pytest.approx((40 * 15) / (10 * 15))
+    assert target["opd_compute_efficiency_vs_sft_data_given"] == pytest.approx((40 * 10) / (10 * 15))
+    assert target["rl_steps_over_opd_steps"] == pytest.approx(8.0)
+    unreached = comparisons({"sft": curve([(0, 0.5)]), "opd": curve([(0, 0.5), (5, 0.95)])}, 0.5, 1.0, 0.9)[0]
+    assert unreached["sft"] is None and "opd_compute_efficiency_vs_sft" not in unreached
+
+
+def test_validation_split_is_held_out_and_disjoint_from_the_reported_prompts():
+    task = ArithmeticTask()
+    reported = task.eval_examples(300)
+    validation = task.validation_examples(300, reported)
+    texts = [ex.messages[-1]["content"] for ex in validation]
+    assert len(set(texts)) == 300
+    assert not set(texts) & {ex.messages[-1]["content"] for ex in reported}
+    assert all(is_eval_expression(t.removeprefix("Compute ")) for t in texts)
+
+
+def test_train_prompts_reuses_the_first_steps_prompts(model_dirs, tmp_path):
+    config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "r", train_prompts=1, prompts_per_step=3))
+    session = open_session(config)
+    prompts = {ex.messages[-1]["content"] for step in range(4) for ex in train_examples(session, step)}
+    assert len(prompts) == 1
+    session.config.train_prompts = 0
+    assert len({ex.messages[-1]["content"] for ex in train_examples(session, 1)}) > 1
+
+
+def test_reasoning_experiment_end_to_end(model_dirs, tmp_path):
+    overrides = [o for o in tiny_train_overrides(model_dirs, tmp_path / "unused", warmup_steps=1)
+                 if not o.startswith(("out=", "steps=", "eval_every=", "lr=", "save_every="))]
+    plan = ReasoningPlan(tmp_path / "exp", steps=2, eval_every=1, validation_examples=4, overrides=overrides,
+                         lrs={"sft": (1e-3,), "rl": (1e-3,), "opd": (1e-3, 1e-2)})
+    summary = run_reasoning(plan, progress=False)
+    for method in ("sft", "rl", "opd"):
+        row = summary[method]
+        assert {"final_accuracy", "teacher_flops", "student_flops", "steps_to_target", "flops_to_target"} <= set(row)
+        assert row["student_flops"] > 0
+    assert summary["rl"]["teacher_flops"] == 0 and summary["opd"]["teacher_flops"] > 0
+    assert summary["opd"]["lr"] in (1e-3, 1e-2) and len(summary["sweep"]) == 4
+    assert "validation split" in summary["selection"]
+    saved = json.loads((plan.out / "summary.json").read_text())
+    assert saved["target_accuracy"] == summary["target_accuracy"] and "teacher_accuracy" in saved
+    for name in ("accuracy_vs_steps.png", "accuracy_vs_flops.png", "report.md"):
+        assert (plan.out / name).stat().st_size > 0
+    assert "compute efficiency vs SFT" in (plan.out / "report.md").read_text()
+    # the same command again reuses the finished runs: no run trains again
+    metrics = plan.out / "runs" / "opd-lr0.001" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    run_reasoning(plan, progress=False)
+    assert metrics.stat().st_mtime_ns == before
+
+
+def test_data_reuse_and_lora_experiments_end_to_end(model_dirs, tmp_path):
+    overrides = [o for o in tiny_train_overrides(model_dirs, tmp_path / "unused")
+                 if not o.startswith(("out=", "steps=", "eval_every=", "save_every=", "prompts_per_step=",
+                                      "samples_per_prompt="))]
+    reuse = run_data_reuse(DataReusePlan(tmp_path / "reuse", steps=2, samples=4, eval_every=1,
+                                         overrides=overrides), progress=False)
+    assert reuse["single_prompt"]["steps"] == 2 and reuse["fresh_prompts"]["steps"] == 2
+    assert (tmp_path / "reuse" / "accuracy.png").is_file()
+    lora = run_lora(LoraPlan(tmp_path / "lora", rank=2, steps=2, eval_every=1, overrides=overrides), progress=False)
+    assert {"sft_full", "sft_lora", "opd_full", "opd_lora", "sft_gap_points", "opd_gap_points"} <= set(lora)
+    assert "LoRA rank 2" in (tmp_path / "lora" / "report.md").read_text()
