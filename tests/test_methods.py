@@ -31,7 +31,7 @@ def test_sft_lowers_cross_entropy_on_teacher_tokens(model_dirs, tmp_path):
 class DigitTask(ArithmeticTask):
     """A reward the tiny random student can climb: the fraction of its characters that are digits."""
 
-    def reward(self, completion, answer):
+    def reward(self, completion, example):
         return sum(c.isdigit() for c in completion) / max(len(completion), 1)
 
 

@@ -55,8 +55,9 @@ def test_jsonl_prompts_and_messages(tmp_path):
     examples = load_examples(path)
     assert examples[0].answer == "4" and examples[1].messages[0]["role"] == "system"
     task = JsonlTask(path, path)
-    assert task.reward("It is\nAnswer: paris.", "Paris") == 1.0
-    assert task.reward("Lyon", "Paris") == 0.0
+    capital = examples[1]
+    assert task.reward("It is\nAnswer: paris.", capital) == 1.0
+    assert task.reward("Lyon", capital) == 0.0
     assert len(task.train_examples(0, 5, 0)) == 5  # wraps around the file
 
 
@@ -67,6 +68,11 @@ def test_jsonl_prompts_and_messages(tmp_path):
     ('{"prompt": ""}', r"p.jsonl:2: field 'prompt' must be a non-empty string"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', r"p.jsonl:2: field 'messages\[0\]'"),
     ('{"prompt": "x", "answer": [1]}', r"p.jsonl:2: field 'answer'"),
+    ('{"prompt": "x", "constraints": []}', r"p.jsonl:2: field 'constraints' must be a non-empty list"),
+    ('{"prompt": "x", "constraints": [{"kind": "shout"}]}', r"p.jsonl:2: field 'constraints\[0\]' must be"),
+    ('{"prompt": "x", "constraints": [{"kind": "word_count", "n": 3}]}',
+     r"p.jsonl:2: field 'constraints\[0\].relation'"),
+    ('{"prompt": "x", "constraints": [{"kind": "bullet_list", "n": "3"}]}', r"p.jsonl:2: field 'constraints\[0\].n'"),
 ])
 def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
     path = write(tmp_path / "p.jsonl", [json.dumps({"prompt": "fine"}), line])

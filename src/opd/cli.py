@@ -65,6 +65,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_midtrain(args: argparse.Namespace) -> int:
+    from opd.trainer import train
+
+    values = [f"student={args.model}", "method=midtrain", f"docs={args.docs}", f"chat_fraction={args.chat_fraction}"]
+    if args.chat:
+        values.append(f"sft_data={args.chat}")
+    out = args.out or f"runs/midtrain-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = load_config(args.config, list(args.overrides) + values + [f"out={out}"])
+    summary = train(config, progress=not args.quiet)
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from opd.trainer import train
 
@@ -98,7 +112,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dtype = pick_dtype("auto", device)
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
-    config = TrainConfig(task=args.task, eval_file=args.eval_file or "")
+    task_file = args.eval_file if args.task == "arithmetic" and args.eval_file else args.task
+    config = TrainConfig(task=task_file, eval_file=args.eval_file or "")
     task = make_task(config)
     examples = task.eval_examples(args.examples)
     if not examples:
@@ -162,6 +177,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
         summary = run_data_reuse(DataReusePlan(out, args.steps, args.samples, args.lr, args.warmup_steps,
                                                args.eval_every, args.overrides), progress)
+    elif args.experiment == "personalization":
+        from opd.personalization.experiment import PersonalizationPlan, run_personalization
+
+        summary = run_personalization(PersonalizationPlan(
+            out, args.assistant, Path(args.data) if args.data else PersonalizationPlan.data, args.midtrain_steps,
+            args.midtrain_lr, args.chat_fraction, args.distill_steps, args.distill_lr, args.segments,
+            overrides=args.overrides), progress)
     else:
         from opd.experiments.variants import LoraPlan, run_lora
 
@@ -184,6 +206,24 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
         setattr(config, name, type(getattr(config, name))(value))
     card = build(Path(args.out) if args.out else EMBEDDED_DIR, config, reuse_teacher=args.reuse_teacher)
     print(json.dumps(card, indent=2))
+    return 0
+
+
+def cmd_zoo_assistant(args: argparse.Namespace) -> int:
+    from opd.personalization.assistant import AssistantConfig, build_assistant
+    from opd.zoo import EMBEDDED_DIR
+
+    config = AssistantConfig()
+    for item in args.overrides:
+        name, sep, value = item.partition("=")
+        if not sep or not hasattr(config, name):
+            raise OpdError(f"assistant override {item!r}: expected key=value with key one of "
+                           f"{', '.join(config.__dataclass_fields__)}")
+        setattr(config, name, type(getattr(config, name))(value))
+    out = Path(args.out) if args.out else EMBEDDED_DIR
+    if not (out / "teacher" / "tokenizer.json").is_file():
+        raise OpdError(f"{out} holds no zoo tokenizer (teacher/): run `opd zoo build --out {out}` first")
+    print(json.dumps(build_assistant(out, config), indent=2))
     return 0
 
 
@@ -213,6 +253,23 @@ def parser() -> argparse.ArgumentParser:
                        help="run data-parallel on N processes of this machine (calls torchrun; see parallel=)")
     train.set_defaults(func=cmd_train)
 
+    mid = sub.add_parser("midtrain", help="continued training on documents (optionally mixed with chat)",
+                         formatter_class=fmt, epilog=config_help(),
+                         description="Next-token cross-entropy on a corpus of documents, optionally mixed with chat "
+                         "data, with the run directory, logging, checkpoints and compute accounting of opd train. "
+                         "Held-out evaluation uses task= / eval_file= (e.g. a QA file about the documents).")
+    mid.add_argument("model", help="HF model directory, hub id, or embedded:assistant")
+    mid.add_argument("--docs", required=True, help="JSONL of {\"text\": ...} documents")
+    mid.add_argument("--chat", help="JSONL of chat pairs (prompt or messages, + completion) to mix in")
+    mid.add_argument("--chat-fraction", type=float, default=0.0,
+                     help="share of each step's sequences taken from --chat (e.g. 0.3 for 70%% docs / 30%% chat)")
+    mid.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="config overrides (steps=, lr=, lora_rank=, task= and eval_file= for evaluation, ...)")
+    mid.add_argument("--config", help="TOML file of config fields")
+    mid.add_argument("--out", help="run directory (default runs/midtrain-<time>)")
+    mid.add_argument("--quiet", action="store_true", help="no progress bar")
+    mid.set_defaults(func=cmd_midtrain)
+
     demo = sub.add_parser("demo", help="distil the embedded student from the embedded teacher",
                           formatter_class=fmt, epilog=config_help())
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -224,7 +281,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="HF model directory, hub id, or embedded:student / embedded:teacher")
     ev.add_argument("--teacher", help="also report the per-token reverse KL to this teacher")
     ev.add_argument("--task", default="arithmetic", help="built-in task or a JSONL prompts file")
-    ev.add_argument("--eval-file", help="JSONL of held-out prompts when --task is a file")
+    ev.add_argument("--eval-file", help="JSONL of held-out prompts: with answers (QA, exact or whole-word match) or "
+                    "constraints (instruction following)")
     ev.add_argument("--examples", type=int, default=256, help="number of held-out prompts")
     ev.add_argument("--max-new-tokens", type=int, default=48)
     ev.add_argument("--device", default="auto")
@@ -292,6 +350,19 @@ def parser() -> argparse.ArgumentParser:
                     help="LoRA's learning rate = lr x this (default 10)")
     lo.add_argument("--eval-every", type=int, default=25)
     lo.set_defaults(func=cmd_experiment)
+    pe = ex_sub.add_parser("personalization", parents=[common], formatter_class=fmt, epilog=config_help(),
+                           help="midtrain the assistant on documents, then restore its instruction following by "
+                           "distilling from its earlier self")
+    pe.add_argument("--assistant", default="embedded:assistant", help="the assistant (model directory)")
+    pe.add_argument("--data", help="directory with docs.jsonl, chat.jsonl, ifeval_train.jsonl, ifeval_eval.jsonl, "
+                    "qa.jsonl (default: the embedded ones)")
+    pe.add_argument("--midtrain-steps", type=int, default=300)
+    pe.add_argument("--midtrain-lr", type=float, default=1e-3)
+    pe.add_argument("--chat-fraction", type=float, default=0.3, help="chat share of the mixed midtraining")
+    pe.add_argument("--distill-steps", type=int, default=200)
+    pe.add_argument("--distill-lr", type=float, default=3e-4)
+    pe.add_argument("--segments", type=int, default=5, help="evaluation points along the distillation")
+    pe.set_defaults(func=cmd_experiment)
 
     zoo = sub.add_parser("zoo", help="the embedded tiny models")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
@@ -301,6 +372,12 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--reuse-teacher", action="store_true",
                        help="keep the tokenizer and teacher already in the output directory; rebuild the student")
     build.set_defaults(func=cmd_zoo_build)
+    assistant = zoo_sub.add_parser("assistant", help="build the chat assistant and the personalization data "
+                                   "(reuses the zoo's tokenizer)")
+    assistant.add_argument("overrides", nargs="*", metavar="key=value",
+                           help="AssistantConfig overrides, e.g. steps=2000")
+    assistant.add_argument("--out", help="zoo directory (default: the package's embedded/)")
+    assistant.set_defaults(func=cmd_zoo_assistant)
     return root
 
 

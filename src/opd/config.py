@@ -24,9 +24,12 @@ class TrainConfig:
     task: str = "arithmetic"  # a built-in task, or a JSONL file of prompts
     eval_file: str = ""  # JSONL of held-out prompts when task is a file
     # the method
-    method: str = "opd"  # opd | sft (the teacher samples; cross-entropy) | rl (task reward) | opd+rl
+    method: str = "opd"  # opd | sft (teacher samples; cross-entropy) | rl (task reward) | opd+rl | midtrain
     reward_coef: float = 1.0  # weight of the group-centred task reward (rl, opd+rl)
-    sft_data: str = ""  # method=sft: JSONL of prompt + completion instead of teacher samples
+    sft_data: str = ""  # method=sft: JSONL of prompt + completion instead of teacher samples; midtrain: the chat
+    docs: str = ""  # method=midtrain: JSONL of {"text": ...} documents (next-token cross-entropy on all tokens)
+    chat_fraction: float = 0.0  # method=midtrain: share of each step's sequences taken from sft_data
+    doc_tokens: int = 128  # method=midtrain: tokens per document chunk
     kl: str = "full"  # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary
     kl_coef: float = 1.0
     gamma: float = 0.0  # discount of the per-token advantage (0: no future terms, as in the reference)
@@ -64,7 +67,8 @@ class TrainConfig:
     dtype: str = "auto"
     out: str = ""  # run directory; default runs/<time>-<method>
 
-    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl"), "kl": ("sampled", "full"), "parallel": ("ddp", "fsdp")}
+    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("sampled", "full"),
+               "parallel": ("ddp", "fsdp")}
 
     def validate(self) -> None:
         for name, allowed in self.CHOICES.items():
@@ -81,8 +85,19 @@ class TrainConfig:
             raise OpdError(f"config field top_p={self.top_p} must be in (0, 1]")
         if self.temperature <= 0:
             raise OpdError(f"config field temperature={self.temperature} must be positive for training")
-        if self.sft_data and self.method != "sft":
-            raise OpdError(f"sft_data is only read by method=sft (method is {self.method!r})")
+        if self.sft_data and self.method not in ("sft", "midtrain"):
+            raise OpdError(f"sft_data is only read by method=sft or midtrain (method is {self.method!r})")
+        if self.method == "midtrain":
+            if not self.docs:
+                raise OpdError("method=midtrain needs docs=FILE.jsonl (one {\"text\": ...} document per line)")
+            if not 0 <= self.chat_fraction < 1:
+                raise OpdError(f"config field chat_fraction={self.chat_fraction} must be in [0, 1)")
+            if self.chat_fraction > 0 and not self.sft_data:
+                raise OpdError("chat_fraction > 0 needs the chat data: sft_data=FILE.jsonl (prompt + completion)")
+            if self.doc_tokens < 2:
+                raise OpdError(f"config field doc_tokens={self.doc_tokens} must be at least 2")
+        elif self.docs or self.chat_fraction:
+            raise OpdError(f"docs and chat_fraction are only read by method=midtrain (method is {self.method!r})")
         if self.dist_timeout <= 0:
             raise OpdError(f"config field dist_timeout={self.dist_timeout} must be positive (seconds)")
         if self.train_prompts < 0:

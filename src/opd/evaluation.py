@@ -49,9 +49,9 @@ def evaluate(
         greedy = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
         lengths.extend(greedy.completion_mask.sum(-1).tolist())
-        if chunk[0].answer is not None:
+        if chunk[0].verifiable:
             texts = completions_text(tokenizer, greedy.completion_ids())
-            correct += sum(task.reward(t, ex.answer) for t, ex in zip(texts, chunk, strict=True))
+            correct += sum(task.reward(t, ex) for t, ex in zip(texts, chunk, strict=True))
             scored += len(chunk)
         if teacher is not None:
             sampled = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0,

@@ -38,7 +38,8 @@ def resolve_model_path(name: str) -> str:
 
     path = EMBEDDED_DIR / name[len(EMBEDDED_PREFIX):]
     if not (path / "config.json").is_file():
-        raise OpdError(f"the embedded model {name} is missing at {path}; rebuild it with `opd zoo build`")
+        raise OpdError(f"the embedded model {name} is missing at {path}; rebuild it with `opd zoo build` "
+                       "(`opd zoo assistant` for the assistant)")
     return str(path)
 
 
@@ -74,6 +75,7 @@ class Session:
     student_shape: ModelShape | None = None
     teacher_shape: ModelShape | None = None  # None for a teacher behind a server
     sft_pairs: list = field(default_factory=list)  # method=sft with sft_data: (Example, completion)
+    doc_chunks: list = field(default_factory=list)  # method=midtrain: token-id chunks of the documents
     dist: distributed.Dist = field(default_factory=distributed.Dist)
     loss_module: torch.nn.Module | None = None  # forward = policy loss; DDP- or FSDP2-wrapped under torchrun
     full_model: torch.nn.Module | None = None  # the whole student to sample from, evaluate and save
@@ -92,6 +94,17 @@ class Session:
                                f"lower max_new_tokens, or set truncate_prompts=true to keep its end")
             ids = ids[-self.max_prompt_tokens:]
         return ids
+
+
+def document_chunks(path: str, tokenizer, length: int) -> list[list[int]]:
+    """Each document's tokens, EOS appended, cut into pieces of ``length`` (pieces under 2 tokens dropped)."""
+    from opd.tasks.jsonl import load_documents
+
+    chunks = []
+    for text in load_documents(path):
+        ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        chunks += [ids[i : i + length] for i in range(0, len(ids), length) if len(ids[i : i + length]) >= 2]
+    return chunks
 
 
 def check_prompts(session: Session) -> None:
@@ -113,25 +126,27 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
             raise OpdError("parallel=fsdp with LoRA: the adapters and their optimizer state are small, so there is "
                            "nothing worth sharding; use parallel=ddp")
     dtype = pick_dtype(config.dtype, device)
-    remote = config.teacher.startswith(("http://", "https://"))
+    midtrain = config.method == "midtrain"  # no teacher: next-token cross-entropy on documents
+    remote = not midtrain and config.teacher.startswith(("http://", "https://"))
     if remote and config.method == "sft":
         raise OpdError("method=sft has the teacher write the completions, which a scoring server cannot: "
                        "load the teacher in-process")
     if remote and config.kl == "full" and "opd" in config.method:
         raise OpdError("kl=full needs the teacher's whole distribution, which a server does not send: "
                        "use kl=sampled with a remote teacher, or load the teacher in-process")
-    student_path, teacher_path = resolve_model_path(config.student), resolve_model_path(config.teacher)
+    student_path = resolve_model_path(config.student)
+    teacher_path = None if midtrain else resolve_model_path(config.teacher)
     tokenizer = load_tokenizer(student_path)
-    if not remote:
+    if not remote and not midtrain:
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), student_path, teacher_path)
     task = make_task(config)
     eval_set = task.eval_examples(config.eval_examples)
     if not eval_set:
         raise OpdError(f"task {task.name} has no held-out prompts; pass eval_file=PATH.jsonl")
-    if "rl" in config.method and any(ex.answer is None for ex in task.train_examples(0, config.prompts_per_step,
+    if "rl" in config.method and any(not ex.verifiable for ex in task.train_examples(0, config.prompts_per_step,
                                                                                      config.seed)):
         raise OpdError(f"method={config.method} needs a reward: every training prompt of {task.name} needs an "
-                       "'answer' for the verifier")
+                       "'answer' or 'constraints' for the verifier")
 
     if resume is not None:
         run_dir = Path(resume)
@@ -160,7 +175,9 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
                        f"student's context of {context} tokens")
     if config.max_prompt_tokens:
         max_prompt = min(max_prompt, config.max_prompt_tokens)
-    if remote:
+    if midtrain:
+        teacher_model, teacher = None, None
+    elif remote:
         teacher_model = None
         teacher = RemoteTeacher(config.teacher, config.teacher_model or None,
                                 api_key=os.environ.get("OPD_TEACHER_API_KEY"))
@@ -187,6 +204,8 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
         session.sft_pairs = load_sft_pairs(config.sft_data)
         for example, _ in session.sft_pairs:
             session.prompt_ids(example.messages)
+    if midtrain:
+        session.doc_chunks = document_chunks(config.docs, tokenizer, config.doc_tokens)
     session.student_shape = ModelShape.of(full_model)
     session.teacher_shape = ModelShape.of(teacher_model) if teacher_model is not None else None
     check_prompts(session)

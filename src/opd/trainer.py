@@ -32,7 +32,7 @@ def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
     """The student's loss on one micro-batch, normalised by the step's completion-token count.
     ``teacher_hidden``: the teacher's hidden states at this micro-batch's completion positions."""
     config, student, vocab, mask = session.config, session.student, session.vocab_size, rollouts.completion_mask
-    if config.method == "sft":  # off-policy distillation: cross-entropy on the teacher's tokens
+    if config.method in ("sft", "midtrain"):  # cross-entropy on the given (or the teacher's) tokens
         return -masked_token_mean(token_logprobs(student, rollouts, vocab), mask, num_tokens)
     loss = torch.zeros(())
     if config.kl == "full" and "opd" in config.method:
@@ -82,9 +82,28 @@ def dataset_rollouts(session: Session, step: int) -> tuple[list[Example], Rollou
     return [example for example, _ in pairs], rollouts
 
 
+def midtrain_rollouts(session: Session, step: int) -> Rollouts:
+    """method=midtrain: this rank's share of the step's document chunks (each chunk's first token is its
+    prompt, the rest is trained on) and, with ``chat_fraction``, chat pairs from ``sft_data``."""
+    config, tokenizer = session.config, session.tokenizer
+    chats = round(config.prompts_per_step * config.chat_fraction)
+    rows = [([chunk[0]], chunk[1:]) for chunk in (session.doc_chunks[i] for i in epoch_order(
+        len(session.doc_chunks), step, config.prompts_per_step - chats, config.seed))]
+    for i in epoch_order(len(session.sft_pairs), step, chats, config.seed + 1) if chats else []:
+        example, text = session.sft_pairs[i]
+        completion = tokenizer.encode(text, add_special_tokens=False)[: config.max_new_tokens - 1]
+        rows.append((session.prompt_ids(example.messages), completion + [tokenizer.eos_token_id]))
+    mine = distributed.shard(rows, session.dist)
+    rollouts = pack_pairs([p for p, _ in mine], [c for _, c in mine], tokenizer.pad_token_id).to(session.device)
+    rollouts.rewards = torch.zeros(len(mine), device=session.device)
+    return rollouts
+
+
 def step_rollouts(session: Session, step: int) -> Rollouts:
     """This rank's share of the step: sampled by the student (the teacher for sft), with rewards."""
     config, tokenizer = session.config, session.tokenizer
+    if config.method == "midtrain":
+        return midtrain_rollouts(session, step)
     if session.sft_pairs:
         examples, rollouts = dataset_rollouts(session, step)
         samples_per_prompt = 1
@@ -99,8 +118,8 @@ def step_rollouts(session: Session, step: int) -> Rollouts:
                           generator=torch.Generator(session.device).manual_seed(seed))
         samples_per_prompt = config.samples_per_prompt
     texts = completions_text(tokenizer, rollouts.completion_ids())
-    answers = [ex.answer for ex in examples for _ in range(samples_per_prompt)]
-    rollouts.rewards = torch.tensor([session.task.reward(t, a) for t, a in zip(texts, answers, strict=True)],
+    repeated = [ex for ex in examples for _ in range(samples_per_prompt)]
+    rollouts.rewards = torch.tensor([session.task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True)],
                                     device=rollouts.tokens.device)
     return rollouts
 
@@ -180,7 +199,8 @@ def training_step(session: Session, step: int) -> dict:
         "grad_norm": grad_norm,
         "lr": session.scheduler.get_last_lr()[0],
         **step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
-                     merged["completion_lengths"], "sft_data" if session.sft_pairs else config.method),
+                     merged["completion_lengths"],
+                     "sft_data" if session.sft_pairs or session.doc_chunks else config.method),
         "sample_seconds": round(sampled - started, 4),
         "score_seconds": round(scored - sampled, 4),
         "train_seconds": round(trained - scored, 4),

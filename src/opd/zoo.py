@@ -26,6 +26,7 @@ from opd.rollouts import pack_pairs
 from opd.sampler import sample
 from opd.scoring import completion_hidden, head_logprobs
 from opd.tasks import ArithmeticTask, step_rng
+from opd.tasks.arithmetic import reward as arithmetic_reward
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 CHAT_TEMPLATE = (
@@ -168,7 +169,7 @@ def build_student(tokenizer: PreTrainedTokenizerFast, teacher: torch.nn.Module,
                           pad_id=tokenizer.pad_token_id, generator=generator)
         completions.extend(rollouts.completion_ids())
     texts = completions_text(tokenizer, completions)
-    data_accuracy = sum(task.reward(t, p.answer) for t, p in zip(texts, problems, strict=True)) / len(problems)
+    data_accuracy = sum(arithmetic_reward(t, p.answer) for t, p in zip(texts, problems, strict=True)) / len(problems)
 
     def batches(step: int):
         rng = step_rng(config.seed, step, salt=3)

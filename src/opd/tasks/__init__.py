@@ -13,6 +13,11 @@ from opd.tasks import arithmetic
 class Example:
     messages: list[dict]  # chat messages; the last one is the user's
     answer: str | None  # what the verifier expects; None when the task has no verifier
+    constraints: tuple = ()  # instruction-following constraints (see opd.ifeval), checked instead of an answer
+
+    @property
+    def verifiable(self) -> bool:
+        return self.answer is not None or bool(self.constraints)
 
 
 class Task(Protocol):
@@ -26,8 +31,8 @@ class Task(Protocol):
         """The first ``count`` prompts of the held-out split, always the same ones."""
         ...
 
-    def reward(self, completion: str, answer: str | None) -> float:
-        """1.0 for a correct completion, 0.0 otherwise."""
+    def reward(self, completion: str, example: Example) -> float:
+        """1.0 for a correct completion of ``example``, 0.0 otherwise."""
         ...
 
 
@@ -73,5 +78,5 @@ class ArithmeticTask:
     def example(problem: arithmetic.Problem) -> Example:
         return Example([{"role": "user", "content": problem.prompt}], problem.answer)
 
-    def reward(self, completion: str, answer: str | None) -> float:
-        return arithmetic.reward(completion, answer or "")
+    def reward(self, completion: str, example: Example) -> float:
+        return arithmetic.reward(completion, example.answer or "")

@@ -1,8 +1,11 @@
 """A user's prompts from a JSONL file: one object per line, ``{"prompt": ..., "answer": ...}`` or
-``{"messages": [{"role": ..., "content": ...}, ...], "answer": ...}``; ``answer`` is optional.
+``{"messages": [{"role": ..., "content": ...}, ...], "answer": ...}``; ``answer`` is optional, and
+``constraints`` (a list, see ``opd.ifeval``) may stand in its place for instruction-following prompts.
 
-With answers, accuracy is exact match of the completion's final answer (the text after the last
-``Answer:``, else its last line), compared case-, space- and trailing-punctuation-insensitively.
+With an answer, a completion is correct when its final answer (the text after its last ``Answer:``,
+else the whole completion) equals the answer or holds it as a run of whole words, both normalised as
+SQuAD does (lower case, punctuation and the articles a/an/the dropped, spaces collapsed; signs and
+decimal points of numbers kept). With constraints, when every constraint holds.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import random
 import re
 from pathlib import Path
 
+from opd.ifeval import follows, parse_constraints
 from opd.models import OpdError
 from opd.tasks import Example
 
@@ -44,7 +48,8 @@ def parse_line(path: Path, lineno: int, line: str) -> Example:
     answer = obj.get("answer")
     if answer is not None and not isinstance(answer, str | int | float):
         raise OpdError(f"{where}: field 'answer' must be a string or a number")
-    return Example(messages, None if answer is None else str(answer))
+    constraints = parse_constraints(obj["constraints"], where) if "constraints" in obj else ()
+    return Example(messages, None if answer is None else str(answer), constraints)
 
 
 def read_jsonl(path: str | Path, what: str, parse) -> list:
@@ -64,14 +69,22 @@ def load_examples(path: str | Path) -> list[Example]:
 
 
 def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .!?,;:\"'")
+    """Lower case; punctuation and the articles a/an/the dropped; a number's sign and decimal point kept."""
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text.lower())  # a '.' survives only between digits
+    text = re.sub(r"-(?!\d)", " ", text)  # a '-' survives only as a sign
+    text = re.sub(r"[^\w\s.-]|_", " ", text)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
 
 
 def final_answer(completion: str) -> str:
-    if "Answer:" in completion:
-        return completion.rsplit("Answer:", 1)[1]
-    lines = [line for line in completion.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    return completion.rsplit("Answer:", 1)[1] if "Answer:" in completion else completion
+
+
+def answer_matches(completion: str, answer: str) -> bool:
+    """The final answer equals ``answer``, or holds it as a run of whole words, after ``normalise``."""
+    said, gold = normalise(final_answer(completion)), normalise(answer)
+    return bool(gold) and (said == gold or f" {gold} " in f" {said} ")
 
 
 class JsonlTask:
@@ -88,10 +101,12 @@ class JsonlTask:
     def eval_examples(self, count: int) -> list[Example]:
         return self.held_out[:count]
 
-    def reward(self, completion: str, answer: str | None) -> float:
-        if answer is None:
+    def reward(self, completion: str, example: Example) -> float:
+        if example.constraints:
+            return 1.0 if follows(completion, list(example.constraints)) else 0.0
+        if example.answer is None:
             return 0.0
-        return 1.0 if normalise(final_answer(completion)) == normalise(answer) else 0.0
+        return 1.0 if answer_matches(completion, example.answer) else 0.0
 
 
 def load_sft_pairs(path: str | Path) -> list[tuple[Example, str]]:
@@ -105,6 +120,21 @@ def load_sft_pairs(path: str | Path) -> list[tuple[Example, str]]:
         return example, completion
 
     return read_jsonl(path, "SFT data file", parse)
+
+
+def load_documents(path: str | Path) -> list[str]:
+    """A documents file: each line ``{"text": "..."}``."""
+
+    def parse(path: Path, lineno: int, line: str) -> str:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise OpdError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+            raise OpdError(f"{path}:{lineno}: field 'text' must be a non-empty string")
+        return obj["text"]
+
+    return read_jsonl(path, "documents file", parse)
 
 
 def epoch_order(count: int, step: int, batch: int, seed: int) -> list[int]:
