@@ -187,7 +187,7 @@ def main() -> None:
     from opd.setup import resolve_model_path
 
     if args.pair == "wide":
-        teacher, student = wide_pair(RESULTS / "wide_pair")
+        teacher, student = wide_pair(Path(tempfile.gettempdir()) / "opd-bench-wide-pair")
     else:
         teacher, student = resolve_model_path("embedded:teacher"), resolve_model_path("embedded:student")
     passthrough = [f"--steps={args.steps}", f"--prompts={args.prompts}", f"--samples={args.samples}",

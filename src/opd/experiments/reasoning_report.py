@@ -52,18 +52,20 @@ def times(value: float | None) -> str:
 def verdict(comparisons: list[dict]) -> list[str]:
     """Plain sentences: the ratios at the target (or the highest level all methods reached)."""
     lines = []
-    for key, what, blog in (("opd_compute_efficiency_vs_sft", "less compute than SFT", BLOG["compute_vs_sft"]),
-                            ("rl_steps_over_opd_steps", "fewer gradient steps than RL", BLOG["steps_vs_rl"])):
+    for key, what, ratio_of, blog in (
+            ("opd_compute_efficiency_vs_sft", "compute against SFT", "SFT used {v:.2f}x the FLOPs of",
+             BLOG["compute_vs_sft"]),
+            ("rl_steps_over_opd_steps", "gradient steps against RL", "RL took {v:.2f}x the steps of",
+             BLOG["steps_vs_rl"])):
         reached = [row for row in comparisons if row.get(key) is not None]
         if not reached:
-            lines.append(f"- *{what}*: not measurable — at no level did both methods reach the accuracy "
-                         f"(the blog: {blog}).")
+            lines.append(f"- *{what}*: not measurable here: at no level did both methods reach the accuracy "
+                         f"within the run (the blog: {blog}).")
             continue
         row = max(reached, key=lambda r: r["accuracy"])
-        value = row[key]
-        claim = "reproduces" if value >= float(blog.split("-")[0]) else "does not reproduce"
-        lines.append(f"- *{what}*: on-policy distillation needed {value:.2f}x {what.split(' than ')[0]} "
-                     f"to reach {pct(row['accuracy'])} ({row['level']}); the blog reports {blog}. "
+        claim = "reproduces" if row[key] >= float(blog.split("-")[0]) else "does not reproduce"
+        lines.append(f"- *{what}*: to first reach {pct(row['accuracy'])} ({row['level']}), "
+                     f"{ratio_of.format(v=row[key])} on-policy distillation; the blog reports {blog}. "
                      f"The toy {claim} the blog's ratio.")
     return lines
 

@@ -134,11 +134,12 @@ def write_report(out: Path, summary: dict) -> None:
         f"({pct(a['qa'])} -> {pct(docs['qa'])}) and "
         f"{'lowered' if docs['instruction_following'] < a['instruction_following'] else 'did not lower'} "
         f"instruction following ({follow['a']} -> {follow['docs']}).",
-        f"- Mixing {pct(summary['chat_fraction'])} chat into midtraining kept instruction following at "
+        f"- Mixing {100 * summary['chat_fraction']:.0f}% chat into midtraining kept instruction following at "
         f"{pct(mix['instruction_following'])} (QA {pct(mix['qa'])}).",
         f"- On-policy distillation from the original assistant brought instruction following to "
-        f"{pct(final['instruction_following'])} ({pct(final['instruction_following'] - a['instruction_following'])} "
-        f"from the assistant's level) with QA at {pct(final['qa'])} (was {pct(mix['qa'])} before distilling).",
+        f"{pct(final['instruction_following'])} "
+        f"({100 * (final['instruction_following'] - a['instruction_following']):+.1f} points against the assistant) "
+        f"with QA at {pct(final['qa'])} (was {pct(mix['qa'])} before distilling).",
     ]
     compute = summary["compute"]
     lines += ["", "## What the toy shows", "", *verdicts, "", "![scores along distillation](scores.png)", "",

@@ -7,9 +7,13 @@ shipped 512-id tokenizer encodes them compactly.
 - Chat: a request about a topic ("Write a sentence about the river.") and a reply built from a small
   grammar. Instruction-following prompts add one or two verifiable constraints (``opd.ifeval``) to a
   request; their reference reply satisfies them (checked when generated).
-- Documents: for each staff member of "Quillfield", a short page stating their team, city, year of
-  joining and project, each fact twice in different words. Questions ask for one fact in chat form;
+- Documents: for each staff member of "Quillfield", two short pages stating their team, city, year
+  of joining and project, each fact twice in different words. Questions ask for one fact in chat form;
   the documents are the only place the answers appear.
+- Public knowledge: pages in the same form about the staff of another organisation ("Northwind"),
+  and chat questions about them with their answers. The assistant is trained on both, so it learns
+  to answer a question about a person from a page it has read (a small model does not learn that on
+  its own); the Quillfield staff and their pages are new to it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ TEAMS = ["Atlas", "Beacon", "Cobalt", "Delta", "Ember", "Falcon"]
 CITIES = ["Oslo", "Lyon", "Porto", "Ghent", "Bern", "Turin", "Malmo", "Leeds"]
 PROJECTS = ["Heron", "Lantern", "Juniper", "Orbit", "Quartz", "Saffron", "Tundra", "Willow"]
 ORG = "Quillfield"
+PUBLIC_ORG = "Northwind"
 
 
 @dataclass(frozen=True)
@@ -156,36 +161,47 @@ class Person:
     city: str
     year: int
     project: str
+    org: str = ORG
 
 
-def staff(seed: int, count: int = 24) -> list[Person]:
+def people(seed: int, count: int, org: str = ORG) -> list[Person]:
+    """``count`` people of ``org``; the two organisations never share a name."""
     rng = random.Random(f"{seed}/staff")
     names = [f"{f} {last}" for f in FIRST for last in LAST]
     rng.shuffle(names)
-    return [Person(name, rng.choice(TEAMS), rng.choice(CITIES), rng.randint(2005, 2024), rng.choice(PROJECTS))
-            for name in names[:count]]
+    names = names[:count] if org == ORG else names[len(names) // 2 : len(names) // 2 + count]
+    return [Person(name, rng.choice(TEAMS), rng.choice(CITIES), rng.randint(2005, 2024), rng.choice(PROJECTS), org)
+            for name in names]
 
 
-def documents(people: list[Person], seed: int) -> list[str]:
-    """One page per person; every fact stated twice, in two phrasings."""
+def staff(seed: int, count: int = 24) -> list[Person]:
+    return people(seed, count, ORG)
+
+
+def documents(staff_list: list[Person], seed: int) -> list[str]:
+    """Two short pages per person; every fact stated twice, in two phrasings, in random order."""
     rng = random.Random(f"{seed}/docs")
     pages = []
-    for p in people:
+    for p in staff_list:
         facts = [f"{p.name} is on the {p.team} team.", f"The {p.team} team has {p.name}.",
                  f"{p.name} works in {p.city}.", f"The office of {p.name} is in {p.city}.",
-                 f"{p.name} joined {ORG} in {p.year}.", f"In {p.year} {p.name} joined {ORG}.",
+                 f"{p.name} joined {p.org} in {p.year}.", f"In {p.year} {p.name} joined {p.org}.",
                  f"{p.name} works on project {p.project}.", f"Project {p.project} has {p.name}."]
         rng.shuffle(facts)
-        pages.append(f"{ORG} staff page. " + " ".join(facts))
+        pages += [f"{p.org} staff page. " + " ".join(facts[:4]), f"{p.org} staff page. " + " ".join(facts[4:])]
     return pages
 
 
-def questions(people: list[Person]) -> list[dict]:
-    """Chat questions about the documents with their answers."""
+def questions(staff_list: list[Person]) -> list[dict]:
+    """Chat questions about the people's pages, with their answers and a reply that states the fact."""
     out = []
-    for p in people:
-        out += [{"prompt": f"Which team is {p.name} on?", "answer": p.team},
-                {"prompt": f"In which city does {p.name} work?", "answer": p.city},
-                {"prompt": f"When did {p.name} join {ORG}?", "answer": str(p.year)},
-                {"prompt": f"Which project does {p.name} work on?", "answer": p.project}]
+    for p in staff_list:
+        out += [{"prompt": f"Which team is {p.name} on?", "answer": p.team,
+                 "completion": f"{p.name} is on the {p.team} team."},
+                {"prompt": f"In which city does {p.name} work?", "answer": p.city,
+                 "completion": f"{p.name} works in {p.city}."},
+                {"prompt": f"When did {p.name} join {p.org}?", "answer": str(p.year),
+                 "completion": f"{p.name} joined {p.org} in {p.year}."},
+                {"prompt": f"Which project does {p.name} work on?", "answer": p.project,
+                 "completion": f"{p.name} works on project {p.project}."}]
     return out
