@@ -48,3 +48,15 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "opd", "train", "--resume", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "not an opd run directory" in result.stderr
+
+
+def test_overrides_may_follow_options_after_a_positional(capsys):
+    from opd.cli import parse
+
+    args = parse(["midtrain", "m", "--docs", "d.jsonl", "steps=3", "--chat-fraction", "0.3", "lr=1e-3"])
+    assert args.model == "m" and args.overrides == ["steps=3", "lr=1e-3"] and args.chat_fraction == 0.3
+    with pytest.raises(SystemExit):
+        parse(["midtrain", "m", "--docs", "d.jsonl", "stray"])
+    with pytest.raises(SystemExit):
+        parse(["eval", "m", "steps=3"])  # eval takes no overrides
+    assert "unrecognized arguments" in capsys.readouterr().err

@@ -382,8 +382,21 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may also come after options that follow a
+    positional argument (``opd midtrain MODEL --docs F steps=100``), which argparse leaves unparsed."""
+    root = parser()
+    args, extra = root.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if extra and (stray or not hasattr(args, "overrides")):
+        root.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # opd shows its own progress; per-file loading bars are noise
