@@ -194,16 +194,25 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def with_overrides(config, items: list[str], what: str):
+    """A build dataclass with ``key=value`` items applied (each value cast to the field's type)."""
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not hasattr(config, name):
+            raise OpdError(f"{what} override {item!r}: expected key=value with key one of "
+                           f"{', '.join(config.__dataclass_fields__)}")
+        try:
+            setattr(config, name, type(getattr(config, name))(value))
+        except ValueError:
+            raise OpdError(f"{what} override {item!r}: {value!r} is not a valid "
+                           f"{type(getattr(config, name)).__name__}") from None
+    return config
+
+
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     from opd.zoo import EMBEDDED_DIR, ZooConfig, build
 
-    config = ZooConfig()
-    for item in args.overrides:
-        name, sep, value = item.partition("=")
-        if not sep or not hasattr(config, name):
-            raise OpdError(f"zoo override {item!r}: expected key=value with key one of "
-                           f"{', '.join(config.__dataclass_fields__)}")
-        setattr(config, name, type(getattr(config, name))(value))
+    config = with_overrides(ZooConfig(), args.overrides, "zoo")
     card = build(Path(args.out) if args.out else EMBEDDED_DIR, config, reuse_teacher=args.reuse_teacher)
     print(json.dumps(card, indent=2))
     return 0
@@ -213,13 +222,7 @@ def cmd_zoo_assistant(args: argparse.Namespace) -> int:
     from opd.personalization.assistant import AssistantConfig, build_assistant
     from opd.zoo import EMBEDDED_DIR
 
-    config = AssistantConfig()
-    for item in args.overrides:
-        name, sep, value = item.partition("=")
-        if not sep or not hasattr(config, name):
-            raise OpdError(f"assistant override {item!r}: expected key=value with key one of "
-                           f"{', '.join(config.__dataclass_fields__)}")
-        setattr(config, name, type(getattr(config, name))(value))
+    config = with_overrides(AssistantConfig(), args.overrides, "assistant")
     out = Path(args.out) if args.out else EMBEDDED_DIR
     if not (out / "teacher" / "tokenizer.json").is_file():
         raise OpdError(f"{out} holds no zoo tokenizer (teacher/): run `opd zoo build --out {out}` first")

@@ -28,15 +28,23 @@ def plot_curves(records: list[dict], summary: dict, path: Path) -> None:
                label="held-out samples")
     kl_ax.set(xlabel="step", ylabel="nats / token", title="Reverse KL to the teacher")
     kl_ax.legend(loc="upper right")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
 def fmt(value: float | None, percent: bool = False) -> str:
     if value is None:
         return "n/a"
-    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+    return pct(value) if percent else f"{value:.3f}"
 
 
 def flops(value: float | None) -> str:

@@ -71,10 +71,14 @@ def rewrite_metrics(run_dir: Path, records: list[dict]) -> None:
     os.replace(tmp, run_dir / "metrics.jsonl")
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict) -> Path:
     """Model (or LoRA adapter) in HF format plus optimizer/scheduler state; older ones are removed."""
     root = run_dir / "checkpoints"
-    path = root / f"step_{step:06d}"
+    path = checkpoint_path(run_dir, step)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)  # a PeftModel writes its adapter, a plain model its weights

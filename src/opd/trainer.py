@@ -70,33 +70,39 @@ def train_examples(session: Session, step: int) -> list[Example]:
     return [pool[i] for i in epoch_order(len(pool), step, config.prompts_per_step, config.seed)]
 
 
+def pair_ids(session: Session, index: int) -> tuple[list[int], list[int]]:
+    """``sft_data`` pair ``index`` as token ids: the chat-rendered prompt, and the completion cut to
+    ``max_new_tokens - 1`` tokens with EOS appended."""
+    example, text = session.sft_pairs[index]
+    tokenizer = session.tokenizer
+    completion = tokenizer.encode(text, add_special_tokens=False)[: session.config.max_new_tokens - 1]
+    return session.prompt_ids(example.messages), completion + [tokenizer.eos_token_id]
+
+
 def dataset_rollouts(session: Session, step: int) -> tuple[list[Example], Rollouts]:
-    """method=sft with sft_data: this rank's (prompt, completion) pairs of the step, EOS appended."""
-    config, tokenizer = session.config, session.tokenizer
+    """method=sft with sft_data: this rank's (prompt, completion) pairs of the step."""
+    config = session.config
     order = epoch_order(len(session.sft_pairs), step, config.prompts_per_step, config.seed)
-    pairs = [session.sft_pairs[i] for i in distributed.shard(order, session.dist)]
-    prompts = [session.prompt_ids(example.messages) for example, _ in pairs]
-    completions = [tokenizer.encode(text, add_special_tokens=False)[: config.max_new_tokens - 1]
-                   + [tokenizer.eos_token_id] for _, text in pairs]
-    rollouts = pack_pairs(prompts, completions, tokenizer.pad_token_id).to(session.device)
-    return [example for example, _ in pairs], rollouts
+    mine = distributed.shard(order, session.dist)
+    pairs = [pair_ids(session, i) for i in mine]
+    rollouts = pack_pairs([p for p, _ in pairs], [c for _, c in pairs], session.tokenizer.pad_token_id)
+    return [session.sft_pairs[i][0] for i in mine], rollouts.to(session.device)
 
 
 def midtrain_rollouts(session: Session, step: int) -> Rollouts:
     """method=midtrain: this rank's share of the step's document chunks (each chunk's first token is its
     prompt, the rest is trained on) and, with ``chat_fraction``, chat pairs from ``sft_data``."""
-    config, tokenizer = session.config, session.tokenizer
+    config = session.config
     chats = round(config.prompts_per_step * config.chat_fraction)
-    rows = [([chunk[0]], chunk[1:]) for chunk in (session.doc_chunks[i] for i in epoch_order(
-        len(session.doc_chunks), step, config.prompts_per_step - chats, config.seed))]
-    for i in epoch_order(len(session.sft_pairs), step, chats, config.seed + 1) if chats else []:
-        example, text = session.sft_pairs[i]
-        completion = tokenizer.encode(text, add_special_tokens=False)[: config.max_new_tokens - 1]
-        rows.append((session.prompt_ids(example.messages), completion + [tokenizer.eos_token_id]))
-    mine = distributed.shard(rows, session.dist)
-    rollouts = pack_pairs([p for p, _ in mine], [c for _, c in mine], tokenizer.pad_token_id).to(session.device)
-    rollouts.rewards = torch.zeros(len(mine), device=session.device)
-    return rollouts
+    docs = epoch_order(len(session.doc_chunks), step, config.prompts_per_step - chats, config.seed)
+    pairs = epoch_order(len(session.sft_pairs), step, chats, config.seed + 1) if chats else []
+    rows = []
+    for kind, i in distributed.shard([("doc", i) for i in docs] + [("chat", i) for i in pairs], session.dist):
+        chunk = session.doc_chunks[i] if kind == "doc" else None
+        rows.append(([chunk[0]], chunk[1:]) if chunk else pair_ids(session, i))
+    rollouts = pack_pairs([p for p, _ in rows], [c for _, c in rows], session.tokenizer.pad_token_id)
+    rollouts.rewards = torch.zeros(len(rows))
+    return rollouts.to(session.device)
 
 
 def step_rollouts(session: Session, step: int) -> Rollouts:
@@ -243,14 +249,14 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         for key in totals:  # cumulative compute; a remote teacher's architecture is unknown (null)
             totals[key] = None if record[key] is None or totals[key] is None else totals[key] + record[key]
             record[f"{key}_total"] = totals[key]
-        if record["step"] % config.save_every == 0 or done:
-            trainer_state = session.trainer_state()  # a collective under FSDP2: every rank gathers
-            session.last_checkpoint = run_dir / "checkpoints" / f"step_{record['step']:06d}"
-            if main:
-                runs.append_metrics(run_dir, record)
-                runs.save_checkpoint(run_dir, record["step"], session.full_model, session.tokenizer, trainer_state)
-        elif main:
+        save = record["step"] % config.save_every == 0 or done
+        trainer_state = session.trainer_state() if save else None  # a collective under FSDP2: all ranks call it
+        if main:
             runs.append_metrics(run_dir, record)
+        if save:
+            session.last_checkpoint = runs.checkpoint_path(run_dir, record["step"])
+            if main:
+                runs.save_checkpoint(run_dir, record["step"], session.full_model, session.tokenizer, trainer_state)
         records.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", kl=_last(records, "teacher_kl"),
                         reward=f"{record['train_reward']:.2f}", acc=_last(records, "accuracy"))

@@ -83,12 +83,12 @@ def comparisons(curves: dict[str, list[dict]], start: float, teacher: float, tar
     return out
 
 
-def validation_set(task, reported: list) -> tuple[list, str]:
+def validation_set(task, reported: list, count: int) -> tuple[list, str]:
     """Prompts to choose learning rates on, and a sentence saying what they are."""
-    pick = getattr(task, "validation_examples", None)
-    if pick is not None:
-        return pick, "a validation split: held-out prompts disjoint from the reported ones"
-    return None, ("the reported held-out split itself (this task has no separate validation split; "
+    if hasattr(task, "validation_examples"):
+        return (task.validation_examples(count, reported),
+                "a validation split: held-out prompts disjoint from the reported ones")
+    return reported, ("the reported held-out split itself (this task has no separate validation split; "
                   "the chosen rates are optimistic by the selection)")
 
 
@@ -114,8 +114,7 @@ def run_reasoning(plan: ReasoningPlan, progress: bool = True) -> dict:
             if validation is None:
                 task = make_task(config)
                 reported = task.eval_examples(config.eval_examples)
-                pick, selection_note = validation_set(task, reported)
-                validation = pick(plan.validation_examples, reported) if pick else reported
+                validation, selection_note = validation_set(task, reported, plan.validation_examples)
             sweep.append({"method": method, "lr": lr, "run": str(out.relative_to(plan.out)),
                           "final_accuracy": evals(records)[-1]["accuracy"],
                           "validation_accuracy": final_accuracy(out, config, validation, "validation"),

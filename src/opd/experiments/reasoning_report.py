@@ -6,7 +6,7 @@ from pathlib import Path
 
 from opd.experiments import evals, total_flops
 from opd.experiments.reasoning import BLOG, METHODS
-from opd.report import plt
+from opd.report import pct, plt, save_figure
 
 COLOURS = {"sft": "tab:blue", "rl": "tab:orange", "opd": "tab:green"}
 NAMES = {"sft": "SFT (off-policy distillation)", "rl": "RL (task reward)", "opd": "on-policy distillation"}
@@ -32,13 +32,8 @@ def plot_accuracy(summary: dict, sweep: list[dict], best: dict, path: Path, x: s
            ylabel="held-out accuracy (greedy)", ylim=(0, 1.02),
            title=f"Accuracy against {'steps' if x == 'steps' else 'compute'}")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
-
-def pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def sci(value: float | None) -> str:

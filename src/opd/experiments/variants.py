@@ -13,7 +13,7 @@ from pathlib import Path
 
 from opd import runs
 from opd.experiments import evals, run_config, run_once
-from opd.report import plt
+from opd.report import pct, plt, save_figure
 
 
 @dataclass
@@ -49,13 +49,8 @@ def plot_arms(arms: list[Arm], curves: dict[str, list[dict]], teacher: float | N
         ax.axhline(teacher, color="grey", linestyle="--", label="teacher")
     ax.set(xlabel="gradient steps", ylabel="held-out accuracy (greedy)", ylim=(0, 1.02), title=title)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
-
-def pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def finish(out: Path, arms: list[Arm], curves: dict, summary: dict, title: str, intro: list[str],

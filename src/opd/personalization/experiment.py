@@ -19,7 +19,7 @@ from opd import runs
 from opd.experiments import run_config, run_once
 from opd.models import load_model, load_tokenizer, pick_device, pick_dtype
 from opd.personalization.assistant import DATA_DIR, scores
-from opd.report import plt
+from opd.report import pct, plt, save_figure
 
 ROWS = {"assistant": "assistant", "midtrain_docs": "+ midtrain on docs only",
         "midtrain_mix": "+ midtrain on docs/chat mix", "midtrain_mix_distilled": "+ that, then on-policy distillation "
@@ -112,13 +112,8 @@ def plot(summary: dict, path: Path) -> None:
     ax.set(xlabel="on-policy distillation steps (from the docs/chat midtrained model)", ylabel="score",
            ylim=(0, 1.02), title="Restoring behaviour by distilling from the earlier assistant")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
-
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def write_report(out: Path, summary: dict) -> None:
