@@ -1,7 +1,7 @@
 import torch
 
 from opd.models import chat_prompt_ids
-from opd.sampler import sample, sampling_logprobs
+from opd.sampler import draw, sample, sampling_logprobs
 from opd.scoring import token_logprobs
 
 
@@ -51,3 +51,15 @@ def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
     assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]], dtype=torch.float64))
     hotter = sampling_logprobs(probs.log(), temperature=2.0, top_p=1.0).exp()
     assert torch.allclose(hotter, probs.sqrt() / probs.sqrt().sum())
+
+
+def test_draw_matches_the_distribution_and_never_picks_a_zero():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    draws = draw(probs.repeat(20_000, 1), torch.Generator().manual_seed(0)).view(20_000, 2)
+    counts = torch.stack([torch.bincount(draws[:, r], minlength=6) for r in range(2)]).double()
+    assert (counts[probs == 0] == 0).all()
+    # 20,000 draws per row: each frequency's standard error is at most 0.0036
+    assert (counts / 20_000 - probs.double()).abs().max() < 0.015
+    # only the ratios matter: a scaled row draws the same tokens from the same uniforms
+    assert torch.equal(draw(probs * 4, torch.Generator().manual_seed(3)),
+                       draw(probs, torch.Generator().manual_seed(3)))

@@ -65,3 +65,34 @@ def test_full_reverse_kl_matches_direct_computation(tokenizer, monkeypatch):
         expected = exact_reverse_kl(student_lp.double(), teacher_lp.double())
     assert torch.allclose(kl[:, 1:][positions].double(), expected, atol=1e-5)
     assert (kl[rollouts.completion_mask == 0] == 0).all()
+
+
+def test_shared_prompts_give_the_padded_forward_values_and_gradients(tokenizer):
+    """Samples of one prompt run it once (Rollouts.prompt_groups); a batch whose rows are told apart
+    by prompt_index runs the plain padded forward. Both must agree, values and gradients."""
+    model = make_model(tokenizer, layers=2, width=16, seed=7)
+    prompts, completions = batch(tokenizer)
+    grouped = pack_pairs([prompts[0]] * 3 + [prompts[1]] * 2 + [prompts[2]],
+                         [completions[0], completions[1], completions[2], completions[2], completions[0],
+                          completions[1]], tokenizer.pad_token_id)
+    grouped.prompt_index = torch.tensor([0, 0, 0, 1, 1, 2])
+    alone = grouped.select(slice(None))
+    alone.prompt_index = torch.arange(6)
+    first, group, width = grouped.prompt_groups()
+    assert first.tolist() == [0, 3, 5] and group.tolist() == [0, 0, 0, 1, 1, 2]
+    assert alone.prompt_groups() is None
+
+    def run(rollouts):
+        model.zero_grad()
+        logprobs = token_logprobs(model, rollouts, len(tokenizer))
+        (logprobs * torch.linspace(1, 2, logprobs.shape[1])).sum().backward()
+        return logprobs.detach(), [p.grad.clone() for p in model.parameters()]
+
+    shared, shared_grads = run(grouped)
+    padded, padded_grads = run(alone)
+    assert (shared - padded).abs().max() < 1e-5
+    for a, b in zip(shared_grads, padded_grads, strict=True):
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+    # rows claiming one prompt_index but holding different prompts are not shared
+    grouped.tokens[1, width - 1] = (grouped.tokens[1, width - 1] + 1) % len(tokenizer)
+    assert grouped.prompt_groups() is None

@@ -2,16 +2,25 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
-from opd.models import OpdError
+from opd.models import OpdError, save_model
 from opd.trainer import train
+from opd.zoo import make_model
 
 
-def test_short_run_lowers_teacher_kl_and_writes_the_run_directory(model_dirs, tmp_path):
+def test_short_run_lowers_teacher_kl_and_writes_the_run_directory(model_dirs, tokenizer, tmp_path):
+    # two random tiny models are both near uniform (KL ~0.01, all noise): a peaked teacher leaves
+    # the student something to learn (KL ~1.3 nats at the start)
+    teacher = make_model(tokenizer, layers=1, width=32, seed=1)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(10)
+    save_model(teacher, tokenizer, tmp_path / "peaked-teacher")
     out = tmp_path / "run"
-    config = load_config(None, tiny_train_overrides(model_dirs, out, steps=12, eval_every=12,
+    dirs = {**model_dirs, "teacher": tmp_path / "peaked-teacher"}
+    config = load_config(None, tiny_train_overrides(dirs, out, steps=12, eval_every=12, kl="full",
                                                     prompts_per_step=8, samples_per_prompt=4, lr=3e-2))
     summary = train(config, progress=False)
     records = read_jsonl(out / "metrics.jsonl")

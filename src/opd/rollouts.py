@@ -34,6 +34,27 @@ class Rollouts:
     def num_completion_tokens(self) -> int:
         return int(self.completion_mask.sum().item())
 
+    def prompt_groups(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Rows that answer the same prompt, for computing that prompt once: ``(first, group, width)``
+        with ``first`` (G,) the first row of each run of consecutive rows with one ``prompt_index``,
+        ``group`` (B,) each row's run and ``width`` the column where completions start. None when no
+        two rows share a prompt, or when a run's rows differ anywhere before ``width``."""
+        columns = (self.completion_mask > 0).any(0).nonzero()
+        if len(columns) == 0 or int(columns[0]) == 0:
+            return None
+        width = int(columns[0])
+        starts = torch.ones_like(self.prompt_index, dtype=torch.bool)
+        starts[1:] = self.prompt_index[1:] != self.prompt_index[:-1]
+        first = starts.nonzero()[:, 0]
+        if len(first) == len(starts):
+            return None
+        group = starts.cumsum(0) - 1
+        for tensor in (self.tokens, self.attention_mask):
+            prompt = tensor[:, :width]
+            if not torch.equal(prompt, prompt[first][group]):
+                return None
+        return first, group, width
+
     def completion_ids(self) -> list[list[int]]:
         """Each row's completion tokens (EOS included when it was sampled)."""
         out = []

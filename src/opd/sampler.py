@@ -14,8 +14,79 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from opd.rollouts import Rollouts
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention KV-cache layer that writes each step into one buffer sized for the whole
+    generation, where ``DynamicLayer`` concatenates: the same keys and values (views of the buffer's
+    filled prefix), without copying the whole cache once per layer per token (O(T^2) traffic)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, key_dim = key_states.shape
+        self.key_buffer = key_states.new_empty((batch, heads, self.capacity, key_dim))
+        self.value_buffer = value_states.new_empty((batch, value_states.shape[1], self.capacity,
+                                                    value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions is full")
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row b becomes old row ``beam_idx[b]`` (rows may repeat: one prompt's cache for its samples)."""
+        if not self.is_initialized:
+            return
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty((len(beam_idx), *old.shape[1:]))
+            new[:, :, : self.length] = old[beam_idx.to(old.device), :, : self.length]
+            setattr(self, name, new)
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def generation_cache(model: torch.nn.Module, capacity: int) -> DynamicCache:
+    """The model's own cache layout (sliding-window layers stay as they are) with every plain
+    full-attention layer preallocated for ``capacity`` positions."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    return cache
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` (B, V), drawn with probability ``probs[b, i] / probs[b].sum()``.
+
+    Inverse-CDF sampling (e.g. Devroye, *Non-Uniform Random Variate Generation*, 1986, sec. 2.2):
+    with ``c`` the running sum of the row and ``u ~ U[0, 1)``, return the first ``i`` with
+    ``c_i > u * c_V``. One uniform per row instead of ``torch.multinomial``'s V exponentials. The sum
+    runs in float64; ``u * c_V`` is held strictly below ``c_V``, so a zero-probability entry (whose
+    ``c_i`` equals ``c_{i-1}``) is never returned.
+    """
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device)
+    point = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True)[:, 0]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,33 +134,35 @@ def sample(
     first EOS, which is part of the completion (and so is trained on); later columns are padding.
     """
     device = next(model.parameters()).device
-    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    prompt_tokens, prompt_mask = left_pad(repeated, pad_id)
-    batch, prompt_width = prompt_tokens.shape
+    prompt_tokens, prompt_mask = left_pad(prompts, pad_id)
     prompt_tokens, prompt_mask = prompt_tokens.to(device), prompt_mask.to(device)
-
-    cache = DynamicCache()
-    attention = prompt_mask
+    prompt_width = prompt_tokens.shape[1]
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    step_input = prompt_tokens
+    cache = generation_cache(model, prompt_width + max_new_tokens)
+    # each prompt is read once, then its cache is repeated for its samples
+    logits = model(input_ids=prompt_tokens, attention_mask=prompt_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True,
+                   logits_to_keep=1,  # never a (B, P, V) logits tensor for the prompt
+                   ).logits[:, -1, :]
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt)
+    cache.reorder_cache(rows)
+    prompt_tokens, prompt_mask, positions = prompt_tokens[rows], prompt_mask[rows], positions[rows]
+    logits = logits[rows]
+    batch = len(rows)
+
+    attention = prompt_mask
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens, new_logprobs, new_mask = [], [], []
-    for _ in range(max_new_tokens):
-        out = model(
-            input_ids=step_input,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,  # never a (B, P, V) logits tensor for the prompt
-        )
-        logits = out.logits[:, -1, :]
+    for step in range(max_new_tokens):
+        if step > 0:
+            logits = model(input_ids=new_tokens[-1][:, None], attention_mask=attention,
+                           position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1, :]
         if temperature == 0:
             token = logits.argmax(-1)
             token_lp = torch.log_softmax(logits.float(), -1).gather(-1, token[:, None])[:, 0]
         else:
             logprobs = sampling_logprobs(logits, temperature, top_p)
-            token = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
+            token = draw(logprobs.exp(), generator)
             token_lp = logprobs.gather(-1, token[:, None])[:, 0]
         alive = ~finished
         new_tokens.append(torch.where(alive, token, torch.full_like(token, pad_id)))
@@ -98,7 +171,6 @@ def sample(
         finished = finished | (token == eos_id)
         if bool(finished.all()):
             break
-        step_input = new_tokens[-1][:, None]
         attention = torch.cat([attention, alive.long()[:, None]], dim=1)
         positions = positions[:, -1:] + 1
 
@@ -110,6 +182,6 @@ def sample(
         tokens=torch.cat([prompt_tokens, completion], dim=1),
         attention_mask=torch.cat([prompt_mask, completion_mask.long()], dim=1),
         completion_mask=torch.cat([zeros, completion_mask], dim=1),
-        prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
+        prompt_index=rows,
         sampler_logprobs=torch.cat([zeros, completion_lp], dim=1),
     )

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 from opd.losses import exact_reverse_kl
 from opd.rollouts import Rollouts
@@ -20,15 +21,46 @@ LOGITS_BUDGET = 1 << 25  # float32 elements per chunk of logits (128 MiB)
 
 
 def completion_hidden(model: torch.nn.Module, rollouts: Rollouts) -> tuple[torch.Tensor, torch.nn.Module]:
-    """Final hidden states at the positions that predict completion tokens: (N, H), and the head."""
+    """Final hidden states at the positions that predict completion tokens: (N, H), and the head.
+
+    Rows that share a prompt (``Rollouts.prompt_groups``: the samples of one prompt) run it once:
+    the decoder reads the G distinct prompts, their keys and values are repeated to the B rows, and
+    the completions attend to them as a cache. The same function of the inputs as one padded
+    forward, so also the same gradients (a shared prompt position sums its rows' gradients), at
+    G/B of the prompt's cost."""
     decoder = model.get_decoder()
-    hidden = decoder(
-        input_ids=rollouts.tokens,
-        attention_mask=rollouts.attention_mask,
-        position_ids=rollouts.position_ids,
+    groups = rollouts.prompt_groups()
+    if groups is None:
+        hidden = decoder(
+            input_ids=rollouts.tokens,
+            attention_mask=rollouts.attention_mask,
+            position_ids=rollouts.position_ids,
+            use_cache=False,  # a cache here would only copy every layer's keys and values
+        ).last_hidden_state[:, :-1]
+        predicts_completion = rollouts.completion_mask[:, 1:] > 0  # position t-1 predicts token t
+        return hidden[predicts_completion], model.get_output_embeddings()
+    first, group, width = groups
+    positions = rollouts.position_ids
+    cache = DynamicCache(config=model.config)
+    prompt_hidden = decoder(
+        input_ids=rollouts.tokens[first, :width],
+        attention_mask=rollouts.attention_mask[first, :width],
+        position_ids=positions[first, :width],
+        past_key_values=cache,
+        use_cache=True,
     ).last_hidden_state
-    predicts_completion = rollouts.completion_mask[:, 1:] > 0  # position t-1 predicts token t
-    return hidden[:, :-1][predicts_completion], model.get_output_embeddings()
+    # positions width-1 .. T-2 predict the tokens at width .. T-1
+    hidden = prompt_hidden[group, -1:]
+    if rollouts.tokens.shape[1] - 1 > width:
+        cache.reorder_cache(group)  # row b reads its prompt's keys and values
+        hidden = torch.cat([hidden, decoder(
+            input_ids=rollouts.tokens[:, width:-1],
+            attention_mask=rollouts.attention_mask[:, :-1],
+            position_ids=positions[:, width:-1],
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state], dim=1)
+    return hidden[rollouts.completion_mask[:, width:] > 0], model.get_output_embeddings()
 
 
 def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
