@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from opd.flops import ModelShape, forward_flops, sampling_flops, step_flops, training_flops
+from opd.flops import ModelShape, forward_flops, grouped_forward_flops, sampling_flops, step_flops, training_flops
 from opd.models import chat_prompt_ids
 from opd.rollouts import pack_pairs
 from opd.sampler import sample
@@ -67,3 +67,31 @@ def test_step_flops_splits_teacher_and_student(model, tokenizer):
     assert step["teacher_flops"] == forward_flops(teacher, [15, 19], 12)
     assert step["student_flops"] > training_flops(student, [15, 19], 12)
     assert step_flops(student, None, [10], [5])["teacher_flops"] is None
+
+
+def test_a_prompt_shared_by_its_samples_is_counted_once(model, tokenizer):
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+               for text in ("Compute 3*(4+5)-2 and some more words", "Compute 1*(2+3)-4 and some more words")]
+    holder = {}
+
+    def run():
+        holder["r"] = sample(model, prompts, samples_per_prompt=3, max_new_tokens=12, eos_id=-1,
+                             pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+
+    direct = counted(run)
+    rollouts = holder["r"]
+    assert len(prompts[0]) == len(prompts[1])  # no padding, which the formulas do not count
+    prompt_lengths = [len(prompts[0])] * 3 + [len(prompts[1])] * 3
+    completions = [12] * 6
+    shape = ModelShape.of(model)
+    assert sampling_flops(shape, prompt_lengths, completions, group=3) == pytest.approx(direct, rel=0.10)
+    assert rollouts.prompt_groups() is not None
+    model.train()
+    direct = counted(lambda: token_logprobs(model, rollouts, len(tokenizer)).sum().backward())
+    formula = 3 * grouped_forward_flops(shape, prompt_lengths, completions, 3, sum(completions))
+    assert formula == pytest.approx(direct, rel=0.10)
+    # reading each prompt once is what makes it cheaper than the rows one by one
+    rows = [p + c for p, c in zip(prompt_lengths, completions, strict=True)]
+    assert formula < 0.9 * training_flops(shape, rows, 72)
+    step = step_flops(shape, shape, prompt_lengths, completions, group=3)
+    assert step["teacher_flops"] == formula / 3

@@ -13,6 +13,7 @@ from opd.losses import (
     label_smoothed_nll,
     masked_token_mean,
     reverse_kl_advantages,
+    reverse_kl_from_logits,
 )
 
 
@@ -54,6 +55,21 @@ def test_exact_reverse_kl_matches_definition():
         expected = sum(student[row, v].exp() * (student[row, v] - teacher[row, v]) for v in range(5))
         assert torch.isclose(exact_reverse_kl(student, teacher)[row], expected)
     assert torch.allclose(exact_reverse_kl(student, student), torch.zeros(4))
+
+
+def test_reverse_kl_from_logits_value_and_gradient_match_autograd():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 7, generator=gen, dtype=torch.float64) * 3
+    teacher = (torch.randn(6, 7, generator=gen, dtype=torch.float64) * 3).log_softmax(-1)
+    weights = torch.rand(6, generator=gen, dtype=torch.float64)
+    fused_logits = logits.clone().requires_grad_(True)
+    (reverse_kl_from_logits(fused_logits, teacher) * weights).sum().backward()
+    plain_logits = logits.clone().requires_grad_(True)
+    plain = exact_reverse_kl(plain_logits.log_softmax(-1), teacher)
+    (plain * weights).sum().backward()
+    assert torch.allclose(reverse_kl_from_logits(logits, teacher), plain.detach(), atol=1e-12)
+    assert torch.allclose(fused_logits.grad, plain_logits.grad, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: reverse_kl_from_logits(z, teacher), (logits.clone().requires_grad_(),))
 
 
 def test_importance_sampling_gradient_equals_reinforce_on_policy():

@@ -9,7 +9,8 @@ table 1, with the attention-values product counted too. Attention is counted den
 length (``L * L`` pairs for a forward over L tokens), as an eager or math kernel computes it; a
 FlashAttention kernel that skips masked blocks does about half of that. A backward pass costs twice its
 forward. Only real tokens are counted (padding is an implementation cost, not the method's), and the
-head's recomputation under activation checkpointing is not. Evaluation is not counted.
+head's recomputation under activation checkpointing is not. The samples of one prompt share it: every
+pass reads it once (``grouped_forward_flops``). Evaluation is not counted.
 """
 
 from __future__ import annotations
@@ -47,10 +48,32 @@ def forward_flops(shape: ModelShape, lengths: list[int], logit_positions: int) -
     return float(body + 2 * shape.d_model * shape.vocab * logit_positions)
 
 
-def sampling_flops(shape: ModelShape, prompt_lengths: list[int], completion_lengths: list[int]) -> float:
-    """Sampling with a KV cache: one forward over each prompt (logits at its last position only), then
-    one token at a time, token ``i`` attending to the ``P + i`` keys before it and itself."""
-    total = forward_flops(shape, prompt_lengths, logit_positions=len(prompt_lengths))
+def grouped_forward_flops(shape: ModelShape, prompt_lengths: list[int], completion_lengths: list[int],
+                          group: int, logit_positions: int) -> float:
+    """One forward over rows whose runs of ``group`` consecutive rows share a prompt, computed as
+    ``scoring.completion_hidden`` does: each prompt once (``2 N_body P + 4 layers d_attn P^2``), then
+    each row's completion attending to its prompt and to itself (``2 N_body C + 4 layers d_attn C (P + C)``).
+    With ``group`` 1 nothing is shared: ``forward_flops`` over the rows' full lengths."""
+    if group <= 1:
+        lengths = [p + c for p, c in zip(prompt_lengths, completion_lengths, strict=True)]
+        return forward_flops(shape, lengths, logit_positions)
+    attention = 4 * shape.layers * shape.d_attn
+    body = 0
+    for start in range(0, len(prompt_lengths), group):
+        prompt = prompt_lengths[start]
+        body += 2 * shape.body_params * prompt + attention * prompt * prompt
+        for completion in completion_lengths[start : start + group]:
+            body += 2 * shape.body_params * completion + attention * completion * (prompt + completion)
+    return float(body + 2 * shape.d_model * shape.vocab * logit_positions)
+
+
+def sampling_flops(shape: ModelShape, prompt_lengths: list[int], completion_lengths: list[int],
+                   group: int = 1) -> float:
+    """Sampling with a KV cache: one forward over each prompt (logits at its last position only; a
+    prompt shared by ``group`` consecutive rows is read once), then one token at a time, token ``i``
+    attending to the ``P + i`` keys before it and itself."""
+    prompts = prompt_lengths[:: max(group, 1)]
+    total = forward_flops(shape, prompts, logit_positions=len(prompts))
     per_token_body = 2 * shape.body_params + 2 * shape.d_model * shape.vocab
     for prompt, completion in zip(prompt_lengths, completion_lengths, strict=True):
         # the first sampled token comes from the prompt pass; each later one costs one cached step
@@ -65,20 +88,22 @@ def training_flops(shape: ModelShape, lengths: list[int], logit_positions: int) 
 
 
 def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: list[int],
-               completion_lengths: list[int], method: str = "opd") -> dict:
+               completion_lengths: list[int], method: str = "opd", group: int = 1) -> dict:
     """One training step. opd (and opd+rl): the student samples, the teacher scores every sequence once
     (logits at completion positions), the student trains. rl: no teacher. sft: the teacher samples
-    and the student only trains. sft_data: the student trains on a given dataset."""
-    lengths = [p + c for p, c in zip(prompt_lengths, completion_lengths, strict=True)]
+    and the student only trains. sft_data: the student trains on a given dataset. Runs of ``group``
+    consecutive rows are the samples of one prompt, which every pass reads once."""
     completion_tokens = sum(completion_lengths)
-    student_flops = training_flops(student, lengths, completion_tokens)
+    student_flops = 3 * grouped_forward_flops(student, prompt_lengths, completion_lengths, group, completion_tokens)
     if method == "sft_data":  # SFT on a given dataset: producing it is not this run's compute
         return {"student_flops": student_flops, "teacher_flops": 0.0}
     if method == "sft":
-        teacher_flops = None if teacher is None else sampling_flops(teacher, prompt_lengths, completion_lengths)
+        teacher_flops = None if teacher is None else sampling_flops(teacher, prompt_lengths, completion_lengths,
+                                                                    group)
         return {"student_flops": student_flops, "teacher_flops": teacher_flops}
-    student_flops += sampling_flops(student, prompt_lengths, completion_lengths)
+    student_flops += sampling_flops(student, prompt_lengths, completion_lengths, group)
     if method == "rl":
         return {"student_flops": student_flops, "teacher_flops": 0.0}
-    teacher_flops = None if teacher is None else forward_flops(teacher, lengths, completion_tokens)
+    teacher_flops = None if teacher is None else grouped_forward_flops(teacher, prompt_lengths, completion_lengths,
+                                                                       group, completion_tokens)
     return {"student_flops": student_flops, "teacher_flops": teacher_flops}

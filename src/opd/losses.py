@@ -80,6 +80,34 @@ def exact_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Ten
     return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
 
 
+class _ReverseKLFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        probs = logprobs.exp()
+        gap = logprobs.sub_(teacher_logprobs)
+        kl = (probs * gap).sum(-1)
+        ctx.save_for_backward(probs, gap, kl)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl: torch.Tensor) -> tuple[torch.Tensor, None]:
+        probs, gap, kl = ctx.saved_tensors
+        return (gap - kl.unsqueeze(-1)).mul_(probs).mul_(grad_kl.unsqueeze(-1)), None
+
+
+def reverse_kl_from_logits(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """``exact_reverse_kl(log_softmax(student_logits), teacher_logprobs)`` with its gradient in the
+    logits written out, in two passes over (N, V) where autograd takes about six:
+
+        d KL / d z_j = pi_j (log pi_j - log p_teacher(j) - KL),   pi = softmax(z)
+
+    (from d pi_v / d z_j = pi_v (delta_vj - pi_j) and d log pi_v / d z_j = delta_vj - pi_j). No
+    gradient flows to the teacher.
+    """
+    return _ReverseKLFromLogits.apply(student_logits, teacher_logprobs.detach())
+
+
 def masked_token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
     """``sum(values * mask) / N`` with N the mask's sum (or ``num_tokens``); 0 for an empty mask."""
     denominator = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens))

@@ -59,7 +59,7 @@ class PreallocatedLayer(DynamicLayer):
         for name in ("key_buffer", "value_buffer"):
             old = getattr(self, name)
             new = old.new_empty((len(beam_idx), *old.shape[1:]))
-            new[:, :, : self.length] = old[beam_idx.to(old.device), :, : self.length]
+            new[:, :, : self.length].copy_(old[:, :, : self.length].index_select(0, beam_idx.to(old.device)))
             setattr(self, name, new)
         self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
 
@@ -104,7 +104,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Log-probs of the distribution tokens are drawn from: tempered, top-p truncated, renormalised."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    logprobs = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     if top_p < 1.0:
         sorted_lp, order = logprobs.sort(dim=-1, descending=True)
         mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
@@ -150,13 +150,20 @@ def sample(
     logits = logits[rows]
     batch = len(rows)
 
+    # the decoded rows: ``active`` are their rows of the batch; a finished row is dropped (with its
+    # cache) once a quarter of them are finished, and until then decodes padding that nothing reads
+    active = torch.arange(batch, device=device)
+    live = torch.ones(batch, dtype=torch.bool, device=device)
     attention = prompt_mask
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    new_tokens, new_logprobs, new_mask = [], [], []
+    completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    completion_lp = torch.zeros((batch, max_new_tokens), device=device)
+    completion_mask = torch.zeros((batch, max_new_tokens), device=device)
+    length = 0
+    # one new token attends to every unpadded position: with SDPA and only full-attention layers the
+    # (B, 1, 1, L) mask is the 2D one, given as is instead of rebuilt by the model at every step
+    direct_mask = (getattr(model.config, "_attn_implementation", None) == "sdpa"
+                   and all(isinstance(layer, PreallocatedLayer) for layer in cache.layers))
     for step in range(max_new_tokens):
-        if step > 0:
-            logits = model(input_ids=new_tokens[-1][:, None], attention_mask=attention,
-                           position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1, :]
         if temperature == 0:
             token = logits.argmax(-1)
             token_lp = torch.log_softmax(logits.float(), -1).gather(-1, token[:, None])[:, 0]
@@ -164,19 +171,29 @@ def sample(
             logprobs = sampling_logprobs(logits, temperature, top_p)
             token = draw(logprobs.exp(), generator)
             token_lp = logprobs.gather(-1, token[:, None])[:, 0]
-        alive = ~finished
-        new_tokens.append(torch.where(alive, token, torch.full_like(token, pad_id)))
-        new_logprobs.append(torch.where(alive, token_lp, torch.zeros_like(token_lp)))
-        new_mask.append(alive.float())
-        finished = finished | (token == eos_id)
-        if bool(finished.all()):
+        rows_now = active[live]
+        completion[rows_now, step] = token[live]
+        completion_lp[rows_now, step] = token_lp[live].float()
+        completion_mask[rows_now, step] = 1.0
+        length = step + 1
+        live = live & (token != eos_id)
+        kept = int(live.sum())
+        if kept == 0 or length == max_new_tokens:
             break
-        attention = torch.cat([attention, alive.long()[:, None]], dim=1)
+        if kept <= 0.75 * len(live):
+            keep = live.nonzero()[:, 0]
+            cache.reorder_cache(keep)
+            active, live, attention, positions, token = (active[keep], live[keep], attention[keep],
+                                                         positions[keep], token[keep])
+        token = torch.where(live, token, torch.full_like(token, pad_id))
+        attention = torch.cat([attention, live.long()[:, None]], dim=1)
         positions = positions[:, -1:] + 1
+        mask = attention.bool()[:, None, None, :] if direct_mask else attention
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1, :]
 
-    completion = torch.stack(new_tokens, dim=1)
-    completion_lp = torch.stack(new_logprobs, dim=1)
-    completion_mask = torch.stack(new_mask, dim=1)
+    completion, completion_lp = completion[:, :length], completion_lp[:, :length]
+    completion_mask = completion_mask[:, :length]
     zeros = torch.zeros((batch, prompt_width), device=device)
     return Rollouts(
         tokens=torch.cat([prompt_tokens, completion], dim=1),

@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from opd.losses import exact_reverse_kl
+from opd.losses import reverse_kl_from_logits
 from opd.rollouts import Rollouts
 
 LOGITS_BUDGET = 1 << 25  # float32 elements per chunk of logits (128 MiB)
@@ -135,6 +135,6 @@ def full_reverse_kl(
     def kl(h: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher_lp = head_logprobs(teacher_head, th, vocab_size).to(h.device)
-        return exact_reverse_kl(head_logprobs(head, h, vocab_size), teacher_lp)
+        return reverse_kl_from_logits(head(h)[:, :vocab_size].float(), teacher_lp)
 
     return scatter_completion(rollouts, chunked_rows(kl, (hidden, teacher_hidden), vocab_size))
