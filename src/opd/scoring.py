@@ -63,9 +63,14 @@ def completion_hidden(model: torch.nn.Module, rollouts: Rollouts) -> tuple[torch
     return hidden[rollouts.completion_mask[:, width:] > 0], model.get_output_embeddings()
 
 
+def head_logits(head: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Float32 logits over the first ``vocab_size`` ids (embedding rows past it are padding)."""
+    return head(hidden)[:, :vocab_size].float()
+
+
 def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Full log-softmax over the first ``vocab_size`` ids (embedding rows past it are padding)."""
-    return torch.log_softmax(head(hidden)[:, :vocab_size].float(), dim=-1)
+    """Full log-softmax over the first ``vocab_size`` ids."""
+    return torch.log_softmax(head_logits(head, hidden, vocab_size), dim=-1)
 
 
 def chunked_rows(
@@ -135,6 +140,6 @@ def full_reverse_kl(
     def kl(h: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher_lp = head_logprobs(teacher_head, th, vocab_size).to(h.device)
-        return reverse_kl_from_logits(head(h)[:, :vocab_size].float(), teacher_lp)
+        return reverse_kl_from_logits(head_logits(head, h, vocab_size), teacher_lp)
 
     return scatter_completion(rollouts, chunked_rows(kl, (hidden, teacher_hidden), vocab_size))

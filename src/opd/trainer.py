@@ -195,6 +195,7 @@ def training_step(session: Session, step: int) -> dict:
     loss = sum(distributed.all_gather(loss, session.dist)) / session.dist.world
     trained = time.perf_counter()
 
+    from_data = bool(session.sft_pairs or session.doc_chunks)  # given pairs or documents, not samples
     teacher_kl = None if local["kl_sum"] is None else sum(r["kl_sum"] for r in ranks) / max(num_tokens, 1)
     return {
         "step": step + 1,
@@ -205,9 +206,8 @@ def training_step(session: Session, step: int) -> dict:
         "grad_norm": grad_norm,
         "lr": session.scheduler.get_last_lr()[0],
         **step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
-                     merged["completion_lengths"],
-                     "sft_data" if session.sft_pairs or session.doc_chunks else config.method,
-                     group=1 if session.sft_pairs or session.doc_chunks else config.samples_per_prompt),
+                     merged["completion_lengths"], "sft_data" if from_data else config.method,
+                     group=1 if from_data else config.samples_per_prompt),
         "sample_seconds": round(sampled - started, 4),
         "score_seconds": round(scored - sampled, 4),
         "train_seconds": round(trained - scored, 4),
