@@ -77,6 +77,15 @@ def all_gather(obj, state: Dist) -> list:
     return out
 
 
+def barrier(state: Dist) -> None:
+    """Wait until every rank gets here. At the end of a run the other ranks wait for rank 0's writing,
+    so that all of them tear the process group down together: a gloo rank that destroys its group and
+    exits while its peer is still busy was seen to abort (SIGABRT, "terminate called without an active
+    exception") on a loaded CI machine."""
+    if state.active:
+        dist.barrier()
+
+
 def broadcast(obj, state: Dist):
     """Rank 0's ``obj`` on every rank."""
     if not state.active:

@@ -262,14 +262,15 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         bar.set_postfix(loss=f"{record['loss']:.3f}", kl=_last(records, "teacher_kl"),
                         reward=f"{record['train_reward']:.2f}", acc=_last(records, "accuracy"))
     bar.close()
-    if not main:
-        return {}
-    runs.save_final(run_dir, session.full_model, session.tokenizer)
-    summary = summarize(records, config)
-    runs.write_json(run_dir / "summary.json", summary)
-    from opd.report import write_report
+    summary = {}
+    if main:
+        runs.save_final(run_dir, session.full_model, session.tokenizer)
+        summary = summarize(records, config)
+        runs.write_json(run_dir / "summary.json", summary)
+        from opd.report import write_report
 
-    write_report(run_dir, config, records, summary)
+        write_report(run_dir, config, records, summary)
+    distributed.barrier(session.dist)  # the ranks leave together, after rank 0 has written
     return summary
 
 
