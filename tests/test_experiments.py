@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_train_overrides
 from opd.config import load_config
 from opd.experiments.reasoning import ReasoningPlan, comparisons, default_target, first_reaching, run_reasoning
-from opd.experiments.variants import DataReusePlan, LoraPlan, run_data_reuse, run_lora
+from opd.experiments.variants import DataReusePlan, LoraPlan, reuse_reading, run_data_reuse, run_lora
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask
 from opd.tasks.arithmetic import is_eval_expression
@@ -101,3 +101,11 @@ def test_data_reuse_and_lora_experiments_end_to_end(model_dirs, tmp_path):
     lora = run_lora(LoraPlan(tmp_path / "lora", rank=2, steps=2, eval_every=1, overrides=overrides), progress=False)
     assert {"sft_full", "sft_lora", "opd_full", "opd_lora", "sft_gap_points", "opd_gap_points"} <= set(lora)
     assert "LoRA rank 2" in (tmp_path / "lora" / "report.md").read_text()
+
+
+def test_the_data_reuse_reading_says_which_way_the_student_moved():
+    up = reuse_reading(0.5, 0.75, 1.0, 0.76, 20)
+    assert "closed 50.0% of its gap" in up and "did as well as fresh prompts" in up
+    down = reuse_reading(0.5, 0.1, 1.0, 0.6, 20)
+    assert "fell from 50.0% to 10.0%" in down and "did worse than" in down and "closed" not in down
+    assert "did better than" in reuse_reading(0.5, 0.7, None, 0.5, 20)

@@ -85,6 +85,24 @@ class DataReusePlan:
     overrides: list[str] = field(default_factory=list)
 
 
+def reuse_reading(start: float, after: float, teacher: float | None, fresh: float, steps: int) -> str:
+    """What the data-reuse run says: how the one-prompt student moved, and against fresh prompts."""
+    gap = None if teacher is None else teacher - start
+    if not gap:
+        moved = f"went from {pct(start)} to {pct(after)}"
+    elif after >= start:
+        moved = f"closed {pct((after - start) / gap)} of its gap to the teacher ({pct(start)} -> {pct(after)})"
+    else:  # a negative share of a gap reads badly: say it fell
+        moved = f"fell from {pct(start)} to {pct(after)} (away from the teacher)"
+    behind = fresh - after
+    verdict = "as well as" if abs(behind) <= 0.03 else "better than" if behind < 0 else "worse than"
+    return (f"On the held-out split, in {steps} steps, the student trained on one prompt {moved}; on fresh "
+            f"prompts it reached {pct(fresh)}, so reusing one prompt did {verdict} fresh prompts here (3 points "
+            "count as equal). The blog (one AIME-style prompt, 20 steps, 256 samples per step) found the student "
+            "approached the teacher: reverse KL to a good teacher is a dense target that does not let the "
+            "student memorise an answer, so reusing a prompt teaches the teacher's *procedure*.")
+
+
 def run_data_reuse(plan: DataReusePlan, progress: bool = True) -> dict:
     started = time.perf_counter()
     common = {"method": "opd", "steps": plan.steps, "lr": plan.lr, "warmup_steps": plan.warmup_steps,
@@ -102,11 +120,8 @@ def run_data_reuse(plan: DataReusePlan, progress: bool = True) -> dict:
     gap = None if teacher is None else teacher - single["start_accuracy"]
     closed = None if not gap else (single["final_accuracy"] - single["start_accuracy"]) / gap
     summary["single_prompt_gap_closed"] = closed
-    reading = [f"On one prompt the student closed {pct(closed)} of its gap to the teacher on the held-out "
-               f"split in {plan.steps} steps; on fresh prompts it reached {pct(fresh['final_accuracy'])}. "
-               "The blog (one AIME-style prompt, 20 steps, 256 samples per step) found the student "
-               "approached the teacher: reverse KL to a good teacher is a dense target that does not let "
-               "the student memorise an answer, so reusing a prompt teaches the teacher's *procedure*."]
+    reading = [reuse_reading(single["start_accuracy"], single["final_accuracy"], teacher,
+                             fresh["final_accuracy"], plan.steps)]
     return finish(plan.out, arms, curves, summary, "Data reuse: on-policy distillation on a single prompt",
                   [f"On-policy distillation ({plan.samples} samples per step, lr {plan.lr:g}, {plan.steps} "
                    "steps) from the same student, on a single training prompt reused every step against "
