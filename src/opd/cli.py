@@ -8,6 +8,7 @@ import json
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from opd.config import TrainConfig, load_config
@@ -403,19 +404,24 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # opd shows its own progress; per-file loading bars are noise
+    from opd.distributed import exit_rank
+
     try:
-        return args.func(args)
+        code = args.func(args)
     except OpdError as err:
         print(f"opd: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("opd: interrupted; continue a training run with `opd train --resume RUN_DIR`", file=sys.stderr)
-        return 130
-    finally:
+        code = 130
+    except Exception:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise  # a plain process: the usual traceback and exit status
+        traceback.print_exc()  # a torchrun rank: the same traceback, then exit_rank
+        code = 1
+    return exit_rank(code)
 
 
 if __name__ == "__main__":
