@@ -104,8 +104,8 @@ def test_data_reuse_and_lora_experiments_end_to_end(model_dirs, tmp_path):
 
 
 def test_the_data_reuse_reading_says_which_way_the_student_moved():
-    up = reuse_reading(0.5, 0.75, 1.0, 0.76, 20)
+    up = reuse_reading(0.5, 0.75, 0.5, 0.76, 20)
     assert "closed 50.0% of its gap" in up and "did as well as fresh prompts" in up
-    down = reuse_reading(0.5, 0.1, 1.0, 0.6, 20)
+    down = reuse_reading(0.5, 0.1, -0.8, 0.6, 20)
     assert "fell from 50.0% to 10.0%" in down and "did worse than" in down and "closed" not in down
     assert "did better than" in reuse_reading(0.5, 0.7, None, 0.5, 20)

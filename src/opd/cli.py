@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # opd shows its own progress; per-file loading bars are noise
-    from opd.distributed import exit_rank
+    from opd.distributed import exit_rank, in_process_group
 
     try:
         code = args.func(args)
@@ -415,9 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         print("opd: interrupted; continue a training run with `opd train --resume RUN_DIR`", file=sys.stderr)
         code = 130
     except Exception:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if not in_process_group():
             raise  # a plain process: the usual traceback and exit status
         traceback.print_exc()  # a torchrun rank: the same traceback, then exit_rank
         code = 1

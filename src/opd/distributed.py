@@ -62,6 +62,11 @@ def from_environment(timeout_seconds: float, device: str) -> Dist:
     return Dist(rank, world, local_rank)
 
 
+def in_process_group() -> bool:
+    """Whether this process is a rank of an initialised process group (a ``torchrun`` rank)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def exit_rank(code: int) -> int:
     """End a ``torchrun`` rank: destroy the process group, flush, and leave with ``os._exit(code)``.
 
@@ -70,7 +75,7 @@ def exit_rank(code: int) -> int:
     frame left) in about one suite run of four on this 2-core machine, both under DDP and FSDP2, which
     fails the job although its work is done. Everything opd writes is closed before this point. A plain
     process (no process group) just gets ``code`` back."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_process_group():
         return code
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -95,10 +100,7 @@ def all_gather(obj, state: Dist) -> list:
 
 
 def barrier(state: Dist) -> None:
-    """Wait until every rank gets here. At the end of a run the other ranks wait for rank 0's writing,
-    so that all of them tear the process group down together: a gloo rank that destroys its group and
-    exits while its peer is still busy was seen to abort (SIGABRT, "terminate called without an active
-    exception") on a loaded CI machine."""
+    """Wait until every rank gets here (at the end of a run: until rank 0 has written the run directory)."""
     if state.active:
         dist.barrier()
 

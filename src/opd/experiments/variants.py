@@ -85,13 +85,13 @@ class DataReusePlan:
     overrides: list[str] = field(default_factory=list)
 
 
-def reuse_reading(start: float, after: float, teacher: float | None, fresh: float, steps: int) -> str:
-    """What the data-reuse run says: how the one-prompt student moved, and against fresh prompts."""
-    gap = None if teacher is None else teacher - start
-    if not gap:
+def reuse_reading(start: float, after: float, closed: float | None, fresh: float, steps: int) -> str:
+    """What the data-reuse run says: how the one-prompt student moved (``closed``: the share of its gap
+    to the teacher it closed, None without a teacher accuracy), and against fresh prompts."""
+    if closed is None:
         moved = f"went from {pct(start)} to {pct(after)}"
-    elif after >= start:
-        moved = f"closed {pct((after - start) / gap)} of its gap to the teacher ({pct(start)} -> {pct(after)})"
+    elif closed >= 0:
+        moved = f"closed {pct(closed)} of its gap to the teacher ({pct(start)} -> {pct(after)})"
     else:  # a negative share of a gap reads badly: say it fell
         moved = f"fell from {pct(start)} to {pct(after)} (away from the teacher)"
     behind = fresh - after
@@ -120,7 +120,7 @@ def run_data_reuse(plan: DataReusePlan, progress: bool = True) -> dict:
     gap = None if teacher is None else teacher - single["start_accuracy"]
     closed = None if not gap else (single["final_accuracy"] - single["start_accuracy"]) / gap
     summary["single_prompt_gap_closed"] = closed
-    reading = [reuse_reading(single["start_accuracy"], single["final_accuracy"], teacher,
+    reading = [reuse_reading(single["start_accuracy"], single["final_accuracy"], closed,
                              fresh["final_accuracy"], plan.steps)]
     return finish(plan.out, arms, curves, summary, "Data reuse: on-policy distillation on a single prompt",
                   [f"On-policy distillation ({plan.samples} samples per step, lr {plan.lr:g}, {plan.steps} "
