@@ -37,7 +37,8 @@ def main() -> None:
     student = load_model(student_path, cpu, torch.float32).eval()
     prompts = [chat_prompt_ids(tokenizer, ex.messages) for ex in ArithmeticTask().train_examples(0, args.rows, 0)]
     rollouts = sample(student, prompts, max_new_tokens=48, eos_id=tokenizer.eos_token_id,
-                      pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+                      pad_id=tokenizer.pad_token_id,
+                      vocab_size=len(tokenizer), generator=torch.Generator().manual_seed(0))
     tokens = rollouts.num_completion_tokens
 
     times: dict[str, list[float]] = {"in-process": [], "opd serve": []}

@@ -28,6 +28,19 @@ def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
     return dirs
 
 
+@pytest.fixture(scope="session")
+def peaked_teacher(tmp_path_factory, tokenizer, model_dirs) -> dict[str, Path]:
+    """``model_dirs`` with a teacher whose output logits are scaled up 10x: two random tiny models are both
+    near uniform (KL ~0.01, all noise), a peaked teacher leaves the student something to learn (KL ~1.3
+    nats at the start)."""
+    teacher = make_model(tokenizer, layers=1, width=32, seed=1)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(10)
+    path = tmp_path_factory.mktemp("peaked") / "teacher"
+    save_model(teacher, tokenizer, path)
+    return {**model_dirs, "teacher": path}
+
+
 @pytest.fixture()
 def tiny_model(tokenizer):
     return make_model(tokenizer, layers=1, width=16, seed=3).eval()

@@ -28,7 +28,8 @@ def fixed_batch(session) -> Rollouts:
     prompts = [session.prompt_ids(ex.messages) for ex in examples]
     rollouts = sample(session.full_model, prompts, samples_per_prompt=config.samples_per_prompt,
                       max_new_tokens=config.max_new_tokens, eos_id=tokenizer.eos_token_id,
-                      pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(123))
+                      pad_id=tokenizer.pad_token_id,
+                      vocab_size=len(tokenizer), generator=torch.Generator().manual_seed(123))
     rollouts.rewards = torch.linspace(0, 1, rollouts.tokens.shape[0])
     return rollouts
 

@@ -42,6 +42,7 @@ def test_sampling_with_a_kv_cache_matches_the_counter(model, tokenizer):
 
     def run():
         holder["r"] = sample(model, [prompt], max_new_tokens=40, eos_id=-1, pad_id=tokenizer.pad_token_id,
+                             vocab_size=len(tokenizer),
                              generator=torch.Generator().manual_seed(0))
 
     direct = counted(run)
@@ -76,7 +77,8 @@ def test_a_prompt_shared_by_its_samples_is_counted_once(model, tokenizer):
 
     def run():
         holder["r"] = sample(model, prompts, samples_per_prompt=3, max_new_tokens=12, eos_id=-1,
-                             pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+                             pad_id=tokenizer.pad_token_id,
+                             vocab_size=len(tokenizer), generator=torch.Generator().manual_seed(0))
 
     direct = counted(run)
     rollouts = holder["r"]

@@ -1,7 +1,8 @@
 import torch
 
+from opd.losses import sampling_logprobs
 from opd.models import chat_prompt_ids
-from opd.sampler import draw, sample, sampling_logprobs
+from opd.sampler import draw, sample
 from opd.scoring import token_logprobs
 
 
@@ -12,7 +13,7 @@ def prompts_of(tokenizer, texts):
 def test_recorded_logprobs_equal_a_full_forward_pass(tokenizer, tiny_model):
     prompts = prompts_of(tokenizer, ["Compute 1+2", "Compute 3*(4+5)-2", "a much longer prompt here ok"])
     rollouts = sample(tiny_model, prompts, samples_per_prompt=3, max_new_tokens=12,
-                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                       generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         recomputed = token_logprobs(tiny_model, rollouts, len(tokenizer))
@@ -26,7 +27,7 @@ def test_eos_is_part_of_the_completion_even_when_pad_equals_eos(tokenizer, tiny_
         tiny_model.get_output_embeddings().weight[eos] *= 0
     prompts = prompts_of(tokenizer, ["Compute 1+2", "Compute 2+2"])
     rollouts = sample(tiny_model, prompts, samples_per_prompt=4, max_new_tokens=30, temperature=3.0,
-                      eos_id=eos, pad_id=eos, generator=torch.Generator().manual_seed(1))
+                      eos_id=eos, pad_id=eos, vocab_size=len(tokenizer), generator=torch.Generator().manual_seed(1))
     for row, completion in enumerate(rollouts.completion_ids()):
         if eos in completion:
             assert completion.index(eos) == len(completion) - 1  # EOS kept, nothing after it
@@ -36,9 +37,9 @@ def test_eos_is_part_of_the_completion_even_when_pad_equals_eos(tokenizer, tiny_
 def test_greedy_is_deterministic_and_picks_the_argmax(tokenizer, tiny_model):
     prompts = prompts_of(tokenizer, ["Compute 1+2"])
     first = sample(tiny_model, prompts, max_new_tokens=6, temperature=0.0,
-                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
     second = sample(tiny_model, prompts, max_new_tokens=6, temperature=0.0,
-                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
     assert torch.equal(first.tokens, second.tokens)
     with torch.no_grad():
         logits = tiny_model(first.tokens[:, :-1]).logits[0, -1]

@@ -147,7 +147,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
     rollouts = sample(model, [prompt], samples_per_prompt=args.n, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, eos_id=tokenizer.eos_token_id,
-                      pad_id=tokenizer.pad_token_id,
+                      pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                       generator=torch.Generator(device).manual_seed(args.seed))
     for i, text in enumerate(completions_text(tokenizer, rollouts.completion_ids())):
         print(f"--- sample {i + 1}\n{text}")

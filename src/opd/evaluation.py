@@ -47,7 +47,7 @@ def evaluate(
         chunk = examples[start : start + batch_size]
         prompts = [chat_prompt_ids(tokenizer, ex.messages) for ex in chunk]
         greedy = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
         lengths.extend(greedy.completion_mask.sum(-1).tolist())
         if chunk[0].verifiable:
             texts = completions_text(tokenizer, greedy.completion_ids())
@@ -55,7 +55,7 @@ def evaluate(
             scored += len(chunk)
         if teacher is not None:
             sampled = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
-                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                              generator=generator)
             teacher_lp = teacher.score(sampled)
             mask = sampled.completion_mask

@@ -71,6 +71,26 @@ def importance_sampling_loss(
     return -(objective * mask).sum() / denominator.clamp(min=1.0)
 
 
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs (..., V) of the distribution tokens are drawn from: tempered, top-p truncated, renormalised.
+
+    ``q(v) = softmax(z / T)(v) / Z`` for ``v`` in the nucleus (the smallest set of most likely tokens whose
+    mass under ``softmax(z / T)`` reaches ``top_p``; the top token is always in it), ``-inf`` outside, with
+    ``Z`` the nucleus' mass (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration", sec. 3.1).
+    The sampler records it for the sampled token and the learner's log-probs use it too, so the
+    importance ratio compares one policy with itself. ``T = 1, top_p = 1`` is the plain log-softmax.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logprobs = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+    if top_p < 1.0:
+        sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+        mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+        drop_sorted = mass_before >= top_p  # a token whose predecessors already reach top_p is outside
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logprobs = torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
+    return logprobs
+
+
 def exact_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
     """``KL(pi || p_teacher) = sum_v pi(v) (log pi(v) - log p_teacher(v))`` over the last dimension.
 

@@ -5,9 +5,10 @@ The sampler knows nothing about text: it takes prompt token ids and returns ``Ro
 What the recorded log-probs mean: ``sampler_logprobs[t] = log q(token_t)`` where ``q`` is the
 distribution the token was actually drawn from, i.e. ``softmax(logits / temperature)`` restricted to
 the top-p nucleus and renormalised. At temperature 1 and top_p 1 that is exactly the student's
-log-prob. At other settings it is the behaviour policy's log-prob, which is what the importance ratio
-``exp(lp_learner - lp_sampler)`` needs to correct from the sampler back to the student; the
-reverse-KL advantage then measures the sampler's distribution against the teacher.
+log-prob. At other settings it is the behaviour policy's log-prob; the learner's log-probs in the loss
+are taken under the same transform (``losses.sampling_logprobs``), so the policy being trained is the
+one that samples, the importance ratio is exactly 1 at the first micro-batch of a step, and the
+reverse-KL advantage measures that policy against the teacher.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from opd.losses import sampling_logprobs
 from opd.rollouts import Rollouts
 
 
@@ -101,20 +103,6 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return tokens, mask
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Log-probs of the distribution tokens are drawn from: tempered, top-p truncated, renormalised."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logprobs = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
-    if top_p < 1.0:
-        sorted_lp, order = logprobs.sort(dim=-1, descending=True)
-        mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
-        # keep the smallest prefix whose mass reaches top_p (the top token is always kept)
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logprobs = torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
-    return logprobs
-
-
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -126,9 +114,14 @@ def sample(
     top_p: float = 1.0,
     eos_id: int,
     pad_id: int,
+    vocab_size: int,
     generator: torch.Generator | None = None,
 ) -> Rollouts:
     """Sample ``samples_per_prompt`` completions for each prompt; temperature 0 means greedy.
+
+    Only the first ``vocab_size`` ids (``len(tokenizer)``) are candidates: an embedding padded past the
+    tokenizer (Qwen's 151,936 rows for 151,669 tokens) has untrained rows that no text maps to, and the
+    recorded log-probs are over the same support as the learner's (``scoring.head_logits``).
 
     Rows are grouped by prompt: rows ``i*G .. i*G+G-1`` answer prompt ``i``. A row stops after its
     first EOS, which is part of the completion (and so is trained on); later columns are padding.
@@ -143,7 +136,7 @@ def sample(
     logits = model(input_ids=prompt_tokens, attention_mask=prompt_mask, position_ids=positions,
                    past_key_values=cache, use_cache=True,
                    logits_to_keep=1,  # never a (B, P, V) logits tensor for the prompt
-                   ).logits[:, -1, :]
+                   ).logits[:, -1, :vocab_size]
     rows = torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt)
     cache.reorder_cache(rows)
     prompt_tokens, prompt_mask, positions = prompt_tokens[rows], prompt_mask[rows], positions[rows]
@@ -190,7 +183,7 @@ def sample(
         positions = positions[:, -1:] + 1
         mask = attention.bool()[:, None, None, :] if direct_mask else attention
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+                       past_key_values=cache, use_cache=True).logits[:, -1, :vocab_size]
 
     completion, completion_lp = completion[:, :length], completion_lp[:, :length]
     completion_mask = completion_mask[:, :length]

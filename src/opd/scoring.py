@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from opd.losses import reverse_kl_from_logits
+from opd.losses import reverse_kl_from_logits, sampling_logprobs
 from opd.rollouts import Rollouts
 
 LOGITS_BUDGET = 1 << 25  # float32 elements per chunk of logits (128 MiB)
@@ -110,20 +110,25 @@ def completion_row_offsets(rollouts: Rollouts) -> list[int]:
     return [0, *itertools.accumulate(counts)]
 
 
-def gather_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                    vocab_size: int) -> torch.Tensor:
-    """(N,) log-prob of ``targets`` from hidden states (N, H), chunked over rows."""
+def gather_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                    temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """(N,) log-prob of ``targets`` from hidden states (N, H), chunked over rows; with ``temperature`` or
+    ``top_p``, under the sampling distribution (``losses.sampling_logprobs``)."""
 
     def gather(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return head_logprobs(head, h, vocab_size).gather(-1, t[:, None])[:, 0]
+        logprobs = sampling_logprobs(head_logits(head, h, vocab_size), temperature, top_p)
+        return logprobs.gather(-1, t[:, None])[:, 0]
 
     return chunked_rows(gather, (hidden, targets), vocab_size)
 
 
-def token_logprobs(model: torch.nn.Module, rollouts: Rollouts, vocab_size: int) -> torch.Tensor:
-    """(B, T) log-prob of each completion token under ``model``; 0 outside the completion."""
+def token_logprobs(model: torch.nn.Module, rollouts: Rollouts, vocab_size: int, temperature: float = 1.0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """(B, T) log-prob of each completion token under ``model`` (tempered and top-p truncated when asked,
+    as the sampler draws); 0 outside the completion."""
     hidden, head = completion_hidden(model, rollouts)
-    return scatter_completion(rollouts, gather_logprobs(head, hidden, completion_targets(rollouts), vocab_size))
+    targets = completion_targets(rollouts)
+    return scatter_completion(rollouts, gather_logprobs(head, hidden, targets, vocab_size, temperature, top_p))
 
 
 def full_reverse_kl(

@@ -41,7 +41,8 @@ def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
         loss = config.kl_coef * masked_token_mean(kl, mask, num_tokens)
         if config.method == "opd":
             return loss
-    learner_logprobs = token_logprobs(student, rollouts, vocab)
+    # the learner's log-probs under the sampling distribution: the ratio is 1 before the update
+    learner_logprobs = token_logprobs(student, rollouts, vocab, config.temperature, config.top_p)
     return loss + importance_sampling_loss(learner_logprobs, rollouts.sampler_logprobs, rollouts.advantages,
                                            mask, config.ppo_clip, num_tokens)
 
@@ -121,6 +122,7 @@ def step_rollouts(session: Session, step: int) -> Rollouts:
         rollouts = sample(sampler, prompts, samples_per_prompt=config.samples_per_prompt,
                           max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                           top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                          vocab_size=session.vocab_size,
                           generator=torch.Generator(session.device).manual_seed(seed))
         samples_per_prompt = config.samples_per_prompt
     texts = completions_text(tokenizer, rollouts.completion_ids())

@@ -166,7 +166,7 @@ def build_student(tokenizer: PreTrainedTokenizerFast, teacher: torch.nn.Module,
     for start in tqdm(range(0, len(prompts), 256), desc="zoo: teacher samples", dynamic_ncols=True):
         rollouts = sample(teacher, prompts[start : start + 256], max_new_tokens=config.max_new_tokens,
                           temperature=config.sample_temperature, eos_id=tokenizer.eos_token_id,
-                          pad_id=tokenizer.pad_token_id, generator=generator)
+                          pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), generator=generator)
         completions.extend(rollouts.completion_ids())
     texts = completions_text(tokenizer, completions)
     data_accuracy = sum(arithmetic_reward(t, p.answer) for t, p in zip(texts, problems, strict=True)) / len(problems)
