@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from opd.models import save_model
+from opd.rollouts import Rollouts
+from opd.sampler import sample
 from opd.zoo import build_tokenizer, make_model
 
 
@@ -53,6 +55,25 @@ def tiny_train_overrides(model_dirs: dict[str, Path], out: Path, **extra) -> lis
               "eval_examples": 4, "eval_every": 2, "save_every": 2, "warmup_steps": 1, "lr": 1e-2, "kl": "sampled",
               "out": str(out), **extra}
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def unequal_batch(session) -> Rollouts:
+    """One fixed batch (the same in every process) whose completions are cut to unequal lengths, so that
+    micro-batches and ranks hold unequal token counts: a wrong normalisation then changes the update."""
+    tokenizer = session.tokenizer
+    examples = session.task.train_examples(0, session.config.prompts_per_step, 0)
+    prompts = [session.prompt_ids(ex.messages) for ex in examples]
+    rollouts = sample(session.full_model, prompts, samples_per_prompt=session.config.samples_per_prompt,
+                      max_new_tokens=8, eos_id=-1, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                      generator=torch.Generator().manual_seed(7))
+    width = rollouts.tokens.shape[1] - 8
+    for row in range(rollouts.tokens.shape[0]):
+        keep = [1, 2, 1, 3, 8, 7, 8, 6][row % 8]  # halves of 7 and 29 tokens
+        rollouts.completion_mask[row, width + keep:] = 0
+        rollouts.attention_mask[row, width + keep:] = 0
+        rollouts.sampler_logprobs[row, width + keep:] = 0
+    rollouts.rewards = torch.linspace(0, 1, rollouts.tokens.shape[0])
+    return rollouts
 
 
 def read_jsonl(path: Path) -> list[dict]:

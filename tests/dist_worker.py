@@ -13,32 +13,18 @@ from pathlib import Path
 
 import torch
 
+from conftest import unequal_batch
 from opd import distributed
 from opd.config import load_config
-from opd.rollouts import Rollouts
-from opd.sampler import sample
 from opd.setup import open_session
 from opd.trainer import advantages, train, update
-
-
-def fixed_batch(session) -> Rollouts:
-    """Every rank draws the same batch: same weights, same prompts, same generator."""
-    config, tokenizer = session.config, session.tokenizer
-    examples = session.task.train_examples(0, config.prompts_per_step, config.seed)
-    prompts = [session.prompt_ids(ex.messages) for ex in examples]
-    rollouts = sample(session.full_model, prompts, samples_per_prompt=config.samples_per_prompt,
-                      max_new_tokens=config.max_new_tokens, eos_id=tokenizer.eos_token_id,
-                      pad_id=tokenizer.pad_token_id,
-                      vocab_size=len(tokenizer), generator=torch.Generator().manual_seed(123))
-    rollouts.rewards = torch.linspace(0, 1, rollouts.tokens.shape[0])
-    return rollouts
 
 
 def equivalence(out: Path, overrides: list[str]) -> None:
     torch.manual_seed(0)
     session = open_session(load_config(None, overrides + [f"out={out / 'run'}"]))
     state = session.dist
-    batch = fixed_batch(session)
+    batch = unequal_batch(session)
     rows = distributed.shard(list(range(batch.tokens.shape[0])), state)
     mine = batch.select(slice(rows[0], rows[-1] + 1))
     hidden = None

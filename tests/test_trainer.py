@@ -41,6 +41,9 @@ def test_short_run_lowers_teacher_kl_and_writes_the_run_directory(model_dirs, to
 
 @pytest.mark.parametrize("extra", [{}, {"kl": "full"}, {"lora_rank": 4, "lora_targets": "q_proj,v_proj"}])
 def test_resume_reproduces_the_uninterrupted_run(model_dirs, tmp_path, extra):
+    # resumed at step 2 of a 6-step warm-up: the learning rate is still rising, so an unrestored
+    # scheduler (or optimizer) shows in the lr and in every later loss
+    extra = {"warmup_steps": 6, **extra}
     whole = tmp_path / "whole"
     train(load_config(None, tiny_train_overrides(model_dirs, whole, **extra)), progress=False)
     part = tmp_path / "part"
@@ -52,9 +55,36 @@ def test_resume_reproduces_the_uninterrupted_run(model_dirs, tmp_path, extra):
     expected, got = read_jsonl(whole / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in expected]
     for a, b in zip(expected, got, strict=True):
-        for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl"):
+        for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl", "lr", "grad_norm"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert [r["lr"] for r in got[1:]] == pytest.approx([1e-2 * s / 6 for s in (1, 2, 3, 4)])
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_over(model_dirs, tmp_path, monkeypatch):
+    import opd.trainer
+
+    out = tmp_path / "run"
+    real = opd.trainer.training_step
+
+    def interrupted(session, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(session, step)
+
+    monkeypatch.setattr(opd.trainer, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, tiny_train_overrides(model_dirs, out)), progress=False)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    assert not (out / "checkpoints").exists()
+    monkeypatch.setattr(opd.trainer, "training_step", real)
+    train(load_config(None, tiny_train_overrides(model_dirs, out)), resume=out, progress=False)
+    fresh = tmp_path / "fresh"
+    train(load_config(None, tiny_train_overrides(model_dirs, fresh)), progress=False)
+    expected, got = read_jsonl(fresh / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
+    for a, b in zip(expected[1:], got[1:], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
 
 
 def test_resume_refuses_a_directory_that_is_not_a_run(model_dirs, tmp_path):

@@ -193,6 +193,7 @@ def training_step(session: Session, step: int) -> dict:
     ranks = distributed.all_gather(local, session.dist)
     merged = {key: [v for r in ranks for v in r[key]] for key in ("completion_lengths", "prompt_lengths", "rewards")}
     num_tokens = sum(merged["completion_lengths"])
+    lr = session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     loss, grad_norm = update(session, rollouts, teacher_hidden, num_tokens, step)
     loss = sum(distributed.all_gather(loss, session.dist)) / session.dist.world
     trained = time.perf_counter()
@@ -206,7 +207,7 @@ def training_step(session: Session, step: int) -> dict:
         "train_reward": sum(merged["rewards"]) / len(merged["rewards"]),
         "completion_tokens": num_tokens,
         "grad_norm": grad_norm,
-        "lr": session.scheduler.get_last_lr()[0],
+        "lr": lr,
         **step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
                      merged["completion_lengths"], "sft_data" if from_data else config.method,
                      group=1 if from_data else config.samples_per_prompt),

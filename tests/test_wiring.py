@@ -1,0 +1,113 @@
+"""The trainer's wiring where one-line bugs hide: the rendered prompt, EOS in what is trained, gradient
+clipping, gradient accumulation over completions of unequal lengths, and the sampler's recorded log-probs."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_train_overrides, unequal_batch
+from opd.config import load_config
+from opd.models import chat_prompt_ids
+from opd.sampler import sample
+from opd.setup import open_session
+from opd.trainer import advantages, dataset_rollouts, step_rollouts, train_examples, update
+
+
+def test_the_prompt_is_the_chat_template_with_its_generation_prompt(model_dirs, tmp_path, tokenizer):
+    session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run")))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 1+2"}]
+    # the zoo's template, written out by hand
+    expected = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCompute 1+2<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert session.prompt_ids(messages) == tokenizer.encode(expected, add_special_tokens=False)
+    assert tokenizer.decode(chat_prompt_ids(tokenizer, messages)) == expected
+    example = train_examples(session, 0)[0]
+    rollouts = step_rollouts(session, 0)
+    first_prompt = rollouts.tokens[0][(rollouts.attention_mask[0] > 0) & (rollouts.completion_mask[0] == 0)]
+    assert tokenizer.decode(first_prompt.tolist()).endswith("<|im_start|>assistant\n")
+    assert first_prompt.tolist() == session.prompt_ids(example.messages)
+
+
+def stopping_model(tokenizer, seed=3):
+    """A tiny model whose EOS is likely enough that rows stop at different steps."""
+    from opd.zoo import make_model
+
+    model = make_model(tokenizer, layers=1, width=16, seed=seed).eval()
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[tokenizer.eos_token_id] = head.mean(0) * 0 + torch.randn(head.shape[1]) * 3
+    return model
+
+
+def test_eos_is_sampled_into_the_completion_mask_and_nothing_after_it(tokenizer):
+    eos = tokenizer.eos_token_id
+    model = stopping_model(tokenizer)
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": t}]) for t in ("Compute 1+2", "Compute 2*3")]
+    rollouts = sample(model, prompts, samples_per_prompt=8, max_new_tokens=10, eos_id=eos, pad_id=eos,
+                      vocab_size=len(tokenizer), generator=torch.Generator().manual_seed(1))
+    width = max(len(p) for p in prompts)
+    stopped = 0
+    for row in range(rollouts.tokens.shape[0]):
+        generated = rollouts.tokens[row, width:].tolist()  # the raw columns, not what the mask says
+        length = generated.index(eos) + 1 if eos in generated else len(generated)
+        stopped += eos in generated and length < len(generated)
+        mask = rollouts.completion_mask[row, width:]
+        assert mask[:length].tolist() == [1.0] * length  # EOS included
+        assert mask[length:].sum() == 0
+        if eos in generated:
+            assert rollouts.sampler_logprobs[row, width + length - 1] < 0  # EOS's log-prob was recorded
+    assert stopped >= 4  # rows of unequal lengths, so the test means something
+
+
+def test_sft_pairs_train_on_eos(model_dirs, tmp_path, tokenizer):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "Compute 1+1", "completion": "= 2"}) + "\n")
+    session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", method="sft",
+                                                                  sft_data=data, prompts_per_step=1)))
+    _, rollouts = dataset_rollouts(session, 0)
+    trained = rollouts.tokens[0][rollouts.completion_mask[0] > 0].tolist()
+    assert trained == tokenizer.encode("= 2", add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def sgd_step(model_dirs, tmp_path, name, **extra) -> dict:
+    session = open_session(load_config(None, tiny_train_overrides(
+        model_dirs, tmp_path / name, prompts_per_step=4, samples_per_prompt=2, grad_clip=1e9, **extra)))
+    batch = unequal_batch(session)
+    hidden = None
+    if session.config.kl == "full":
+        batch.teacher_logprobs, hidden = session.teacher.score_with_hidden(batch)
+    else:
+        batch.teacher_logprobs = session.teacher.score(batch)
+    batch.advantages = advantages(session, batch)
+    # SGD at rate 1: the weight change is the gradient itself (Adam would hide a wrong normalisation)
+    session.optimizer = torch.optim.SGD(session.trainable, lr=1.0)
+    update(session, batch, hidden, int(batch.completion_mask.sum()), step=0)
+    return {k: v.detach().clone() for k, v in session.full_model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method, kl", [("opd", "sampled"), ("opd", "full"), ("sft", "sampled"), ("rl", "sampled")])
+def test_gradient_accumulation_equals_one_batch_with_unequal_lengths(model_dirs, tmp_path, method, kl):
+    one = sgd_step(model_dirs, tmp_path, "one", method=method, kl=kl)
+    for micro in (2, 4):
+        many = sgd_step(model_dirs, tmp_path, f"acc{micro}", method=method, kl=kl, grad_accum=micro)
+        worst = max((one[k] - many[k]).abs().max().item() for k in one)
+        assert worst < 1e-6, (micro, worst)
+
+
+def test_clipping_bounds_the_gradient_the_optimizer_applies(model_dirs, tmp_path):
+    session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", grad_clip=1e-3)))
+    batch = unequal_batch(session)
+    batch.teacher_logprobs = session.teacher.score(batch)
+    batch.advantages = advantages(session, batch)
+    applied = []
+    real_step = session.optimizer.step
+
+    def step(*args, **kwargs):
+        applied.append(torch.cat([p.grad.flatten() for p in session.trainable]).norm().item())
+        return real_step(*args, **kwargs)
+
+    session.optimizer.step = step
+    _, grad_norm = update(session, batch, None, int(batch.completion_mask.sum()), step=0)
+    assert grad_norm > 0.01  # the norm before clipping, as logged
+    assert applied == [pytest.approx(1e-3, rel=1e-4)]
