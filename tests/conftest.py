@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd.models import save_model
-from opd.rollouts import Rollouts
+from opd.models import chat_prompt_ids, load_model, load_tokenizer, save_model
+from opd.rollouts import Rollouts, pack_pairs
 from opd.sampler import sample
+from opd.server import BackgroundServer, ServerConfig, create_app
 from opd.zoo import build_tokenizer, make_model
 
 
@@ -74,6 +75,26 @@ def unequal_batch(session) -> Rollouts:
         rollouts.sampler_logprobs[row, width + keep:] = 0
     rollouts.rewards = torch.linspace(0, 1, rollouts.tokens.shape[0])
     return rollouts
+
+
+class LiveServer(BackgroundServer):
+    """``opd serve``'s app for a model directory, on a free loopback port."""
+
+    def __init__(self, model_dir, api_key=None, max_model_len=256):
+        self.model = load_model(model_dir, torch.device("cpu"), torch.float32).eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        config = ServerConfig(model_name="teacher", api_key=api_key, max_model_len=max_model_len,
+                              max_body_bytes=64 * 1024)
+        self.app = create_app(self.model, self.tokenizer, config)
+        super().__init__(self.app)
+
+
+def rollouts_of(tokenizer):
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": t}])
+               for t in ["Compute 1+2", "Compute 3*(4+5)-2 with a longer prompt", "x"]]
+    completions = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id]
+                   for c in ["= 3\nAnswer: 3", "= 25", "hello there, a longer completion"]]
+    return pack_pairs(prompts, completions, tokenizer.pad_token_id)
 
 
 def read_jsonl(path: Path) -> list[dict]:

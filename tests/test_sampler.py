@@ -64,3 +64,57 @@ def test_draw_matches_the_distribution_and_never_picks_a_zero():
     # only the ratios matter: a scaled row draws the same tokens from the same uniforms
     assert torch.equal(draw(probs * 4, torch.Generator().manual_seed(3)),
                        draw(probs, torch.Generator().manual_seed(3)))
+
+
+def nucleus_logprob(logits: torch.Tensor, token: int, temperature: float, top_p: float) -> float:
+    """log q(token) written out in float64, one position at a time: softmax(z / T), keep the most likely
+    tokens until their mass reaches top_p, renormalise."""
+    probs = torch.softmax(logits.double() / temperature, -1).tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept, mass = [], 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += probs[i]
+    assert token in kept, "a token outside the nucleus was sampled"
+    return float(torch.tensor(probs[token] / mass).log())
+
+
+def test_recorded_logprobs_are_the_tempered_nucleus_distribution(tokenizer, tiny_model):
+    prompts = prompts_of(tokenizer, ["Compute 1+2", "Compute 3*(4+5)-2"])
+    temperature, top_p = 0.6, 0.7
+    rollouts = sample(tiny_model, prompts, samples_per_prompt=2, max_new_tokens=6, temperature=temperature,
+                      top_p=top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                      vocab_size=len(tokenizer), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = tiny_model(input_ids=rollouts.tokens, attention_mask=rollouts.attention_mask,
+                            position_ids=rollouts.position_ids).logits
+    checked = 0
+    for b, t in (rollouts.completion_mask > 0).nonzero().tolist():
+        expected = nucleus_logprob(logits[b, t - 1], int(rollouts.tokens[b, t]), temperature, top_p)
+        assert abs(float(rollouts.sampler_logprobs[b, t]) - expected) < 1e-4
+        checked += 1
+    assert checked == 24
+
+
+def test_a_padded_embedding_never_samples_past_the_tokenizer(tokenizer):
+    """Qwen-style padding: embedding rows past len(tokenizer) that no text maps to. Here they are made the
+    most likely tokens; the sampler must still draw (and normalise over) the tokenizer's ids only."""
+    from opd.zoo import make_model
+
+    vocab = len(tokenizer)
+    model = make_model(tokenizer, layers=1, width=16, seed=3)
+    model.resize_token_embeddings(vocab + 8)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[vocab:] = model.get_output_embeddings().weight[:vocab].sum(0) * 50
+    model.eval()
+    prompts = prompts_of(tokenizer, ["Compute 1+2"])
+    for temperature in (0.0, 1.0):
+        rollouts = sample(model, prompts, samples_per_prompt=4, max_new_tokens=8, temperature=temperature,
+                          eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab,
+                          generator=torch.Generator().manual_seed(0))
+        assert int(rollouts.tokens.max()) < vocab
+        with torch.no_grad():
+            recomputed = token_logprobs(model, rollouts, vocab)
+        assert (recomputed - rollouts.sampler_logprobs).abs().max() <= 1e-5

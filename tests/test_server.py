@@ -8,42 +8,21 @@ import httpx
 import pytest
 import torch
 
-from conftest import read_jsonl, tiny_train_overrides
+from conftest import LiveServer, read_jsonl, rollouts_of, tiny_train_overrides
 from opd.config import load_config
-from opd.models import OpdError, chat_prompt_ids, load_model, load_tokenizer
+from opd.models import OpdError
 from opd.remote import RemoteTeacher
-from opd.rollouts import pack_pairs
-from opd.server import BackgroundServer, ServerConfig, create_app, free_port
+from opd.server import free_port
 from opd.teacher import LocalTeacher
 from opd.trainer import train
 
 API_KEY = "test-key"
 
 
-class LiveServer(BackgroundServer):
-    """``opd serve``'s app for a model directory, on a free loopback port."""
-
-    def __init__(self, model_dir, api_key=None, max_model_len=256):
-        self.model = load_model(model_dir, torch.device("cpu"), torch.float32).eval()
-        self.tokenizer = load_tokenizer(model_dir)
-        config = ServerConfig(model_name="teacher", api_key=api_key, max_model_len=max_model_len,
-                              max_body_bytes=64 * 1024)
-        self.app = create_app(self.model, self.tokenizer, config)
-        super().__init__(self.app)
-
-
 @pytest.fixture(scope="module")
 def server(model_dirs):
     with LiveServer(model_dirs["teacher"]) as live:
         yield live
-
-
-def rollouts_of(tokenizer):
-    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": t}])
-               for t in ["Compute 1+2", "Compute 3*(4+5)-2 with a longer prompt", "x"]]
-    completions = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id]
-                   for c in ["= 3\nAnswer: 3", "= 25", "hello there, a longer completion"]]
-    return pack_pairs(prompts, completions, tokenizer.pad_token_id)
 
 
 def test_remote_scoring_equals_in_process_scoring(server, tokenizer):

@@ -1,0 +1,97 @@
+"""The remote teacher against a live `opd serve` that misbehaves on purpose: 5xx answers, timeouts, and
+servers that fail each connection check. Every wait is bounded."""
+
+import asyncio
+
+import pytest
+import torch
+from fastapi.responses import JSONResponse
+
+from conftest import LiveServer, rollouts_of
+from opd.models import OpdError
+from opd.remote import RemoteTeacher
+from opd.teacher import LocalTeacher
+from opd.zoo import build_tokenizer
+
+
+class Misbehaving(LiveServer):
+    """``opd serve`` whose first ``fail_first`` completion requests answer ``status`` (or, with
+    ``delay``, come back only after ``delay`` seconds), and whose model listing can be replaced."""
+
+    def __init__(self, model_dir, fail_first=0, status=503, delay=0.0, listing=None):
+        super().__init__(model_dir)
+        self.completion_calls = 0
+
+        @self.app.middleware("http")
+        async def misbehave(request, call_next):
+            if request.url.path == "/v1/models" and listing is not None:
+                return JSONResponse(listing)
+            if request.url.path == "/v1/completions":
+                self.completion_calls += 1
+                if self.completion_calls <= fail_first:
+                    if delay:
+                        await asyncio.sleep(delay)
+                    else:
+                        return JSONResponse({"error": {"message": "overloaded"}}, status_code=status)
+            return await call_next(request)
+
+
+def local_scores(model_dirs, tokenizer, rollouts):
+    from opd.models import load_model
+
+    teacher = load_model(model_dirs["teacher"], torch.device("cpu"), torch.float32)
+    return LocalTeacher(teacher, len(tokenizer)).score(rollouts)
+
+
+@pytest.mark.parametrize("misbehaviour", [{"status": 503}, {"status": 502}, {"delay": 1.5}])
+def test_the_remote_teacher_recovers_from_5xx_and_timeouts(model_dirs, tokenizer, misbehaviour):
+    rollouts = rollouts_of(tokenizer)
+    with Misbehaving(model_dirs["teacher"], fail_first=2, **misbehaviour) as server:
+        teacher = RemoteTeacher(server.url, model="teacher", retries=3, backoff=0.01, timeout=0.5,
+                                rows_per_request=8)
+        scores = teacher.score(rollouts)
+        assert server.completion_calls == 3  # two failures, then the answer
+    assert torch.allclose(scores, local_scores(model_dirs, tokenizer, rollouts), atol=1e-5)
+
+
+def test_retries_run_out_with_the_last_failure_named(model_dirs, tokenizer):
+    with Misbehaving(model_dirs["teacher"], fail_first=100, status=503) as server:
+        teacher = RemoteTeacher(server.url, model="teacher", retries=2, backoff=0.01, rows_per_request=8)
+        with pytest.raises(OpdError, match=r"did not answer POST /v1/completions after 3 tries; last failure: "
+                                           r"HTTP 503: .*overloaded.*--resume"):
+            teacher.score(rollouts_of(tokenizer))
+        assert server.completion_calls == 3
+
+
+def test_a_4xx_is_not_retried(model_dirs, tokenizer):
+    with Misbehaving(model_dirs["teacher"], fail_first=100, status=422) as server:
+        teacher = RemoteTeacher(server.url, model="teacher", retries=3, backoff=0.01)
+        with pytest.raises(OpdError, match=r"refused the request: HTTP 422"):
+            teacher.score(rollouts_of(tokenizer))
+        assert server.completion_calls == 1
+
+
+def listing(**entry):
+    return {"object": "list", "data": [{"id": "teacher", "max_model_len": 256, "vocab_size": 300, **entry}]}
+
+
+@pytest.mark.parametrize("model, served, needed, message", [
+    (None, {"object": "list", "data": [{"id": "a"}, {"id": "b"}]}, 10,
+     r"serves \['a', 'b'\]; choose one with teacher_model="),
+    ("other", None, 10, r"does not serve 'other'; it serves \['teacher'\]"),
+    (None, None, 300, r"has a context of 256 tokens, but prompts plus max_new_tokens need up to 300"),
+    (None, listing(vocab_size=100), 10, r"has 100 token ids, the student's tokenizer \d+"),
+])
+def test_each_connection_check_refuses_with_its_reason(model_dirs, tokenizer, model, served, needed, message):
+    with Misbehaving(model_dirs["teacher"], listing=served) as server:
+        with pytest.raises(OpdError, match=message):
+            RemoteTeacher(server.url, model=model, retries=0).connect(tokenizer, needed)
+        if served is None:  # the same server passes with a sane request
+            RemoteTeacher(server.url, retries=0).connect(tokenizer, 10)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(model_dirs):
+    other = build_tokenizer(seed=5, vocab_size=280, operators=2, corpus_lines=200)
+    with Misbehaving(model_dirs["teacher"]) as server:
+        with pytest.raises(OpdError, match="tokenizer of teacher teacher .* differs from the student's"):
+            RemoteTeacher(server.url, retries=0).connect(other, 10)
