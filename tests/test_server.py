@@ -89,6 +89,29 @@ def test_many_concurrent_clients_all_get_correct_answers(server, tokenizer):
     ({"prompt": [1, 2], "prompt_logprobs": 100}, 400, "prompt_logprobs=100"),
     ({"prompt": [1, 2], "model": "gpt-9"}, 404, "does not exist"),
     ({}, 400, "invalid request: prompt"),
+    ({"prompt": [1, 2], "stream": True}, 400, "stream=True: this server answers in one body"),
+    ({"prompt": [1, 2], "stream_options": {"include_usage": True}}, 400, "stream_options="),
+    ({"prompt": [1, 2], "n": -3}, 400, "n=-3: must be at least 1"),
+    ({"prompt": [1, 2], "n": 2}, 400, "n=2: must be 1"),
+    ({"prompt": [1, 2], "best_of": 3}, 400, "best_of=3"),
+    ({"prompt": [1, 2], "top_p": "x"}, 400, "invalid request: top_p"),
+    ({"prompt": [1, 2], "top_p": 0}, 400, "top_p=0: must be in (0, 1]"),
+    ({"prompt": [1, 2], "top_k": -5}, 400, "top_k=-5"),
+    ({"prompt": [1, 2], "min_p": 2}, 400, "min_p=2"),
+    ({"prompt": [1, 2], "stop": 5}, 400, "invalid request: stop"),
+    ({"prompt": [1, 2], "max_tokens": 1, "stop": ["\n"]}, 400, "stop=['\\n']: not implemented when generating"),
+    ({"prompt": [1, 2], "max_tokens": 1, "stop_token_ids": [3]}, 400, "stop_token_ids=[3]"),
+    ({"prompt": [1, 2], "temperature": -1}, 400, "temperature=-1: must be at least 0"),
+    ({"prompt": [1, 2], "max_tokens": 1, "temperature": 0.7}, 400, "extends greedily only"),
+    ({"prompt": [1, 2], "presence_penalty": 5}, 400, "presence_penalty=5: must be in [-2, 2]"),
+    ({"prompt": [1, 2], "frequency_penalty": 0.5}, 400, "frequency_penalty=0.5: not implemented"),
+    ({"prompt": [1, 2], "repetition_penalty": 0}, 400, "repetition_penalty=0: must be positive"),
+    ({"prompt": [1, 2], "repetition_penalty": 1.2}, 400, "repetition_penalty=1.2: not implemented"),
+    ({"prompt": [1, 2], "logit_bias": {"5": 1.0}}, 400, "logit_bias="),
+    ({"prompt": [1, 2], "suffix": "x"}, 400, "suffix='x'"),
+    ({"prompt": [1, 2], "logprobs": -1}, 400, "logprobs=-1 must be between 0 and 20"),
+    ({"prompt": [1, 2], "frobnicate": 1}, 400, "frobnicate: not a parameter this server implements"),
+    ({"prompt": [1, 2], "echo": "yes"}, 400, "invalid request: echo"),
 ])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
     body = {"max_tokens": 0, **body} if body else body
@@ -96,6 +119,19 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, statu
     assert response.status_code == status
     assert message in response.json()["error"]["message"]
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_what_clients_send_by_default_is_accepted(server):
+    """Neutral values of every sampling parameter, as OpenAI's and vLLM's clients send them."""
+    body = {"prompt": [1, 2, 3], "max_tokens": 1, "temperature": 0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+            "n": 1, "best_of": 1, "stream": False, "stop": None, "stop_token_ids": [], "seed": 7,
+            "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {},
+            "user": "me", "skip_special_tokens": True, "echo": True, "logprobs": 2, "prompt_logprobs": 1}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
+    scoring = {"prompt": [[1, 2], [3, 4, 5]], "max_tokens": 0, "temperature": 1.0, "stop": ["\n"], "top_p": 0.9}
+    assert httpx.post(f"{server.url}/v1/completions", json=scoring, timeout=30).status_code == 200
 
 
 def test_malformed_json_and_oversized_bodies(server):

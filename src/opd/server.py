@@ -24,7 +24,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 MAX_TOP_K = 20
 
@@ -40,15 +40,39 @@ def error_response(status: int, message: str, kind: str) -> JSONResponse:
                                                                "code": status}})
 
 
+Number = StrictFloat | StrictInt
+
+
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """The completions API's parameters (OpenAI's and vLLM's sampling extensions). An unknown field, a
+    value of the wrong type, or a value this server does not honour is a 400 naming the field
+    (``check_sampling``), never silently ignored: a client must not read something it did not ask for."""
+
+    model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
     prompt: list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt = 16
     echo: StrictBool = False
     logprobs: StrictInt | None = None
     prompt_logprobs: StrictInt | None = None
-    temperature: float | None = Field(default=None)
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    n: StrictInt = 1
+    best_of: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: dict | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    repetition_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+    suffix: StrictStr | None = None
+    user: StrictStr | None = None
+    skip_special_tokens: StrictBool = True
 
 
 class TokenizeRequest(BaseModel):
@@ -169,8 +193,10 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}",
-                              "invalid_request_error")
+        message = first.get("msg", "malformed")
+        if first.get("type") == "extra_forbidden":
+            message = "not a parameter this server implements"
+        return error_response(400, f"invalid request: {where or 'body'}: {message}", "invalid_request_error")
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -229,10 +255,56 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
     return app
 
 
-def validate_prompt(body: CompletionRequest, vocab_size: int, max_model_len: int) -> list[list[int]]:
+def check_sampling(body: CompletionRequest) -> None:
+    """Refuse what this server does not honour: it scores (``max_tokens=0``) or extends by one greedy
+    token (``max_tokens=1``), one choice per prompt, in one body. Neutral values are accepted."""
+
+    def refuse(name: str, why: str) -> None:
+        raise ApiError(400, f"{name}={getattr(body, name)!r}: {why}")
+
     if body.max_tokens not in (0, 1):
-        raise ApiError(400, f"max_tokens={body.max_tokens}: this server only scores (0) or extends by one "
-                       "greedy token (1)")
+        refuse("max_tokens", "this server only scores (0) or extends by one greedy token (1)")
+    if body.stream:
+        refuse("stream", "this server answers in one body; it does not stream")
+    if body.stream_options is not None:
+        refuse("stream_options", "only valid with stream=true, which this server does not implement")
+    if body.n != 1:
+        refuse("n", "must be 1: this server returns one choice per prompt" if body.n >= 1 else "must be at least 1")
+    if body.best_of not in (None, 1):
+        refuse("best_of", "must be 1 (or absent)")
+    if body.temperature is not None:
+        if body.temperature < 0:
+            refuse("temperature", "must be at least 0")
+        if body.temperature > 0 and body.max_tokens > 0:
+            refuse("temperature", "this server extends greedily only: use temperature=0 (or max_tokens=0)")
+    if body.top_p is not None and not 0 < body.top_p <= 1:
+        refuse("top_p", "must be in (0, 1]")
+    if body.top_k is not None and body.top_k < -1:
+        refuse("top_k", "must be -1 or 0 (off) or at least 1")
+    if body.min_p is not None and not 0 <= body.min_p <= 1:
+        refuse("min_p", "must be in [0, 1]")
+    def within(value, low: float, high: float) -> bool:
+        return value is None or low <= value <= high
+
+    penalties = (("presence_penalty", 0, within(body.presence_penalty, -2, 2), "must be in [-2, 2]"),
+                 ("frequency_penalty", 0, within(body.frequency_penalty, -2, 2), "must be in [-2, 2]"),
+                 ("repetition_penalty", 1, body.repetition_penalty is None or body.repetition_penalty > 0,
+                  "must be positive"))
+    for name, neutral, valid, rule in penalties:
+        if not valid:
+            refuse(name, rule)
+        if getattr(body, name) not in (None, neutral):
+            refuse(name, f"not implemented by this server; leave it at {neutral}")
+    if body.logit_bias:
+        refuse("logit_bias", "not implemented by this server")
+    if body.suffix is not None:
+        refuse("suffix", "not implemented by this server")
+    if body.max_tokens > 0 and (body.stop or body.stop_token_ids):
+        refuse("stop" if body.stop else "stop_token_ids", "not implemented when generating (max_tokens=1)")
+
+
+def validate_prompt(body: CompletionRequest, vocab_size: int, max_model_len: int) -> list[list[int]]:
+    check_sampling(body)
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(body, name)
         if value is not None and not 0 <= value <= MAX_TOP_K:
