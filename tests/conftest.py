@@ -97,6 +97,13 @@ def rollouts_of(tokenizer):
     return pack_pairs(prompts, completions, tokenizer.pad_token_id)
 
 
+def use_sgd(session, lr: float) -> None:
+    """Plain SGD at a constant rate in place of the session's AdamW (and its schedule): the weight change
+    is then the gradient itself, where Adam's first step is nearly blind to a gradient's scale."""
+    session.optimizer = torch.optim.SGD(session.trainable, lr=lr)
+    session.scheduler = torch.optim.lr_scheduler.LambdaLR(session.optimizer, lambda _: 1.0)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

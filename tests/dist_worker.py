@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import unequal_batch
+from conftest import unequal_batch, use_sgd
 from opd import distributed
 from opd.config import load_config
 from opd.setup import open_session
@@ -33,9 +33,7 @@ def equivalence(out: Path, overrides: list[str]) -> None:
     else:
         mine.teacher_logprobs = session.teacher.score(mine)
     mine.advantages = advantages(session, mine)
-    # plain SGD at rate 1 and no clipping: the weight change is the gradient itself (Adam's first step
-    # is nearly blind to a gradient's scale, which would hide a wrong normalisation)
-    session.optimizer = torch.optim.SGD(session.trainable, lr=1.0)
+    use_sgd(session, lr=1.0)  # with no clipping, the weight change is the gradient itself
     update(session, mine, hidden, int(batch.completion_mask.sum()), step=0)
     if state.main:
         weights = {k: v.detach().clone() for k, v in session.full_model.state_dict().items()}

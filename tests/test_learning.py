@@ -9,7 +9,7 @@ gradient itself. Their measure is exact (a full-vocabulary KL), not sampled, so 
 import pytest
 import torch
 
-from conftest import tiny_train_overrides
+from conftest import tiny_train_overrides, use_sgd
 from opd.config import load_config
 from opd.losses import group_centred_rewards, reverse_kl_advantages
 from opd.scoring import head_logprobs
@@ -21,8 +21,7 @@ def one_prompt_session(dirs, tmp_path, **extra):
     values = {"prompts_per_step": 1, "samples_per_prompt": 1024, "max_new_tokens": 1, "train_prompts": 1,
               "grad_clip": 1e9, **extra}
     session = open_session(load_config(None, tiny_train_overrides(dirs, tmp_path / "run", **values)))
-    session.optimizer = torch.optim.SGD(session.trainable, lr=0.1)
-    session.scheduler = torch.optim.lr_scheduler.LambdaLR(session.optimizer, lambda _: 1.0)
+    use_sgd(session, lr=0.1)
     return session
 
 

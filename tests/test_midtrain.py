@@ -3,9 +3,8 @@
 import json
 
 import pytest
-import torch
 
-from conftest import read_jsonl, tiny_train_overrides
+from conftest import read_jsonl, tiny_train_overrides, use_sgd
 from opd.config import load_config
 from opd.models import OpdError
 from opd.setup import open_session
@@ -94,7 +93,7 @@ def test_self_distillation_from_an_identical_teacher_is_a_no_op(model_dirs, tmp_
         rollouts.teacher_logprobs = session.teacher.score(rollouts)
     rollouts.advantages = advantages(session, rollouts)
     assert rollouts.advantages.abs().max() < 1e-5
-    session.optimizer = torch.optim.SGD(session.trainable, lr=1.0)
+    use_sgd(session, lr=1.0)
     loss, grad_norm = update(session, rollouts, hidden, rollouts.num_completion_tokens, 0)
     assert abs(loss) < 1e-5 and grad_norm < 1e-4
     moved = max((session.student.state_dict()[k] - v).abs().max().item() for k, v in before.items())

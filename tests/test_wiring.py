@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_train_overrides, unequal_batch
+from conftest import tiny_train_overrides, unequal_batch, use_sgd
 from opd.config import load_config
 from opd.models import chat_prompt_ids
 from opd.sampler import sample
@@ -80,8 +80,7 @@ def sgd_step(model_dirs, tmp_path, name, **extra) -> dict:
     else:
         batch.teacher_logprobs = session.teacher.score(batch)
     batch.advantages = advantages(session, batch)
-    # SGD at rate 1: the weight change is the gradient itself (Adam would hide a wrong normalisation)
-    session.optimizer = torch.optim.SGD(session.trainable, lr=1.0)
+    use_sgd(session, lr=1.0)
     update(session, batch, hidden, int(batch.completion_mask.sum()), step=0)
     return {k: v.detach().clone() for k, v in session.full_model.state_dict().items()}
 
@@ -101,13 +100,8 @@ def test_clipping_bounds_the_gradient_the_optimizer_applies(model_dirs, tmp_path
     batch.teacher_logprobs = session.teacher.score(batch)
     batch.advantages = advantages(session, batch)
     applied = []
-    real_step = session.optimizer.step
-
-    def step(*args, **kwargs):
-        applied.append(torch.cat([p.grad.flatten() for p in session.trainable]).norm().item())
-        return real_step(*args, **kwargs)
-
-    session.optimizer.step = step
+    session.optimizer.register_step_pre_hook(
+        lambda *_: applied.append(torch.cat([p.grad.flatten() for p in session.trainable]).norm().item()))
     _, grad_norm = update(session, batch, None, int(batch.completion_mask.sum()), step=0)
     assert grad_norm > 0.01  # the norm before clipping, as logged
     assert applied == [pytest.approx(1e-3, rel=1e-4)]

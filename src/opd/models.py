@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +59,17 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> to
     return model.to(device)
 
 
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The KV cache as the installed transformers wants it passed to ``model``'s forward: ``cache=``
+    (transformers 5.x, where ``past_key_values=`` warns that it is deprecated) or ``past_key_values=``."""
+    return {_cache_argument(type(model.get_decoder() if hasattr(model, "get_decoder") else model)): cache}
+
+
+@functools.cache
+def _cache_argument(decoder_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` rendered with the tokenizer's chat template, ready for the reply."""
     if tokenizer.chat_template:
@@ -89,13 +104,23 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
     raise OpdError("\n".join(lines))
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers ``is_gradient_checkpointing``, which transformers 5 deprecates with a
+    FutureWarning a user cannot act on: silence that one message, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     modules = [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0,
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with quiet_peft():
+        return get_peft_model(model, config)
 
 
 def plain_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from opd.losses import sampling_logprobs
+from opd.models import cache_kwargs
 from opd.rollouts import Rollouts
 
 
@@ -134,7 +135,7 @@ def sample(
     cache = generation_cache(model, prompt_width + max_new_tokens)
     # each prompt is read once, then its cache is repeated for its samples
     logits = model(input_ids=prompt_tokens, attention_mask=prompt_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True,
+                   use_cache=True, **cache_kwargs(model, cache),
                    logits_to_keep=1,  # never a (B, P, V) logits tensor for the prompt
                    ).logits[:, -1, :vocab_size]
     rows = torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt)
@@ -183,7 +184,7 @@ def sample(
         positions = positions[:, -1:] + 1
         mask = attention.bool()[:, None, None, :] if direct_mask else attention
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1, :vocab_size]
+                       use_cache=True, **cache_kwargs(model, cache)).logits[:, -1, :vocab_size]
 
     completion, completion_lp = completion[:, :length], completion_lp[:, :length]
     completion_mask = completion_mask[:, :length]

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from opd.losses import reverse_kl_from_logits, sampling_logprobs
+from opd.models import cache_kwargs
 from opd.rollouts import Rollouts
 
 LOGITS_BUDGET = 1 << 25  # float32 elements per chunk of logits (128 MiB)
@@ -46,7 +47,7 @@ def completion_hidden(model: torch.nn.Module, rollouts: Rollouts) -> tuple[torch
         input_ids=rollouts.tokens[first, :width],
         attention_mask=rollouts.attention_mask[first, :width],
         position_ids=positions[first, :width],
-        past_key_values=cache,
+        **cache_kwargs(decoder, cache),
         use_cache=True,
     ).last_hidden_state
     # positions width-1 .. T-2 predict the tokens at width .. T-1
@@ -57,7 +58,7 @@ def completion_hidden(model: torch.nn.Module, rollouts: Rollouts) -> tuple[torch
             input_ids=rollouts.tokens[:, width:-1],
             attention_mask=rollouts.attention_mask[:, :-1],
             position_ids=positions[:, width:-1],
-            past_key_values=cache,
+            **cache_kwargs(decoder, cache),
             use_cache=True,
         ).last_hidden_state], dim=1)
     return hidden[rollouts.completion_mask[:, width:] > 0], model.get_output_embeddings()

@@ -22,6 +22,7 @@ from opd.models import (
     load_tokenizer,
     pick_device,
     pick_dtype,
+    quiet_peft,
 )
 from opd.remote import RemoteTeacher
 from opd.tasks import ArithmeticTask, Example, Task
@@ -164,7 +165,8 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
         if checkpoint:
             from peft import PeftModel
 
-            student = PeftModel.from_pretrained(student, str(checkpoint[1]), is_trainable=True)
+            with quiet_peft():
+                student = PeftModel.from_pretrained(student, str(checkpoint[1]), is_trainable=True)
         else:
             student = add_lora(student, config.lora_rank, config.lora_alpha, config.lora_targets)
     vocab_size = len(tokenizer)
