@@ -111,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     dtype = pick_dtype("auto", device)
-    path = resolve_model_path(args.model)
+    path = resolve_model_path(args.model, "model")
     tokenizer = load_tokenizer(path)
     task_file = args.eval_file if args.task == "arithmetic" and args.eval_file else args.task
     config = TrainConfig(task=task_file, eval_file=args.eval_file or "")
@@ -121,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise OpdError(f"task {task.name} has no held-out prompts; pass --eval-file PATH.jsonl")
     teacher = None
     if args.teacher:
-        teacher_path = resolve_model_path(args.teacher)
+        teacher_path = resolve_model_path(args.teacher, "--teacher")
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), path, teacher_path)
         teacher = LocalTeacher(load_model(teacher_path, device, dtype), len(tokenizer))
     result = evaluate(load_model(path, device, dtype), tokenizer, task, examples,
@@ -141,7 +141,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from opd.setup import resolve_model_path
 
     device = pick_device(args.device)
-    path = resolve_model_path(args.model)
+    path = resolve_model_path(args.model, "model")
     tokenizer = load_tokenizer(path)
     model = load_model(path, device, pick_dtype("auto", device)).eval()
     prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])

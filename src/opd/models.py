@@ -38,11 +38,21 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return names[requested]
 
 
+def not_found(path: str | Path, what: str, err: Exception) -> OpdError:
+    """The error for a model or tokenizer that would not load; a hub id is named as one."""
+    if Path(path).is_dir():
+        return OpdError(f"cannot load {what} from {path}: {err}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OpdError(f"cannot load {what} for {path}: there is no local directory {path}, and the Hugging Face hub "
+                    f"did not give it ({first}). Check the name, or download it first "
+                    "(`huggingface-cli download ORG/NAME --local-dir DIR`) and give the directory.")
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
-        raise OpdError(f"cannot load a tokenizer from {path}: {err}") from err
+        raise not_found(path, "a tokenizer", err) from err
     if tokenizer.eos_token_id is None:
         raise OpdError(f"the tokenizer in {path} has no eos_token; set one in tokenizer_config.json")
     if tokenizer.pad_token_id is None:
@@ -55,7 +65,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> to
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError) as err:
-        raise OpdError(f"cannot load a causal LM from {path}: {err}") from err
+        raise not_found(path, "a causal LM", err) from err
     return model.to(device)
 
 

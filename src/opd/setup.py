@@ -5,6 +5,7 @@ compute."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,17 +32,33 @@ from opd.teacher import LocalTeacher
 EMBEDDED_PREFIX = "embedded:"
 
 
-def resolve_model_path(name: str) -> str:
-    """``embedded:NAME`` is a model shipped with opd; anything else is a directory, hub id or URL."""
-    if not name.startswith(EMBEDDED_PREFIX):
-        return name
-    from opd.zoo import EMBEDDED_DIR
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
-    path = EMBEDDED_DIR / name[len(EMBEDDED_PREFIX):]
-    if not (path / "config.json").is_file():
-        raise OpdError(f"the embedded model {name} is missing at {path}; rebuild it with `opd zoo build` "
-                       "(`opd zoo assistant` for the assistant)")
-    return str(path)
+
+def resolve_model_path(name: str, field: str = "model") -> str:
+    """``embedded:NAME`` is a model shipped with opd; a local directory must hold a model (config.json);
+    anything else must look like a hub id (``ORG/NAME``), whose loading then says if the hub lacks it.
+    ``field`` names the setting in errors (``student``, ``teacher``)."""
+    if name.startswith(EMBEDDED_PREFIX):
+        from opd.zoo import EMBEDDED_DIR
+
+        path = EMBEDDED_DIR / name[len(EMBEDDED_PREFIX):]
+        if not (path / "config.json").is_file():
+            raise OpdError(f"the embedded model {name} is missing at {path}; rebuild it with `opd zoo build` "
+                           "(`opd zoo assistant` for the assistant)")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise OpdError(f"{field}={name}: the directory has no config.json, so it is not a Hugging Face model "
+                           "directory (one written by save_pretrained, or an opd run's final/ or checkpoint)")
+        return str(path)
+    if path.exists():
+        raise OpdError(f"{field}={name} is a file; give a model directory or a hub id")
+    if not HUB_ID.fullmatch(name) or name.startswith((".", "~")):
+        raise OpdError(f"{field}={name}: the directory {path} does not exist. Give a Hugging Face model directory "
+                       "or a hub id such as Qwen/Qwen3-1.7B")
+    return name  # a hub id: load_tokenizer and load_model say if the hub does not have it
 
 
 def make_task(config: TrainConfig) -> Task:
@@ -135,8 +152,8 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     if remote and config.kl == "full" and "opd" in config.method:
         raise OpdError("kl=full needs the teacher's whole distribution, which a server does not send: "
                        "use kl=sampled with a remote teacher, or load the teacher in-process")
-    student_path = resolve_model_path(config.student)
-    teacher_path = None if midtrain else resolve_model_path(config.teacher)
+    student_path = resolve_model_path(config.student, "student")
+    teacher_path = None if midtrain or remote else resolve_model_path(config.teacher, "teacher")
     tokenizer = load_tokenizer(student_path)
     if not remote and not midtrain:
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), student_path, teacher_path)

@@ -1,0 +1,101 @@
+"""Loading models and tokenizers: every way a path, a hub id, a dtype or a tokenizer can be wrong is named,
+before any compute; and a student whose embedding is padded past its tokenizer trains."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import read_jsonl, tiny_train_overrides
+from opd.config import load_config
+from opd.models import OpdError, chat_prompt_ids, load_tokenizer, pick_dtype, save_model
+from opd.trainer import train
+from opd.zoo import make_model
+
+
+@pytest.mark.parametrize("student, message", [
+    ("/nonexistent", r"student=/nonexistent: the directory /nonexistent does not exist. Give a Hugging Face model"),
+    ("./missing/model", r"student=./missing/model: the directory missing/model does not exist"),
+    ("a/b/c", r"student=a/b/c: the directory a/b/c does not exist"),
+])
+def test_a_missing_directory_is_named_as_one(model_dirs, tmp_path, student, message):
+    with pytest.raises(OpdError, match=message):
+        train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", student=student)), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_directory_without_a_model_or_a_file_is_refused(model_dirs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OpdError, match=r"teacher=.*empty: the directory has no config.json"):
+        train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", teacher=tmp_path / "empty")),
+              progress=False)
+    (tmp_path / "weights.bin").write_text("x")
+    with pytest.raises(OpdError, match=r"student=.*weights.bin is a file"):
+        train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", student=tmp_path / "weights.bin")),
+              progress=False)
+
+
+def test_a_hub_id_that_cannot_be_had_says_so(model_dirs, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    overrides = tiny_train_overrides(model_dirs, tmp_path / "run", student="no-such-org/no-such-model")
+    result = subprocess.run([sys.executable, "-m", "opd", "train", *overrides], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 2
+    assert ("cannot load a tokenizer for no-such-org/no-such-model: there is no local directory "
+            "no-such-org/no-such-model, and the Hugging Face hub did not give it") in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_dtype_is_named():
+    with pytest.raises(OpdError, match="dtype='fp8' is not one of auto, float32"):
+        pick_dtype("fp8", torch.device("cpu"))
+    assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_a_tokenizer_without_eos_is_refused(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    values = json.loads(config.read_text())
+    values["eos_token"] = None
+    config.write_text(json.dumps(values))
+    with pytest.raises(OpdError, match="has no eos_token; set one in tokenizer_config.json"):
+        load_tokenizer(tmp_path / "tok")
+
+
+def test_a_tokenizer_without_eos_as_pad_gets_eos_as_pad(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.pad_token_id is not None
+
+
+def test_without_a_chat_template_the_prompt_is_the_plain_user_text(tokenizer):
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        messages = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "Compute 1+2"}]
+        assert chat_prompt_ids(tokenizer, messages) == tokenizer.encode("Compute 1+2", add_special_tokens=True)
+    finally:
+        tokenizer.chat_template = template
+    assert chat_prompt_ids(tokenizer, messages) != tokenizer.encode("Compute 1+2", add_special_tokens=True)
+
+
+@pytest.mark.parametrize("kl", ["sampled", "full"])
+def test_a_student_padded_past_its_tokenizer_trains_and_evaluates(model_dirs, tokenizer, tmp_path, kl):
+    """Qwen pads its embedding (151,936 rows for 151,669 tokens). Here the padded rows are the most likely
+    tokens: sampling them would crash the teacher (it cannot embed them) and bias every ratio."""
+    vocab = len(tokenizer)
+    student = make_model(tokenizer, layers=1, width=16, seed=2)
+    student.resize_token_embeddings(vocab + 8)
+    with torch.no_grad():
+        student.get_output_embeddings().weight[vocab:] = student.get_output_embeddings().weight[:vocab].sum(0) * 50
+    save_model(student, tokenizer, tmp_path / "padded")
+    out = tmp_path / "run"
+    summary = train(load_config(None, tiny_train_overrides({**model_dirs, "student": tmp_path / "padded"}, out, kl=kl,
+                                                           steps=2, eval_every=2)), progress=False)
+    assert summary["steps"] == 2 and summary["student_accuracy_after"] is not None
+    records = read_jsonl(out / "metrics.jsonl")
+    assert all(math.isfinite(r["teacher_kl"]) for r in records[1:]) and math.isfinite(records[-1]["eval_teacher_kl"])
