@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -108,4 +109,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-torch.set_num_threads(2)
+# two threads on this 2-core machine; `make mutate` sets OMP_NUM_THREADS=1, since forked test processes
+# must not inherit an OpenMP thread pool
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -10,7 +10,7 @@ from opd.config import TrainConfig
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["demo", "--help"], ["eval", "--help"],
-                                  ["sample", "--help"], ["serve", "--help"], ["zoo", "--help"],
+                                  ["sample", "--help"], ["serve", "--help"], ["chat", "--help"], ["zoo", "--help"],
                                   ["zoo", "build", "--help"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:

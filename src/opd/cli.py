@@ -154,6 +154,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from opd.chat import chat
+    from opd.models import load_model, load_tokenizer, pick_device, pick_dtype
+    from opd.setup import resolve_model_path
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise OpdError("--temperature must be at least 0 (0: greedy) and --top-p in (0, 1]")
+    device = pick_device(args.device)
+    path = resolve_model_path(args.model, "model")
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, device, pick_dtype("auto", device)).eval()
+    return chat(model, tokenizer, temperature=args.temperature, top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens, system=args.system or "", seed=args.seed)
+
+
 def rates(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -302,6 +317,19 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--device", default="auto")
     sm.set_defaults(func=cmd_sample)
+
+    ch = sub.add_parser("chat", help="talk to a model in the terminal (its chat template, history kept)",
+                        description="Talk to a model directory: one line per message; /reset forgets the "
+                        "conversation, /quit (or end of input) leaves. The oldest exchanges are dropped when the "
+                        "conversation outgrows the model's context.")
+    ch.add_argument("model", help="HF model directory, hub id, a run's final/, or embedded:assistant")
+    ch.add_argument("--system", help="a system message kept at the start of the conversation")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default 256)")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--device", default="auto")
+    ch.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="serve a teacher's log-probs over the OpenAI-compatible API")
     sv.add_argument("model", help="HF model directory, hub id, or embedded:teacher")
