@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint zoo clean
+.PHONY: demo test lint zoo mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +18,27 @@ demo: $(STAMP)
 	$(BIN)/opd demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench tools
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench tools
+
+# the core modules' functions mutated by `make mutate` (mutmut name patterns; see README, Mutation testing)
+MUTATE := 'opd.losses.*' 'opd.sampler.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.remote.*' \
+	'opd.trainer.x_advantages*' 'opd.trainer.x_policy_loss*' 'opd.trainer.x_update*' \
+	'opd.trainer.x_training_step*' 'opd.trainer.x_step_rollouts*' 'opd.trainer.x_dataset_rollouts*' \
+	'opd.trainer.x_pair_ids*' 'opd.trainer.x_train_examples*' 'opd.trainer.x_midtrain_rollouts*' \
+	'opd.server.x_check_sampling*' 'opd.server.x_validate_prompt*' 'opd.setup.x_restore*'
+
+mutate: $(STAMP)
+	$(BIN)/pip install -q -e '.[mutate]'
+	# forked test processes must not inherit an OpenMP thread pool: one thread each, two at a time
+	OMP_NUM_THREADS=1 TRANSFORMERS_VERBOSITY=error $(BIN)/mutmut run --max-children 2 $(MUTATE)
+	$(BIN)/python tools/mutation_report.py
 
 zoo: $(STAMP)
 	$(BIN)/opd zoo build
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache mutants mutation-report.md

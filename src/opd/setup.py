@@ -231,15 +231,26 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
 
     if run_dir is None:  # rank 0 alone writes the run directory; the others learn its path
         session.run_dir = Path(distributed.broadcast(str(runs.new_run_dir(config)) if state.main else None, state))
-    elif checkpoint:
-        step, path = checkpoint
-        saved = torch.load(path / "trainer_state.pt", weights_only=False)
-        distributed.load_optimizer_state(student, optimizer, saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        session.start_step, session.last_checkpoint = step, path
-        session.records = runs.read_metrics(run_dir, up_to_step=step)
-        if state.main:
-            runs.rewrite_metrics(run_dir, session.records)
-    elif state.main:  # interrupted before its first checkpoint: start over in the same directory
-        runs.rewrite_metrics(run_dir, [])
+    else:
+        restore(session, checkpoint)
     return session
+
+
+def restore(session: Session, checkpoint: tuple[int, Path] | None) -> None:
+    """Continue a run from its latest checkpoint: the optimizer's and the scheduler's state, the step, and
+    the metrics up to it (lines logged after the checkpoint are dropped, since those steps run again). A
+    run interrupted before its first checkpoint starts over in the same directory. The weights were
+    loaded from the checkpoint with the model."""
+    main = session.dist.main
+    if checkpoint is None:
+        if main:
+            runs.rewrite_metrics(session.run_dir, [])
+        return
+    step, path = checkpoint
+    saved = torch.load(path / "trainer_state.pt", weights_only=False)
+    distributed.load_optimizer_state(session.student, session.optimizer, saved["optimizer"])
+    session.scheduler.load_state_dict(saved["scheduler"])
+    session.start_step, session.last_checkpoint = step, path
+    session.records = runs.read_metrics(session.run_dir, up_to_step=step)
+    if main:
+        runs.rewrite_metrics(session.run_dir, session.records)
