@@ -83,6 +83,7 @@ def test_reasoning_experiment_end_to_end(model_dirs, tmp_path):
     for name in ("accuracy_vs_steps.png", "accuracy_vs_flops.png", "report.md"):
         assert (plan.out / name).stat().st_size > 0
     assert "compute efficiency vs SFT" in (plan.out / "report.md").read_text()
+    assert " ± " in (plan.out / "report.md").read_text()
     # the same command again reuses the finished runs: no run trains again
     metrics = plan.out / "runs" / "opd-lr0.001" / "metrics.jsonl"
     before = metrics.stat().st_mtime_ns
@@ -101,6 +102,7 @@ def test_data_reuse_and_lora_experiments_end_to_end(model_dirs, tmp_path):
     lora = run_lora(LoraPlan(tmp_path / "lora", rank=2, steps=2, eval_every=1, overrides=overrides), progress=False)
     assert {"sft_full", "sft_lora", "opd_full", "opd_lora", "sft_gap_points", "opd_gap_points"} <= set(lora)
     assert "LoRA rank 2" in (tmp_path / "lora" / "report.md").read_text()
+    assert " ± " in (tmp_path / "lora" / "report.md").read_text()
 
 
 def test_the_data_reuse_reading_says_which_way_the_student_moved():

@@ -47,3 +47,4 @@ def test_personalization_experiment_end_to_end(model_dirs, tmp_path):
     assert [p["step"] for p in summary["curve"]] == [0, 1, 2]
     assert (plan.out / "scores.png").stat().st_size > 0
     assert "| + midtrain on docs only |" in (plan.out / "report.md").read_text()
+    assert " ± " in (plan.out / "report.md").read_text()

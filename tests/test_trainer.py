@@ -32,6 +32,8 @@ def test_short_run_lowers_teacher_kl_and_writes_the_run_directory(model_dirs, to
     for name in ("config.json", "summary.json", "report.md", "curves.png", "final/config.json",
                  "checkpoints/latest.json"):
         assert (out / name).exists(), name
+    assert summary["eval_examples"] == 4 and "| held-out accuracy (4 prompts) |" in (out / "report.md").read_text()
+    assert " ± " in (out / "report.md").read_text()
     for key in ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy",
                 "teacher_kl_before", "teacher_kl_after", "steps", "wall_seconds"):
         assert key in summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -37,14 +38,24 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
+def standard_error(accuracy: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on ``n`` prompts: ``sqrt(p (1 - p) / n)``."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n)
 
 
-def fmt(value: float | None, percent: bool = False) -> str:
+def pct(value: float | None, n: int | None = None) -> str:
+    """``52.7%``, or with the number of prompts it was measured on, ``52.7% ± 3.1`` (one standard error)."""
+    if value is None:
+        return "—"
+    if not n:
+        return f"{100 * value:.1f}%"
+    return f"{100 * value:.1f}% ± {100 * standard_error(value, n):.1f}"
+
+
+def fmt(value: float | None, percent: bool = False, n: int | None = None) -> str:
     if value is None:
         return "n/a"
-    return pct(value) if percent else f"{value:.3f}"
+    return pct(value, n) if percent else f"{value:.3f}"
 
 
 def flops(value: float | None) -> str:
@@ -53,6 +64,7 @@ def flops(value: float | None) -> str:
 
 def write_report(run_dir: Path, config: TrainConfig, records: list[dict], summary: dict) -> None:
     plot_curves(records, summary, run_dir / "curves.png")
+    n = summary.get("eval_examples")
     timed = [r for r in records if "sample_seconds" in r]
     totals = {k: sum(r[k] for r in timed) for k in ("sample_seconds", "score_seconds", "train_seconds")}
     lines = [
@@ -64,8 +76,8 @@ def write_report(run_dir: Path, config: TrainConfig, records: list[dict], summar
         "",
         "| | before | after | teacher |",
         "| --- | --- | --- | --- |",
-        f"| held-out accuracy | {fmt(summary['student_accuracy_before'], True)} | "
-        f"{fmt(summary['student_accuracy_after'], True)} | {fmt(summary['teacher_accuracy'], True)} |",
+        f"| held-out accuracy ({n} prompts) | {fmt(summary['student_accuracy_before'], True, n)} | "
+        f"{fmt(summary['student_accuracy_after'], True, n)} | {fmt(summary['teacher_accuracy'], True, n)} |",
         f"| reverse KL to teacher (nats/token) | {fmt(summary['teacher_kl_before'])} | "
         f"{fmt(summary['teacher_kl_after'])} | 0 |",
         "",
@@ -80,7 +92,8 @@ def write_report(run_dir: Path, config: TrainConfig, records: list[dict], summar
         f"training), teacher {flops(summary.get('teacher_flops'))} (scoring); evaluation not counted.",
         "",
         "How to read it: accuracy is greedy decoding on the held-out split, checked by the task's "
-        "verifier. The KL is the mean over the student's own temperature-1 samples of "
+        "verifier; ± is one binomial standard error, sqrt(p(1-p)/N), so a difference inside two of them is "
+        "noise. The KL is the mean over the student's own temperature-1 samples of "
         "log p_student - log p_teacher per completion token; 0 means the student samples like the "
         "teacher. Per-step figures are in metrics.jsonl, the full config in config.json.",
         "",

@@ -268,7 +268,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
     summary = {}
     if main:
         runs.save_final(run_dir, session.full_model, session.tokenizer)
-        summary = summarize(records, config)
+        summary = summarize(records, config, len(session.eval_set))
         runs.write_json(run_dir / "summary.json", summary)
         from opd.report import write_report
 
@@ -282,11 +282,12 @@ def _last(records: list[dict], key: str) -> str:
     return f"{values[-1]:.3f}" if values else "-"
 
 
-def summarize(records: list[dict], config: TrainConfig) -> dict:
+def summarize(records: list[dict], config: TrainConfig, eval_examples: int) -> dict:
     evals = [r for r in records if "accuracy" in r]
     first, last = evals[0], evals[-1]
     return {
         "method": config.method,
+        "eval_examples": eval_examples,  # the accuracies' N: one standard error is sqrt(p (1 - p) / N)
         "student_accuracy_before": first["accuracy"],
         "student_accuracy_after": last["accuracy"],
         "teacher_accuracy": first["teacher_accuracy"],

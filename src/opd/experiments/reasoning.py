@@ -141,6 +141,7 @@ def run_reasoning(plan: ReasoningPlan, progress: bool = True) -> dict:
         "sweep": [{k: v for k, v in e.items() if k != "records"} for e in sweep],
         "selection": selection_note,
         "validation_examples": len(validation),
+        "eval_examples": len(reported),
         "steps": plan.steps,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "run_seconds": round(sum(e["records"][-1]["elapsed"] for e in sweep), 1),

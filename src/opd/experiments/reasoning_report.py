@@ -68,16 +68,17 @@ def verdict(comparisons: list[dict]) -> list[str]:
 def write_reasoning_report(out: Path, summary: dict, sweep: list[dict], best: dict) -> None:
     plot_accuracy(summary, sweep, best, out / "accuracy_vs_steps.png", "steps")
     plot_accuracy(summary, sweep, best, out / "accuracy_vs_flops.png", "flops")
+    n, n_val = summary.get("eval_examples"), summary["validation_examples"]
     sft_flops = None
     if "sft" in best and summary["sft"]["flops_to_target"]:
         sft_flops = summary["sft"]["flops_to_target"]
     lines = [
         "# The reasoning experiment: SFT, RL and on-policy distillation",
         "",
-        f"Same starting student (held-out accuracy {pct(summary['start_accuracy'])}), teacher at "
-        f"{pct(summary['teacher_accuracy'])}, {summary['steps']} steps per run with the same prompts per "
-        f"step and schedule; target accuracy {pct(summary['target_accuracy'])}. Each method at its own "
-        f"best learning rate, chosen on {summary['selection']} ({summary['validation_examples']} prompts).",
+        f"Same starting student (held-out accuracy {pct(summary['start_accuracy'], n)} on {n} prompts; ± is one "
+        f"binomial standard error), teacher at {pct(summary['teacher_accuracy'], n)}, {summary['steps']} steps "
+        f"per run with the same prompts per step and schedule; target accuracy {pct(summary['target_accuracy'])}. "
+        f"Each method at its own best learning rate, chosen on {summary['selection']} ({n_val} prompts).",
         "",
         "| method | lr | final accuracy | teacher FLOPs | student FLOPs | steps to target | FLOPs to target "
         "| compute efficiency vs SFT |",
@@ -88,7 +89,7 @@ def write_reasoning_report(out: Path, summary: dict, sweep: list[dict], best: di
             continue
         row = summary[method]
         efficiency = None if not sft_flops or not row["flops_to_target"] else sft_flops / row["flops_to_target"]
-        lines.append(f"| {NAMES[method]} | {row['lr']:g} | {pct(row['final_accuracy'])} | "
+        lines.append(f"| {NAMES[method]} | {row['lr']:g} | {pct(row['final_accuracy'], n)} | "
                      f"{sci(row['teacher_flops'])} | {sci(row['student_flops'])} | "
                      f"{row['steps_to_target'] if row['steps_to_target'] is not None else 'not reached'} | "
                      f"{sci(row['flops_to_target']) if row['flops_to_target'] else 'not reached'} | "
@@ -113,8 +114,8 @@ def write_reasoning_report(out: Path, summary: dict, sweep: list[dict], best: di
               "| --- | --- | --- | --- | --- | --- |"]
     for entry in sweep:
         chosen = "yes" if best[entry["method"]] is entry else ""
-        lines.append(f"| {entry['method']} | {entry['lr']:g} | {pct(entry['validation_accuracy'])} | "
-                     f"{pct(entry['final_accuracy'])} | {chosen} | `{entry['run']}` |")
+        lines.append(f"| {entry['method']} | {entry['lr']:g} | {pct(entry['validation_accuracy'], n_val)} | "
+                     f"{pct(entry['final_accuracy'], n)} | {chosen} | `{entry['run']}` |")
     lines += ["", "How to read it: FLOPs follow `src/opd/flops.py` (2 x parameters x tokens plus the "
               "attention term; backward = 2 x forward). Teacher FLOPs are the teacher's scoring passes "
               "(opd) or its sampling (SFT); RL has none. \"SFT data given\" counts only SFT's student "

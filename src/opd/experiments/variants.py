@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ def finish(out: Path, arms: list[Arm], curves: dict, summary: dict, title: str, 
            reading: list[str]) -> dict:
     """summary.json, accuracy.png and report.md (a row per arm, then the reading)."""
     teacher = next(iter(curves.values()))[0].get("teacher_accuracy")
+    first_run = out / "runs" / arms[0].key / "summary.json"
+    n = json.loads(first_run.read_text()).get("eval_examples") if first_run.is_file() else None
+    summary["eval_examples"] = n
     summary.update({"teacher_accuracy": teacher, **{arm.key: arm_result(curves[arm.key]) for arm in arms}})
     runs.write_json(out / "summary.json", summary)
     plot_arms(arms, curves, teacher, out / "accuracy.png", title)
@@ -66,9 +70,10 @@ def finish(out: Path, arms: list[Arm], curves: dict, summary: dict, title: str, 
     for arm in arms:
         row = summary[arm.key]
         kl = "—" if row["teacher_kl_after"] is None else f"{row['teacher_kl_after']:.3f}"
-        lines.append(f"| {arm.name} | {pct(row['start_accuracy'])} | {pct(row['final_accuracy'])} | {kl} | "
+        lines.append(f"| {arm.name} | {pct(row['start_accuracy'], n)} | {pct(row['final_accuracy'], n)} | {kl} | "
                      f"{row['steps']} |")
-    lines += ["", f"Teacher: {pct(teacher)}.", "", *reading, "", "![accuracy](accuracy.png)", "",
+    lines += ["", f"Teacher: {pct(teacher, n)}. Accuracies on {n} held-out prompts; ± is one binomial standard "
+              "error, sqrt(p(1-p)/N).", "", *reading, "", "![accuracy](accuracy.png)", "",
               f"Wall time {summary['wall_seconds']:.0f} s.", ""]
     (out / "report.md").write_text("\n".join(lines))
     return summary

@@ -94,7 +94,9 @@ def run_personalization(plan: PersonalizationPlan, progress: bool = True) -> dic
         curve.append({"step": steps, **scored(distill_dir / "final", data, n, distill_dir / f"scores_{steps}.json")})
     rows["midtrain_mix_distilled"] = {k: curve[-1][k] for k in ("qa", "instruction_following")}
     flops["distill"] = stage_flops(distill_dir)
-    summary = {**rows, "curve": curve, "compute": flops, "chat_fraction": plan.chat_fraction,
+    counts = {key: sum(1 for line in (data / name).read_text().splitlines() if line.strip())
+              for key, name in (("qa", "qa.jsonl"), ("instruction_following", "ifeval_eval.jsonl"))}
+    summary = {**rows, "curve": curve, "compute": flops, "chat_fraction": plan.chat_fraction, "examples": counts,
                "midtrain_steps": plan.midtrain_steps, "distill_steps": plan.distill_steps,
                "wall_seconds": round(time.perf_counter() - started, 1)}
     runs.write_json(out / "summary.json", summary)
@@ -119,10 +121,13 @@ def plot(summary: dict, path: Path) -> None:
 def write_report(out: Path, summary: dict) -> None:
     plot(summary, out / "scores.png")
     a, docs, mix, final = (summary[k] for k in ROWS)
+    n = summary.get("examples", {})
+    n_qa, n_if = n.get("qa"), n.get("instruction_following")
     follow = {k: pct(v["instruction_following"]) for k, v in (("a", a), ("docs", docs))}
     lines = ["# Personalization: learn new knowledge, then restore behaviour by distilling from your earlier self",
-             "", "| model | internal QA | instruction following |", "| --- | --- | --- |"]
-    lines += [f"| {label} | {pct(summary[key]['qa'])} | {pct(summary[key]['instruction_following'])} |"
+             "", f"| model | internal QA ({n_qa} questions) | instruction following ({n_if} prompts) |",
+             "| --- | --- | --- |"]
+    lines += [f"| {label} | {pct(summary[key]['qa'], n_qa)} | {pct(summary[key]['instruction_following'], n_if)} |"
               for key, label in ROWS.items()]
     verdicts = [
         f"- Midtraining on documents {'raised' if docs['qa'] > a['qa'] else 'did not raise'} QA "
@@ -143,7 +148,8 @@ def write_report(out: Path, summary: dict) -> None:
               for name, c in compute.items()]
     lines += ["", "How to read it: internal QA is the share of held-out questions about the documents whose "
               "answer appears in the reply (normalised, whole words); instruction following is the share of "
-              "held-out instruction prompts whose every constraint holds (`opd.ifeval`). Both are greedy. "
+              "held-out instruction prompts whose every constraint holds (`opd.ifeval`). Both are greedy; ± is one "
+              "binomial standard error, sqrt(p(1-p)/N), so a difference inside two of them is noise. "
               "The distillation's teacher is the assistant itself, before midtraining.", "",
               f"Wall time {summary['wall_seconds']:.0f} s.", ""]
     (out / "report.md").write_text("\n".join(lines))
