@@ -49,12 +49,13 @@ def test_sampled_reverse_kl_averages_to_exact_kl_over_sequences():
 
 def test_exact_reverse_kl_matches_definition():
     gen = torch.Generator().manual_seed(1)
-    student = torch.randn(4, 5, generator=gen).log_softmax(-1)
-    teacher = torch.randn(4, 5, generator=gen).log_softmax(-1)
-    for row in range(4):
-        expected = sum(student[row, v].exp() * (student[row, v] - teacher[row, v]) for v in range(5))
-        assert torch.isclose(exact_reverse_kl(student, teacher)[row], expected)
-    assert torch.allclose(exact_reverse_kl(student, student), torch.zeros(4))
+    student = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64).log_softmax(-1)  # (B, T, V)
+    teacher = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64).log_softmax(-1)
+    for b in range(2):
+        for t in range(4):
+            expected = sum(student[b, t, v].exp() * (student[b, t, v] - teacher[b, t, v]) for v in range(5))
+            assert torch.isclose(exact_reverse_kl(student, teacher)[b, t], expected)
+    assert torch.allclose(exact_reverse_kl(student, student), torch.zeros(2, 4, dtype=torch.float64))
 
 
 def test_reverse_kl_from_logits_value_and_gradient_match_autograd():
@@ -131,11 +132,13 @@ def test_advantage_is_negative_log_ratio_times_coef():
 
 
 def test_label_smoothed_nll():
-    logprobs = torch.tensor([[0.7, 0.2, 0.1]]).log()
-    target = torch.tensor([0])
-    assert torch.isclose(label_smoothed_nll(logprobs, target), -logprobs[0, 0])
-    expected = 0.9 * -logprobs[0, 0] + 0.1 * -logprobs[0].mean()
-    assert torch.isclose(label_smoothed_nll(logprobs, target, 0.1)[0], expected)
+    logprobs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.25, 0.25, 0.5]], dtype=torch.float64).log()
+    target = torch.tensor([0, 2, 1])
+    for smoothing in (0.0, 0.1, 0.5):
+        got = label_smoothed_nll(logprobs, target, smoothing)
+        for row in range(3):
+            expected = (1 - smoothing) * -logprobs[row, target[row]] + smoothing * -logprobs[row].mean()
+            assert torch.isclose(got[row], expected)
 
 
 def test_group_centred_rewards():

@@ -8,7 +8,8 @@ from conftest import read_jsonl, tiny_train_overrides, use_sgd
 from opd.config import load_config
 from opd.models import OpdError
 from opd.setup import open_session
-from opd.trainer import advantages, midtrain_rollouts, train, update
+from opd.tasks.jsonl import epoch_order
+from opd.trainer import advantages, midtrain_rollouts, pair_ids, train, update
 
 
 def mean(values):
@@ -52,6 +53,29 @@ def test_the_mix_takes_its_share_of_chat(model_dirs, tmp_path, docs, chat):
     texts = session.tokenizer.batch_decode(rollouts.tokens)
     assert rollouts.tokens.shape[0] == 4 and sum("<|im_start|>" in t for t in texts) == 2
     assert session.teacher is None and session.teacher_model is None
+
+
+def test_each_step_trains_on_its_seeded_documents_and_chats(model_dirs, tmp_path, docs, chat):
+    """Step s takes its documents in their seeded epoch order and its chat pairs in their own (seed + 1);
+    each document chunk's first token is the prompt and the rest is trained on, EOS included."""
+    orders = {}
+    for seed in (0, 1):
+        config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / f"s{seed}", method="midtrain",
+                                                        docs=str(docs), sft_data=str(chat), chat_fraction=0.5,
+                                                        prompts_per_step=4, doc_tokens=8, seed=seed))
+        session = open_session(config)
+        seen = []
+        for step in range(3):
+            rollouts = midtrain_rollouts(session, step)
+            trained = [r[m > 0].tolist() for r, m in zip(rollouts.tokens, rollouts.completion_mask, strict=True)]
+            chunks = [session.doc_chunks[i] for i in epoch_order(len(session.doc_chunks), step, 2, seed)]
+            pairs = [pair_ids(session, i) for i in epoch_order(len(session.sft_pairs), step, 2, seed + 1)]
+            assert trained == [c[1:] for c in chunks] + [completion for _, completion in pairs]
+            assert all(completion[-1] == session.tokenizer.eos_token_id for _, completion in pairs)
+            seen.append(trained)
+        orders[seed] = seen
+    assert orders[0] != orders[1]  # the seed picks the order
+    assert session.doc_chunks[-1][-1] == session.tokenizer.eos_token_id  # a document ends with EOS
 
 
 @pytest.mark.parametrize("values, message", [

@@ -8,9 +8,10 @@ import torch
 
 from conftest import tiny_train_overrides, unequal_batch, use_sgd
 from opd.config import load_config
-from opd.models import chat_prompt_ids
+from opd.models import chat_prompt_ids, save_model
 from opd.sampler import sample
 from opd.setup import open_session
+from opd.tasks.jsonl import epoch_order
 from opd.trainer import advantages, dataset_rollouts, step_rollouts, train_examples, update
 
 
@@ -60,14 +61,45 @@ def test_eos_is_sampled_into_the_completion_mask_and_nothing_after_it(tokenizer)
     assert stopped >= 4  # rows of unequal lengths, so the test means something
 
 
-def test_sft_pairs_train_on_eos(model_dirs, tmp_path, tokenizer):
+def test_sft_pairs_train_on_eos_and_no_bos_inside(model_dirs, tmp_path, tokenizer):
+    """A completion is its text's tokens plus EOS, with no special tokens added in the middle of the
+    sequence: the student's tokenizer here adds a BOS to every encoding, as Llama's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    from opd.models import load_tokenizer
+    from opd.zoo import make_model
+
+    bos_tokenizer = load_tokenizer(model_dirs["student"])
+    bos = bos_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    bos_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", bos)])
+    assert bos_tokenizer.encode("= 2")[0] == bos
+    save_model(make_model(bos_tokenizer, layers=1, width=16, seed=2), bos_tokenizer, tmp_path / "bos-student")
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "Compute 1+1", "completion": "= 2"}) + "\n")
-    session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", method="sft",
-                                                                  sft_data=data, prompts_per_step=1)))
+    session = open_session(load_config(None, tiny_train_overrides(
+        {**model_dirs, "student": tmp_path / "bos-student"}, tmp_path / "run", method="sft", sft_data=data,
+        prompts_per_step=1)))
     _, rollouts = dataset_rollouts(session, 0)
     trained = rollouts.tokens[0][rollouts.completion_mask[0] > 0].tolist()
     assert trained == tokenizer.encode("= 2", add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def test_sft_data_is_taken_in_its_seeded_epoch_order(model_dirs, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Compute {i}+1", "completion": f"= {i + 1}"}) + "\n"
+                            for i in range(5)))
+    taken = {}
+    for seed in (0, 1):
+        session = open_session(load_config(None, tiny_train_overrides(
+            model_dirs, tmp_path / f"run{seed}", method="sft", sft_data=data, prompts_per_step=2, seed=seed)))
+        taken[seed] = []
+        for step in range(4):  # over an epoch boundary
+            examples, rollouts = dataset_rollouts(session, step)
+            expected = [session.sft_pairs[i][0] for i in epoch_order(5, step, 2, seed)]
+            assert examples == expected and rollouts.tokens.shape[0] == 2
+            taken[seed] += [ex.messages[-1]["content"] for ex in examples]
+    assert taken[0] != taken[1]
 
 
 def sgd_step(model_dirs, tmp_path, name, **extra) -> dict:
