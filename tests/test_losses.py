@@ -146,3 +146,5 @@ def test_group_centred_rewards():
     group = torch.tensor([0, 0, 0, 1, 1, 2])
     expected = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0])
     assert torch.allclose(group_centred_rewards(rewards, group), expected)
+    doubles = group_centred_rewards(rewards.double(), group)  # any float dtype, kept
+    assert doubles.dtype == torch.float64 and torch.allclose(doubles, expected.double())

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from conftest import LiveServer, rollouts_of
 from opd.models import OpdError
-from opd.remote import RemoteTeacher
+from opd.remote import PROBE_TEXT, RemoteTeacher
 from opd.teacher import LocalTeacher
 from opd.zoo import build_tokenizer
 
@@ -81,6 +81,7 @@ def listing(**entry):
     ("other", None, 10, r"does not serve 'other'; it serves \['teacher'\]"),
     (None, None, 300, r"has a context of 256 tokens, but prompts plus max_new_tokens need up to 300"),
     (None, listing(vocab_size=100), 10, r"has 100 token ids, the student's tokenizer \d+"),
+    (None, {"object": "list"}, 10, r"serves \[\]; choose one with teacher_model="),
 ])
 def test_each_connection_check_refuses_with_its_reason(model_dirs, tokenizer, model, served, needed, message):
     with Misbehaving(model_dirs["teacher"], listing=served) as server:
@@ -90,8 +91,39 @@ def test_each_connection_check_refuses_with_its_reason(model_dirs, tokenizer, mo
             RemoteTeacher(server.url, retries=0).connect(tokenizer, 10)
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(model_dirs):
+def test_a_teacher_with_another_tokenizer_is_refused(model_dirs, tokenizer):
     other = build_tokenizer(seed=5, vocab_size=280, operators=2, corpus_lines=200)
     with Misbehaving(model_dirs["teacher"]) as server:
-        with pytest.raises(OpdError, match="tokenizer of teacher teacher .* differs from the student's"):
+        with pytest.raises(OpdError) as refused:
             RemoteTeacher(server.url, retries=0).connect(other, 10)
+    there, here = (t.encode(PROBE_TEXT, add_special_tokens=False)[:12] for t in (tokenizer, other))
+    assert str(refused.value) == (
+        f"the tokenizer of teacher teacher at {server.url} differs from the student's: a probe text encodes to "
+        f"{there}... there and {here}... here. Both must share one tokenizer.")
+
+
+def test_the_tokenizer_probe_adds_no_special_tokens_on_either_side(model_dirs, tokenizer, tmp_path):
+    """A tokenizer that adds a BOS to every encoding (as Llama's does) is the same on both sides: the
+    probe asks the server, and encodes here, without special tokens."""
+    from tokenizers.processors import TemplateProcessing
+
+    from opd.models import load_tokenizer, save_model
+    from opd.zoo import make_model
+
+    bos_tokenizer = load_tokenizer(model_dirs["teacher"])
+    bos = bos_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    bos_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", bos)])
+    save_model(make_model(bos_tokenizer, layers=1, width=16, seed=1), bos_tokenizer, tmp_path / "bos")
+    with Misbehaving(tmp_path / "bos") as server:
+        RemoteTeacher(server.url, retries=0).connect(load_tokenizer(tmp_path / "bos"), 10)
+
+
+@pytest.mark.parametrize("body", [{"prompt": "x", "modle": "teacher"}, {"prompt": "x", "add_special_token": False},
+                                  {"prompt": 5}])
+def test_tokenize_refuses_what_it_does_not_implement(model_dirs, body):
+    import httpx
+
+    with Misbehaving(model_dirs["teacher"]) as server:
+        response = httpx.post(f"{server.url}/tokenize", json=body, timeout=30)
+    assert response.status_code == 400 and "invalid request" in response.json()["error"]["message"]

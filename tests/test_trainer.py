@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import pytest
 import torch
@@ -42,16 +41,20 @@ def test_short_run_lowers_teacher_kl_and_writes_the_run_directory(model_dirs, to
 
 
 @pytest.mark.parametrize("extra", [{}, {"kl": "full"}, {"lora_rank": 4, "lora_targets": "q_proj,v_proj"}])
-def test_resume_reproduces_the_uninterrupted_run(model_dirs, tmp_path, extra):
+def test_resume_reproduces_the_uninterrupted_run(model_dirs, tmp_path, extra, monkeypatch):
     # resumed at step 2 of a 6-step warm-up: the learning rate is still rising, so an unrestored
     # scheduler (or optimizer) shows in the lr and in every later loss
     extra = {"warmup_steps": 6, **extra}
     whole = tmp_path / "whole"
     train(load_config(None, tiny_train_overrides(model_dirs, whole, **extra)), progress=False)
     part = tmp_path / "part"
-    # an interrupted run: stopped after step 3, with a checkpoint at step 2 and a metrics line past it
-    train(load_config(None, tiny_train_overrides(model_dirs, part, steps=3, **extra)), progress=False)
-    shutil.rmtree(part / "final")
+    # an interrupted run: killed during step 4, with a checkpoint at step 2 and a metrics line past it (step 3)
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, tiny_train_overrides(model_dirs, part, **extra)), progress=False)
+    assert [r["step"] for r in read_jsonl(part / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert json.loads((part / "checkpoints" / "latest.json").read_text())["step"] == 2
+    monkeypatch.undo()
     resumed_config = load_config(None, tiny_train_overrides(model_dirs, part, **extra))
     train(resumed_config, resume=part, progress=False)
     expected, got = read_jsonl(whole / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
@@ -63,23 +66,28 @@ def test_resume_reproduces_the_uninterrupted_run(model_dirs, tmp_path, extra):
     assert [r["lr"] for r in got[1:]] == pytest.approx([1e-2 * s / 6 for s in (1, 2, 3, 4)])
 
 
-def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_over(model_dirs, tmp_path, monkeypatch):
+def interrupt_at(monkeypatch, index: int) -> None:
+    """Make ``train`` stop with a KeyboardInterrupt as it starts step ``index`` (0-based)."""
     import opd.trainer
 
-    out = tmp_path / "run"
     real = opd.trainer.training_step
 
     def interrupted(session, step):
-        if step == 1:
+        if step == index:
             raise KeyboardInterrupt
         return real(session, step)
 
     monkeypatch.setattr(opd.trainer, "training_step", interrupted)
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_over(model_dirs, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_at(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(load_config(None, tiny_train_overrides(model_dirs, out)), progress=False)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1]
     assert not (out / "checkpoints").exists()
-    monkeypatch.setattr(opd.trainer, "training_step", real)
+    monkeypatch.undo()
     train(load_config(None, tiny_train_overrides(model_dirs, out)), resume=out, progress=False)
     fresh = tmp_path / "fresh"
     train(load_config(None, tiny_train_overrides(model_dirs, fresh)), progress=False)

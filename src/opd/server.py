@@ -76,7 +76,7 @@ class CompletionRequest(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
     prompt: StrictStr
     add_special_tokens: StrictBool = True

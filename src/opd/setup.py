@@ -247,7 +247,7 @@ def restore(session: Session, checkpoint: tuple[int, Path] | None) -> None:
             runs.rewrite_metrics(session.run_dir, [])
         return
     step, path = checkpoint
-    saved = torch.load(path / "trainer_state.pt", weights_only=False)
+    saved = torch.load(path / "trainer_state.pt", weights_only=True)  # tensors and numbers only: no pickled code
     distributed.load_optimizer_state(session.student, session.optimizer, saved["optimizer"])
     session.scheduler.load_state_dict(saved["scheduler"])
     session.start_step, session.last_checkpoint = step, path
