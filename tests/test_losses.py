@@ -60,9 +60,9 @@ def test_exact_reverse_kl_matches_definition():
 
 def test_reverse_kl_from_logits_value_and_gradient_match_autograd():
     gen = torch.Generator().manual_seed(4)
-    logits = torch.randn(6, 7, generator=gen, dtype=torch.float64) * 3
-    teacher = (torch.randn(6, 7, generator=gen, dtype=torch.float64) * 3).log_softmax(-1)
-    weights = torch.rand(6, generator=gen, dtype=torch.float64)
+    logits = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64) * 3  # (B, T, V), like (N, V) row-wise
+    teacher = (torch.randn(2, 3, 7, generator=gen, dtype=torch.float64) * 3).log_softmax(-1)
+    weights = torch.rand(2, 3, generator=gen, dtype=torch.float64)
     fused_logits = logits.clone().requires_grad_(True)
     (reverse_kl_from_logits(fused_logits, teacher) * weights).sum().backward()
     plain_logits = logits.clone().requires_grad_(True)

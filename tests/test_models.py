@@ -83,18 +83,25 @@ def test_without_a_chat_template_the_prompt_is_the_plain_user_text(tokenizer):
     assert chat_prompt_ids(tokenizer, messages) != tokenizer.encode("Compute 1+2", add_special_tokens=True)
 
 
-@pytest.mark.parametrize("kl", ["sampled", "full"])
-def test_a_student_padded_past_its_tokenizer_trains_and_evaluates(model_dirs, tokenizer, tmp_path, kl):
-    """Qwen pads its embedding (151,936 rows for 151,669 tokens). Here the padded rows are the most likely
-    tokens: sampling them would crash the teacher (it cannot embed them) and bias every ratio."""
+def padded(tokenizer, width: int, seed: int, extra: int):
+    """A model whose embedding has ``extra`` rows past the tokenizer, made the most likely tokens."""
     vocab = len(tokenizer)
-    student = make_model(tokenizer, layers=1, width=16, seed=2)
-    student.resize_token_embeddings(vocab + 8)
+    model = make_model(tokenizer, layers=1, width=width, seed=seed)
+    model.resize_token_embeddings(vocab + extra)
     with torch.no_grad():
-        student.get_output_embeddings().weight[vocab:] = student.get_output_embeddings().weight[:vocab].sum(0) * 50
-    save_model(student, tokenizer, tmp_path / "padded")
+        model.get_output_embeddings().weight[vocab:] = model.get_output_embeddings().weight[:vocab].sum(0) * 50
+    return model
+
+
+@pytest.mark.parametrize("kl, who", [("sampled", "student"), ("full", "student"), ("full", "teacher")])
+def test_a_model_padded_past_its_tokenizer_trains_and_evaluates(model_dirs, tokenizer, tmp_path, kl, who):
+    """Qwen pads its embedding (151,936 rows for 151,669 tokens). Here the padded rows are the most likely
+    tokens: sampling them would crash the teacher (it cannot embed them) and bias every ratio, and an exact
+    KL over them would compare distributions over different supports."""
+    save_model(padded(tokenizer, 16 if who == "student" else 32, 2, 8 if who == "student" else 5), tokenizer,
+               tmp_path / "padded")
     out = tmp_path / "run"
-    summary = train(load_config(None, tiny_train_overrides({**model_dirs, "student": tmp_path / "padded"}, out, kl=kl,
+    summary = train(load_config(None, tiny_train_overrides({**model_dirs, who: tmp_path / "padded"}, out, kl=kl,
                                                            steps=2, eval_every=2)), progress=False)
     assert summary["steps"] == 2 and summary["student_accuracy_after"] is not None
     records = read_jsonl(out / "metrics.jsonl")

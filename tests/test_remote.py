@@ -2,6 +2,7 @@
 servers that fail each connection check. Every wait is bounded."""
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -12,6 +13,28 @@ from opd.models import OpdError
 from opd.remote import PROBE_TEXT, RemoteTeacher
 from opd.teacher import LocalTeacher
 from opd.zoo import build_tokenizer
+
+
+class DropsAChoice(LiveServer):
+    """``opd serve`` whose completions answers leave out their last choice."""
+
+    def __init__(self, model_dir):
+        super().__init__(model_dir)
+
+        @self.app.middleware("http")
+        async def drop(request, call_next):
+            response = await call_next(request)
+            if request.url.path != "/v1/completions":
+                return response
+            body = json.loads(b"".join([chunk async for chunk in response.body_iterator]))
+            body["choices"] = body["choices"][:-1]
+            return JSONResponse(body)
+
+
+def test_an_answer_with_a_choice_missing_is_refused(model_dirs, tokenizer):
+    with DropsAChoice(model_dirs["teacher"]) as server:
+        with pytest.raises(OpdError, match=r"answered 2 choices for 3 prompts"):
+            RemoteTeacher(server.url, model="teacher", retries=0).score(rollouts_of(tokenizer))
 
 
 class Misbehaving(LiveServer):

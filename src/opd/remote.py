@@ -88,6 +88,9 @@ class RemoteTeacher:
             body = {"model": self.model, "prompt": chunk, "max_tokens": 1, "prompt_logprobs": 0,
                     "temperature": 0.0}
             choices = sorted(self.request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
+            if len(choices) != len(chunk):
+                raise OpdError(f"teacher server {self.url} answered {len(choices)} choices for {len(chunk)} prompts "
+                               "(one each expected): is it an OpenAI-compatible completions server?")
             out = []
             for seq, choice in zip(chunk, choices, strict=True):
                 entries = choice["prompt_logprobs"]
