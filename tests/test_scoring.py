@@ -100,7 +100,7 @@ def test_shared_prompts_give_the_padded_forward_values_and_gradients(tokenizer):
 
 def test_completion_row_offsets_count_each_rows_completion_even_after_a_one_token_prompt(tokenizer):
     """Midtraining's document chunks have a one-token prompt, so a completion may start at column 1."""
-    rollouts = pack_pairs([[5], [6, 7, 8]], [[9, 10, 11], [12]], tokenizer.pad_token_id)
+    rollouts = pack_pairs([[5], [6]], [[9, 10, 11], [12]], tokenizer.pad_token_id)
     assert scoring.completion_row_offsets(rollouts) == [0, 3, 4]
     hidden, _ = completion_hidden(make_model(tokenizer, layers=1, width=16, seed=0), rollouts)
     assert hidden.shape[0] == 4
