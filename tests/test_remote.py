@@ -150,3 +150,29 @@ def test_tokenize_refuses_what_it_does_not_implement(model_dirs, body):
     with Misbehaving(model_dirs["teacher"]) as server:
         response = httpx.post(f"{server.url}/tokenize", json=body, timeout=30)
     assert response.status_code == 400 and "invalid request" in response.json()["error"]["message"]
+
+
+def test_the_defaults_retry_four_times_with_exponential_backoff(tokenizer, monkeypatch):
+    import opd.remote
+    from opd.server import free_port
+
+    slept = []
+    monkeypatch.setattr(opd.remote.time, "sleep", slept.append)
+    port = free_port()
+    down = RemoteTeacher(f"http://127.0.0.1:{port}/", model="teacher")  # a trailing slash is dropped
+    with pytest.raises(OpdError, match=rf"teacher server http://127.0.0.1:{port} did not answer POST /v1/completions "
+                                       r"after 5 tries; last failure: Connect"):
+        down.score(rollouts_of(tokenizer))
+    assert slept == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_rows_go_out_sixteen_to_a_request_and_come_back_in_order(model_dirs, tokenizer):
+    from opd.rollouts import pack_pairs
+
+    rollouts = rollouts_of(tokenizer)
+    many = pack_pairs([r[m > 0].tolist() for r, m in zip(rollouts.tokens, rollouts.attention_mask, strict=True)] * 11,
+                      [[tokenizer.eos_token_id]] * 33, tokenizer.pad_token_id)  # 33 rows, each a whole sequence
+    with Misbehaving(model_dirs["teacher"]) as server:
+        scores = RemoteTeacher(server.url, model="teacher").score(many)
+        assert server.completion_calls == 3  # 16 + 16 + 1
+    assert torch.allclose(scores, local_scores(model_dirs, tokenizer, many), atol=1e-5)

@@ -25,7 +25,6 @@ class RemoteTeacher:
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0,
                  retries: int = 4, backoff: float = 0.5, rows_per_request: int = 16, concurrency: int = 8) -> None:
         self.url = url.rstrip("/")
-        self.api_key = api_key
         self.retries, self.backoff = retries, backoff
         self.rows_per_request, self.concurrency = rows_per_request, concurrency
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -34,7 +33,7 @@ class RemoteTeacher:
         self.model = model
 
     def request(self, method: str, path: str, json: dict | None = None) -> dict:
-        last = "no attempt"
+        last: str  # the latest failure; set by every failed attempt (there is at least one)
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
