@@ -109,18 +109,22 @@ def test_fully_masked_batch_gives_zero_not_nan():
     mask = torch.zeros(2, 3)
     assert importance_sampling_loss(values, values, values, mask).item() == 0.0
     assert masked_token_mean(values, mask).item() == 0.0
+    one = torch.zeros(2, 3)
+    one[1, 2] = 1.0  # a single completion token: its value is the mean
+    assert masked_token_mean(values, one).item() == values[1, 2].item()
+    assert importance_sampling_loss(values, values, values, one).item() == -values[1, 2].item()
 
 
 def test_gamma_gives_discounted_future_sum():
     gen = torch.Generator().manual_seed(3)
     values = torch.randn(2, 5, generator=gen)
     mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float64)
-    gamma = 0.7
-    out = discounted_future_sum(values, mask, gamma)
-    for b in range(2):
-        for t in range(5):
-            expected = sum(gamma ** (k - t) * values[b, k] * mask[b, k] for k in range(t, 5)) * mask[b, t]
-            assert torch.isclose(out[b, t], torch.as_tensor(expected))
+    for gamma in (0.7, 1.0):  # 1.0: the undiscounted future sum
+        out = discounted_future_sum(values, mask, gamma)
+        for b in range(2):
+            for t in range(5):
+                expected = sum(gamma ** (k - t) * values[b, k] * mask[b, k] for k in range(t, 5)) * mask[b, t]
+                assert torch.isclose(out[b, t], torch.as_tensor(expected))
     assert torch.equal(discounted_future_sum(values, mask, 0.0), values * mask)
 
 
