@@ -76,61 +76,86 @@ def test_many_concurrent_clients_all_get_correct_answers(server, tokenizer):
     assert server.app.state.scorer.batches_run - batches_before < 400  # requests were batched together
 
 
+NOT_IMPLEMENTED = "not implemented by this server"
+
+
 @pytest.mark.parametrize("body, status, message", [
-    ({"prompt": [1, 2, 99999]}, 400, "token id 99999, outside the vocabulary"),
-    ({"prompt": [1, -1]}, 400, "token id -1"),
+    ({"prompt": [1, 2, 99999]}, 400, "prompt[0] holds token id 99999, outside the vocabulary [0, 300)"),
+    ({"prompt": [1, -1]}, 400, "prompt[0] holds token id -1, outside the vocabulary [0, 300)"),
     ({"prompt": []}, 400, "prompt is empty"),
     ({"prompt": [[1, 2], []]}, 400, "prompt[1] is empty"),
-    ({"prompt": [5] * 300, "max_tokens": 0}, 400, "maximum context length of 256"),
-    ({"prompt": "Compute 1+2"}, 400, "invalid request: prompt"),
-    ({"prompt": [1.5, 2]}, 400, "invalid request: prompt"),
-    ({"prompt": [1, 2], "max_tokens": "one"}, 400, "invalid request: max_tokens"),
-    ({"prompt": [1, 2], "max_tokens": 5}, 400, "only scores"),
-    ({"prompt": [1, 2], "prompt_logprobs": 100}, 400, "prompt_logprobs=100"),
-    ({"prompt": [1, 2], "model": "gpt-9"}, 404, "does not exist"),
-    ({}, 400, "invalid request: prompt"),
-    ({"prompt": [1, 2], "stream": True}, 400, "stream=True: this server answers in one body"),
-    ({"prompt": [1, 2], "stream_options": {"include_usage": True}}, 400, "stream_options="),
-    ({"prompt": [1, 2], "n": -3}, 400, "n=-3: must be at least 1"),
-    ({"prompt": [1, 2], "n": 2}, 400, "n=2: must be 1"),
-    ({"prompt": [1, 2], "best_of": 3}, 400, "best_of=3"),
-    ({"prompt": [1, 2], "top_p": "x"}, 400, "invalid request: top_p"),
-    ({"prompt": [1, 2], "top_p": 0}, 400, "top_p=0: must be in (0, 1]"),
-    ({"prompt": [1, 2], "top_k": -5}, 400, "top_k=-5"),
-    ({"prompt": [1, 2], "min_p": 2}, 400, "min_p=2"),
-    ({"prompt": [1, 2], "stop": 5}, 400, "invalid request: stop"),
-    ({"prompt": [1, 2], "max_tokens": 1, "stop": ["\n"]}, 400, "stop=['\\n']: not implemented when generating"),
-    ({"prompt": [1, 2], "max_tokens": 1, "stop_token_ids": [3]}, 400, "stop_token_ids=[3]"),
-    ({"prompt": [1, 2], "temperature": -1}, 400, "temperature=-1: must be at least 0"),
-    ({"prompt": [1, 2], "max_tokens": 1, "temperature": 0.7}, 400, "extends greedily only"),
-    ({"prompt": [1, 2], "presence_penalty": 5}, 400, "presence_penalty=5: must be in [-2, 2]"),
-    ({"prompt": [1, 2], "frequency_penalty": 0.5}, 400, "frequency_penalty=0.5: not implemented"),
-    ({"prompt": [1, 2], "repetition_penalty": 0}, 400, "repetition_penalty=0: must be positive"),
-    ({"prompt": [1, 2], "repetition_penalty": 1.2}, 400, "repetition_penalty=1.2: not implemented"),
-    ({"prompt": [1, 2], "logit_bias": {"5": 1.0}}, 400, "logit_bias="),
-    ({"prompt": [1, 2], "suffix": "x"}, 400, "suffix='x'"),
+    ({"prompt": [5] * 300}, 400,
+     "prompt[0] has 300 tokens; with max_tokens=0 that is over this model's maximum context length of 256"),
+    ({"prompt": [5] * 256, "max_tokens": 1}, 400,
+     "prompt[0] has 256 tokens; with max_tokens=1 that is over this model's maximum context length of 256"),
+    ({"prompt": "Compute 1+2"}, 400, "invalid request: prompt.list[int]: Input should be a valid list"),
+    ({"prompt": [1.5, 2]}, 400, "invalid request: prompt.list[int].0: Input should be a valid integer"),
+    ({"prompt": [1, 2], "max_tokens": "one"}, 400, "invalid request: max_tokens: Input should be a valid integer"),
+    ({"prompt": [1, 2], "max_tokens": 5}, 400,
+     "max_tokens=5: this server only scores (0) or extends by one greedy token (1)"),
+    ({"prompt": [1, 2], "prompt_logprobs": 100}, 400, "prompt_logprobs=100 must be between 0 and 20"),
     ({"prompt": [1, 2], "logprobs": -1}, 400, "logprobs=-1 must be between 0 and 20"),
-    ({"prompt": [1, 2], "frobnicate": 1}, 400, "frobnicate: not a parameter this server implements"),
-    ({"prompt": [1, 2], "echo": "yes"}, 400, "invalid request: echo"),
+    ({"prompt": [1, 2], "model": "gpt-9"}, 404, "The model `gpt-9` does not exist; this server has `teacher`"),
+    ({}, 400, "invalid request: prompt: Field required"),
+    ({"prompt": [1, 2], "stream": True}, 400, "stream=True: this server answers in one body; it does not stream"),
+    ({"prompt": [1, 2], "stream_options": {"include_usage": True}}, 400,
+     "stream_options={'include_usage': True}: only valid with stream=true, which this server does not implement"),
+    ({"prompt": [1, 2], "n": -3}, 400, "n=-3: must be at least 1"),
+    ({"prompt": [1, 2], "n": 0}, 400, "n=0: must be at least 1"),
+    ({"prompt": [1, 2], "n": 2}, 400, "n=2: must be 1: this server returns one choice per prompt"),
+    ({"prompt": [1, 2], "best_of": 3}, 400, "best_of=3: must be 1 (or absent)"),
+    ({"prompt": [1, 2], "top_p": "x"}, 400, "invalid request: top_p.float: Input should be a valid number"),
+    ({"prompt": [1, 2], "top_p": 0}, 400, "top_p=0: must be in (0, 1]"),
+    ({"prompt": [1, 2], "top_p": 1.5}, 400, "top_p=1.5: must be in (0, 1]"),
+    ({"prompt": [1, 2], "top_k": -2}, 400, "top_k=-2: must be -1 or 0 (off) or at least 1"),
+    ({"prompt": [1, 2], "min_p": 2}, 400, "min_p=2: must be in [0, 1]"),
+    ({"prompt": [1, 2], "min_p": -0.1}, 400, "min_p=-0.1: must be in [0, 1]"),
+    ({"prompt": [1, 2], "stop": 5}, 400, "invalid request: stop.str: Input should be a valid string"),
+    ({"prompt": [1, 2], "max_tokens": 1, "stop": ["\n"]}, 400,
+     "stop=['\\n']: not implemented when generating (max_tokens=1)"),
+    ({"prompt": [1, 2], "max_tokens": 1, "stop_token_ids": [3]}, 400,
+     "stop_token_ids=[3]: not implemented when generating (max_tokens=1)"),
+    ({"prompt": [1, 2], "temperature": -1}, 400, "temperature=-1: must be at least 0"),
+    ({"prompt": [1, 2], "max_tokens": 1, "temperature": 0.7}, 400,
+     "temperature=0.7: this server extends greedily only: use temperature=0 (or max_tokens=0)"),
+    ({"prompt": [1, 2], "presence_penalty": 5}, 400, "presence_penalty=5: must be in [-2, 2]"),
+    ({"prompt": [1, 2], "presence_penalty": -2.5}, 400, "presence_penalty=-2.5: must be in [-2, 2]"),
+    ({"prompt": [1, 2], "presence_penalty": 2.5}, 400, "presence_penalty=2.5: must be in [-2, 2]"),
+    ({"prompt": [1, 2], "presence_penalty": 2}, 400, f"presence_penalty=2: {NOT_IMPLEMENTED}; leave it at 0"),
+    ({"prompt": [1, 2], "frequency_penalty": 5}, 400, "frequency_penalty=5: must be in [-2, 2]"),
+    ({"prompt": [1, 2], "frequency_penalty": -2.5}, 400, "frequency_penalty=-2.5: must be in [-2, 2]"),
+    ({"prompt": [1, 2], "frequency_penalty": 2.5}, 400, "frequency_penalty=2.5: must be in [-2, 2]"),
+    ({"prompt": [1, 2], "frequency_penalty": -2}, 400, f"frequency_penalty=-2: {NOT_IMPLEMENTED}; leave it at 0"),
+    ({"prompt": [1, 2], "repetition_penalty": 0}, 400, "repetition_penalty=0: must be positive"),
+    ({"prompt": [1, 2], "repetition_penalty": 1.2}, 400, f"repetition_penalty=1.2: {NOT_IMPLEMENTED}; leave it at 1"),
+    ({"prompt": [1, 2], "logit_bias": {"5": 1.0}}, 400, f"logit_bias={{'5': 1.0}}: {NOT_IMPLEMENTED}"),
+    ({"prompt": [1, 2], "suffix": "x"}, 400, f"suffix='x': {NOT_IMPLEMENTED}"),
+    ({"prompt": [1, 2], "frobnicate": 1}, 400, "invalid request: frobnicate: not a parameter this server implements"),
+    ({"prompt": [1, 2], "echo": "yes"}, 400, "invalid request: echo: Input should be a valid boolean"),
 ])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
     body = {"max_tokens": 0, **body} if body else body
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert response.status_code == status
-    assert message in response.json()["error"]["message"]
+    assert response.json()["error"]["message"] == message
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
 
 
 def test_what_clients_send_by_default_is_accepted(server):
     """Neutral values of every sampling parameter, as OpenAI's and vLLM's clients send them."""
-    body = {"prompt": [1, 2, 3], "max_tokens": 1, "temperature": 0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+    body = {"prompt": [1, 2, 3], "max_tokens": 1, "temperature": 0, "top_p": 1.0, "top_k": -1, "min_p": 1.0,
             "n": 1, "best_of": 1, "stream": False, "stop": None, "stop_token_ids": [], "seed": 7,
             "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {},
             "user": "me", "skip_special_tokens": True, "echo": True, "logprobs": 2, "prompt_logprobs": 1}
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 1
-    scoring = {"prompt": [[1, 2], [3, 4, 5]], "max_tokens": 0, "temperature": 1.0, "stop": ["\n"], "top_p": 0.9}
+    plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 1, "echo": True,
+                                                             "logprobs": 2, "prompt_logprobs": 1}, timeout=30).json()
+    assert response.json()["choices"][0]["logprobs"] == plain["choices"][0]["logprobs"]  # neutral: no effect
+    assert response.json()["choices"][0]["prompt_logprobs"] == plain["choices"][0]["prompt_logprobs"]
+    scoring = {"prompt": [[1, 2], [3, 4, 5]], "max_tokens": 0, "temperature": 1.0, "stop": ["\n"], "top_p": 0.9,
+               "top_k": 0, "prompt_logprobs": 20, "presence_penalty": 0, "repetition_penalty": 1}
     assert httpx.post(f"{server.url}/v1/completions", json=scoring, timeout=30).status_code == 200
 
 

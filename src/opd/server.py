@@ -268,8 +268,10 @@ def check_sampling(body: CompletionRequest) -> None:
         refuse("stream", "this server answers in one body; it does not stream")
     if body.stream_options is not None:
         refuse("stream_options", "only valid with stream=true, which this server does not implement")
-    if body.n != 1:
-        refuse("n", "must be 1: this server returns one choice per prompt" if body.n >= 1 else "must be at least 1")
+    if body.n < 1:
+        refuse("n", "must be at least 1")
+    if body.n > 1:
+        refuse("n", "must be 1: this server returns one choice per prompt")
     if body.best_of not in (None, 1):
         refuse("best_of", "must be 1 (or absent)")
     if body.temperature is not None:
