@@ -97,9 +97,13 @@ def test_with_temperature_and_top_p_the_ratio_is_exactly_one_before_the_update(m
     session = open_session(load_config(None, tiny_train_overrides(
         model_dirs, tmp_path / "run", method=method, kl="sampled", temperature=0.7, top_p=0.8, grad_accum=2,
         max_new_tokens=12)))
+    sampled = []
+    real_rollouts = opd.trainer.step_rollouts
+    monkeypatch.setattr(opd.trainer, "step_rollouts", lambda *a: sampled.append(real_rollouts(*a)) or sampled[-1])
     training_step(session, 0)
     assert len(seen["pairs"]) == 2  # both micro-batches: the update comes after the last one
+    masks = torch.cat([mask for _, _, mask in seen["pairs"]])
+    assert torch.equal(masks, sampled[0].completion_mask)  # every sampled token, EOS included, is checked
     for learner, sampler, mask in seen["pairs"]:
-        assert mask.sum() > 0
         ratio = torch.exp(learner - sampler)[mask > 0]
         assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5), ratio

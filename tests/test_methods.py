@@ -46,14 +46,6 @@ def test_rl_raises_the_reward(model_dirs, tmp_path, monkeypatch):
     assert summary["teacher_flops"] == 0.0
 
 
-@pytest.mark.parametrize("kl", ["sampled", "full"])
-def test_opd_plus_rl_runs_and_logs_both_signals(model_dirs, tmp_path, kl):
-    out = tmp_path / kl
-    train(load_config(None, tiny_train_overrides(model_dirs, out, method="opd+rl", kl=kl, steps=2)), progress=False)
-    last = read_jsonl(out / "metrics.jsonl")[-1]
-    assert last["teacher_kl"] is not None and "train_reward" in last
-
-
 def test_rl_needs_answers(model_dirs, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')

@@ -139,7 +139,15 @@ def test_the_tokenizer_probe_adds_no_special_tokens_on_either_side(model_dirs, t
         single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", bos)])
     save_model(make_model(bos_tokenizer, layers=1, width=16, seed=1), bos_tokenizer, tmp_path / "bos")
     with Misbehaving(tmp_path / "bos") as server:
-        RemoteTeacher(server.url, retries=0).connect(load_tokenizer(tmp_path / "bos"), 10)
+        teacher = RemoteTeacher(server.url, retries=0)
+        sent = []
+        real_request = teacher.request
+        teacher.request = lambda method, path, json=None: sent.append((path, json)) or real_request(method, path, json)
+        teacher.connect(load_tokenizer(tmp_path / "bos"), 10)
+        probe = [body for path, body in sent if path == "/tokenize"]
+        assert probe == [{"model": "teacher", "prompt": PROBE_TEXT, "add_special_tokens": False}]
+        served = real_request("POST", "/tokenize", probe[0])["tokens"]
+    assert served == bos_tokenizer.encode(PROBE_TEXT, add_special_tokens=False) and served[0] != bos
 
 
 @pytest.mark.parametrize("body", [{"prompt": "x", "modle": "teacher"}, {"prompt": "x", "add_special_token": False},

@@ -20,15 +20,19 @@ def batch(tokenizer):
 def test_padded_batch_scores_like_each_sequence_alone(tokenizer):
     teacher = LocalTeacher(make_model(tokenizer, layers=2, width=32, seed=5), len(tokenizer))
     prompts, completions = batch(tokenizer)
-    together = teacher.score(pack_pairs(prompts, completions, tokenizer.pad_token_id))
+    packed = pack_pairs(prompts, completions, tokenizer.pad_token_id)
+    together = teacher.score(packed)
     for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        alone = teacher.score(pack_pairs([prompt], [completion], tokenizer.pad_token_id))
-        assert torch.allclose(together[row][together[row] != 0], alone[0][alone[0] != 0], atol=1e-5)
-        # and against a plain forward pass with no padding at all
+        mask = packed.completion_mask[row] > 0  # the columns of this row's completion tokens
+        assert together[row][~mask].abs().max() == 0
+        single = pack_pairs([prompt], [completion], tokenizer.pad_token_id)
+        alone = teacher.score(single)[0][single.completion_mask[0] > 0]
+        assert torch.allclose(together[row][mask], alone, atol=1e-5)
+        # and against a plain forward pass with no padding at all: position t-1 predicts token t
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
             plain = teacher.model(ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
-        assert torch.allclose(alone[0][alone[0] != 0], plain[len(prompt) - 1:], atol=1e-5)
+        assert torch.allclose(together[row][mask], plain[len(prompt) - 1:], atol=1e-5)
 
 
 def test_chunked_logprobs_and_gradients_match_unchunked(tokenizer, monkeypatch):
@@ -100,7 +104,15 @@ def test_shared_prompts_give_the_padded_forward_values_and_gradients(tokenizer):
 
 def test_completion_row_offsets_count_each_rows_completion_even_after_a_one_token_prompt(tokenizer):
     """Midtraining's document chunks have a one-token prompt, so a completion may start at column 1."""
-    rollouts = pack_pairs([[5], [6]], [[9, 10, 11], [12]], tokenizer.pad_token_id)
-    assert scoring.completion_row_offsets(rollouts) == [0, 3, 4]
-    hidden, _ = completion_hidden(make_model(tokenizer, layers=1, width=16, seed=0), rollouts)
-    assert hidden.shape[0] == 4
+    model = make_model(tokenizer, layers=1, width=16, seed=0).eval()
+    for prompts in ([[5], [6]], [[5], [5]]):  # distinct prompts, and one prompt shared (run once)
+        rollouts = pack_pairs(prompts, [[9, 10, 11], [12]], tokenizer.pad_token_id)
+        if prompts[0] == prompts[1]:
+            rollouts.prompt_index[:] = 0
+            assert rollouts.prompt_groups() is not None
+        assert scoring.completion_row_offsets(rollouts) == [0, 3, 4]
+        with torch.no_grad():
+            hidden, _ = completion_hidden(model, rollouts)
+            plain = model.get_decoder()(input_ids=rollouts.tokens, attention_mask=rollouts.attention_mask,
+                                        position_ids=rollouts.position_ids).last_hidden_state[:, :-1]
+        assert torch.allclose(hidden, plain[rollouts.completion_mask[:, 1:] > 0], atol=1e-5)
