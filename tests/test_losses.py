@@ -91,16 +91,18 @@ def test_importance_sampling_gradient_equals_reinforce_on_policy():
 def test_ppo_clip_clips_the_ratio():
     sampler = torch.zeros(1, 4)
     learner = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]]))
-    advantages = torch.ones(1, 4)
+    advantages = torch.full((1, 4), 2.0)
     mask = torch.ones(1, 4)
     clipped = importance_sampling_loss(learner, sampler, advantages, mask, clip_epsilon=0.2)
-    # min(r, clip(r)) with A > 0: 0.5, 0.9, 1.1, 1.2
-    assert torch.isclose(clipped, -torch.tensor((0.5 + 0.9 + 1.1 + 1.2) / 4))
+    # min(r A, clip(r) A) with A = 2 > 0: 2 x (0.5, 0.9, 1.1, 1.2)
+    assert torch.isclose(clipped, -2 * torch.tensor((0.5 + 0.9 + 1.1 + 1.2) / 4))
     negative = importance_sampling_loss(learner, sampler, -advantages, mask, clip_epsilon=0.2)
-    # with A < 0 the pessimistic bound keeps the larger ratio: 0.8, 0.9, 1.1, 1.5
-    assert torch.isclose(negative, torch.tensor((0.8 + 0.9 + 1.1 + 1.5) / 4))
+    # with A = -2 the pessimistic bound keeps the larger ratio: 0.8, 0.9, 1.1, 1.5
+    assert torch.isclose(negative, 2 * torch.tensor((0.8 + 0.9 + 1.1 + 1.5) / 4))
+    unclipped = importance_sampling_loss(learner + 1.0, sampler, advantages, mask)  # no clipping by default
+    assert torch.isclose(unclipped, -2 * torch.exp(learner + 1.0).mean())
     learner_param = learner.clone().requires_grad_(True)
-    importance_sampling_loss(learner_param, sampler, advantages, mask, clip_epsilon=0.2).backward()
+    importance_sampling_loss(learner_param, sampler, torch.ones(1, 4), mask, clip_epsilon=0.2).backward()
     assert learner_param.grad[0, 3] == 0 and learner_param.grad[0, 0] != 0  # clipped side has no gradient
 
 

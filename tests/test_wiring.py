@@ -8,11 +8,11 @@ import torch
 
 from conftest import tiny_train_overrides, unequal_batch, use_sgd
 from opd.config import load_config
-from opd.models import chat_prompt_ids, save_model
+from opd.models import chat_prompt_ids, load_tokenizer, save_model
 from opd.sampler import sample
 from opd.setup import open_session
 from opd.tasks.jsonl import epoch_order
-from opd.trainer import advantages, dataset_rollouts, step_rollouts, train_examples, update
+from opd.trainer import advantages, dataset_rollouts, step_rollouts, train_examples, training_step, update
 
 
 def test_the_prompt_is_the_chat_template_with_its_generation_prompt(model_dirs, tmp_path, tokenizer):
@@ -137,3 +137,46 @@ def test_clipping_bounds_the_gradient_the_optimizer_applies(model_dirs, tmp_path
     _, grad_norm = update(session, batch, None, int(batch.completion_mask.sum()), step=0)
     assert grad_norm > 0.01  # the norm before clipping, as logged
     assert applied == [pytest.approx(1e-3, rel=1e-4)]
+
+
+def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp_path, monkeypatch):
+    """teacher_kl, train_reward, completion_tokens and the FLOPs of a step's record, recomputed from the
+    rollouts the step trained on (captured), with the prompt lengths counted independently."""
+    import opd.trainer
+    from opd.flops import step_flops
+
+    tokenizer = load_tokenizer(model_dirs["student"])
+    save_model(stopping_model(tokenizer), tokenizer, tmp_path / "stopping")  # rows of unequal lengths
+    session = open_session(load_config(None, tiny_train_overrides({**model_dirs, "student": tmp_path / "stopping"},
+                                                                  tmp_path / "run", max_new_tokens=10)))
+    captured = []
+    real = opd.trainer.step_rollouts
+    monkeypatch.setattr(opd.trainer, "step_rollouts", lambda *a: captured.append(real(*a)) or captured[-1])
+    record = training_step(session, 0)
+    rollouts = captured[0]
+    mask = rollouts.completion_mask
+    expected_kl = float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum() / mask.sum())
+    assert record["teacher_kl"] == pytest.approx(expected_kl, rel=1e-6)
+    assert record["train_reward"] == pytest.approx(float(rollouts.rewards.mean()))
+    assert record["completion_tokens"] == int(mask.sum())
+    prompt_lengths = [int(((a > 0) & (m == 0)).sum()) for a, m in zip(rollouts.attention_mask, mask, strict=True)]
+    completion_lengths = [int(m.sum()) for m in mask]
+    assert len(set(completion_lengths)) > 1  # unequal lengths, so a mix-up shows
+    flops = step_flops(session.student_shape, session.teacher_shape, prompt_lengths, completion_lengths, "opd",
+                       group=session.config.samples_per_prompt)
+    assert record["student_flops"] == pytest.approx(flops["student_flops"])
+    assert record["teacher_flops"] == pytest.approx(flops["teacher_flops"])
+
+
+def test_training_prompts_follow_the_seed_and_train_prompts_reuses_step_zeros(model_dirs, tmp_path):
+    texts = {}
+    for seed in (0, 1):
+        session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / f"s{seed}", seed=seed)))
+        texts[seed] = [ex.messages[-1]["content"] for ex in train_examples(session, 0)]
+        assert train_examples(session, 3) == session.task.train_examples(3, 4, seed)
+    assert texts[0] != texts[1]
+    session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "reuse", train_prompts=3,
+                                                                  prompts_per_step=2, seed=1)))
+    pool = session.task.train_examples(0, 3, 1)
+    for step in range(4):  # each epoch of the pool in its seeded order
+        assert train_examples(session, step) == [pool[i] for i in epoch_order(3, step, 2, 1)]
