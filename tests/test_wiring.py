@@ -180,3 +180,18 @@ def test_training_prompts_follow_the_seed_and_train_prompts_reuses_step_zeros(mo
     pool = session.task.train_examples(0, 3, 1)
     for step in range(4):  # each epoch of the pool in its seeded order
         assert train_examples(session, step) == [pool[i] for i in epoch_order(3, step, 2, 1)]
+
+
+def test_sft_samples_come_from_the_teacher_and_opd_samples_from_the_student(model_dirs, tmp_path):
+    """At temperature 1 a sampler's recorded log-probs are its own: the teacher's for sft, the student's
+    otherwise."""
+    from opd.scoring import token_logprobs
+
+    for method, who in (("sft", "teacher"), ("opd", "student")):
+        session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / method, method=method)))
+        rollouts = step_rollouts(session, 0)
+        model = session.teacher_model if who == "teacher" else session.full_model
+        with torch.no_grad():
+            own = token_logprobs(model, rollouts, session.vocab_size)
+        mask = rollouts.completion_mask > 0
+        assert torch.allclose(own[mask], rollouts.sampler_logprobs[mask], atol=1e-5), method
