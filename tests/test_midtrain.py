@@ -67,10 +67,12 @@ def test_each_step_trains_on_its_seeded_documents_and_chats(model_dirs, tmp_path
         seen = []
         for step in range(3):
             rollouts = midtrain_rollouts(session, step)
-            trained = [r[m > 0].tolist() for r, m in zip(rollouts.tokens, rollouts.completion_mask, strict=True)]
+            rows = zip(rollouts.tokens, rollouts.attention_mask, rollouts.completion_mask, strict=True)
+            given = [(r[(a > 0) & (m == 0)].tolist(), r[m > 0].tolist()) for r, a, m in rows]
             chunks = [session.doc_chunks[i] for i in epoch_order(len(session.doc_chunks), step, 2, seed)]
             pairs = [pair_ids(session, i) for i in epoch_order(len(session.sft_pairs), step, 2, seed + 1)]
-            assert trained == [c[1:] for c in chunks] + [completion for _, completion in pairs]
+            assert given == [([c[0]], c[1:]) for c in chunks] + pairs
+            trained = [completion for _, completion in given]
             assert all(completion[-1] == session.tokenizer.eos_token_id for _, completion in pairs)
             seen.append(trained)
         orders[seed] = seen

@@ -97,10 +97,8 @@ def midtrain_rollouts(session: Session, step: int) -> Rollouts:
     chats = round(config.prompts_per_step * config.chat_fraction)
     docs = epoch_order(len(session.doc_chunks), step, config.prompts_per_step - chats, config.seed)
     pairs = epoch_order(len(session.sft_pairs), step, chats, config.seed + 1) if chats else []
-    rows = []
-    for kind, i in distributed.shard([("doc", i) for i in docs] + [("chat", i) for i in pairs], session.dist):
-        chunk = session.doc_chunks[i] if kind == "doc" else None
-        rows.append(([chunk[0]], chunk[1:]) if chunk else pair_ids(session, i))
+    rows = [([chunk[0]], chunk[1:]) for chunk in (session.doc_chunks[i] for i in docs)]
+    rows = distributed.shard(rows + [pair_ids(session, i) for i in pairs], session.dist)
     rollouts = pack_pairs([p for p, _ in rows], [c for _, c in rows], session.tokenizer.pad_token_id)
     rollouts.rewards = torch.zeros(len(rows))
     return rollouts.to(session.device)
