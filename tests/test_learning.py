@@ -9,7 +9,7 @@ gradient itself. Their measure is exact (a full-vocabulary KL), not sampled, so 
 import pytest
 import torch
 
-from conftest import tiny_train_overrides, use_sgd
+from conftest import tiny_train_overrides, unequal_batch, use_sgd
 from opd.config import load_config
 from opd.losses import group_centred_rewards, reverse_kl_advantages
 from opd.scoring import head_logprobs
@@ -107,3 +107,72 @@ def test_with_temperature_and_top_p_the_ratio_is_exactly_one_before_the_update(m
     for learner, sampler, mask in seen["pairs"]:
         ratio = torch.exp(learner - sampler)[mask > 0]
         assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5), ratio
+
+
+@pytest.mark.parametrize("method", ["sft", "midtrain"])
+def test_one_cross_entropy_step_lowers_the_nll_of_its_tokens(peaked_teacher, tmp_path, method):
+    """sft (the teacher's samples) and midtrain (document chunks): the update points down the negative
+    log-likelihood of exactly the tokens it trained on, measured afterwards on the same batch."""
+    import json
+
+    import opd.trainer
+    from opd.scoring import token_logprobs
+
+    extra = {"method": method, "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 8}
+    if method == "midtrain":
+        docs = tmp_path / "docs.jsonl"
+        docs.write_text("".join(json.dumps({"text": f"Mara Venn works in Oslo since {2000 + i}."}) + "\n"
+                                for i in range(6)))
+        extra.update(docs=str(docs), doc_tokens=8)
+    session = one_prompt_session(peaked_teacher, tmp_path, **extra)
+    captured = []
+    real = opd.trainer.step_rollouts
+    opd.trainer.step_rollouts = lambda *a: captured.append(real(*a)) or captured[-1]
+    try:
+        params = session.trainable
+        start = torch.cat([p.detach().flatten() for p in params])
+        training_step(session, 0)
+    finally:
+        opd.trainer.step_rollouts = real
+    batch = captured[0]
+    step = torch.cat([p.detach().flatten() for p in params]) - start
+    with torch.no_grad():
+        for p, value in zip(params, torch.split(start, [p.numel() for p in params]), strict=True):
+            p.copy_(value.view_as(p))  # back to the weights the batch was trained from
+    mask = batch.completion_mask
+    nll = -(token_logprobs(session.full_model, batch, session.vocab_size) * mask).sum() / mask.sum()
+    descent = -torch.cat([g.flatten() for g in torch.autograd.grad(nll, params)])
+    assert torch.nn.functional.cosine_similarity(step, descent, dim=0) > 0.99
+
+
+def test_opd_plus_rl_with_the_exact_kl_adds_the_reward_term(peaked_teacher, tmp_path):
+    """kl=full: the loss of opd+rl is the exact-KL loss of opd plus the importance-sampling loss of the
+    group-centred reward, whose value at ratio 1 is -(1/N) sum_t A_t."""
+    from opd.trainer import policy_loss
+
+    sessions = {m: one_prompt_session(peaked_teacher, tmp_path / m, method=m, kl="full", reward_coef=0.5,
+                                      prompts_per_step=2, samples_per_prompt=3, max_new_tokens=4)
+                for m in ("opd", "opd+rl")}
+    rollouts = unequal_batch(sessions["opd+rl"])  # unequal lengths: the reward term does not cancel
+    rollouts.rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    rollouts.teacher_logprobs, hidden = sessions["opd+rl"].teacher.score_with_hidden(rollouts)
+    rollouts.advantages = advantages(sessions["opd+rl"], rollouts)
+    n = rollouts.num_completion_tokens
+    with torch.no_grad():
+        both = policy_loss(sessions["opd+rl"], rollouts, n, hidden)
+        kl_only = policy_loss(sessions["opd"], rollouts, n, hidden)
+    reward_term = -(rollouts.advantages * rollouts.completion_mask).sum() / n
+    assert reward_term.abs() > 0.01
+    assert float(both - kl_only) == pytest.approx(float(reward_term), abs=1e-5)
+
+
+def test_the_discount_reaches_the_advantages(model_dirs, tmp_path):
+    from opd.losses import discounted_future_sum
+
+    session = one_prompt_session(model_dirs, tmp_path, kl="sampled", gamma=0.9, samples_per_prompt=4,
+                                 max_new_tokens=5)
+    rollouts = step_rollouts(session, 0)
+    rollouts.teacher_logprobs = session.teacher.score(rollouts)
+    mask = rollouts.completion_mask
+    per_token = -(rollouts.sampler_logprobs - rollouts.teacher_logprobs)
+    assert torch.allclose(advantages(session, rollouts), discounted_future_sum(per_token, mask, 0.9), atol=1e-6)

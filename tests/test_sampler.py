@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from opd.losses import sampling_logprobs
@@ -105,3 +106,20 @@ def test_a_padded_embedding_never_samples_past_the_tokenizer(tokenizer):
         with torch.no_grad():
             recomputed = token_logprobs(model, rollouts, vocab)
         assert (recomputed - rollouts.sampler_logprobs).abs().max() <= 1e-5
+
+
+def test_the_cache_is_preallocated_for_exactly_what_sampling_reads(tokenizer, tiny_model):
+    from opd.sampler import PreallocatedLayer, generation_cache
+
+    cache = generation_cache(tiny_model, 10)
+    assert cache.layers and all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    keys = torch.zeros(2, 1, 6, 4)
+    cache.layers[0].update(keys, keys)
+    cache.layers[0].update(keys[:, :, :4], keys[:, :, :4])  # 10 positions: full, not over
+    with pytest.raises(RuntimeError, match="KV cache of 10 positions is full"):
+        cache.layers[0].update(keys[:, :, :1], keys[:, :, :1])
+    # a full-length sample fits the cache sized for it, with no position to spare
+    prompts = prompts_of(tokenizer, ["Compute 1+2"])
+    rollouts = sample(tiny_model, prompts, max_new_tokens=7, eos_id=-1, pad_id=tokenizer.pad_token_id,
+                      vocab_size=len(tokenizer), generator=torch.Generator().manual_seed(0))
+    assert rollouts.completion_mask.sum() == 7

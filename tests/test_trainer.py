@@ -139,8 +139,11 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dirs,
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(opd.trainer, "policy_loss", exploding)
-    with pytest.raises(OpdError, match="step 2: non-finite loss.*step_000002"):
+    with pytest.raises(OpdError) as stopped:
         train(load_config(None, tiny_train_overrides(model_dirs, out)), progress=False)
+    assert str(stopped.value) == (
+        f"step 2: non-finite loss (nan) or gradient norm (nan); the run stopped before applying it. The last good "
+        f"checkpoint is {out / 'checkpoints' / 'step_000002'}. Lower lr or raise warmup_steps, then --resume.")
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 2
     kept = load_file(out / "checkpoints" / "step_000002" / "model.safetensors")
@@ -149,6 +152,19 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dirs,
     train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "two", steps=2)), progress=False)
     good = load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert kept.keys() == good.keys() and all(torch.equal(kept[k], good[k]) for k in good)  # step 2's weights
+
+
+def test_an_infinite_loss_with_finite_gradients_also_stops_the_run(model_dirs, tmp_path, monkeypatch):
+    """The check covers the loss and the gradient norm each: here only the loss is infinite (a constant
+    added to it has no gradient), at the first step, before any checkpoint."""
+    import opd.trainer
+
+    real = opd.trainer.policy_loss
+    monkeypatch.setattr(opd.trainer, "policy_loss", lambda *args: real(*args) + float("inf"))
+    with pytest.raises(OpdError) as stopped:
+        train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run")), progress=False)
+    assert str(stopped.value).startswith("step 0: non-finite loss (inf) or gradient norm (")
+    assert "The last good checkpoint is none (no checkpoint was written yet). Lower lr" in str(stopped.value)
 
 
 def test_tokenizers_that_differ_are_refused_before_any_compute(model_dirs, tmp_path, tokenizer):

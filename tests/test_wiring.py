@@ -102,7 +102,7 @@ def test_sft_data_is_taken_in_its_seeded_epoch_order(model_dirs, tmp_path):
     assert taken[0] != taken[1]
 
 
-def sgd_step(model_dirs, tmp_path, name, **extra) -> dict:
+def sgd_step(model_dirs, tmp_path, name, **extra) -> tuple[dict, float]:
     session = open_session(load_config(None, tiny_train_overrides(
         model_dirs, tmp_path / name, prompts_per_step=4, samples_per_prompt=2, grad_clip=1e9, **extra)))
     batch = unequal_batch(session)
@@ -113,17 +113,18 @@ def sgd_step(model_dirs, tmp_path, name, **extra) -> dict:
         batch.teacher_logprobs = session.teacher.score(batch)
     batch.advantages = advantages(session, batch)
     use_sgd(session, lr=1.0)
-    update(session, batch, hidden, int(batch.completion_mask.sum()), step=0)
-    return {k: v.detach().clone() for k, v in session.full_model.state_dict().items()}
+    loss, _ = update(session, batch, hidden, int(batch.completion_mask.sum()), step=0)
+    return {k: v.detach().clone() for k, v in session.full_model.state_dict().items()}, loss
 
 
 @pytest.mark.parametrize("method, kl", [("opd", "sampled"), ("opd", "full"), ("sft", "sampled"), ("rl", "sampled")])
 def test_gradient_accumulation_equals_one_batch_with_unequal_lengths(model_dirs, tmp_path, method, kl):
-    one = sgd_step(model_dirs, tmp_path, "one", method=method, kl=kl)
+    one, loss = sgd_step(model_dirs, tmp_path, "one", method=method, kl=kl)
     for micro in (2, 4):
-        many = sgd_step(model_dirs, tmp_path, f"acc{micro}", method=method, kl=kl, grad_accum=micro)
+        many, accumulated = sgd_step(model_dirs, tmp_path, f"acc{micro}", method=method, kl=kl, grad_accum=micro)
         worst = max((one[k] - many[k]).abs().max().item() for k in one)
         assert worst < 1e-6, (micro, worst)
+        assert accumulated == pytest.approx(loss, rel=1e-5, abs=1e-7)  # the step's loss, not one micro-batch's
 
 
 def test_clipping_bounds_the_gradient_the_optimizer_applies(model_dirs, tmp_path):

@@ -132,7 +132,7 @@ def sample(
     prompt_tokens, prompt_mask = prompt_tokens.to(device), prompt_mask.to(device)
     prompt_width = prompt_tokens.shape[1]
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = generation_cache(model, prompt_width + max_new_tokens)
+    cache = generation_cache(model, prompt_width + max_new_tokens - 1)  # the last token is never read back
     # each prompt is read once, then its cache is repeated for its samples
     logits = model(input_ids=prompt_tokens, attention_mask=prompt_mask, position_ids=positions,
                    use_cache=True, **cache_kwargs(model, cache),
