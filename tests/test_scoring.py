@@ -105,12 +105,15 @@ def test_shared_prompts_give_the_padded_forward_values_and_gradients(tokenizer):
 def test_completion_row_offsets_count_each_rows_completion_even_after_a_one_token_prompt(tokenizer):
     """Midtraining's document chunks have a one-token prompt, so a completion may start at column 1."""
     model = make_model(tokenizer, layers=1, width=16, seed=0).eval()
-    for prompts in ([[5], [6]], [[5], [5]]):  # distinct prompts, and one prompt shared (run once)
-        rollouts = pack_pairs(prompts, [[9, 10, 11], [12]], tokenizer.pad_token_id)
+    cases = [([[5], [6]], [[9, 10, 11], [12]]), ([[5], [5]], [[9, 10, 11], [12]]),  # distinct, shared prompt
+             ([[5, 7], [5, 7]], [[9, 10], [12]]), ([[5, 7], [5, 7]], [[9], [12]])]  # completions 2 and 1 wide
+    for prompts, completions in cases:
+        rollouts = pack_pairs(prompts, completions, tokenizer.pad_token_id)
         if prompts[0] == prompts[1]:
             rollouts.prompt_index[:] = 0
             assert rollouts.prompt_groups() is not None
-        assert scoring.completion_row_offsets(rollouts) == [0, 3, 4]
+        counts = [len(c) for c in completions]
+        assert scoring.completion_row_offsets(rollouts) == [0, counts[0], sum(counts)]
         with torch.no_grad():
             hidden, _ = completion_hidden(model, rollouts)
             plain = model.get_decoder()(input_ids=rollouts.tokens, attention_mask=rollouts.attention_mask,
