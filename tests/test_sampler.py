@@ -42,6 +42,18 @@ def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
     assert torch.allclose(hotter, probs.sqrt() / probs.sqrt().sum())
 
 
+def test_sampling_logprobs_work_row_by_row_on_any_leading_shape_in_float32():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 9, generator=gen) * 2  # (B, T, V)
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.6), (1.5, 0.9)):
+        out = sampling_logprobs(logits, temperature, top_p)
+        for b in range(2):
+            for t in range(3):
+                assert torch.equal(out[b, t], sampling_logprobs(logits[b, t][None], temperature, top_p)[0])
+    low = sampling_logprobs(logits.bfloat16(), 0.7, 0.6)
+    assert low.dtype == torch.float32  # bf16 logits are promoted before the softmax
+
+
 def test_draw_matches_the_distribution_and_never_picks_a_zero():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
     draws = draw(probs.repeat(20_000, 1), torch.Generator().manual_seed(0)).view(20_000, 2)

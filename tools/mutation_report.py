@@ -3,12 +3,15 @@ surviving mutant with its diff, minus the reviewed equivalent ones (tools/mutati
 
     python tools/mutation_report.py [--out mutation-report.md]
 
-Reads ``mutmut results --all true`` (one ``name: status`` line per mutant) and ``mutmut show NAME``.
+Reads ``mutmut results --all true`` (one ``name: status`` line per mutant) and each survivor's code from
+the mutated sources under ``mutants/`` (its function against the original, as a diff).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import fnmatch
 import shlex
 import subprocess
@@ -52,6 +55,29 @@ def statuses(patterns: list[str]) -> dict[str, str]:
     return out
 
 
+def function_sources(module: str) -> dict[str, str]:
+    """Every function and method of a mutated module by its mutmut name (``x_f__mutmut_3``)."""
+    path = ROOT / "mutants" / "src" / Path(*module.split(".")).with_suffix(".py")
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    lines = text.splitlines()
+    return {node.name: "\n".join(lines[node.lineno - 1 : node.end_lineno]) for node in ast.walk(ast.parse(text))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in node.name}
+
+
+def mutant_diff(name: str, cache: dict[str, dict[str, str]]) -> str:
+    module, _, function = name.rpartition(".")
+    sources = cache.setdefault(module, function_sources(module))
+    original = sources.get(function.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
+    mutant = sources.get(function)
+    if original is None or mutant is None:
+        return "(source not found: run `mutmut show NAME`)"
+    mutant = mutant.replace(function + "(", function.rsplit("__mutmut_", 1)[0] + "__mutmut_orig(", 1)
+    lines = difflib.unified_diff(original.splitlines(), mutant.splitlines(), lineterm="", n=1)
+    return "\n".join(line for line in lines if not line.startswith(("---", "+++")))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "mutation-report.md"))
@@ -70,9 +96,9 @@ def main() -> int:
              f"{len(equivalent_seen)} survivors reviewed as equivalent (tools/mutation_equivalent.txt); "
              f"{counts['no tests']} mutants in code no selected test reaches; {counts['not checked']} not run yet.",
              ""]
+    sources: dict[str, dict[str, str]] = {}
     for name in survivors:
-        diff = subprocess.run([*MUTMUT, "show", name], capture_output=True, text=True, cwd=ROOT).stdout
-        lines += [f"## {name}", "", "```diff", diff.strip(), "```", ""]
+        lines += [f"## {name}", "", "```diff", mutant_diff(name, sources), "```", ""]
     Path(args.out).write_text("\n".join(lines))
     print(f"{killed}/{judged} killed ({100 * score:.1f}%), {len(survivors)} survivors to look at, "
           f"{len(equivalent_seen)} equivalent; report: {args.out}")
