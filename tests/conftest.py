@@ -105,6 +105,22 @@ def use_sgd(session, lr: float) -> None:
     session.scheduler = torch.optim.lr_scheduler.LambdaLR(session.optimizer, lambda _: 1.0)
 
 
+def sgd_update(session, rollouts: Rollouts, step_tokens: int) -> float:
+    """Score ``rollouts`` with the session's teacher, take their advantages and apply one update by SGD at
+    rate 1 (the weight change is then the gradient itself); ``step_tokens`` counts the whole step's
+    completion tokens. Returns the loss."""
+    from opd.trainer import advantages, update
+
+    hidden = None
+    if session.config.kl == "full":
+        rollouts.teacher_logprobs, hidden = session.teacher.score_with_hidden(rollouts)
+    else:
+        rollouts.teacher_logprobs = session.teacher.score(rollouts)
+    rollouts.advantages = advantages(session, rollouts)
+    use_sgd(session, lr=1.0)
+    return update(session, rollouts, hidden, step_tokens, step=0)[0]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from conftest import unequal_batch, use_sgd
+from conftest import sgd_update, unequal_batch
 from opd import distributed
 from opd.config import load_config
 from opd.setup import open_session
-from opd.trainer import advantages, train, update
+from opd.trainer import train
 
 
 def equivalence(out: Path, overrides: list[str]) -> None:
@@ -27,14 +27,7 @@ def equivalence(out: Path, overrides: list[str]) -> None:
     batch = unequal_batch(session)
     rows = distributed.shard(list(range(batch.tokens.shape[0])), state)
     mine = batch.select(slice(rows[0], rows[-1] + 1))
-    hidden = None
-    if session.config.kl == "full":
-        mine.teacher_logprobs, hidden = session.teacher.score_with_hidden(mine)
-    else:
-        mine.teacher_logprobs = session.teacher.score(mine)
-    mine.advantages = advantages(session, mine)
-    use_sgd(session, lr=1.0)  # with no clipping, the weight change is the gradient itself
-    update(session, mine, hidden, int(batch.completion_mask.sum()), step=0)
+    sgd_update(session, mine, int(batch.completion_mask.sum()))  # grad_clip is off: the change is the gradient
     if state.main:
         weights = {k: v.detach().clone() for k, v in session.full_model.state_dict().items()}
         torch.save(weights, out / "weights.pt")

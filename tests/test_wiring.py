@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_train_overrides, unequal_batch, use_sgd
+from conftest import sgd_update, tiny_train_overrides, unequal_batch
 from opd.config import load_config
 from opd.models import chat_prompt_ids, load_tokenizer, save_model
 from opd.sampler import sample
@@ -106,14 +106,7 @@ def sgd_step(model_dirs, tmp_path, name, **extra) -> tuple[dict, float]:
     session = open_session(load_config(None, tiny_train_overrides(
         model_dirs, tmp_path / name, prompts_per_step=4, samples_per_prompt=2, grad_clip=1e9, **extra)))
     batch = unequal_batch(session)
-    hidden = None
-    if session.config.kl == "full":
-        batch.teacher_logprobs, hidden = session.teacher.score_with_hidden(batch)
-    else:
-        batch.teacher_logprobs = session.teacher.score(batch)
-    batch.advantages = advantages(session, batch)
-    use_sgd(session, lr=1.0)
-    loss, _ = update(session, batch, hidden, int(batch.completion_mask.sum()), step=0)
+    loss = sgd_update(session, batch, int(batch.completion_mask.sum()))
     return {k: v.detach().clone() for k, v in session.full_model.state_dict().items()}, loss
 
 
