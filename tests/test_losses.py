@@ -140,6 +140,7 @@ def test_advantage_is_negative_log_ratio_times_coef():
 def test_label_smoothed_nll():
     logprobs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.25, 0.25, 0.5]], dtype=torch.float64).log()
     target = torch.tensor([0, 2, 1])
+    assert torch.equal(label_smoothed_nll(logprobs, target), -logprobs.gather(-1, target[:, None])[:, 0])  # default
     for smoothing in (0.0, 0.1, 0.5):
         got = label_smoothed_nll(logprobs, target, smoothing)
         for row in range(3):
@@ -154,3 +155,5 @@ def test_group_centred_rewards():
     assert torch.allclose(group_centred_rewards(rewards, group), expected)
     doubles = group_centred_rewards(rewards.double(), group)  # any float dtype, kept
     assert doubles.dtype == torch.float64 and torch.allclose(doubles, expected.double())
+    fine = torch.tensor([1 + 1e-12, 1.0], dtype=torch.float64)  # a difference only float64 holds
+    assert group_centred_rewards(fine, torch.tensor([0, 0]))[0].item() == pytest.approx(5e-13, rel=1e-3)

@@ -50,6 +50,7 @@ def test_sampling_logprobs_work_row_by_row_on_any_leading_shape_in_float32():
         for b in range(2):
             for t in range(3):
                 assert torch.equal(out[b, t], sampling_logprobs(logits[b, t][None], temperature, top_p)[0])
+    assert torch.equal(sampling_logprobs(logits), torch.log_softmax(logits, -1))  # defaults: the plain softmax
     low = sampling_logprobs(logits.bfloat16(), 0.7, 0.6)
     assert low.dtype == torch.float32  # bf16 logits are promoted before the softmax
 

@@ -119,3 +119,27 @@ def test_completion_row_offsets_count_each_rows_completion_even_after_a_one_toke
             plain = model.get_decoder()(input_ids=rollouts.tokens, attention_mask=rollouts.attention_mask,
                                         position_ids=rollouts.position_ids).last_hidden_state[:, :-1]
         assert torch.allclose(hidden, plain[rollouts.completion_mask[:, 1:] > 0], atol=1e-5)
+
+
+def test_chunked_rows_without_gradients_equal_one_chunk(tokenizer, monkeypatch):
+    model = make_model(tokenizer, layers=1, width=16, seed=0).eval()
+    prompts, completions = batch(tokenizer)
+    rollouts = pack_pairs(prompts, completions, tokenizer.pad_token_id)
+    with torch.no_grad():
+        whole = token_logprobs(model, rollouts, len(tokenizer))
+        monkeypatch.setattr(scoring, "LOGITS_BUDGET", len(tokenizer) * 3)  # chunks of 3 rows
+        chunked = token_logprobs(model, rollouts, len(tokenizer))
+    assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+def test_prompt_groups_need_a_prompt_and_a_completion(tokenizer):
+    shared = pack_pairs([[5, 6], [5, 6]], [[7], [8, 9]], tokenizer.pad_token_id)
+    shared.prompt_index[:] = 0
+    assert shared.prompt_groups() is not None
+    no_prompt = pack_pairs([[], []], [[7], [8, 9]], tokenizer.pad_token_id)
+    no_prompt.prompt_index[:] = 0
+    assert no_prompt.prompt_groups() is None  # nothing to share
+    nothing = pack_pairs([[5, 6], [5, 6]], [[7], [8]], tokenizer.pad_token_id)
+    nothing.prompt_index[:] = 0
+    nothing.completion_mask[:] = 0
+    assert nothing.prompt_groups() is None

@@ -82,6 +82,7 @@ NOT_IMPLEMENTED = "not implemented by this server"
 @pytest.mark.parametrize("body, status, message", [
     ({"prompt": [1, 2, 99999]}, 400, "prompt[0] holds token id 99999, outside the vocabulary [0, 300)"),
     ({"prompt": [1, -1]}, 400, "prompt[0] holds token id -1, outside the vocabulary [0, 300)"),
+    ({"prompt": [1, 300]}, 400, "prompt[0] holds token id 300, outside the vocabulary [0, 300)"),
     ({"prompt": []}, 400, "prompt is empty"),
     ({"prompt": [[1, 2], []]}, 400, "prompt[1] is empty"),
     ({"prompt": [5] * 300}, 400,
@@ -157,6 +158,9 @@ def test_what_clients_send_by_default_is_accepted(server):
     scoring = {"prompt": [[1, 2], [3, 4, 5]], "max_tokens": 0, "temperature": 1.0, "stop": ["\n"], "top_p": 0.9,
                "top_k": 0, "prompt_logprobs": 20, "presence_penalty": 0, "repetition_penalty": 1}
     assert httpx.post(f"{server.url}/v1/completions", json=scoring, timeout=30).status_code == 200
+    for edge in ({"min_p": 0.0}, {"min_p": 0.5}, {"prompt": [0, 299, 5]}, {"prompt": [5] * 256}):  # all valid
+        body = {"prompt": [1, 2], "max_tokens": 0, **edge}
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).status_code == 200, edge
 
 
 def test_malformed_json_and_oversized_bodies(server):

@@ -2,6 +2,7 @@
 clipping, gradient accumulation over completions of unequal lengths, and the sampler's recorded log-probs."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -76,13 +77,17 @@ def test_sft_pairs_train_on_eos_and_no_bos_inside(model_dirs, tmp_path, tokenize
     assert bos_tokenizer.encode("= 2")[0] == bos
     save_model(make_model(bos_tokenizer, layers=1, width=16, seed=2), bos_tokenizer, tmp_path / "bos-student")
     data = tmp_path / "sft.jsonl"
-    data.write_text(json.dumps({"prompt": "Compute 1+1", "completion": "= 2"}) + "\n")
+    long = "= " + "1+" * 20 + "1"  # longer than max_new_tokens: cut to max_new_tokens - 1 tokens, then EOS
+    data.write_text(json.dumps({"prompt": "Compute 1+1", "completion": "= 2"}) + "\n"
+                    + json.dumps({"prompt": "Compute more", "completion": long}) + "\n")
     session = open_session(load_config(None, tiny_train_overrides(
         {**model_dirs, "student": tmp_path / "bos-student"}, tmp_path / "run", method="sft", sft_data=data,
-        prompts_per_step=1)))
-    _, rollouts = dataset_rollouts(session, 0)
-    trained = rollouts.tokens[0][rollouts.completion_mask[0] > 0].tolist()
-    assert trained == tokenizer.encode("= 2", add_special_tokens=False) + [tokenizer.eos_token_id]
+        prompts_per_step=2, max_new_tokens=8)))
+    examples, rollouts = dataset_rollouts(session, 0)
+    eos = tokenizer.eos_token_id
+    for example, row, mask in zip(examples, rollouts.tokens, rollouts.completion_mask, strict=True):
+        text = "= 2" if example.messages[-1]["content"] == "Compute 1+1" else long
+        assert row[mask > 0].tolist() == tokenizer.encode(text, add_special_tokens=False)[:7] + [eos]
 
 
 def test_sft_data_is_taken_in_its_seeded_epoch_order(model_dirs, tmp_path):
@@ -143,11 +148,18 @@ def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp
     save_model(stopping_model(tokenizer), tokenizer, tmp_path / "stopping")  # rows of unequal lengths
     session = open_session(load_config(None, tiny_train_overrides({**model_dirs, "student": tmp_path / "stopping"},
                                                                   tmp_path / "run", max_new_tokens=10)))
+    monkeypatch.setattr(session.task, "reward", lambda text, example: float(len(text) % 3))  # rewards of 0, 1, 2
     captured = []
     real = opd.trainer.step_rollouts
     monkeypatch.setattr(opd.trainer, "step_rollouts", lambda *a: captured.append(real(*a)) or captured[-1])
+    started = time.perf_counter()
     record = training_step(session, 0)
+    wall = time.perf_counter() - started
     rollouts = captured[0]
+    assert rollouts.rewards.sum() > 0
+    timings = [record[k] for k in ("sample_seconds", "score_seconds", "train_seconds")]
+    assert all(t > 0 for t in timings) and sum(timings) <= wall
+    assert record["grad_norm"] > 0 and record["lr"] == session.config.lr / session.config.warmup_steps
     mask = rollouts.completion_mask
     expected_kl = float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum() / mask.sum())
     assert record["teacher_kl"] == pytest.approx(expected_kl, rel=1e-6)
@@ -160,6 +172,26 @@ def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp
                        group=session.config.samples_per_prompt)
     assert record["student_flops"] == pytest.approx(flops["student_flops"])
     assert record["teacher_flops"] == pytest.approx(flops["teacher_flops"])
+
+
+def test_a_step_on_given_pairs_counts_each_pair_once_and_no_teacher(model_dirs, tmp_path, monkeypatch):
+    import opd.trainer
+    from opd.flops import step_flops
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Compute {i}+1", "completion": f"= {i + 1}"}) + "\n"
+                            for i in range(4)))
+    session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", method="sft",
+                                                                  sft_data=data)))
+    captured = []
+    real = opd.trainer.step_rollouts
+    monkeypatch.setattr(opd.trainer, "step_rollouts", lambda *a: captured.append(real(*a)) or captured[-1])
+    record = training_step(session, 0)
+    mask = captured[0].completion_mask
+    prompts = [int(((a > 0) & (m == 0)).sum()) for a, m in zip(captured[0].attention_mask, mask, strict=True)]
+    flops = step_flops(session.student_shape, session.teacher_shape, prompts, [int(m.sum()) for m in mask],
+                       "sft_data", group=1)
+    assert record["student_flops"] == pytest.approx(flops["student_flops"]) and record["teacher_flops"] == 0
 
 
 def test_training_prompts_follow_the_seed_and_train_prompts_reuses_step_zeros(model_dirs, tmp_path):
