@@ -158,7 +158,7 @@ def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp
     rollouts = captured[0]
     assert rollouts.rewards.sum() > 0
     timings = [record[k] for k in ("sample_seconds", "score_seconds", "train_seconds")]
-    assert all(t > 0 for t in timings) and sum(timings) <= wall
+    assert all(t > 0 for t in timings) and sum(timings) <= wall + 1e-3  # each rounded to 0.1 ms
     assert record["grad_norm"] > 0 and record["lr"] == session.config.lr / session.config.warmup_steps
     mask = rollouts.completion_mask
     expected_kl = float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum() / mask.sum())
