@@ -98,6 +98,18 @@ def rollouts_of(tokenizer):
     return pack_pairs(prompts, completions, tokenizer.pad_token_id)
 
 
+def with_bos(model_dir: Path):
+    """The tokenizer of ``model_dir`` made to add a BOS (``<|im_start|>``) to every encoding, as Llama's does;
+    returns it and the BOS id."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = load_tokenizer(model_dir)
+    bos = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", bos)])
+    return tokenizer, bos
+
+
 def use_sgd(session, lr: float) -> None:
     """Plain SGD at a constant rate in place of the session's AdamW (and its schedule): the weight change
     is then the gradient itself, where Adam's first step is nearly blind to a gradient's scale."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from conftest import LiveServer, rollouts_of
+from conftest import LiveServer, rollouts_of, with_bos
 from opd.models import OpdError
 from opd.remote import PROBE_TEXT, RemoteTeacher
 from opd.teacher import LocalTeacher
@@ -140,15 +140,10 @@ def test_a_teacher_with_another_tokenizer_is_refused(model_dirs, tokenizer):
 def test_the_tokenizer_probe_adds_no_special_tokens_on_either_side(model_dirs, tokenizer, tmp_path):
     """A tokenizer that adds a BOS to every encoding (as Llama's does) is the same on both sides: the
     probe asks the server, and encodes here, without special tokens."""
-    from tokenizers.processors import TemplateProcessing
-
     from opd.models import load_tokenizer, save_model
     from opd.zoo import make_model
 
-    bos_tokenizer = load_tokenizer(model_dirs["teacher"])
-    bos = bos_tokenizer.convert_tokens_to_ids("<|im_start|>")
-    bos_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", bos)])
+    bos_tokenizer, bos = with_bos(model_dirs["teacher"])
     save_model(make_model(bos_tokenizer, layers=1, width=16, seed=1), bos_tokenizer, tmp_path / "bos")
     with Misbehaving(tmp_path / "bos") as server:
         teacher = RemoteTeacher(server.url, retries=0)

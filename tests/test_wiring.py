@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import sgd_update, tiny_train_overrides, unequal_batch
+from conftest import sgd_update, tiny_train_overrides, unequal_batch, with_bos
 from opd.config import load_config
 from opd.models import chat_prompt_ids, load_tokenizer, save_model
 from opd.sampler import sample
@@ -65,15 +65,9 @@ def test_eos_is_sampled_into_the_completion_mask_and_nothing_after_it(tokenizer)
 def test_sft_pairs_train_on_eos_and_no_bos_inside(model_dirs, tmp_path, tokenizer):
     """A completion is its text's tokens plus EOS, with no special tokens added in the middle of the
     sequence: the student's tokenizer here adds a BOS to every encoding, as Llama's does."""
-    from tokenizers.processors import TemplateProcessing
-
-    from opd.models import load_tokenizer
     from opd.zoo import make_model
 
-    bos_tokenizer = load_tokenizer(model_dirs["student"])
-    bos = bos_tokenizer.convert_tokens_to_ids("<|im_start|>")
-    bos_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", bos)])
+    bos_tokenizer, bos = with_bos(model_dirs["student"])
     assert bos_tokenizer.encode("= 2")[0] == bos
     save_model(make_model(bos_tokenizer, layers=1, width=16, seed=2), bos_tokenizer, tmp_path / "bos-student")
     data = tmp_path / "sft.jsonl"

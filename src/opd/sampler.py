@@ -133,9 +133,10 @@ def sample(
     prompt_width = prompt_tokens.shape[1]
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     cache = generation_cache(model, prompt_width + max_new_tokens - 1)  # the last token is never read back
+    with_cache = cache_kwargs(model, cache)  # resolved once, not per decoded token
     # each prompt is read once, then its cache is repeated for its samples
     logits = model(input_ids=prompt_tokens, attention_mask=prompt_mask, position_ids=positions,
-                   use_cache=True, **cache_kwargs(model, cache),
+                   use_cache=True, **with_cache,
                    logits_to_keep=1,  # never a (B, P, V) logits tensor for the prompt
                    ).logits[:, -1, :vocab_size]
     rows = torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt)
@@ -184,7 +185,7 @@ def sample(
         positions = positions[:, -1:] + 1
         mask = attention.bool()[:, None, None, :] if direct_mask else attention
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                       use_cache=True, **cache_kwargs(model, cache)).logits[:, -1, :vocab_size]
+                       use_cache=True, **with_cache).logits[:, -1, :vocab_size]
 
     completion, completion_lp = completion[:, :length], completion_lp[:, :length]
     completion_mask = completion_mask[:, :length]

@@ -71,7 +71,7 @@ def head_logits(head: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) ->
 
 def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Full log-softmax over the first ``vocab_size`` ids."""
-    return torch.log_softmax(head_logits(head, hidden, vocab_size), dim=-1)
+    return sampling_logprobs(head_logits(head, hidden, vocab_size))
 
 
 def chunked_rows(
@@ -117,8 +117,7 @@ def gather_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
     ``top_p``, under the sampling distribution (``losses.sampling_logprobs``)."""
 
     def gather(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logprobs = sampling_logprobs(head_logits(head, h, vocab_size), temperature, top_p)
-        return logprobs.gather(-1, t[:, None])[:, 0]
+        return sampling_logprobs(head_logits(head, h, vocab_size), temperature, top_p).gather(-1, t[:, None])[:, 0]
 
     return chunked_rows(gather, (hidden, targets), vocab_size)
 

@@ -97,8 +97,9 @@ def midtrain_rollouts(session: Session, step: int) -> Rollouts:
     chats = round(config.prompts_per_step * config.chat_fraction)
     docs = epoch_order(len(session.doc_chunks), step, config.prompts_per_step - chats, config.seed)
     pairs = epoch_order(len(session.sft_pairs), step, chats, config.seed + 1) if chats else []
-    rows = [([chunk[0]], chunk[1:]) for chunk in (session.doc_chunks[i] for i in docs)]
-    rows = distributed.shard(rows + [pair_ids(session, i) for i in pairs], session.dist)
+    # document chunks are token lists, chat pairs indices into sft_data; each rank encodes only its own
+    mine = distributed.shard([session.doc_chunks[i] for i in docs] + pairs, session.dist)
+    rows = [([item[0]], item[1:]) if isinstance(item, list) else pair_ids(session, item) for item in mine]
     rollouts = pack_pairs([p for p, _ in rows], [c for _, c in rows], session.tokenizer.pad_token_id)
     rollouts.rewards = torch.zeros(len(rows))
     return rollouts.to(session.device)
