@@ -91,12 +91,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.time()
     summary = train(config, progress=not args.quiet)
     rows = [
-        ("held-out accuracy", summary["student_accuracy_before"], summary["student_accuracy_after"],
+        ("accuracy, greedy", summary["student_accuracy_before"], summary["student_accuracy_after"],
          summary["teacher_accuracy"], True),
+        (f"accuracy, sampled T={config.eval_temperature:g}", summary["student_sampled_accuracy_before"],
+         summary["student_sampled_accuracy_after"], summary["teacher_sampled_accuracy"], True),
         ("reverse KL to teacher", summary["teacher_kl_before"], summary["teacher_kl_after"], 0.0, False),
     ]
     print(f"\n{'':24}{'before':>10}{'after':>10}{'teacher':>10}")
     for name, before, after, teacher, percent in rows:
+        if before is None:  # eval_samples=0: no sampled accuracy
+            continue
         cells = [f"{100 * v:.1f}%" if percent else f"{v:.3f}" for v in (before, after, teacher)]
         print(f"{name:24}" + "".join(f"{c:>10}" for c in cells))
     print(f"\nwall time {time.time() - started:.0f} s; run directory: {out} (report.md, curves.png)")
@@ -109,6 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from opd.setup import make_task, resolve_model_path
     from opd.teacher import LocalTeacher
 
+    if args.samples < 0 or args.temperature <= 0:
+        raise OpdError(f"--samples {args.samples} must be 0 or more and --temperature {args.temperature} positive")
     device = pick_device(args.device)
     dtype = pick_dtype("auto", device)
     path = resolve_model_path(args.model, "model")
@@ -125,8 +131,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), path, teacher_path)
         teacher = LocalTeacher(load_model(teacher_path, device, dtype), len(tokenizer))
     result = evaluate(load_model(path, device, dtype), tokenizer, task, examples,
-                      max_new_tokens=args.max_new_tokens, teacher=teacher)
+                      max_new_tokens=args.max_new_tokens, teacher=teacher, seed=args.seed, samples=args.samples,
+                      sample_temperature=args.temperature)
     print(json.dumps({"model": args.model, "examples": len(examples), "accuracy": result.accuracy,
+                      "sampled_accuracy": result.sampled_accuracy, "samples": args.samples,
+                      "temperature": args.temperature,
                       "teacher_kl": result.teacher_kl,
                       "mean_completion_tokens": result.mean_completion_tokens}, indent=2))
     return 0
@@ -179,6 +188,19 @@ def rates(text: str) -> tuple[float, ...]:
     return values
 
 
+def sizes(text: str) -> list[int]:
+    """``4096,8192``: dataset sizes; ``none`` for no fixed-dataset SFT curve."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, or none") from None
+    if any(v < 1 for v in values) or (values and len(set(values)) < 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least two different positive sizes (a fit needs two)")
+    return values
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
     progress = not args.quiet
@@ -186,13 +208,21 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from opd.experiments.reasoning import ReasoningPlan, run_reasoning
 
         lrs = {m: getattr(args, f"lr_{m}") for m in ("sft", "rl", "opd") if getattr(args, f"lr_{m}")}
-        summary = run_reasoning(ReasoningPlan(out, args.steps, args.eval_every, lrs, args.target,
-                                              args.validation_examples, args.overrides), progress)
+        summary = run_reasoning(ReasoningPlan(
+            out, args.steps, args.eval_every, lrs, args.target, args.validation_examples, args.metric,
+            args.rl_budget_factor, tuple(args.sft_sizes), args.sft_epochs, args.sft_batch, args.sft_rates,
+            args.overrides), progress)
+    elif args.experiment == "dense-vs-sparse":
+        from opd.experiments.dense_sparse import DenseSparsePlan, run_dense_vs_sparse
+
+        summary = run_dense_vs_sparse(DenseSparsePlan(
+            out, args.rl_steps, args.rl_lr, args.opd_steps, args.opd_lr, args.rl_eval_every, args.opd_eval_every,
+            args.reuse_steps, args.reuse_samples, args.reuse_lr, args.metric, args.overrides), progress)
     elif args.experiment == "data-reuse":
         from opd.experiments.variants import DataReusePlan, run_data_reuse
 
         summary = run_data_reuse(DataReusePlan(out, args.steps, args.samples, args.lr, args.warmup_steps,
-                                               args.eval_every, args.overrides), progress)
+                                               args.eval_every, args.overrides, args.metric), progress)
     elif args.experiment == "personalization":
         from opd.personalization.experiment import PersonalizationPlan, run_personalization
 
@@ -203,8 +233,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     else:
         from opd.experiments.variants import LoraPlan, run_lora
 
-        summary = run_lora(LoraPlan(out, args.rank, args.steps, args.lr, args.lora_lr_scale, args.eval_every,
-                                    args.overrides), progress)
+        summary = run_lora(LoraPlan(out, args.rank, args.steps, args.lr, tuple(args.lora_lr_scale), args.eval_every,
+                                    args.overrides, args.metric), progress)
     print((out / "report.md").read_text())
     print(f"summary: {out / 'summary.json'} (wall time {summary['wall_seconds']:.0f} s)")
     return 0
@@ -303,6 +333,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-file", help="JSONL of held-out prompts: with answers (QA, exact or whole-word match) or "
                     "constraints (instruction following)")
     ev.add_argument("--examples", type=int, default=256, help="number of held-out prompts")
+    ev.add_argument("--samples", type=int, default=4, help="sampled accuracy: completions per prompt, mean "
+                    "(0: greedy only; default 4)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="the sampled accuracy's temperature (default 1)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sampled draws")
     ev.add_argument("--max-new-tokens", type=int, default=48)
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)
@@ -351,6 +385,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--out", help="experiment directory (default runs/<experiment>-<time>); "
                         "running the same command again reuses finished runs and resumes the unfinished one")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--metric", choices=("sampled", "greedy"), default="sampled",
+                        help="accuracy that targets, curves and ratios use: sampled (mean of eval_samples draws "
+                        "per prompt at eval_temperature; default) or greedy")
     rs = ex_sub.add_parser("reasoning", parents=[common], formatter_class=fmt, epilog=config_help(),
                            help="SFT vs RL vs on-policy distillation: accuracy against steps and FLOPs",
                            description="SFT, RL and on-policy distillation from the same student, each at its "
@@ -361,10 +398,35 @@ def parser() -> argparse.ArgumentParser:
                     "to the teacher)")
     rs.add_argument("--validation-examples", type=int, default=256,
                     help="prompts the learning rates are chosen on (default 256)")
-    for method, default in (("sft", "3e-4,6e-4,1e-3"), ("rl", "3e-5,1e-4,3e-4"), ("opd", "3e-4,6e-4,1e-3")):
+    for method, default in (("sft", "3e-4,6e-4"), ("rl", "3e-5,1e-4"), ("opd", "3e-4,6e-4")):
         rs.add_argument(f"--lr-{method}", type=rates, default=rates(default),
                         help=f"learning rates swept for {method} (default {default}); empty to skip the method")
+    rs.add_argument("--rl-budget-factor", type=float, default=10.0,
+                    help="RL goes on until it reaches the highest level on-policy distillation reached, or this "
+                    "many times distillation's steps to it (default 10)")
+    rs.add_argument("--sft-sizes", type=sizes, default=sizes("4096,8192,16384,32768"),
+                    help="fixed datasets of teacher samples for SFT's data curve (default 4096,8192,16384,32768; "
+                    "'none' skips the curve)")
+    rs.add_argument("--sft-epochs", type=float, default=2.0, help="epochs over each fixed dataset (default 2)")
+    rs.add_argument("--sft-batch", type=int, default=128, help="examples per step on a fixed dataset (default 128)")
+    rs.add_argument("--sft-rates", type=rates, default=rates("3e-4,1e-3"),
+                    help="learning rates tried for each fixed dataset (default 3e-4,1e-3)")
     rs.set_defaults(func=cmd_experiment)
+    ds = ex_sub.add_parser("dense-vs-sparse", parents=[common], formatter_class=fmt, epilog=config_help(),
+                           help="RL, then on-policy distillation from the RL checkpoint: steps to its accuracy",
+                           description="Train the student with RL, then distil the original student from that RL "
+                           "checkpoint on-policy: gradient steps and FLOPs each needs to reach the RL model's "
+                           "accuracy (the blog: 7-10x fewer steps), and the single-prompt reuse in that setting.")
+    ds.add_argument("--rl-steps", type=int, default=600, help="RL steps (default 600)")
+    ds.add_argument("--rl-lr", type=float, default=1e-4, help="RL learning rate (default 1e-4)")
+    ds.add_argument("--opd-steps", type=int, default=150, help="distillation steps (default 150)")
+    ds.add_argument("--opd-lr", type=float, default=3e-4, help="distillation learning rate (default 3e-4)")
+    ds.add_argument("--rl-eval-every", type=int, default=25)
+    ds.add_argument("--opd-eval-every", type=int, default=5)
+    ds.add_argument("--reuse-steps", type=int, default=20, help="single-prompt run's steps (default 20)")
+    ds.add_argument("--reuse-samples", type=int, default=128, help="its samples per step (default 128)")
+    ds.add_argument("--reuse-lr", type=float, default=3e-4)
+    ds.set_defaults(func=cmd_experiment)
     dr = ex_sub.add_parser("data-reuse", parents=[common], formatter_class=fmt, epilog=config_help(),
                            help="on-policy distillation on one prompt reused every step vs fresh prompts")
     dr.add_argument("--steps", type=int, default=20, help="gradient steps (default 20, as in the blog)")
@@ -378,9 +440,9 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     lo.add_argument("--steps", type=int, default=200, help="gradient steps per run (default 200)")
     lo.add_argument("--lr", type=float, default=6e-4, help="full fine-tuning's learning rate (default 6e-4)")
-    lo.add_argument("--lora-lr-scale", type=float, default=3.0,
-                    help="LoRA's learning rate = lr x this (default 3; 10, the usual advice for large models, "
-                    "was too high for the embedded toy)")
+    lo.add_argument("--lora-lr-scale", type=rates, default=rates("3,10"),
+                    help="LoRA's learning rates = lr x each (default 3,10; ~10x is the usual advice); the gap is "
+                    "read at LoRA's best")
     lo.add_argument("--eval-every", type=int, default=25)
     lo.set_defaults(func=cmd_experiment)
     pe = ex_sub.add_parser("personalization", parents=[common], formatter_class=fmt, epilog=config_help(),

@@ -61,6 +61,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_every: int = 100
     eval_examples: int = 256
+    eval_samples: int = 4  # sampled accuracy: completions drawn per held-out prompt (0: greedy accuracy only)
+    eval_temperature: float = 1.0  # the sampled accuracy's temperature
     save_every: int = 100
     seed: int = 0
     device: str = "auto"
@@ -79,6 +81,11 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise OpdError(f"config field {name}={getattr(self, name)} must be at least 1")
+        if self.eval_samples < 0:
+            raise OpdError(f"config field eval_samples={self.eval_samples} must be 0 (greedy only) or positive")
+        if self.eval_temperature <= 0:
+            raise OpdError(f"config field eval_temperature={self.eval_temperature} must be positive "
+                           "(greedy accuracy is always reported)")
         if self.lr <= 0:
             raise OpdError(f"config field lr={self.lr} must be positive")
         if not 0 < self.top_p <= 1:

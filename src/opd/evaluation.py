@@ -1,4 +1,5 @@
-"""Held-out evaluation: task accuracy (greedy, verified) and per-token reverse KL to the teacher."""
+"""Held-out evaluation: task accuracy (greedy, and by sampling), verified, and per-token reverse KL to the
+teacher."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from opd.tasks import Example, Task
 
 @dataclass
 class EvalResult:
-    accuracy: float | None  # None when the task has no verifier
+    accuracy: float | None  # greedy; None when the task has no verifier
+    sampled_accuracy: float | None  # mean over ``samples`` draws per prompt; None without samples or verifier
     teacher_kl: float | None  # None when no teacher was given
     mean_completion_tokens: float
 
@@ -34,15 +36,23 @@ def evaluate(
     teacher=None,
     batch_size: int = 256,
     seed: int = 0,
+    samples: int = 0,
+    sample_temperature: float = 1.0,
 ) -> EvalResult:
-    """Greedy accuracy on ``examples``; with a teacher, also the mean over completion tokens of
-    ``log pi(x_t) - log p_teacher(x_t)`` on the student's own temperature-1 samples, the
-    Monte Carlo estimate of the per-token reverse KL (the same estimator for any teacher)."""
+    """Greedy accuracy on ``examples``; with ``samples`` = k > 0 also the sampled accuracy
+    ``1/(N k) sum_i sum_j r(y_ij)``, y_ij ~ pi(. | x_i) at ``sample_temperature`` (the mean of k
+    samples per prompt: what avg@k reports, and what the student does when it samples); with a
+    teacher, the mean over completion tokens of ``log pi(x_t) - log p_teacher(x_t)`` on the student's
+    own temperature-1 samples, the Monte Carlo estimate of the per-token reverse KL (the same estimator
+    for any teacher)."""
     was_training = model.training
     model.eval()
     correct, scored, lengths = 0.0, 0, []
+    sampled_correct, sampled_scored = 0.0, 0
     kl_sum, kl_tokens = 0.0, 0
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    draws = torch.Generator(device=device).manual_seed(seed + 1_000_003)  # the sampled accuracy's own stream
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [chat_prompt_ids(tokenizer, ex.messages) for ex in chunk]
@@ -53,6 +63,14 @@ def evaluate(
             texts = completions_text(tokenizer, greedy.completion_ids())
             correct += sum(task.reward(t, ex) for t, ex in zip(texts, chunk, strict=True))
             scored += len(chunk)
+            if samples > 0:
+                drawn = sample(model, prompts, samples_per_prompt=samples, max_new_tokens=max_new_tokens,
+                               temperature=sample_temperature, eos_id=tokenizer.eos_token_id,
+                               pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), generator=draws)
+                repeated = [ex for ex in chunk for _ in range(samples)]
+                texts = completions_text(tokenizer, drawn.completion_ids())
+                sampled_correct += sum(task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True))
+                sampled_scored += len(repeated)
         if teacher is not None:
             sampled = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
@@ -64,6 +82,7 @@ def evaluate(
     model.train(was_training)
     return EvalResult(
         accuracy=correct / scored if scored else None,
+        sampled_accuracy=sampled_correct / sampled_scored if sampled_scored else None,
         teacher_kl=kl_sum / max(kl_tokens, 1) if teacher is not None else None,
         mean_completion_tokens=sum(lengths) / max(len(lengths), 1),
     )

@@ -17,10 +17,15 @@ def plot_curves(records: list[dict], summary: dict, path: Path) -> None:
     evals = [r for r in records if r.get("accuracy") is not None]
     trains = [r for r in records if r.get("teacher_kl") is not None]
     fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    acc_ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="student")
+    acc_ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="tab:blue",
+                label="student, greedy")
+    sampled = [r for r in evals if r.get("sampled_accuracy") is not None]
+    if sampled:
+        acc_ax.plot([r["step"] for r in sampled], [r["sampled_accuracy"] for r in sampled], "s--",
+                    color="tab:blue", alpha=0.6, markersize=4, label="student, sampled")
     if summary.get("teacher_accuracy") is not None:
-        acc_ax.axhline(summary["teacher_accuracy"], color="grey", linestyle="--", label="teacher")
-    acc_ax.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1.02), title="Accuracy (greedy)")
+        acc_ax.axhline(summary["teacher_accuracy"], color="grey", linestyle="--", label="teacher, greedy")
+    acc_ax.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1.02), title="Accuracy")
     acc_ax.legend(loc="lower right")
     kl_ax.plot([r["step"] for r in trains], [r["teacher_kl"] for r in trains], alpha=0.5,
                label="train samples")
@@ -78,6 +83,10 @@ def write_report(run_dir: Path, config: TrainConfig, records: list[dict], summar
         "| --- | --- | --- | --- |",
         f"| held-out accuracy ({n} prompts) | {fmt(summary['student_accuracy_before'], True, n)} | "
         f"{fmt(summary['student_accuracy_after'], True, n)} | {fmt(summary['teacher_accuracy'], True, n)} |",
+        f"| held-out accuracy sampled (T={summary.get('eval_temperature')}, mean of {summary.get('eval_samples')}) | "
+        f"{fmt(summary.get('student_sampled_accuracy_before'), True, n)} | "
+        f"{fmt(summary.get('student_sampled_accuracy_after'), True, n)} | "
+        f"{fmt(summary.get('teacher_sampled_accuracy'), True, n)} |",
         f"| reverse KL to teacher (nats/token) | {fmt(summary['teacher_kl_before'])} | "
         f"{fmt(summary['teacher_kl_after'])} | 0 |",
         "",
@@ -92,10 +101,13 @@ def write_report(run_dir: Path, config: TrainConfig, records: list[dict], summar
         f"training), teacher {flops(summary.get('teacher_flops'))} (scoring); evaluation not counted.",
         "",
         "How to read it: accuracy is greedy decoding on the held-out split, checked by the task's "
-        "verifier; ± is one binomial standard error, sqrt(p(1-p)/N), so a difference inside two of them is "
-        "noise. The KL is the mean over the student's own temperature-1 samples of "
-        "log p_student - log p_teacher per completion token; 0 means the student samples like the "
-        "teacher. Per-step figures are in metrics.jsonl, the full config in config.json.",
+        "verifier; sampled accuracy is the mean over `eval_samples` completions per prompt drawn at "
+        "`eval_temperature` (what the student does when it samples: avg@k). ± is one binomial standard "
+        "error over the N prompts, sqrt(p(1-p)/N) (for the sampled accuracy an upper bound: k draws per "
+        "prompt average out part of the noise), so a difference inside two of them is noise. The KL is the mean over "
+        "the student's own temperature-1 samples of log p_student - log p_teacher per completion token; "
+        "0 means the student samples like the teacher. Per-step figures are in metrics.jsonl, the full "
+        "config in config.json.",
         "",
     ]
     (run_dir / "report.md").write_text("\n".join(lines))

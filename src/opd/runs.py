@@ -38,8 +38,9 @@ def check_resumable(run_dir: Path, config: TrainConfig) -> None:
         raise OpdError(f"{run_dir} is not an opd run directory (no config.json)")
     saved = json.loads(config_path.read_text())
     current = config.to_dict()
+    defaults = type(config)().to_dict()  # a field newer than the run: the run had its default
     differing = sorted(k for k in set(saved) | set(current)
-                       if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+                       if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k))
     if differing:
         details = ", ".join(f"{k}: run has {saved.get(k)!r}, now {current.get(k)!r}" for k in differing)
         raise OpdError(f"cannot resume {run_dir}: its config disagrees ({details}). "

@@ -219,8 +219,10 @@ def training_step(session: Session, step: int) -> dict:
 def run_eval(session: Session) -> dict:
     config = session.config
     result = evaluate(session.full_model, session.tokenizer, session.task, session.eval_set,
-                      max_new_tokens=config.max_new_tokens, teacher=session.teacher, seed=config.seed)
-    return {"accuracy": result.accuracy, "eval_teacher_kl": result.teacher_kl}
+                      max_new_tokens=config.max_new_tokens, teacher=session.teacher, seed=config.seed,
+                      samples=config.eval_samples, sample_temperature=config.eval_temperature)
+    return {"accuracy": result.accuracy, "sampled_accuracy": result.sampled_accuracy,
+            "eval_teacher_kl": result.teacher_kl}
 
 
 def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True, desc: str = "opd") -> dict:
@@ -229,11 +231,13 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
     session = open_session(config, resume)
     run_dir, records, main = session.run_dir, session.records, session.dist.main
     if not records and main:  # a fresh run: measure where the student and teacher start
-        teacher_accuracy = None  # a teacher behind a server only scores; it cannot be asked to answer
+        teacher = None  # a teacher behind a server only scores; it cannot be asked to answer
         if session.teacher_model is not None:
-            teacher_accuracy = evaluate(session.teacher_model, session.tokenizer, session.task, session.eval_set,
-                                        max_new_tokens=config.max_new_tokens).accuracy
-        first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher_accuracy, "elapsed": 0.0}
+            teacher = evaluate(session.teacher_model, session.tokenizer, session.task, session.eval_set,
+                               max_new_tokens=config.max_new_tokens, seed=config.seed,
+                               samples=config.eval_samples, sample_temperature=config.eval_temperature)
+        first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher and teacher.accuracy,
+                 "teacher_sampled_accuracy": teacher and teacher.sampled_accuracy, "elapsed": 0.0}
         runs.append_metrics(run_dir, first)
         records.append(first)
     elapsed = records[-1]["elapsed"] if records else 0.0
@@ -290,6 +294,11 @@ def summarize(records: list[dict], config: TrainConfig, eval_examples: int) -> d
         "student_accuracy_before": first["accuracy"],
         "student_accuracy_after": last["accuracy"],
         "teacher_accuracy": first["teacher_accuracy"],
+        "eval_samples": config.eval_samples,  # the sampled accuracies' draws per prompt, at eval_temperature
+        "eval_temperature": config.eval_temperature,
+        "student_sampled_accuracy_before": first.get("sampled_accuracy"),
+        "student_sampled_accuracy_after": last.get("sampled_accuracy"),
+        "teacher_sampled_accuracy": first.get("teacher_sampled_accuracy"),
         "teacher_kl_before": first["eval_teacher_kl"],
         "teacher_kl_after": last["eval_teacher_kl"],
         "steps": records[-1]["step"],

@@ -29,7 +29,7 @@ def run_once(config: TrainConfig, progress: bool = True, desc: str = "opd") -> l
     if (run_dir / "config.json").is_file():
         runs.check_resumable(run_dir, config)
         summary_path = run_dir / "summary.json"
-        done = summary_path.is_file() and json.loads(summary_path.read_text())["steps"] == config.steps
+        done = summary_path.is_file() and json.loads(summary_path.read_text())["steps"] >= config.steps
         if not done:
             train(config, resume=run_dir, progress=progress, desc=desc)
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -39,22 +39,54 @@ def run_once(config: TrainConfig, progress: bool = True, desc: str = "opd") -> l
     return runs.read_metrics(run_dir)
 
 
-def final_accuracy(run_dir: Path, config: TrainConfig, examples: list, name: str) -> float:
-    """Greedy accuracy of a run's final model on ``examples``, cached in ``run_dir/<name>.json``."""
+METRICS = {"sampled": ("sampled_accuracy", "teacher_sampled_accuracy"), "greedy": ("accuracy", "teacher_accuracy")}
+METRIC_NAMES = {"sampled": "sampled accuracy (mean of k draws per prompt)", "greedy": "greedy accuracy"}
+
+
+def check_metric(metric: str, config: TrainConfig) -> None:
+    if metric not in METRICS:
+        raise OpdError(f"--metric {metric!r} must be one of {', '.join(METRICS)}")
+    if metric == "sampled" and config.eval_samples < 1:
+        raise OpdError("--metric sampled needs eval_samples >= 1 (draws per held-out prompt); "
+                       "set eval_samples=4 or use --metric greedy")
+
+
+def on_metric(records: list[dict], metric: str) -> list[dict]:
+    """The run's records with ``accuracy`` and ``teacher_accuracy`` read as ``metric`` ("sampled" or
+    "greedy"), so that an experiment's targets and curves use it; the greedy figures stay in
+    ``greedy_accuracy`` and ``teacher_greedy_accuracy``."""
+    key, teacher_key = METRICS[metric]
+    out = []
+    for record in records:
+        record = dict(record)
+        if "accuracy" in record:
+            record["greedy_accuracy"], record["accuracy"] = record["accuracy"], record.get(key)
+        if "teacher_accuracy" in record:
+            record["teacher_greedy_accuracy"] = record["teacher_accuracy"]
+            record["teacher_accuracy"] = record.get(teacher_key)
+        out.append(record)
+    return out
+
+
+def final_accuracy(run_dir: Path, config: TrainConfig, examples: list, name: str, metric: str = "greedy") -> float:
+    """Accuracy (``metric``) of a run's final model on ``examples``, cached in ``run_dir/<name>.json``."""
     from opd.evaluation import evaluate
     from opd.setup import make_task
 
     cache = run_dir / f"{name}.json"
+    samples = config.eval_samples if metric == "sampled" else 0
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved["examples"] == len(examples):
+        if saved["examples"] == len(examples) and saved.get("metric", "greedy") == metric:
             return saved["accuracy"]
     device = pick_device(config.device)
     model = load_model(run_dir / "final", device, pick_dtype(config.dtype, device))
     result = evaluate(model, load_tokenizer(run_dir / "final"), make_task(config), examples,
-                      max_new_tokens=config.max_new_tokens)
-    runs.write_json(cache, {"examples": len(examples), "accuracy": result.accuracy})
-    return result.accuracy
+                      max_new_tokens=config.max_new_tokens, seed=config.seed, samples=samples,
+                      sample_temperature=config.eval_temperature)
+    accuracy = result.sampled_accuracy if metric == "sampled" else result.accuracy
+    runs.write_json(cache, {"examples": len(examples), "metric": metric, "accuracy": accuracy})
+    return accuracy
 
 
 def evals(records: list[dict]) -> list[dict]:

@@ -72,7 +72,7 @@ def run_personalization(plan: PersonalizationPlan, progress: bool = True) -> dic
     midtrain = {"method": "midtrain", "student": assistant, "docs": data / "docs.jsonl", "steps": plan.midtrain_steps,
                 "lr": plan.midtrain_lr, "task": data / "qa.jsonl", "eval_file": data / "qa.jsonl",
                 "eval_every": max(plan.midtrain_steps // 5, 1), "save_every": plan.midtrain_steps,
-                "max_new_tokens": n}
+                "max_new_tokens": n, "eval_samples": 0}  # the rows are scored greedily by scored(), below
     stages = {"midtrain_docs": {**midtrain},
               "midtrain_mix": {**midtrain, "sft_data": data / "chat.jsonl", "chat_fraction": plan.chat_fraction}}
     flops = {}
@@ -89,7 +89,7 @@ def run_personalization(plan: PersonalizationPlan, progress: bool = True) -> dic
         config = run_config(plan.overrides, distill_dir, method="opd", student=out / "runs" / "midtrain_mix" / "final",
                             teacher=assistant, task=data / "ifeval_train.jsonl",
                             eval_file=data / "ifeval_eval.jsonl", steps=steps, lr=plan.distill_lr,
-                            eval_every=per_segment, save_every=per_segment, max_new_tokens=n)
+                            eval_every=per_segment, save_every=per_segment, max_new_tokens=n, eval_samples=0)
         run_once(config, progress, f"[3/3] distil to step {steps}/{plan.distill_steps}")
         curve.append({"step": steps, **scored(distill_dir / "final", data, n, distill_dir / f"scores_{steps}.json")})
     rows["midtrain_mix_distilled"] = {k: curve[-1][k] for k in ("qa", "instruction_following")}
