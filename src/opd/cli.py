@@ -216,7 +216,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from opd.experiments.dense_sparse import DenseSparsePlan, run_dense_vs_sparse
 
         summary = run_dense_vs_sparse(DenseSparsePlan(
-            out, args.rl_steps, args.rl_lr, args.opd_steps, args.opd_lr, args.rl_eval_every, args.opd_eval_every,
+            out, args.rl_steps, args.rl_lr, args.opd_steps, args.opd_lr, args.opd_warmup, args.rl_eval_every,
+            args.opd_eval_every,
             args.reuse_steps, args.reuse_samples, args.reuse_lr, args.metric, args.overrides), progress)
     elif args.experiment == "data-reuse":
         from opd.experiments.variants import DataReusePlan, run_data_reuse
@@ -417,10 +418,11 @@ def parser() -> argparse.ArgumentParser:
                            description="Train the student with RL, then distil the original student from that RL "
                            "checkpoint on-policy: gradient steps and FLOPs each needs to reach the RL model's "
                            "accuracy (the blog: 7-10x fewer steps), and the single-prompt reuse in that setting.")
-    ds.add_argument("--rl-steps", type=int, default=600, help="RL steps (default 600)")
+    ds.add_argument("--rl-steps", type=int, default=1500, help="RL steps (default 1500)")
     ds.add_argument("--rl-lr", type=float, default=1e-4, help="RL learning rate (default 1e-4)")
     ds.add_argument("--opd-steps", type=int, default=150, help="distillation steps (default 150)")
-    ds.add_argument("--opd-lr", type=float, default=3e-4, help="distillation learning rate (default 3e-4)")
+    ds.add_argument("--opd-lr", type=float, default=6e-4, help="distillation learning rate (default 6e-4)")
+    ds.add_argument("--opd-warmup", type=int, default=10, help="distillation warm-up steps (default 10)")
     ds.add_argument("--rl-eval-every", type=int, default=25)
     ds.add_argument("--opd-eval-every", type=int, default=5)
     ds.add_argument("--reuse-steps", type=int, default=20, help="single-prompt run's steps (default 20)")

@@ -27,10 +27,11 @@ BLOG_STEPS = "7-10x"
 @dataclass
 class DenseSparsePlan:
     out: Path
-    rl_steps: int = 600
+    rl_steps: int = 1500
     rl_lr: float = 1e-4
     opd_steps: int = 150
-    opd_lr: float = 3e-4
+    opd_lr: float = 6e-4
+    opd_warmup: int = 10  # the default 50 steps of warm-up would hide a signal that acts in the first few
     rl_eval_every: int = 25
     opd_eval_every: int = 5  # distillation from a close teacher moves fast: evaluate often
     reuse_steps: int = 20
@@ -84,9 +85,10 @@ def run_dense_vs_sparse(plan: DenseSparsePlan, progress: bool = True) -> dict:
     rl = run_arms(plan.out, [rl_arm], plan.overrides, progress, plan.metric)["rl"]
     teacher = (plan.out / "runs" / "rl" / "final").resolve()
     distilled = [*plan.overrides, f"teacher={teacher}"]
-    opd_arm = Arm(f"on-policy distillation from the RL checkpoint, lr {plan.opd_lr:g}", "opd",
-                  {"method": "opd", "lr": plan.opd_lr, "steps": plan.opd_steps, "eval_every": plan.opd_eval_every,
-                   "save_every": plan.opd_steps})
+    opd_arm = Arm(f"on-policy distillation from the RL checkpoint, lr {plan.opd_lr:g}, warm-up {plan.opd_warmup}",
+                  "opd",
+                  {"method": "opd", "lr": plan.opd_lr, "warmup_steps": plan.opd_warmup, "steps": plan.opd_steps,
+                   "eval_every": plan.opd_eval_every, "save_every": plan.opd_steps})
     opd = run_arms(plan.out, [opd_arm], distilled, progress, plan.metric)["opd"]
     start, top = evals(rl)[0]["accuracy"], opd[0]["teacher_accuracy"]  # the RL checkpoint, scored as the teacher
     rows = level_rows(rl, opd, gain_levels(start, top))
@@ -112,7 +114,8 @@ def write_report(plan: DenseSparsePlan, summary: dict) -> None:
     lines = ["# Dense vs sparse reward: RL, then on-policy distillation from the RL checkpoint", "",
              f"The student was trained with RL ({plan.rl_steps} steps, lr {plan.rl_lr:g}) from "
              f"{pct(summary['start_accuracy'], n)} to {pct(summary['rl_accuracy'], n)}; that checkpoint then "
-             f"taught the original student by on-policy distillation ({plan.opd_steps} steps, lr {plan.opd_lr:g}). "
+             f"taught the original student by on-policy distillation ({plan.opd_steps} steps, lr {plan.opd_lr:g}, "
+             f"{plan.opd_warmup} warm-up steps; RL had the run's warm-up). "
              f"Metric: {plan.metric} accuracy on {n} held-out prompts, ± one binomial standard error.", "",
              "| level | accuracy | RL steps | distillation steps | RL / distillation steps | RL / distillation FLOPs |",
              "| --- | --- | --- | --- | --- | --- |"]

@@ -26,6 +26,13 @@ def plot_accuracy(summary: dict, sweep: list[dict], best: dict, path: Path, x: s
         label = f"{NAMES[entry['method']]} (lr {entry['lr']:g})" if chosen else None
         ax.plot(*zip(*points, strict=True), "o-" if chosen else "-", color=COLOURS[entry["method"]],
                 alpha=1.0 if chosen else 0.25, linewidth=2 if chosen else 1, markersize=3, label=label)
+    fixed = summary.get("sft_fixed_data")
+    if fixed and x == "flops":  # each fixed dataset's final accuracy at its FLOPs, both ways of counting
+        points = fixed["points"]
+        ax.plot([p["student_flops"] for p in points], [p["accuracy"] for p in points], "D", color=COLOURS["sft"],
+                markerfacecolor="none", label="SFT on a fixed dataset, data given")
+        ax.plot([p["student_flops"] + p["teacher_sampling_flops"] for p in points], [p["accuracy"] for p in points],
+                "D", color=COLOURS["sft"], label="SFT on a fixed dataset, sampling charged")
     if summary["teacher_accuracy"] is not None:
         ax.axhline(summary["teacher_accuracy"], color="grey", linestyle="--", label="teacher")
     ax.axhline(summary["target_accuracy"], color="black", linestyle=":", linewidth=1, label="target")
