@@ -63,9 +63,10 @@ def test_a_flat_or_falling_curve_has_no_extrapolation_and_one_size_no_fit():
 def test_fit_summary_scales_flops_with_the_data_and_marks_extrapolation():
     points = [{"examples": d, "accuracy": 0.4 + 0.1 * math.log2(d / 4096), "student_flops": 3.0 * d,
                "teacher_sampling_flops": 2.0 * d} for d in SIZES]
-    summary = fit_summary(points, [("inside", 0.55), ("beyond", 0.9)], n=256)
-    inside, beyond = summary["levels"]
-    assert not inside["extrapolated"] and beyond["extrapolated"]
+    summary = fit_summary(points, [("inside", 0.55), ("beyond", 0.9), ("below", 0.3)], n=256)
+    inside, beyond, below = summary["levels"]
+    assert not inside["extrapolated"] and beyond["extrapolated"] and below["extrapolated"]
+    assert below["examples"] == pytest.approx(4096 / 2, rel=1e-6)
     assert beyond["examples"] == pytest.approx(4096 * 2 ** 5, rel=1e-6)  # 0.1 per doubling, 0.5 more
     assert beyond["student_flops"] == pytest.approx(3.0 * beyond["examples"])
     assert beyond["teacher_flops"] == pytest.approx(2.0 * beyond["examples"])

@@ -85,3 +85,17 @@ def test_missing_and_empty_files(tmp_path):
         load_examples(tmp_path / "nope.jsonl")
     with pytest.raises(OpdError, match="holds nothing"):
         load_examples(write(tmp_path / "empty.jsonl", [""]))
+
+
+def test_arithmetic_k_sets_the_number_of_operators():
+    from opd.config import TrainConfig
+    from opd.models import OpdError
+    from opd.setup import make_task
+
+    task = make_task(TrainConfig(task="arithmetic:5"))
+    assert task.operators == 5 and task.name == "arithmetic:5"
+    prompt = task.eval_examples(1)[0].messages[-1]["content"]
+    assert sum(prompt.count(op) for op in "+-*") == 5
+    for bad in ("arithmetic:0", "arithmetic:x", "arithmetic:13"):
+        with pytest.raises(OpdError, match="arithmetic:K"):
+            make_task(TrainConfig(task=bad))

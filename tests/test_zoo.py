@@ -1,10 +1,12 @@
 import json
+import random
 
+import pytest
 import torch
 
 from opd.models import load_model, load_tokenizer
 from opd.tasks import arithmetic
-from opd.zoo import ZooConfig, build, build_tokenizer
+from opd.zoo import ZooConfig, build, build_tokenizer, make_model, sft_loss, weighted_ids
 
 TINY = dict(vocab_size=300, operators=1, teacher_layers=1, teacher_width=32, teacher_steps=30,
             student_layers=1, student_width=16, student_sft_examples=64, student_sft_steps=10,
@@ -44,3 +46,42 @@ def test_build_writes_loadable_hf_models_and_a_card(tmp_path):
 
 def test_reference_solution_format():
     assert arithmetic.solution(("+", 5, ("*", 2, 3))) == "= 5+6\n= 11\nAnswer: 11"
+
+
+def test_retry_traces_inject_wrong_lines_that_are_not_trained():
+    rng = random.Random(0)
+    tree = arithmetic.make_tree(rng, 3, "train")
+    reference = arithmetic.solution(tree)
+    segments = arithmetic.solution_with_retries(tree, rng, rate=1.0)  # a mistake before every line
+    trained = "".join(text for text, keep in segments if keep)
+    assert trained.replace(f"{arithmetic.RETRY}\n", "") == reference
+    lines = reference.splitlines()[:-1]  # the rewrite lines (not "Answer: N")
+    wrong = [text.strip() for text, keep in segments if not keep]
+    assert len(wrong) == len(lines) and all(w != right for w, right in zip(wrong, lines, strict=True))
+    assert all(text == f"{arithmetic.RETRY}\n" for text, keep in segments[1::3])  # wrong, retry, right, ...
+    assert arithmetic.solution_with_retries(tree, rng, rate=0.0) == [(line + "\n", True) for line in lines] + [
+        (reference.splitlines()[-1], True)]
+
+
+def test_weighted_ids_mask_exactly_the_injected_line(tokenizer):
+    segments = [("= 5+6\n", True), ("= 12\n", False), ("retry\n", True), ("= 11\n", True), ("Answer: 11", True)]
+    ids, weights = weighted_ids(tokenizer, segments)
+    assert ids[-1] == tokenizer.eos_token_id and len(weights) == len(ids)
+    masked = tokenizer.decode([i for i, w in zip(ids, weights, strict=True) if not w])
+    kept = tokenizer.decode([i for i, w in zip(ids, weights, strict=True) if w], skip_special_tokens=True)
+    assert masked.strip() == "= 12" and kept == "= 5+6\nretry\n= 11\nAnswer: 11"
+
+
+def test_the_retry_loss_skips_the_injected_tokens_exactly(tokenizer):
+    """The weighted loss equals the mean negative log-likelihood of the trained tokens alone, computed
+    from one plain forward pass in float64: the teacher is never taught to make the injected mistake."""
+    model = make_model(tokenizer, layers=1, width=16, seed=3).double()
+    ids, weights = weighted_ids(tokenizer, [("= 5+6\n", True), ("= 12\n", False), ("retry\n= 11\n", True)])
+    prompt = tokenizer.encode("Compute 5+6", add_special_tokens=False)
+    loss = sft_loss(model, tokenizer, [prompt], [ids], [weights])
+    logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits[0], -1)
+    nll = [-logprobs[len(prompt) - 1 + i, token] for i, token in enumerate(ids)]
+    expected = sum(n for n, w in zip(nll, weights, strict=True) if w) / sum(weights)
+    assert 0 < sum(weights) < len(weights)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)  # the head works in float32
+    assert float(sft_loss(model, tokenizer, [prompt], [ids])) == pytest.approx(float(sum(nll) / len(nll)), rel=1e-6)

@@ -420,7 +420,7 @@ def parser() -> argparse.ArgumentParser:
                            "accuracy (the blog: 7-10x fewer steps), and the single-prompt reuse in that setting.")
     ds.add_argument("--rl-steps", type=int, default=1500, help="RL steps (default 1500)")
     ds.add_argument("--rl-lr", type=float, default=1e-4, help="RL learning rate (default 1e-4)")
-    ds.add_argument("--opd-steps", type=int, default=150, help="distillation steps (default 150)")
+    ds.add_argument("--opd-steps", type=int, default=400, help="distillation steps (default 400)")
     ds.add_argument("--opd-lr", type=float, default=6e-4, help="distillation learning rate (default 6e-4)")
     ds.add_argument("--opd-warmup", type=int, default=10, help="distillation warm-up steps (default 10)")
     ds.add_argument("--rl-eval-every", type=int, default=25)

@@ -64,6 +64,11 @@ def resolve_model_path(name: str, field: str = "model") -> str:
 def make_task(config: TrainConfig) -> Task:
     if config.task == "arithmetic":
         return ArithmeticTask()
+    if config.task.startswith("arithmetic:"):  # arithmetic:K, K operators: a longer horizon
+        operators = config.task.partition(":")[2]
+        if not operators.isdigit() or not 1 <= int(operators) <= 12:
+            raise OpdError(f"task={config.task!r}: arithmetic:K takes K operators, an integer from 1 to 12")
+        return ArithmeticTask(int(operators))
     if config.task.endswith(".jsonl") or Path(config.task).is_file():
         from opd.tasks.jsonl import JsonlTask
 

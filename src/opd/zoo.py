@@ -26,6 +26,7 @@ from opd.rollouts import pack_pairs
 from opd.sampler import sample
 from opd.scoring import completion_hidden, head_logprobs
 from opd.tasks import ArithmeticTask, step_rng
+from opd.tasks.arithmetic import RETRY, solution_with_retries
 from opd.tasks.arithmetic import reward as arithmetic_reward
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
@@ -54,6 +55,7 @@ class ZooConfig:
     teacher_steps: int = 2500
     teacher_lr: float = 3e-3
     teacher_label_smoothing: float = 0.0  # > 0 leaves a uniform floor the student learns to sample
+    teacher_retry_rate: float = 0.0  # per line: a wrong line, "retry", the right one (the wrong one untrained)
     student_layers: int = 2
     student_width: int = 96
     student_sft_examples: int = 4096  # fixed set of teacher samples the student is trained on
@@ -109,21 +111,32 @@ def make_model(tokenizer: PreTrainedTokenizerFast, layers: int, width: int, seed
     return Qwen3ForCausalLM(config)
 
 
+def sft_loss(model, tokenizer, prompts: list[list[int]], completions: list[list[int]],
+             weights: list[list[int]] | None = None, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean (label-smoothed) cross-entropy over the completion tokens, or with ``weights`` (0/1 per
+    completion token, row by row) ``sum_t w_t nll_t / sum_t w_t``: a token of weight 0 is context only."""
+    rollouts = pack_pairs(prompts, completions, tokenizer.pad_token_id)
+    hidden, head = completion_hidden(model, rollouts)
+    targets = rollouts.tokens[:, 1:][rollouts.completion_mask[:, 1:] > 0]
+    nll = label_smoothed_nll(head_logprobs(head, hidden, len(tokenizer)), targets, smoothing)
+    if weights is None:
+        return nll.mean()
+    weight = torch.tensor([w for row in weights for w in row], dtype=nll.dtype)  # the order of ``targets``
+    return (nll * weight).sum() / weight.sum().clamp(min=1)
+
+
 def train_sft(model, tokenizer, batches, steps: int, lr: float, smoothing: float, desc: str) -> None:
-    """Cross-entropy on completion tokens; ``batches(step)`` gives (prompt ids, completion ids)."""
+    """Cross-entropy on completion tokens; ``batches(step)`` gives (prompt ids, completion ids) and
+    optionally a 0/1 weight per completion token (0: not trained, e.g. an injected mistake)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
     model.train()
-    vocab = len(tokenizer)
     bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
     for step in bar:
-        prompts, completions = batches(step)
-        rollouts = pack_pairs(prompts, completions, tokenizer.pad_token_id)
-        hidden, head = completion_hidden(model, rollouts)
-        targets = rollouts.tokens[:, 1:][rollouts.completion_mask[:, 1:] > 0]
-        loss = label_smoothed_nll(head_logprobs(head, hidden, vocab), targets, smoothing).mean()
+        prompts, completions, *weights = batches(step)
+        loss = sft_loss(model, tokenizer, prompts, completions, weights[0] if weights else None, smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -132,6 +145,18 @@ def train_sft(model, tokenizer, batches, steps: int, lr: float, smoothing: float
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+
+
+def weighted_ids(tokenizer: PreTrainedTokenizerFast, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """The segments' text as token ids with EOS, and a 0/1 weight per id: 1 when every character the
+    token covers belongs to a trained segment (EOS: 1)."""
+    text, trained = "", []
+    for piece, train in segments:
+        text += piece
+        trained += [train] * len(piece)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    weights = [int(all(trained[start:end])) for start, end in encoded["offset_mapping"]]
+    return encoded["input_ids"] + [tokenizer.eos_token_id], weights + [1]
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
@@ -143,10 +168,15 @@ def build_teacher(tokenizer: PreTrainedTokenizerFast, config: ZooConfig) -> Qwen
     task = ArithmeticTask(config.operators)
 
     def batches(step: int):
-        problems = task.problems(step_rng(config.seed, step, salt=1), config.batch_size, "train")
-        return ([encode_prompt(tokenizer, p.prompt) for p in problems],
-                [tokenizer.encode(p.solution, add_special_tokens=False) + [tokenizer.eos_token_id]
-                 for p in problems])
+        rng = step_rng(config.seed, step, salt=1)
+        problems = task.problems(rng, config.batch_size, "train")
+        prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+        if not config.teacher_retry_rate:
+            return prompts, [tokenizer.encode(p.solution, add_special_tokens=False) + [tokenizer.eos_token_id]
+                             for p in problems]
+        traces = [weighted_ids(tokenizer, solution_with_retries(p.tree, rng, config.teacher_retry_rate))
+                  for p in problems]
+        return prompts, [ids for ids, _ in traces], [weights for _, weights in traces]
 
     teacher = make_model(tokenizer, config.teacher_layers, config.teacher_width, config.seed)
     train_sft(teacher, tokenizer, batches, config.teacher_steps, config.teacher_lr,
@@ -155,9 +185,9 @@ def build_teacher(tokenizer: PreTrainedTokenizerFast, config: ZooConfig) -> Qwen
 
 
 def build_student(tokenizer: PreTrainedTokenizerFast, teacher: torch.nn.Module,
-                  config: ZooConfig) -> tuple[Qwen3ForCausalLM, float]:
+                  config: ZooConfig) -> tuple[Qwen3ForCausalLM, float, float]:
     """A smaller model trained on one teacher sample for each of a fixed set of training prompts.
-    Returns the student and the verified accuracy of its SFT data."""
+    Returns the student, the verified accuracy of its SFT data and the share of it with a retry."""
     task = ArithmeticTask(config.operators)
     problems = task.problems(step_rng(config.seed, 0, salt=2), config.student_sft_examples, "train")
     prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
@@ -170,6 +200,7 @@ def build_student(tokenizer: PreTrainedTokenizerFast, teacher: torch.nn.Module,
         completions.extend(rollouts.completion_ids())
     texts = completions_text(tokenizer, completions)
     data_accuracy = sum(arithmetic_reward(t, p.answer) for t, p in zip(texts, problems, strict=True)) / len(problems)
+    retry_share = sum(RETRY in t for t in texts) / len(texts)
 
     def batches(step: int):
         rng = step_rng(config.seed, step, salt=3)
@@ -178,7 +209,7 @@ def build_student(tokenizer: PreTrainedTokenizerFast, teacher: torch.nn.Module,
 
     student = make_model(tokenizer, config.student_layers, config.student_width, config.seed + 1)
     train_sft(student, tokenizer, batches, config.student_sft_steps, config.student_lr, 0.0, "zoo: student SFT")
-    return student, data_accuracy
+    return student, data_accuracy, retry_share
 
 
 def build(out_dir: Path = EMBEDDED_DIR, config: ZooConfig | None = None, reuse_teacher: bool = False) -> dict:
@@ -196,13 +227,14 @@ def build(out_dir: Path = EMBEDDED_DIR, config: ZooConfig | None = None, reuse_t
         tokenizer = build_tokenizer(config.seed, config.vocab_size, config.operators)
         teacher = build_teacher(tokenizer, config)
     teacher_acc = evaluate(teacher, tokenizer, task, eval_set, max_new_tokens=config.max_new_tokens).accuracy
-    student, data_accuracy = build_student(tokenizer, teacher, config)
+    student, data_accuracy, retry_share = build_student(tokenizer, teacher, config)
     student_acc = evaluate(student, tokenizer, task, eval_set, max_new_tokens=config.max_new_tokens).accuracy
     card = {
         "config": asdict(config),
         "teacher_accuracy": teacher_acc,
         "student_accuracy": student_acc,
         "student_sft_data_accuracy": data_accuracy,
+        "student_sft_data_retry_share": retry_share,  # teacher samples that show a retry (its own mistakes)
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "build_seconds": round(time.time() - started, 1),

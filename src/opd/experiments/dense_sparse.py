@@ -29,7 +29,7 @@ class DenseSparsePlan:
     out: Path
     rl_steps: int = 1500
     rl_lr: float = 1e-4
-    opd_steps: int = 150
+    opd_steps: int = 400
     opd_lr: float = 6e-4
     opd_warmup: int = 10  # the default 50 steps of warm-up would hide a signal that acts in the first few
     rl_eval_every: int = 25

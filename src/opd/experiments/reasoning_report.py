@@ -93,7 +93,7 @@ def verdict(summary: dict) -> list[str]:
             ("opd_compute_efficiency_vs_sft_fixed_charged",
              "compute against SFT on a fixed dataset, the teacher's sampling charged (the blog's 30x basis)",
              "SFT would need {v:.2f}x the FLOPs of", BLOG["compute_vs_sft"].split("-")[1]),
-            ("opd_compute_efficiency_vs_sft", "compute against SFT on fresh teacher samples (the strongest SFT)",
+            ("opd_compute_efficiency_vs_sft", "compute against SFT on fresh teacher samples every step",
              "SFT used {v:.2f}x the FLOPs of", BLOG["compute_vs_sft"]),
             ("rl_steps_over_opd_steps", "gradient steps against RL", "RL took {v:.2f}x the steps of",
              BLOG["steps_vs_rl"])):
@@ -196,7 +196,7 @@ def write_reasoning_report(out: Path, summary: dict, sweep: list[dict], best: di
         if method not in best:
             continue
         row, last = summary[method], evals(best[method]["records"])[-1]
-        label = NAMES[method] + (" — fresh samples every step, the strongest SFT" if method == "sft" else "")
+        label = NAMES[method] + (" on fresh teacher samples every step" if method == "sft" else "")
         lines.append(f"| {label} | {row['lr']:g} | {row['steps']} | {pct(row['final_accuracy'], n)} | "
                      f"{pct(last.get('greedy_accuracy'), n)} | {sci(row['teacher_flops'])} | "
                      f"{sci(row['student_flops'])} | "

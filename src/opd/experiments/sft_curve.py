@@ -136,13 +136,14 @@ def fit_summary(points: list[dict], target_levels: list[tuple[str, float]], n: i
     fit = log_linear_fit([p["examples"] for p in points], [p["accuracy"] for p in points],
                          [standard_error(p["accuracy"], n) for p in points])
     largest = max(points, key=lambda p: p["examples"])
+    smallest = min(p["examples"] for p in points)
     per_example_train = largest["student_flops"] / largest["examples"]
     per_example_teacher = largest["teacher_sampling_flops"] / largest["examples"]
     levels = []
     for name, accuracy in target_levels:
         reach = extrapolate(fit, accuracy)
-        row = {"level": name, "accuracy": accuracy, "extrapolated": reach is not None
-               and reach["examples"] > largest["examples"]}
+        row = {"level": name, "accuracy": accuracy, "extrapolated": reach is not None  # beyond the sizes run
+               and not smallest <= reach["examples"] <= largest["examples"]}
         if reach is not None:
             row.update({k: reach[k] for k in ("examples", "low", "high")},
                        student_flops=reach["examples"] * per_example_train,

@@ -50,6 +50,8 @@ class ArithmeticTask:
 
     def __init__(self, operators: int = 3) -> None:
         self.operators = operators
+        if operators != 3:
+            self.name = f"arithmetic:{operators}"
 
     def problems(self, rng: random.Random, count: int, split: str) -> list[arithmetic.Problem]:
         return [arithmetic.make_problem(rng, self.operators, split) for _ in range(count)]

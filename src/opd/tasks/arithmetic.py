@@ -97,6 +97,45 @@ def solution(node: Node) -> str:
     return "\n".join(lines)
 
 
+RETRY = "retry"  # the marker a correcting teacher writes after a wrong line, before the right one
+
+
+def wrong_line(rng: random.Random, correct: str) -> str:
+    """A plausible mistake in a rewrite line: one number of ``correct`` (``= 11-4``) off by 1 to 3."""
+    numbers = list(re.finditer(r"\d+", correct))
+    pick = rng.choice(numbers)
+    value = int(pick.group())
+    wrong = max(0, value + rng.choice([-3, -2, -1, 1, 2, 3]))
+    if wrong == value:
+        wrong = value + 1
+    return correct[: pick.start()] + str(wrong) + correct[pick.end():]
+
+
+def solution_with_retries(node: Node, rng: random.Random, rate: float) -> list[tuple[str, bool]]:
+    """The reference solution as (text, trained) segments, where before each rewrite line, with
+    probability ``rate``, a wrong version of it is injected (not trained: a teacher learns to recover
+    from mistakes, never to make them), followed by the retry marker and the right line (trained)::
+
+        = 5+6-4
+        = 12-4      <- injected, masked out of the loss
+        retry
+        = 11-4
+        = 7
+        Answer: 7
+
+    Joined, the trained segments with the retry lines dropped are ``solution(node)``."""
+    segments = []
+    while not isinstance(node, int):
+        node = reduce_once(node)
+        line = f"= {render(node)}"
+        if rng.random() < rate:
+            segments.append((wrong_line(rng, line) + "\n", False))
+            segments.append((f"{RETRY}\n", True))
+        segments.append((line + "\n", True))
+    segments.append((f"Answer: {node}", True))
+    return segments
+
+
 def is_eval_expression(expression: str) -> bool:
     digest = hashlib.sha256(expression.encode()).digest()
     return digest[0] % EVAL_BUCKETS == 0
@@ -107,19 +146,22 @@ class Problem:
     prompt: str  # the user message
     answer: str  # the final answer the verifier expects
     solution: str  # the reference chain of thought (used to train the zoo's teacher)
+    tree: Node = 0  # the expression (for traces other than the reference, e.g. with retries)
+
+
+def make_tree(rng: random.Random, operators: int, split: str) -> Node:
+    """Draw expression trees until one is valid and belongs to ``split`` ("train" or "eval")."""
+    want_eval = split == "eval"
+    while True:
+        tree = random_tree(rng, operators)
+        if values_in_range(tree) and is_eval_expression(render(tree)) == want_eval:
+            return tree
 
 
 def make_problem(rng: random.Random, operators: int, split: str) -> Problem:
     """Draw problems until one is valid and belongs to ``split`` ("train" or "eval")."""
-    want_eval = split == "eval"
-    while True:
-        tree = random_tree(rng, operators)
-        if not values_in_range(tree):
-            continue
-        expression = render(tree)
-        if is_eval_expression(expression) != want_eval:
-            continue
-        return Problem(f"Compute {expression}", str(evaluate(tree)), solution(tree))
+    tree = make_tree(rng, operators, split)
+    return Problem(f"Compute {render(tree)}", str(evaluate(tree)), solution(tree), tree)
 
 
 def extract_answer(completion: str) -> str | None:
