@@ -86,3 +86,31 @@ def test_without_samples_only_the_greedy_accuracy_is_reported(tokenizer):
         [int(model(input_ids=torch.tensor([chat_prompt_ids(tokenizer, ex.messages)])).logits[0, -1,
          : len(tokenizer)].argmax())], skip_special_tokens=True)[:1] else 0.0 for ex in examples]
     assert result.accuracy == sum(greedy_hits) / len(greedy_hits)
+
+
+def test_each_draw_is_scored_against_its_own_prompt(tokenizer):
+    """Near temperature 0 every draw is its prompt's greedy token, so the sampled accuracy must equal the
+    greedy one exactly, on prompts whose greedy tokens differ (two classes, interleaved): a draw scored
+    against another prompt's answer would lower it."""
+    model = make_model(tokenizer, layers=1, width=32, seed=5).eval()
+    with torch.no_grad():  # attention that depends on the prompt, and a peaked head
+        model.get_output_embeddings().weight.mul_(10)
+        for name, parameter in model.named_parameters():
+            if "v_proj" in name or "o_proj" in name:
+                parameter.mul_(8)
+    classes: dict[str, list[Example]] = {}
+    with torch.no_grad():
+        for i in range(400):
+            messages = [{"role": "user", "content": f"word {i} of 400"}]
+            ids = torch.tensor([chat_prompt_ids(tokenizer, messages)])
+            top = model(input_ids=ids).logits[0, -1, : len(tokenizer)].topk(2)
+            first = tokenizer.decode([int(top.indices[0])], skip_special_tokens=True)[:1]
+            clear = float(top.values[0] - top.values[1]) > 0.3  # at T=0.01 the runner-up has e^-30 of the odds
+            if first and first != "\ufffd" and clear:
+                classes.setdefault(first, []).append(Example(messages, first))
+    (a, first_class), (b, second_class) = sorted(classes.items(), key=lambda kv: -len(kv[1]))[:2]
+    examples = [ex for pair in zip(first_class[:4], second_class[:4], strict=True) for ex in pair]
+    assert a != b and len(examples) == 8
+    result = evaluate(model, tokenizer, FirstLetterTask(), examples, max_new_tokens=1, samples=4,
+                      sample_temperature=0.01)
+    assert result.accuracy == 1.0 and result.sampled_accuracy == 1.0

@@ -78,10 +78,12 @@ def test_the_retry_loss_skips_the_injected_tokens_exactly(tokenizer):
     model = make_model(tokenizer, layers=1, width=16, seed=3).double()
     ids, weights = weighted_ids(tokenizer, [("= 5+6\n", True), ("= 12\n", False), ("retry\n= 11\n", True)])
     prompt = tokenizer.encode("Compute 5+6", add_special_tokens=False)
-    loss = sft_loss(model, tokenizer, [prompt], [ids], [weights])
-    logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits[0], -1)
+    with torch.no_grad():
+        loss = sft_loss(model, tokenizer, [prompt], [ids], [weights])
+        plain = sft_loss(model, tokenizer, [prompt], [ids])
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits[0], -1)
     nll = [-logprobs[len(prompt) - 1 + i, token] for i, token in enumerate(ids)]
     expected = sum(n for n, w in zip(nll, weights, strict=True) if w) / sum(weights)
     assert 0 < sum(weights) < len(weights)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)  # the head works in float32
-    assert float(sft_loss(model, tokenizer, [prompt], [ids])) == pytest.approx(float(sum(nll) / len(nll)), rel=1e-6)
+    assert float(plain) == pytest.approx(float(sum(nll) / len(nll)), rel=1e-6)

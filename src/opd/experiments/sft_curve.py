@@ -66,7 +66,15 @@ def extrapolate(fit: LogLinearFit, target: float) -> dict | None:
     x = (target - fit.intercept) / fit.slope
     (var_a, cov_ab), (_, var_b) = fit.covariance
     se = math.sqrt(max(var_a + 2 * x * cov_ab + x * x * var_b, 0.0)) / fit.slope
-    return {"examples": 10**x, "low": 10 ** (x - se), "high": 10 ** (x + se), "log10_se": se}
+    return {"examples": power10(x), "low": power10(x - se), "high": power10(x + se), "log10_se": se}
+
+
+def power10(exponent: float) -> float:
+    """``10 ** exponent``, infinite past the float range (a nearly flat fit needs "more data than exists")."""
+    try:
+        return 10.0**exponent
+    except OverflowError:
+        return math.inf
 
 
 def sft_steps(examples: int, epochs: float, batch: int) -> int:
