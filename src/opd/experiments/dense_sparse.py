@@ -71,6 +71,7 @@ def plot(curves: dict[str, list[dict]], names: dict[str, str], teacher: float | 
     if teacher is not None:
         ax.axhline(teacher, color="grey", linestyle="--", label="the RL checkpoint (teacher)")
     ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(left=0)
     ax.set(xlabel="gradient steps (log beyond 10)", ylabel=f"held-out accuracy ({metric})", ylim=(0, 1.02),
            title="Dense (on-policy distillation) vs sparse (RL) reward")
     ax.legend(loc="lower right", fontsize=8)
