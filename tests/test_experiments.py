@@ -17,6 +17,7 @@ from opd.experiments.reasoning import (
     run_reasoning,
 )
 from opd.experiments.variants import DataReusePlan, LoraPlan, reuse_reading, run_data_reuse, run_lora
+from opd.models import OpdError
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask
 from opd.tasks.arithmetic import is_eval_expression
@@ -190,3 +191,16 @@ def test_dense_vs_sparse_end_to_end(model_dirs, tmp_path):
     report = (plan.out / "report.md").read_text()
     assert "Data reuse in the blog's setting" in report and (plan.out / "accuracy.png").stat().st_size > 0
     assert "RL-trained copy" in (plan.out / "reuse" / "report.md").read_text()
+
+
+def test_a_run_without_the_sampled_accuracy_is_refused_by_name_not_with_an_index_error():
+    records = [{"step": 0, "accuracy": 0.5, "teacher_accuracy": 0.9}, {"step": 5, "loss": 1.0},
+               {"step": 10, "accuracy": 0.6}]
+    with pytest.raises(OpdError, match="runs/old has no sampled accuracy at step 0.*--metric greedy"):
+        on_metric(records, "sampled", "runs/old")
+    greedy = on_metric(records, "greedy")
+    assert [r.get("accuracy") for r in greedy] == [0.5, None, 0.6] and greedy[0]["teacher_accuracy"] == 0.9
+    sampled = on_metric([{"step": 0, "accuracy": 0.5, "sampled_accuracy": 0.3, "teacher_accuracy": 0.9,
+                          "teacher_sampled_accuracy": 0.8}], "sampled")[0]
+    assert (sampled["accuracy"], sampled["greedy_accuracy"], sampled["teacher_accuracy"],
+            sampled["teacher_greedy_accuracy"]) == (0.3, 0.5, 0.8, 0.9)

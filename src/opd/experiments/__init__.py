@@ -51,13 +51,16 @@ def check_metric(metric: str, config: TrainConfig) -> None:
                        "set eval_samples=4 or use --metric greedy")
 
 
-def on_metric(records: list[dict], metric: str) -> list[dict]:
+def on_metric(records: list[dict], metric: str, run: str = "a run") -> list[dict]:
     """The run's records with ``accuracy`` and ``teacher_accuracy`` read as ``metric`` ("sampled" or
     "greedy"), so that an experiment's targets and curves use it; the greedy figures stay in
     ``greedy_accuracy`` and ``teacher_greedy_accuracy``."""
     key, teacher_key = METRICS[metric]
     out = []
     for record in records:
+        if record.get("accuracy") is not None and record.get(key) is None:
+            raise OpdError(f"{run} has no {metric} accuracy at step {record['step']} (it was evaluated without "
+                           "it, e.g. by an older opd): move it away to rerun it, or use --metric greedy")
         record = dict(record)
         if "accuracy" in record:
             record["greedy_accuracy"], record["accuracy"] = record["accuracy"], record.get(key)

@@ -122,7 +122,8 @@ def extend_rl(plan: ReasoningPlan, entry: dict, level: float, opd_steps: int, pr
         steps = min(budget, records[-1]["step"] + chunk)
         config = run_config(plan.overrides, plan.out / entry["run"], method="rl", lr=entry["lr"], steps=steps,
                             eval_every=plan.eval_every, save_every=plan.eval_every * 4)
-        records = on_metric(run_once(config, progress, f"RL on to {steps} of {budget} steps"), plan.metric)
+        records = on_metric(run_once(config, progress, f"RL on to {steps} of {budget} steps"), plan.metric,
+                            str(config.out))
     entry["records"] = records
     hit = first_reaching(records, level)
     return {"level": level, "opd_steps": opd_steps, "budget_steps": budget, "steps_run": records[-1]["step"],
@@ -164,7 +165,7 @@ def run_reasoning(plan: ReasoningPlan, progress: bool = True) -> dict:
                 task = make_task(config)
                 reported = task.eval_examples(config.eval_examples)
                 validation, selection_note = validation_set(task, reported, plan.validation_examples)
-            records = on_metric([r for r in records if r["step"] <= plan.steps], plan.metric)
+            records = on_metric([r for r in records if r["step"] <= plan.steps], plan.metric, str(out))
             sweep.append({"method": method, "lr": lr, "run": str(out.relative_to(plan.out)),
                           "final_accuracy": evals(records)[-1]["accuracy"],
                           "validation_accuracy": final_accuracy(out, config, validation,

@@ -179,7 +179,7 @@ def run_sft_curve(out: Path, overrides: list[str], sizes: list[int], epochs: flo
                                 lr=lr, steps=steps, prompts_per_step=batch, samples_per_prompt=1,
                                 warmup_steps=max(1, steps // 10), eval_every=steps, save_every=steps)
             desc = f"[SFT data {len(sweep) + 1}/{total}] {size} examples lr={lr:g}"
-            records = on_metric(run_once(config, progress, desc), metric)
+            records = on_metric(run_once(config, progress, desc), metric, str(run_dir))
             last = evals(records)[-1]
             sweep.append({"examples": size, "lr": lr, "steps": steps, "run": str(run_dir.relative_to(out)),
                           "accuracy": last["accuracy"], "greedy_accuracy": last["greedy_accuracy"],

@@ -31,7 +31,8 @@ def run_arms(out: Path, arms: list[Arm], overrides: list[str], progress: bool,
     for i, arm in enumerate(arms, start=1):
         config = run_config(overrides, out / "runs" / arm.key, **arm.values)
         check_metric(metric, config)
-        curves[arm.key] = on_metric(run_once(config, progress, f"[{i}/{len(arms)}] {arm.key}"), metric)
+        curves[arm.key] = on_metric(run_once(config, progress, f"[{i}/{len(arms)}] {arm.key}"), metric,
+                                    str(config.out))
     return curves
 
 
