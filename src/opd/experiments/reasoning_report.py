@@ -234,8 +234,9 @@ def write_reasoning_report(out: Path, summary: dict, sweep: list[dict], best: di
               "if the teacher's samples were already paid for (the blog's 9x); \"sampling charged\" adds the "
               "teacher's cost of writing the dataset (the blog's 30x). Compute efficiency = SFT's FLOPs to the "
               "level / on-policy distillation's FLOPs to the same level. The sampled accuracy is the mean over "
-              "the draws per prompt at the evaluation temperature: what the student does when it samples, as "
-              "the blog's AIME avg@k; greedy decoding hides how broad a student's distribution still is.", "",
+              "the draws per prompt at the evaluation temperature: what the student does when it samples (avg@k; "
+              "the blog does not say how it sampled AIME); greedy decoding hides how broad a student's "
+              "distribution still is.", "",
               f"Wall time of this invocation {summary['wall_seconds']:.0f} s; the runs' own training and "
               f"evaluation time {summary['run_seconds']:.0f} s.", ""]
     (out / "report.md").write_text("\n".join(lines))
