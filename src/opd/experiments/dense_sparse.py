@@ -17,8 +17,8 @@ from pathlib import Path
 from opd import runs
 from opd.experiments import evals, total_flops
 from opd.experiments.reasoning import first_reaching, ratio
-from opd.experiments.variants import Arm, DataReusePlan, arm_result, run_arms, run_data_reuse
-from opd.report import pct, plt, save_figure
+from opd.experiments.variants import Arm, DataReusePlan, arm_result, plot_arms, run_arms, run_data_reuse
+from opd.report import pct
 
 FRACTIONS = (0.5, 0.8, 1.0)  # of the RL run's gain over the start
 BLOG_STEPS = "7-10x"
@@ -63,21 +63,6 @@ def level_rows(rl: list[dict], opd: list[dict], levels: list[tuple[str, float]])
     return rows
 
 
-def plot(curves: dict[str, list[dict]], names: dict[str, str], teacher: float | None, path: Path, metric: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, records in curves.items():
-        points = evals(records)
-        ax.plot([r["step"] for r in points], [r["accuracy"] for r in points], "o-", markersize=3, label=names[key])
-    if teacher is not None:
-        ax.axhline(teacher, color="grey", linestyle="--", label="the RL checkpoint (teacher)")
-    ax.set_xscale("symlog", linthresh=10)
-    ax.set_xlim(left=0)
-    ax.set(xlabel="gradient steps (log beyond 10)", ylabel=f"held-out accuracy ({metric})", ylim=(0, 1.02),
-           title="Dense (on-policy distillation) vs sparse (RL) reward")
-    ax.legend(loc="lower right", fontsize=8)
-    save_figure(fig, path)
-
-
 def run_dense_vs_sparse(plan: DenseSparsePlan, progress: bool = True) -> dict:
     started = time.perf_counter()
     rl_arm = Arm(f"RL (0/1 task reward), lr {plan.rl_lr:g}", "rl",
@@ -104,8 +89,9 @@ def run_dense_vs_sparse(plan: DenseSparsePlan, progress: bool = True) -> dict:
                                                                 "single_prompt_gap_closed")},
                "blog_steps_vs_rl": BLOG_STEPS, "wall_seconds": round(time.perf_counter() - started, 1)}
     runs.write_json(plan.out / "summary.json", summary)
-    plot({"rl": rl, "opd": opd}, {"rl": rl_arm.name, "opd": opd_arm.name}, top, plan.out / "accuracy.png",
-         plan.metric)
+    plot_arms([rl_arm, opd_arm], {"rl": rl, "opd": opd}, top, plan.out / "accuracy.png",
+              "Dense (on-policy distillation) vs sparse (RL) reward", plan.metric, "the RL checkpoint (teacher)",
+              log_steps=True)
     write_report(plan, summary)
     return summary
 

@@ -48,17 +48,21 @@ def arm_result(records: list[dict]) -> dict:
 
 
 def plot_arms(arms: list[Arm], curves: dict[str, list[dict]], teacher: float | None, path: Path, title: str,
-              metric: str = "sampled") -> None:
+              metric: str = "sampled", teacher_label: str = "teacher", log_steps: bool = False) -> None:
+    """Held-out accuracy of each arm against steps (``log_steps``: linear to 10, log beyond)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm in arms:
         points = evals(curves[arm.key])
         ax.plot([r["step"] for r in points], [r["accuracy"] for r in points], "o-", markersize=3, label=arm.name)
     if teacher is not None:
-        ax.axhline(teacher, color="grey", linestyle="--", label="teacher")
-    ax.set(xlabel="gradient steps", ylabel=f"held-out accuracy ({metric})", ylim=(0, 1.02), title=title)
+        ax.axhline(teacher, color="grey", linestyle="--", label=teacher_label)
+    if log_steps:
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
+    ax.set(xlabel="gradient steps" + (" (log beyond 10)" if log_steps else ""),
+           ylabel=f"held-out accuracy ({metric})", ylim=(0, 1.02), title=title)
     ax.legend(loc="lower right", fontsize=8)
     save_figure(fig, path)
-
 
 
 def finish(out: Path, arms: list[Arm], curves: dict, summary: dict, title: str, intro: list[str],
