@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools
 
 # the core modules' functions mutated by `make mutate` (mutmut name patterns; see README, Mutation testing)
-MUTATE := 'opd.losses.*' 'opd.sampler.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.remote.*' \
+MUTATE := 'opd.losses.*' 'opd.sampler.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.teachers.remote.*' \
 	'opd.trainer.x_advantages*' 'opd.trainer.x_policy_loss*' 'opd.trainer.x_update*' \
 	'opd.trainer.x_training_step*' 'opd.trainer.x_step_rollouts*' 'opd.trainer.x_dataset_rollouts*' \
 	'opd.trainer.x_pair_ids*' 'opd.trainer.x_train_examples*' 'opd.trainer.x_midtrain_rollouts*' \

@@ -14,12 +14,12 @@ import time
 import torch
 
 from opd.models import chat_prompt_ids, load_model, load_tokenizer
-from opd.remote import RemoteTeacher
 from opd.sampler import sample
 from opd.server import BackgroundServer, ServerConfig, create_app
 from opd.setup import resolve_model_path
 from opd.tasks import ArithmeticTask
-from opd.teacher import LocalTeacher
+from opd.teachers.local import LocalTeacher
+from opd.teachers.remote import RemoteTeacher
 
 
 def main() -> None:

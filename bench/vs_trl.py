@@ -73,7 +73,7 @@ def step_prompts(args) -> list[list[dict]]:
 def evaluate_final(model, tokenizer, teacher, args, device) -> dict:
     from opd.evaluation import evaluate
     from opd.tasks import ArithmeticTask
-    from opd.teacher import LocalTeacher
+    from opd.teachers.local import LocalTeacher
 
     task = ArithmeticTask()
     result = evaluate(model, tokenizer, task, task.eval_examples(args.eval_examples),

@@ -13,7 +13,7 @@ from opd.models import chat_prompt_ids, load_model, load_tokenizer, save_model
 from opd.rollouts import Rollouts, pack_pairs
 from opd.sampler import sample
 from opd.server import BackgroundServer, ServerConfig, create_app
-from opd.zoo import build_tokenizer, make_model
+from opd.zoo import GEMMA_STYLE, build_tokenizer, make_model
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +42,23 @@ def peaked_teacher(tmp_path_factory, tokenizer, model_dirs) -> dict[str, Path]:
         teacher.get_output_embeddings().weight.mul_(10)
     path = tmp_path_factory.mktemp("peaked") / "teacher"
     save_model(teacher, tokenizer, path)
+    return {**model_dirs, "teacher": path}
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer():
+    """A tokenizer of another family: other special tokens, chat template, merges and vocabulary size."""
+    return build_tokenizer(seed=1, vocab_size=400, operators=2, corpus_lines=300, style=GEMMA_STYLE)
+
+
+@pytest.fixture(scope="session")
+def cross_dirs(tmp_path_factory, other_tokenizer, model_dirs) -> dict[str, Path]:
+    """``model_dirs`` with a peaked teacher (logits x10) on ``other_tokenizer``."""
+    teacher = make_model(other_tokenizer, layers=1, width=32, seed=4)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(10)
+    path = tmp_path_factory.mktemp("cross") / "teacher"
+    save_model(teacher, other_tokenizer, path)
     return {**model_dirs, "teacher": path}
 
 

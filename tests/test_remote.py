@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from conftest import LiveServer, rollouts_of, with_bos
 from opd.models import OpdError
-from opd.remote import PROBE_TEXT, RemoteTeacher
-from opd.teacher import LocalTeacher
+from opd.teachers.local import LocalTeacher
+from opd.teachers.remote import PROBE_TEXT, RemoteTeacher
 from opd.zoo import build_tokenizer
 
 
@@ -134,7 +134,8 @@ def test_a_teacher_with_another_tokenizer_is_refused(model_dirs, tokenizer):
     there, here = (t.encode(PROBE_TEXT, add_special_tokens=False)[:12] for t in (tokenizer, other))
     assert str(refused.value) == (
         f"the tokenizer of teacher teacher at {server.url} differs from the student's: a probe text encodes to "
-        f"{there}... there and {here}... here. Both must share one tokenizer.")
+        f"{there}... there and {here}... here. If the teacher's tokenizer differs from the student's, give it as "
+        "teacher_tokenizer=DIR (a directory or hub id with its tokenizer files): opd then aligns the two on the text.")
 
 
 def test_the_tokenizer_probe_adds_no_special_tokens_on_either_side(model_dirs, tokenizer, tmp_path):
@@ -168,11 +169,11 @@ def test_tokenize_refuses_what_it_does_not_implement(model_dirs, body):
 
 
 def test_the_defaults_retry_four_times_with_exponential_backoff(tokenizer, monkeypatch):
-    import opd.remote
+    import opd.teachers.remote
     from opd.server import free_port
 
     slept = []
-    monkeypatch.setattr(opd.remote.time, "sleep", slept.append)
+    monkeypatch.setattr(opd.teachers.remote.time, "sleep", slept.append)
     port = free_port()
     down = RemoteTeacher(f"http://127.0.0.1:{port}/", model="teacher")  # a trailing slash is dropped
     with pytest.raises(OpdError, match=rf"teacher server http://127.0.0.1:{port} did not answer POST /v1/completions "

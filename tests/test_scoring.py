@@ -5,7 +5,7 @@ from opd.losses import exact_reverse_kl
 from opd.models import chat_prompt_ids
 from opd.rollouts import pack_pairs
 from opd.scoring import completion_hidden, full_reverse_kl, token_logprobs
-from opd.teacher import LocalTeacher
+from opd.teachers.local import LocalTeacher
 from opd.zoo import make_model
 
 

@@ -11,9 +11,9 @@ import torch
 from conftest import LiveServer, read_jsonl, rollouts_of, tiny_train_overrides
 from opd.config import load_config
 from opd.models import OpdError
-from opd.remote import RemoteTeacher
 from opd.server import free_port
-from opd.teacher import LocalTeacher
+from opd.teachers.local import LocalTeacher
+from opd.teachers.remote import RemoteTeacher
 from opd.trainer import train
 
 API_KEY = "test-key"

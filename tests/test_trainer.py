@@ -167,19 +167,6 @@ def test_an_infinite_loss_with_finite_gradients_also_stops_the_run(model_dirs, t
     assert "The last good checkpoint is none (no checkpoint was written yet). Lower lr" in str(stopped.value)
 
 
-def test_tokenizers_that_differ_are_refused_before_any_compute(model_dirs, tmp_path, tokenizer):
-    from opd.models import save_model
-    from opd.zoo import build_tokenizer, make_model
-
-    other = build_tokenizer(seed=5, vocab_size=280, operators=2, corpus_lines=200)
-    other_dir = tmp_path / "other"
-    save_model(make_model(other, layers=1, width=16, seed=0), other, other_dir)
-    overrides = tiny_train_overrides(model_dirs, tmp_path / "run", teacher=other_dir)
-    with pytest.raises(OpdError, match="tokenizers of the student .* differ"):
-        train(load_config(None, overrides), progress=False)
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_prompt_over_the_context_limit_is_refused_or_truncated(model_dirs, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "word " * 300, "answer": "1"}) + "\n")

@@ -110,9 +110,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from opd.evaluation import evaluate
-    from opd.models import check_same_vocabulary, load_model, load_tokenizer, pick_device, pick_dtype
+    from opd.models import load_model, load_tokenizer, pick_device, pick_dtype
     from opd.setup import make_task, resolve_model_path
-    from opd.teacher import LocalTeacher
+    from opd.teachers.local import LocalTeacher
+    from opd.teachers.view import TeacherView
 
     if args.samples < 0 or args.temperature <= 0:
         raise OpdError(f"--samples {args.samples} must be 0 or more and --temperature {args.temperature} positive")
@@ -129,8 +130,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     teacher = None
     if args.teacher:
         teacher_path = resolve_model_path(args.teacher, "--teacher")
-        check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), path, teacher_path)
-        teacher = LocalTeacher(load_model(teacher_path, device, dtype), len(tokenizer))
+        teacher_tokenizer = load_tokenizer(teacher_path)
+        teacher = TeacherView(LocalTeacher(load_model(teacher_path, device, dtype), len(teacher_tokenizer)),
+                              tokenizer, teacher_tokenizer, args.teacher_template)
     result = evaluate(load_model(path, device, dtype), tokenizer, task, examples,
                       max_new_tokens=args.max_new_tokens, teacher=teacher, seed=args.seed, samples=args.samples,
                       sample_temperature=args.temperature)
@@ -203,6 +205,15 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_teacher2(args: argparse.Namespace) -> int:
+    from opd.zoo import EMBEDDED_DIR, ZooConfig, build_second_teacher
+
+    config = with_overrides(ZooConfig(), args.overrides, "zoo")
+    print(json.dumps(build_second_teacher(Path(args.out) if args.out else EMBEDDED_DIR, config, args.vocab_size),
+                     indent=2))
+    return 0
+
+
 def cmd_zoo_assistant(args: argparse.Namespace) -> int:
     from opd.personalization.assistant import AssistantConfig, build_assistant
     from opd.zoo import EMBEDDED_DIR
@@ -268,6 +279,9 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out accuracy (and teacher KL) of a model")
     ev.add_argument("model", help="HF model directory, hub id, or embedded:student / embedded:teacher")
     ev.add_argument("--teacher", help="also report the per-token reverse KL to this teacher")
+    ev.add_argument("--teacher-template", default="auto", choices=("auto", "own", "student"),
+                    help="how the teacher reads the prompt: auto (its own chat template when it differs), own, "
+                    "student (the student's rendering)")
     ev.add_argument("--task", default="arithmetic", help="built-in task or a JSONL prompts file")
     ev.add_argument("--eval-file", help="JSONL of held-out prompts: with answers (QA, exact or whole-word match) or "
                     "constraints (instruction following)")
@@ -326,6 +340,13 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--reuse-teacher", action="store_true",
                        help="keep the tokenizer and teacher already in the output directory; rebuild the student")
     build.set_defaults(func=cmd_zoo_build)
+    second = zoo_sub.add_parser("teacher-bpe2", help="build embedded:teacher-bpe2, a teacher on another tokenizer "
+                                "(other vocabulary, merges, special tokens and chat template)")
+    second.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="ZooConfig overrides for the teacher, e.g. teacher_steps=3000")
+    second.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary to learn (default 1024)")
+    second.add_argument("--out", help="zoo directory (default: the package's embedded/)")
+    second.set_defaults(func=cmd_zoo_teacher2)
     assistant = zoo_sub.add_parser("assistant", help="build the chat assistant and the personalization data "
                                    "(reuses the zoo's tokenizer)")
     assistant.add_argument("overrides", nargs="*", metavar="key=value",

@@ -21,6 +21,8 @@ class TrainConfig:
     student: str = "embedded:student"  # HF model directory or hub id
     teacher: str = "embedded:teacher"  # HF model directory, hub id, or http://HOST:PORT of a log-prob server
     teacher_model: str = ""  # model name on the teacher server (default: the one it serves)
+    teacher_tokenizer: str = ""  # the teacher's tokenizer (default: the teacher's directory; a server's: the student's)
+    teacher_template: str = "auto"  # auto: the teacher's own chat template when it differs | own | student
     task: str = "arithmetic"  # a built-in task, or a JSONL file of prompts
     eval_file: str = ""  # JSONL of held-out prompts when task is a file
     # the method
@@ -70,7 +72,7 @@ class TrainConfig:
     out: str = ""  # run directory; default runs/<time>-<method>
 
     CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("sampled", "full"),
-               "parallel": ("ddp", "fsdp")}
+               "parallel": ("ddp", "fsdp"), "teacher_template": ("auto", "own", "student")}
 
     def validate(self) -> None:
         for name, allowed in self.CHOICES.items():

@@ -42,9 +42,10 @@ def evaluate(
     """Greedy accuracy on ``examples``; with ``samples`` = k > 0 also the sampled accuracy
     ``1/(N k) sum_i sum_j r(y_ij)``, y_ij ~ pi(. | x_i) at ``sample_temperature`` (the mean of k
     samples per prompt: what avg@k reports, and what the student does when it samples); with a
-    teacher, the mean over completion tokens of ``log pi(x_t) - log p_teacher(x_t)`` on the student's
-    own temperature-1 samples, the Monte Carlo estimate of the per-token reverse KL (the same estimator
-    for any teacher)."""
+    teacher (a ``teachers.TeacherView``), the mean over completion tokens of ``log pi(x_t) - log
+    p_teacher(x_t)`` on the student's own temperature-1 samples, the Monte Carlo estimate of the per-token
+    reverse KL (the same estimator for any teacher; for one with another tokenizer, the sum of the aligned
+    chunks' log-ratios over the student's completion tokens)."""
     was_training = model.training
     model.eval()
     correct, scored, lengths = 0.0, 0, []
@@ -75,7 +76,7 @@ def evaluate(
             sampled = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                              generator=generator)
-            teacher_lp = teacher.score(sampled)
+            teacher_lp = teacher.score(sampled, [ex.messages for ex in chunk]).logprobs
             mask = sampled.completion_mask
             kl_sum += float(((sampled.sampler_logprobs - teacher_lp) * mask).sum())
             kl_tokens += int(mask.sum())

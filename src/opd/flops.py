@@ -88,11 +88,13 @@ def training_flops(shape: ModelShape, lengths: list[int], logit_positions: int) 
 
 
 def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: list[int],
-               completion_lengths: list[int], method: str = "opd", group: int = 1) -> dict:
+               completion_lengths: list[int], method: str = "opd", group: int = 1,
+               teacher_lengths: tuple[list[int], list[int]] | None = None) -> dict:
     """One training step. opd (and opd+rl): the student samples, the teacher scores every sequence once
     (logits at completion positions), the student trains. rl: no teacher. sft: the teacher samples
     and the student only trains. sft_data: the student trains on a given dataset. Runs of ``group``
-    consecutive rows are the samples of one prompt, which every pass reads once."""
+    consecutive rows are the samples of one prompt, which every pass reads once. ``teacher_lengths``:
+    the (prompt, completion) lengths the teacher read, when its rendering or tokenizer differs."""
     completion_tokens = sum(completion_lengths)
     student_flops = 3 * grouped_forward_flops(student, prompt_lengths, completion_lengths, group, completion_tokens)
     if method == "sft_data":  # SFT on a given dataset: producing it is not this run's compute
@@ -104,6 +106,7 @@ def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: 
     student_flops += sampling_flops(student, prompt_lengths, completion_lengths, group)
     if method == "rl":
         return {"student_flops": student_flops, "teacher_flops": 0.0}
-    teacher_flops = None if teacher is None else grouped_forward_flops(teacher, prompt_lengths, completion_lengths,
-                                                                       group, completion_tokens)
+    prompts, completions = teacher_lengths or (prompt_lengths, completion_lengths)
+    teacher_flops = None if teacher is None else grouped_forward_flops(teacher, prompts, completions, group,
+                                                                       sum(completions))
     return {"student_flops": student_flops, "teacher_flops": teacher_flops}

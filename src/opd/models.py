@@ -80,38 +80,19 @@ def _cache_argument(decoder_class: type) -> str:
     return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
+def chat_prompt_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, bool]:
+    """``messages`` rendered with the tokenizer's chat template, ready for the reply, and whether its
+    encoding adds the tokenizer's special tokens (only for a base model without a template, which sees
+    the plain text of the last user message)."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    return messages[-1]["content"], True
+
+
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` rendered with the tokenizer's chat template, ready for the reply."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    # a base model without a template sees the plain text of the last user message
-    return tokenizer.encode(messages[-1]["content"], add_special_tokens=True)
-
-
-def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
-                          student_path: str, teacher_path: str) -> None:
-    """Teacher and student must map every token to the same id (embedding sizes may differ)."""
-    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
-    if student_vocab == teacher_vocab and student.eos_token_id == teacher.eos_token_id:
-        return
-    only_student = sorted(set(student_vocab) - set(teacher_vocab))
-    only_teacher = sorted(set(teacher_vocab) - set(student_vocab))
-    moved = sorted(t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t])
-    lines = [f"the tokenizers of the student ({student_path}) and the teacher ({teacher_path}) differ:"]
-    if only_student:
-        lines.append(f"  {len(only_student)} tokens only in the student, e.g. {only_student[:5]}")
-    if only_teacher:
-        lines.append(f"  {len(only_teacher)} tokens only in the teacher, e.g. {only_teacher[:5]}")
-    if moved:
-        t = moved[0]
-        lines.append(f"  {len(moved)} tokens with different ids, e.g. {t!r}: "
-                     f"student {student_vocab[t]}, teacher {teacher_vocab[t]}")
-    if student.eos_token_id != teacher.eos_token_id:
-        lines.append(f"  EOS differs: student {student.eos_token!r}, teacher {teacher.eos_token!r}")
-    lines.append("On-policy distillation scores the student's token ids with the teacher, so both must "
-                 "share one tokenizer: pick a teacher from the student's model family.")
-    raise OpdError("\n".join(lines))
+    text, special = chat_prompt_text(tokenizer, messages)
+    return tokenizer.encode(text, add_special_tokens=special)
 
 
 @contextlib.contextmanager

@@ -65,8 +65,10 @@ def completion_hidden(model: torch.nn.Module, rollouts: Rollouts) -> tuple[torch
 
 
 def head_logits(head: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Float32 logits over the first ``vocab_size`` ids (embedding rows past it are padding)."""
-    return head(hidden)[:, :vocab_size].float()
+    """Logits over the first ``vocab_size`` ids (embedding rows past it are padding), in float32 (float64
+    for a float64 model)."""
+    logits = head(hidden)[:, :vocab_size]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -18,16 +18,16 @@ from opd.models import (
     OpdError,
     add_lora,
     chat_prompt_ids,
-    check_same_vocabulary,
     load_model,
     load_tokenizer,
     pick_device,
     pick_dtype,
     quiet_peft,
 )
-from opd.remote import RemoteTeacher
 from opd.tasks import ArithmeticTask, Example, Task
-from opd.teacher import LocalTeacher
+from opd.teachers.local import LocalTeacher
+from opd.teachers.remote import RemoteTeacher
+from opd.teachers.view import TeacherView, choose_path, tokenizer_differences
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -76,6 +76,33 @@ def make_task(config: TrainConfig) -> Task:
     raise OpdError(f"task={config.task!r} is neither a built-in task (arithmetic) nor a JSONL file")
 
 
+def teacher_tokenizer_for(config: TrainConfig, tokenizer, teacher_path: str | None):
+    """The teacher's tokenizer: ``teacher_tokenizer=`` when set, else the teacher's directory; a teacher
+    behind a server without ``teacher_tokenizer=`` is taken to share the student's (``connect`` checks)."""
+    if config.teacher_tokenizer:
+        return load_tokenizer(resolve_model_path(config.teacher_tokenizer, "teacher_tokenizer"))
+    return tokenizer if teacher_path is None else load_tokenizer(teacher_path)
+
+
+def check_teacher_path(config: TrainConfig, student, teacher, student_path: str, teacher_path: str | None) -> None:
+    """A teacher with another tokenizer is read through the text alignment, which scores sampled tokens
+    only: refuse what needs one vocabulary (the exact KL, the teacher writing SFT data), naming the
+    difference."""
+    if choose_path(student, teacher, config.teacher_template) != "aligned":
+        return
+    differences = "; ".join(tokenizer_differences(student, teacher))
+    where = f"the student ({student_path}) and the teacher ({teacher_path or config.teacher})"
+    if config.kl == "full" and "opd" in config.method:
+        raise OpdError(f"the tokenizers of {where} differ ({differences}). kl=full compares the two models' "
+                       "distributions over one vocabulary: use kl=sampled, which aligns the teacher's tokens "
+                       "with the student's on the text (teacher_tokenizer and teacher_template say how the "
+                       "teacher reads it)")
+    if config.method == "sft" and not config.sft_data:
+        raise OpdError(f"the tokenizers of {where} differ ({differences}). method=sft trains on the teacher's "
+                       "sampled token ids, which the student cannot read: write the teacher's completions to "
+                       "a JSONL file and pass sft_data=, or use method=opd with kl=sampled")
+
+
 @dataclass
 class Session:
     config: TrainConfig
@@ -84,7 +111,7 @@ class Session:
     tokenizer: object
     student: torch.nn.Module
     teacher_model: torch.nn.Module | None  # None when the teacher is behind a server
-    teacher: LocalTeacher | RemoteTeacher
+    teacher: LocalTeacher | RemoteTeacher | None
     task: Task
     eval_set: list[Example]
     optimizer: torch.optim.Optimizer
@@ -102,6 +129,8 @@ class Session:
     dist: distributed.Dist = field(default_factory=distributed.Dist)
     loss_module: torch.nn.Module | None = None  # forward = policy loss; DDP- or FSDP2-wrapped under torchrun
     full_model: torch.nn.Module | None = None  # the whole student to sample from, evaluate and save
+    teacher_view: TeacherView | None = None  # how the teacher reads the student's rollouts (its template, tokens)
+    teacher_tokenizer: object = None
 
     def trainer_state(self) -> dict:
         """Optimizer (keyed by parameter name, any world size) and scheduler state; every rank calls it."""
@@ -160,8 +189,9 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     student_path = resolve_model_path(config.student, "student")
     teacher_path = None if midtrain or remote else resolve_model_path(config.teacher, "teacher")
     tokenizer = load_tokenizer(student_path)
-    if not remote and not midtrain:
-        check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), student_path, teacher_path)
+    teacher_tokenizer = None if midtrain else teacher_tokenizer_for(config, tokenizer, teacher_path)
+    if teacher_tokenizer is not None:
+        check_teacher_path(config, tokenizer, teacher_tokenizer, student_path, teacher_path)
     task = make_task(config)
     eval_set = task.eval_examples(config.eval_examples)
     if not eval_set:
@@ -205,10 +235,11 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
         teacher_model = None
         teacher = RemoteTeacher(config.teacher, config.teacher_model or None,
                                 api_key=os.environ.get("OPD_TEACHER_API_KEY"))
-        teacher.connect(tokenizer, max_prompt + config.max_new_tokens)
+        teacher.connect(teacher_tokenizer, max_prompt + config.max_new_tokens,
+                        "teacher_tokenizer" if config.teacher_tokenizer else "student")
     else:
         teacher_model = load_model(teacher_path, device, dtype)
-        teacher = LocalTeacher(teacher_model, vocab_size)
+        teacher = LocalTeacher(teacher_model, len(teacher_tokenizer))
 
     from opd.trainer import policy_loss
 
@@ -221,7 +252,9 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     session = Session(config, run_dir or Path(), device, tokenizer, student, teacher_model,
                       teacher, task, eval_set, optimizer, scheduler,
                       trainable, vocab_size, max_prompt, dist=state, loss_module=loss_module,
-                      full_model=full_model)
+                      full_model=full_model, teacher_tokenizer=teacher_tokenizer)
+    if teacher is not None:
+        session.teacher_view = TeacherView(teacher, tokenizer, teacher_tokenizer, config.teacher_template)
     if config.sft_data:
         from opd.tasks.jsonl import load_sft_pairs
 

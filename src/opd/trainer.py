@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,7 +18,13 @@ from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.evaluation import completions_text, evaluate
 from opd.flops import step_flops
-from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
+from opd.losses import (
+    chunk_reverse_kl_advantages,
+    group_centred_rewards,
+    importance_sampling_loss,
+    masked_token_mean,
+    reverse_kl_advantages,
+)
 from opd.models import OpdError
 from opd.rollouts import Rollouts, pack_pairs
 from opd.sampler import sample
@@ -37,7 +44,7 @@ def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
     loss = torch.zeros(())
     if config.kl == "full" and "opd" in config.method:
         # exact reverse KL over the vocabulary at every visited position (lower variance)
-        kl = full_reverse_kl(student, teacher_hidden, session.teacher.head, rollouts, vocab)
+        kl = full_reverse_kl(student, teacher_hidden, session.teacher_view.head, rollouts, vocab)
         loss = config.kl_coef * masked_token_mean(kl, mask, num_tokens)
         if config.method == "opd":
             return loss
@@ -48,13 +55,18 @@ def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
 
 
 def advantages(session: Session, rollouts: Rollouts) -> torch.Tensor:
-    """Per-token signal: the negative sampled reverse KL (opd), the group-centred task reward on every
-    completion token (rl), or their sum (opd+rl; with kl=full the KL enters the loss directly)."""
+    """Per-token signal: the negative sampled reverse KL (opd; per aligned chunk for a teacher with another
+    tokenizer), the group-centred task reward on every completion token (rl), or their sum (opd+rl; with
+    kl=full the KL enters the loss directly)."""
     config, mask = session.config, rollouts.completion_mask
     total = torch.zeros_like(mask)
     if "opd" in config.method and config.kl == "sampled":
-        total = total + reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs, mask,
-                                              config.kl_coef, config.gamma)
+        if rollouts.teacher_chunks is None:
+            total = total + reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs, mask,
+                                                  config.kl_coef, config.gamma)
+        else:
+            total = total + chunk_reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs,
+                                                        mask, rollouts.teacher_chunks, config.kl_coef, config.gamma)
     if "rl" in config.method:
         centred = group_centred_rewards(rollouts.rewards, rollouts.prompt_index)
         total = total + config.reward_coef * centred[:, None] * mask
@@ -126,6 +138,7 @@ def step_rollouts(session: Session, step: int) -> Rollouts:
         samples_per_prompt = config.samples_per_prompt
     texts = completions_text(tokenizer, rollouts.completion_ids())
     repeated = [ex for ex in examples for _ in range(samples_per_prompt)]
+    rollouts.extras["messages"] = [ex.messages for ex in repeated]  # the conversation each row answers
     rollouts.rewards = torch.tensor([session.task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True)],
                                     device=rollouts.tokens.device)
     return rollouts
@@ -170,12 +183,11 @@ def training_step(session: Session, step: int) -> dict:
     rollouts = step_rollouts(session, step)
     sampled = time.perf_counter()
 
-    teacher_hidden = None
-    if "opd" in config.method:
-        if config.kl == "full":  # one teacher forward serves both the logged KL and the exact-KL loss
-            rollouts.teacher_logprobs, teacher_hidden = session.teacher.score_with_hidden(rollouts)
-        else:
-            rollouts.teacher_logprobs = session.teacher.score(rollouts)
+    teacher_hidden, graded = None, None
+    if "opd" in config.method:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
+        graded = session.teacher_view.score(rollouts, rollouts.extras["messages"], hidden=config.kl == "full")
+        rollouts.teacher_logprobs, rollouts.teacher_chunks, teacher_hidden = graded.logprobs, graded.chunks, \
+            graded.hidden
     rollouts.advantages = advantages(session, rollouts)
     scored = time.perf_counter()
 
@@ -188,9 +200,22 @@ def training_step(session: Session, step: int) -> dict:
         "rewards": rollouts.rewards.tolist(),
         "kl_sum": None if rollouts.teacher_logprobs is None
         else float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum()),
+        # what the teacher read, when its rendering or tokenizer differs (its FLOPs), and the alignment's chunks
+        "teacher_prompt_lengths": graded and graded.teacher_prompt_lengths,
+        "teacher_completion_lengths": graded and graded.teacher_completion_lengths,
+        "chunks": [graded.chunk_count, graded.single_token_chunks] if graded and graded.chunks is not None else None,
     }
     ranks = distributed.all_gather(local, session.dist)
     merged = {key: [v for r in ranks for v in r[key]] for key in ("completion_lengths", "prompt_lengths", "rewards")}
+    teacher_lengths = None
+    if local["teacher_prompt_lengths"] is not None:
+        teacher_lengths = tuple([v for r in ranks for v in r[key]] for key in ("teacher_prompt_lengths",
+                                                                             "teacher_completion_lengths"))
+    alignment = {}
+    if local["chunks"] is not None:
+        chunks, single = (sum(r["chunks"][i] for r in ranks) for i in (0, 1))
+        alignment = {"aligned_chunks": chunks, "single_token_chunk_share": round(single / max(chunks, 1), 4),
+                     "teacher_completion_tokens": sum(teacher_lengths[1])}
     num_tokens = sum(merged["completion_lengths"])
     lr = session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     loss, grad_norm = update(session, rollouts, teacher_hidden, num_tokens, step)
@@ -207,9 +232,10 @@ def training_step(session: Session, step: int) -> dict:
         "completion_tokens": num_tokens,
         "grad_norm": grad_norm,
         "lr": lr,
+        **alignment,
         **step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
                      merged["completion_lengths"], "sft_data" if from_data else config.method,
-                     group=1 if from_data else config.samples_per_prompt),
+                     group=1 if from_data else config.samples_per_prompt, teacher_lengths=teacher_lengths),
         "sample_seconds": round(sampled - started, 4),
         "score_seconds": round(scored - sampled, 4),
         "train_seconds": round(trained - scored, 4),
@@ -219,7 +245,7 @@ def training_step(session: Session, step: int) -> dict:
 def run_eval(session: Session) -> dict:
     config = session.config
     result = evaluate(session.full_model, session.tokenizer, session.task, session.eval_set,
-                      max_new_tokens=config.max_new_tokens, teacher=session.teacher, seed=config.seed,
+                      max_new_tokens=config.max_new_tokens, teacher=session.teacher_view, seed=config.seed,
                       samples=config.eval_samples, sample_temperature=config.eval_temperature)
     return {"accuracy": result.accuracy, "sampled_accuracy": result.sampled_accuracy,
             "eval_teacher_kl": result.teacher_kl}
@@ -230,10 +256,13 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
     torchrun every rank trains; rank 0 alone evaluates, logs and writes (the others return {})."""
     session = open_session(config, resume)
     run_dir, records, main = session.run_dir, session.records, session.dist.main
+    if main and progress and session.teacher_view is not None:
+        probe = [ex.messages[-1]["content"] for ex in session.eval_set[:32]]
+        print(f"opd: {session.teacher_view.describe(probe)}", file=sys.stderr)
     if not records and main:  # a fresh run: measure where the student and teacher start
         teacher = None  # a teacher behind a server only scores; it cannot be asked to answer
-        if session.teacher_model is not None:
-            teacher = evaluate(session.teacher_model, session.tokenizer, session.task, session.eval_set,
+        if session.teacher_model is not None:  # in its own tokens and template
+            teacher = evaluate(session.teacher_model, session.teacher_tokenizer, session.task, session.eval_set,
                                max_new_tokens=config.max_new_tokens, seed=config.seed,
                                samples=config.eval_samples, sample_temperature=config.eval_temperature)
         first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher and teacher.accuracy,

@@ -30,11 +30,38 @@ from opd.tasks.arithmetic import RETRY, solution_with_retries
 from opd.tasks.arithmetic import reward as arithmetic_reward
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass(frozen=True)
+class TokenizerStyle:
+    """What makes a zoo tokenizer family its own: special tokens, chat template, how digits split."""
+
+    special_tokens: tuple[str, ...]  # ids 0.. in this order
+    eos: str
+    pad: str
+    user_open: str  # the template's text around a user turn and before the reply
+    turn_close: str
+    reply_open: str
+    individual_digits: bool  # Llama-style one token per digit, or runs of digits that BPE may merge
+
+    def chat_template(self) -> str:
+        return ("{% for message in messages %}" + self.user_open.replace("user", "{{ message['role'] }}")
+                + "{{ message['content'] }}" + self.turn_close + "{% endfor %}"
+                "{% if add_generation_prompt %}" + self.reply_open + "{% endif %}")
+
+    def render(self, prompt: str, reply: str) -> str:
+        return f"{self.user_open}{prompt}{self.turn_close}{self.reply_open}{reply}{self.eos}\n"
+
+
+QWEN_STYLE = TokenizerStyle(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", pad="<|endoftext|>",
+                            user_open="<|im_start|>user\n", turn_close="<|im_end|>\n",
+                            reply_open="<|im_start|>assistant\n", individual_digits=True)
+# the second family (``embedded:teacher-bpe2``): Gemma-like turns, its own special tokens, numbers merged
+GEMMA_STYLE = TokenizerStyle(("<pad>", "<eos>", "<start_of_turn>", "<end_of_turn>"), eos="<end_of_turn>",
+                             pad="<pad>", user_open="<start_of_turn>user\n", turn_close="<end_of_turn>\n",
+                             reply_open="<start_of_turn>model\n", individual_digits=False)
+CHAT_TEMPLATE = QWEN_STYLE.chat_template()
+SPECIAL_TOKENS = list(QWEN_STYLE.special_tokens)
 WORDS = (
     "the a an of to and in is was for on that with as it by at from this be are or not have has "
     "which you your please write answer list question sentence word words paragraph short long "
@@ -67,33 +94,35 @@ class ZooConfig:
     max_new_tokens: int = 48
 
 
-def corpus(seed: int, operators: int, lines: int = 4000) -> list[str]:
+def corpus(seed: int, operators: int, lines: int = 4000, style: TokenizerStyle = QWEN_STYLE) -> list[str]:
     """Text the tokenizer learns its merges from: task chats plus plain English sentences."""
     rng = random.Random(seed)
     task = ArithmeticTask(operators)
-    texts = []
-    for problem in task.problems(rng, lines, "train"):
-        texts.append(f"<|im_start|>user\n{problem.prompt}<|im_end|>\n<|im_start|>assistant\n"
-                     f"{problem.solution}<|im_end|>\n")
+    texts = [style.render(problem.prompt, problem.solution) for problem in task.problems(rng, lines, "train")]
     for _ in range(lines):
         words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
         texts.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ":", ","]))
     return texts
 
 
-def build_tokenizer(seed: int, vocab_size: int, operators: int, corpus_lines: int = 4000) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (encodes any text) whose digits are always single tokens, as in Llama."""
+def build_tokenizer(seed: int, vocab_size: int, operators: int, corpus_lines: int = 4000,
+                    style: TokenizerStyle = QWEN_STYLE) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (encodes any text); with the default style its digits are always single tokens, as
+    in Llama, and its turns Qwen's; ``GEMMA_STYLE`` gives another family (other special tokens, template,
+    and numbers that BPE may merge into one token)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Digits(individual_digits=style.individual_digits),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(style.special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(corpus(seed, operators, corpus_lines), trainer=trainer)
+    tokenizer.train_from_iterator(corpus(seed, operators, corpus_lines, style), trainer=trainer)
+    others = [t for t in style.special_tokens if t not in (style.eos, style.pad)]
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tokenizer, eos_token=style.eos, pad_token=style.pad,
+        additional_special_tokens=others, chat_template=style.chat_template(),
         model_max_length=256,
     )
 
@@ -244,4 +273,32 @@ def build(out_dir: Path = EMBEDDED_DIR, config: ZooConfig | None = None, reuse_t
         save_model(teacher, tokenizer, out_dir / "teacher")
     save_model(student, tokenizer, out_dir / "student")
     (out_dir / "zoo.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+SECOND_TEACHER = "teacher-bpe2"  # embedded:teacher-bpe2: a teacher on another tokenizer
+
+
+def build_second_teacher(out_dir: Path = EMBEDDED_DIR, config: ZooConfig | None = None,
+                         vocab_size: int = 1024) -> dict:
+    """A teacher for the same task on a tokenizer of another family (``GEMMA_STYLE``: other special tokens
+    and chat template, numbers merged into multi-digit tokens, another vocabulary size and merges), to
+    distil the embedded student across tokenizers. Writes ``out_dir/teacher-bpe2`` and its card."""
+    config = config or ZooConfig()
+    started = time.time()
+    torch.manual_seed(config.seed)
+    tokenizer = build_tokenizer(config.seed + 1, vocab_size, config.operators, style=GEMMA_STYLE)
+    teacher = build_teacher(tokenizer, config)
+    eval_set = ArithmeticTask(config.operators).eval_examples(config.eval_examples)
+    card = {
+        "config": {**asdict(config), "vocab_size": vocab_size, "tokenizer_style": "gemma"},
+        "teacher_accuracy": evaluate(teacher, tokenizer, ArithmeticTask(config.operators), eval_set,
+                                     max_new_tokens=config.max_new_tokens).accuracy,
+        "tokenizer_size": len(tokenizer),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "build_seconds": round(time.time() - started, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(teacher, tokenizer, out_dir / SECOND_TEACHER)
+    (out_dir / f"{SECOND_TEACHER}.json").write_text(json.dumps(card, indent=2) + "\n")
     return card

@@ -53,8 +53,10 @@ class RemoteTeacher:
                        f"tries; last failure: {last}. Is it running? The run's last checkpoint is kept; "
                        "continue with `opd train --resume RUN_DIR` once the server is back.")
 
-    def connect(self, tokenizer, context_needed: int) -> None:
-        """Check the served model before training: its name, context length and tokenizer."""
+    def connect(self, tokenizer, context_needed: int, source: str = "student") -> None:
+        """Check the served model before training: its name, context length and tokenizer. ``tokenizer`` is
+        the one opd will send ids in: the student's (``source`` "student"), or the one given by
+        ``teacher_tokenizer=`` for a teacher with another tokenizer ("teacher_tokenizer")."""
         listing = self.request("GET", "/v1/models")
         models = {m["id"]: m for m in listing.get("data", [])}
         if self.model is None:
@@ -71,12 +73,14 @@ class RemoteTeacher:
                                                     "add_special_tokens": False})["tokens"]
         local = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
         if served != local:
-            raise OpdError(f"the tokenizer of teacher {self.model} at {self.url} differs from the student's: "
-                           f"a probe text encodes to {served[:12]}... there and {local[:12]}... here. Both must "
-                           "share one tokenizer.")
+            fix = ("If the teacher's tokenizer differs from the student's, give it as teacher_tokenizer=DIR (a "
+                   "directory or hub id with its tokenizer files): opd then aligns the two on the text."
+                   if source == "student" else "teacher_tokenizer= must be the served model's tokenizer.")
+            raise OpdError(f"the tokenizer of teacher {self.model} at {self.url} differs from the {source}'s: "
+                           f"a probe text encodes to {served[:12]}... there and {local[:12]}... here. {fix}")
         vocab = models[self.model].get("vocab_size")
         if vocab is not None and vocab < len(tokenizer):
-            raise OpdError(f"teacher {self.model} at {self.url} has {vocab} token ids, the student's tokenizer "
+            raise OpdError(f"teacher {self.model} at {self.url} has {vocab} token ids, the {source}'s tokenizer "
                            f"{len(tokenizer)}")
 
     def score_sequences(self, sequences: list[list[int]]) -> list[list[float]]:

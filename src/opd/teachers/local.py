@@ -1,4 +1,4 @@
-"""Teachers score a rollout's tokens; they never train and never generate."""
+"""A teacher model in this process: it scores the token ids of a rollout."""
 
 from __future__ import annotations
 
@@ -36,4 +36,4 @@ class LocalTeacher:
         hidden, _ = completion_hidden(self.model, moved)
         logprobs = scatter_completion(moved, gather_logprobs(self.head, hidden, completion_targets(moved),
                                                              self.vocab_size))
-        return logprobs.to(rollouts.tokens.device, torch.float32), hidden
+        return logprobs.to(rollouts.tokens.device, torch.promote_types(logprobs.dtype, torch.float32)), hidden

@@ -1,0 +1,190 @@
+"""How the teacher reads the student's rollouts, on one of three paths chosen when a run opens:
+
+- ``shared``: one tokenizer and one chat template: the teacher scores the student's token ids as they
+  are (the reference setting; ``kl=full`` works).
+- ``own``: one tokenizer, but the teacher's chat template differs (a system prompt, thinking tags):
+  the teacher reads the prompt in its own rendering, followed by the student's completion ids. The
+  completion's tokens are the same ids in both renderings, so the per-token signal (and ``kl=full``)
+  stays exact; only the context the teacher conditions on changes, to the one it was trained on.
+- ``aligned``: another tokenizer. The completion is decoded to text, read by the teacher in its own
+  tokens after its own rendering of the prompt, and the two tokenizations are aligned on byte offsets
+  (``alignment.align``). The teacher's signal comes per chunk: exact on single-token chunks, the
+  chunk's joint log-prob elsewhere. ``kl=full`` is refused: the two distributions are over different
+  vocabularies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from opd.models import OpdError, chat_prompt_ids, chat_prompt_text
+from opd.rollouts import Rollouts, pack_pairs
+from opd.teachers.alignment import Alignment, align, chunk_sums, token_bytes, with_end_of_turn
+
+TEMPLATES = ("auto", "own", "student")
+
+
+def tokenizer_differences(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> list[str]:
+    """How two tokenizers' token-to-id maps (and EOS) differ; empty when the teacher can read the student's
+    ids as they are (embedding sizes may differ: only the ids matter)."""
+    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
+    lines = []
+    if student_vocab == teacher_vocab and student.eos_token_id == teacher.eos_token_id:
+        return lines
+    only_student = sorted(set(student_vocab) - set(teacher_vocab))
+    only_teacher = sorted(set(teacher_vocab) - set(student_vocab))
+    moved = sorted(t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t])
+    if only_student:
+        lines.append(f"{len(only_student)} tokens only in the student, e.g. {only_student[:5]}")
+    if only_teacher:
+        lines.append(f"{len(only_teacher)} tokens only in the teacher, e.g. {only_teacher[:5]}")
+    if moved:
+        t = moved[0]
+        lines.append(f"{len(moved)} tokens with different ids, e.g. {t!r}: student {student_vocab[t]}, "
+                     f"teacher {teacher_vocab[t]}")
+    if student.eos_token_id != teacher.eos_token_id:
+        lines.append(f"EOS differs: student {student.eos_token!r}, teacher {teacher.eos_token!r}")
+    return lines
+
+
+def choose_path(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, template: str) -> str:
+    """``aligned`` for another tokenizer; else ``own`` when the teacher's template differs from the
+    student's and ``template`` is not ``student``; else ``shared``."""
+    if template not in TEMPLATES:
+        raise OpdError(f"teacher_template={template!r} must be one of {', '.join(TEMPLATES)}")
+    if tokenizer_differences(student, teacher):
+        return "aligned"
+    if template != "student" and student.chat_template != teacher.chat_template:
+        return "own"
+    return "shared"
+
+
+@dataclass
+class Scored:
+    """The teacher's signal in the student's layout (B, T). ``logprobs``: the teacher's log-prob of each
+    completion token; on the ``aligned`` path the log-prob of each chunk, on the chunk's last student
+    token (0 on its others), so that a row's sum is still the teacher's log-prob of the whole completion.
+    ``chunks``: the chunk of each completion token (numbered across the batch, -1 elsewhere), None when
+    every token is its own chunk. ``hidden``: the teacher's final hidden states at the completion
+    positions, in ``scoring.completion_hidden``'s order (``kl=full``)."""
+
+    logprobs: torch.Tensor
+    chunks: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    teacher_prompt_lengths: list[int] | None = None  # the tokens the teacher read, for its FLOPs
+    teacher_completion_lengths: list[int] | None = None
+    chunk_count: int = 0
+    single_token_chunks: int = 0
+
+
+class TeacherView:
+    """The teacher (a ``LocalTeacher`` or ``RemoteTeacher``) reading rollouts the way it was trained to."""
+
+    def __init__(self, teacher, student_tokenizer: PreTrainedTokenizerBase,
+                 teacher_tokenizer: PreTrainedTokenizerBase | None = None, template: str = "auto",
+                 path: str | None = None) -> None:
+        """``path`` forces one (``aligned`` works for any pair, e.g. to check it against ``shared``);
+        by default ``choose_path`` picks it."""
+        self.teacher = teacher
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer or student_tokenizer
+        self.template = template
+        self.path = path or choose_path(student_tokenizer, self.teacher_tokenizer, template)
+        if self.path == "aligned":
+            self.student_bytes = token_bytes(student_tokenizer)
+            self.teacher_bytes = token_bytes(self.teacher_tokenizer)
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.teacher.head
+
+    def teacher_prompt(self, messages: list[dict]) -> list[int]:
+        """The prompt as the teacher reads it: its own template's rendering, or (``template=student`` on
+        the aligned path) the student's rendering as text, in the teacher's tokens."""
+        if self.path != "aligned" or self.template != "student":
+            return chat_prompt_ids(self.teacher_tokenizer, messages)
+        text, special = chat_prompt_text(self.student_tokenizer, messages)
+        return self.teacher_tokenizer.encode(text, add_special_tokens=special)
+
+    def translate(self, completion: list[int]) -> tuple[list[int], Alignment]:
+        """A student completion (ids, EOS last when it was sampled) as the teacher's ids, aligned."""
+        student_eos = completion[-1:] == [self.student_tokenizer.eos_token_id]
+        pieces = [self.student_bytes[i] for i in (completion[:-1] if student_eos else completion)]
+        text = b"".join(pieces).decode("utf-8", errors="replace")
+        ids = self.teacher_tokenizer.encode(text, add_special_tokens=False)
+        alignment = align(pieces, [self.teacher_bytes[i] for i in ids])
+        if student_eos:
+            return ids + [self.teacher_tokenizer.eos_token_id], with_end_of_turn(alignment)
+        return ids, alignment
+
+    def describe(self, texts: list[str]) -> str:
+        """One line for the start of a run: the path, and on ``aligned`` how often the tokenizers agree on
+        ``texts`` (their share of single-token chunks)."""
+        if self.path == "shared":
+            return "teacher reads the student's tokens (one tokenizer, one chat template)"
+        if self.path == "own":
+            return ("teacher's chat template differs: it reads the prompt in its own template, then the student's "
+                    "completion ids (teacher_template=student keeps the student's rendering)")
+        single = chunks = 0
+        for text in texts:
+            ids = self.student_tokenizer.encode(text, add_special_tokens=False)
+            alignment = self.translate(ids)[1]
+            single, chunks = single + alignment.single_token_chunks(), chunks + alignment.count
+        return (f"teacher tokenizer differs: aligning on text, {100 * single / max(chunks, 1):.0f}% of chunks "
+                f"are single tokens on the prompts' text ({self.path} path; per step in metrics.jsonl)")
+
+    def score(self, rollouts: Rollouts, messages: list[list[dict]], hidden: bool = False) -> Scored:
+        """The teacher's signal for ``rollouts``, whose row ``b`` answers the conversation ``messages[b]``."""
+        if hidden and self.path == "aligned":
+            raise OpdError("kl=full needs the teacher's distribution over the student's vocabulary; this "
+                           "teacher's tokenizer differs: use kl=sampled")
+        if self.path == "shared":
+            if hidden:
+                logprobs, states = self.teacher.score_with_hidden(rollouts)
+                return Scored(logprobs, hidden=states)
+            return Scored(self.teacher.score(rollouts))
+        if len(messages) != rollouts.tokens.shape[0]:
+            raise ValueError(f"{len(messages)} conversations for {rollouts.tokens.shape[0]} rows")
+        rendered: dict[int, list[int]] = {}  # the samples of one prompt share its messages object
+        prompts = [rendered.setdefault(id(m), self.teacher_prompt(m)) for m in messages]
+        completions = rollouts.completion_ids()
+        if self.path == "own":
+            translated = [(ids, None) for ids in completions]
+        else:
+            translated = [self.translate(ids) for ids in completions]
+        pad = self.teacher_tokenizer.pad_token_id
+        theirs = pack_pairs(prompts, [ids for ids, _ in translated], pad)
+        theirs.prompt_index = rollouts.prompt_index.cpu()  # rows of one prompt share its forward pass
+        theirs = theirs.to(rollouts.tokens.device)
+        if hidden:
+            logprobs, states = self.teacher.score_with_hidden(theirs)
+        else:
+            logprobs, states = self.teacher.score(theirs), None
+        values = logprobs[theirs.completion_mask > 0]  # row by row, in completion order
+        lengths = dict(teacher_prompt_lengths=[len(p) for p in prompts],
+                       teacher_completion_lengths=[len(ids) for ids, _ in translated])
+        mask = rollouts.completion_mask > 0
+        out = torch.zeros(rollouts.tokens.shape, dtype=values.dtype, device=rollouts.tokens.device)
+        if self.path == "own":
+            out[mask] = values.to(out.dtype)
+            return Scored(out, hidden=states, **lengths)
+        chunks = torch.full(rollouts.tokens.shape, -1, dtype=torch.long, device=out.device)
+        per_row = values.tolist()
+        start = first = single = 0
+        for row, (_, alignment) in enumerate(translated):
+            teacher_lp = per_row[start : start + len(alignment.teacher)]
+            start += len(alignment.teacher)
+            sums = chunk_sums(teacher_lp, alignment.teacher, alignment.count)
+            columns = mask[row].nonzero()[:, 0].tolist()
+            placed = [0.0] * len(columns)
+            for i, chunk in enumerate(alignment.student):  # the chunk's log-prob on its last student token
+                if i + 1 == len(columns) or alignment.student[i + 1] != chunk:
+                    placed[i] = sums[chunk]
+            out[row, columns] = torch.tensor(placed, dtype=out.dtype, device=out.device)
+            chunks[row, columns] = torch.tensor(alignment.student, dtype=torch.long, device=out.device) + first
+            first += alignment.count
+            single += alignment.single_token_chunks()
+        return Scored(out, chunks, chunk_count=first, single_token_chunks=single, **lengths)

@@ -1,0 +1,142 @@
+"""Aligning two tokenizations on byte offsets: hand-made cases, token bytes of both tokenizer kinds, and the
+chunk advantages against a brute-force computation."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from opd.losses import chunk_reverse_kl_advantages, reverse_kl_advantages
+from opd.teachers.alignment import Alignment, align, chunk_sums, token_bytes, with_end_of_turn
+from opd.zoo import GEMMA_STYLE, build_tokenizer
+
+CHECK = "é"  # two bytes in UTF-8: c3 a9
+TICK = "✓".encode()  # three bytes: e2 9c 93
+
+
+@pytest.mark.parametrize("student, teacher, want_student, want_teacher", [
+    # the same split: every chunk is one token on each side
+    ([b"= ", b"4", b"2"], [b"= ", b"4", b"2"], [0, 1, 2], [0, 1, 2]),
+    # the teacher merges what the student splits ("42" is one teacher token)
+    ([b"= ", b"4", b"2"], [b"= ", b"42"], [0, 1, 1], [0, 1]),
+    # the student merges what the teacher splits
+    ([b"Answer", b":"], [b"Ans", b"wer", b":"], [0, 1], [0, 0, 1]),
+    # splits that cross: no shared boundary inside "abc"
+    ([b"ab", b"c", b"d"], [b"a", b"bc", b"d"], [0, 0, 1], [0, 0, 1]),
+    # a leading space attached to the word on one side, a token of its own on the other
+    ([b" the", b" cat"], [b" ", b"the", b" ", b"cat"], [0, 1], [0, 0, 1, 1]),
+    # a multi-byte character split inside on one side only: it stays in one chunk
+    ([b"caf", CHECK.encode()[:1], CHECK.encode()[1:]], [b"caf", CHECK.encode()], [0, 1, 1], [0, 1]),
+    # both split the tick after the same byte: the boundary is shared even inside the character
+    ([TICK[:1], TICK[1:]], [TICK[:1], TICK[1:2], TICK[2:]], [0, 1], [0, 1, 1]),
+    # a special token the student has as one id, the teacher as plain text in pieces
+    ([b"<|im_start|>", b"x"], [b"<|", b"im", b"_start", b"|>", b"x"], [0, 1], [0, 0, 0, 0, 1]),
+    # bytes that are no UTF-8: the teacher read U+FFFD (ef bf bd) in their place
+    ([b"a", b"\xff", b"b"], [b"a", "\ufffd".encode(), b"b"], [0, 1, 2], [0, 1, 2]),
+    ([b"a", b"\xff\xfe", b"b"], [b"a", "\ufffd".encode(), "\ufffd".encode(), b"b"], [0, 1, 2], [0, 1, 1, 2]),
+    # a leading space the teacher's tokenizer drops (SentencePiece's decoders strip one)
+    ([b" Hi", b" there"], [b"Hi", b" there"], [0, 1], [0, 1]),
+    # a zero-byte token joins the chunk before it
+    ([b"a", b"", b"b"], [b"a", b"b"], [0, 0, 1], [0, 1]),
+])
+def test_hand_made_alignments(student, teacher, want_student, want_teacher):
+    alignment = align(student, teacher)
+    assert (alignment.student, alignment.teacher) == (want_student, want_teacher)
+    assert alignment.count == max(want_student) + 1
+
+
+def test_empty_text_and_the_end_of_turn_chunk():
+    assert align([], []) == Alignment([], [], 0)
+    eos = with_end_of_turn(align([b"4", b"2"], [b"42"]))
+    assert eos == Alignment([0, 0, 1], [0, 1], 2)  # the student's EOS and the teacher's pair up on their own
+    assert eos.single_token_chunks() == 1
+    assert chunk_sums([-1.0, -2.0, -0.5], eos.student, eos.count) == [-3.0, -0.5]
+
+
+TEXTS = ["= 3*(8+6)\n= 3*14\n= 42\nAnswer: 42", " leading space and  two", f"caf{CHECK} {TICK.decode()} über",
+         "<|im_start|>user\nhi<|im_end|>"]
+
+
+@pytest.mark.parametrize("style", ["qwen", "gemma"])
+def test_byte_level_token_bytes_spell_the_text(style):
+    kwargs = {"style": GEMMA_STYLE} if style == "gemma" else {}
+    tokenizer = build_tokenizer(seed=1, vocab_size=300, operators=2, corpus_lines=200, **kwargs)
+    table = token_bytes(tokenizer)
+    assert len(table) == len(tokenizer)
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert b"".join(table[i] for i in ids) == text.encode()
+    assert table[tokenizer.eos_token_id] == tokenizer.eos_token.encode()
+
+
+def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE (Llama 2, Gemma): ``\u2581`` for spaces and ``<0xNN>`` byte fallback."""
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    for piece in ["\u2581", "H", "i", "t", "h", "e", "r", "\u2581t", "\u2581th", "\u2581the", "\u2581ther",
+                  "\u2581there", "\u2581H", "\u2581Hi"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("\u2581", "t"), ("\u2581t", "h"), ("\u2581th", "e"), ("\u2581the", "r"), ("\u2581ther", "e"),
+              ("\u2581", "H"), ("\u2581H", "i")]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_token_bytes_and_their_alignment_with_byte_level_tokens():
+    sp = sentencepiece_tokenizer()
+    assert "Metaspace" not in json.loads(sp.backend_tokenizer.to_str())["decoder"]  # Replace + ByteFallback
+    table = token_bytes(sp)
+    ids = sp.encode(f"Hi there {CHECK}", add_special_tokens=False)
+    assert sp.convert_ids_to_tokens(ids)[-2:] == ["<0xC3>", "<0xA9>"]  # the accent falls back to its bytes
+    assert b"".join(table[i] for i in ids) == f" Hi there {CHECK}".encode()  # the prepended space included
+    byte_level = build_tokenizer(seed=1, vocab_size=300, operators=2, corpus_lines=200)
+    other = [token_bytes(byte_level)[i] for i in byte_level.encode(f"Hi there {CHECK}", add_special_tokens=False)]
+    mine = [table[i] for i in ids]
+    alignment = align(mine, other)
+    chunks = [(b"".join(p for p, c in zip(mine, alignment.student, strict=True) if c == k),
+               b"".join(p for p, c in zip(other, alignment.teacher, strict=True) if c == k))
+              for k in range(alignment.count)]
+    # the space SentencePiece prepends rides with the first chunk; both split the accent into its bytes
+    assert chunks == [(b" Hi", b"Hi"), (b" there", b" there"), (b" ", b" "), (b"\xc3", b"\xc3"), (b"\xa9", b"\xa9")]
+
+
+def brute_force_chunk_advantages(sampler, teacher, mask, chunks, coef, gamma):
+    """Chunk by chunk in float64: the chunk's term on every token, discounted over later chunks."""
+    out = torch.zeros_like(sampler)
+    for row in range(sampler.shape[0]):
+        columns = [t for t in range(sampler.shape[1]) if mask[row, t] > 0]
+        ids = sorted({int(chunks[row, t]) for t in columns})
+        members = {c: [t for t in columns if int(chunks[row, t]) == c] for c in ids}
+        term = {c: -coef * sum(float(sampler[row, t] - teacher[row, t]) for t in members[c]) for c in ids}
+        for c in ids:
+            end = members[c][-1]
+            value = sum(gamma ** (members[d][-1] - end) * term[d] for d in ids if d >= c)
+            for t in members[c]:
+                out[row, t] = value
+    return out
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.7])
+def test_chunk_advantages_against_brute_force(gamma):
+    generator = torch.Generator().manual_seed(0)
+    sampler = -torch.rand(3, 9, generator=generator, dtype=torch.float64) * 3
+    teacher = -torch.rand(3, 9, generator=generator, dtype=torch.float64) * 3
+    mask = torch.zeros(3, 9, dtype=torch.float64)
+    mask[0, 2:9], mask[1, 4:7], mask[2, 1:8] = 1, 1, 1
+    chunks = torch.full((3, 9), -1)
+    chunks[0, 2:9] = torch.tensor([0, 1, 1, 2, 3, 3, 3])
+    chunks[1, 4:7] = torch.tensor([4, 4, 4])
+    chunks[2, 1:8] = torch.tensor([5, 6, 7, 7, 8, 9, 9])
+    got = chunk_reverse_kl_advantages(sampler, teacher, mask, chunks, coef=1.5, gamma=gamma)
+    want = brute_force_chunk_advantages(sampler, teacher, mask, chunks, 1.5, gamma)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (got[mask == 0] == 0).all()
+    # one token per chunk is the per-token advantage, exactly
+    singles = torch.where(mask > 0, torch.arange(27).view(3, 9), -1)
+    assert torch.equal(chunk_reverse_kl_advantages(sampler, teacher, mask, singles, 1.5, gamma),
+                       reverse_kl_advantages(sampler, teacher, mask, 1.5, gamma))

@@ -1,0 +1,252 @@
+"""Any teacher for any student: the teacher's own chat template, and a teacher with another tokenizer read
+through the byte alignment, checked against direct computations; the start-of-run choice and refusals."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import LiveServer, read_jsonl, tiny_train_overrides
+from opd.config import load_config
+from opd.losses import chunk_reverse_kl_advantages, reverse_kl_advantages
+from opd.models import OpdError, chat_prompt_ids, load_model, load_tokenizer, save_model
+from opd.rollouts import pack_pairs
+from opd.sampler import sample
+from opd.scoring import head_logprobs
+from opd.setup import open_session
+from opd.teachers import LocalTeacher, RemoteTeacher, TeacherView
+from opd.teachers.alignment import chunk_sums
+from opd.trainer import train
+from opd.zoo import make_model
+
+CPU = torch.device("cpu")
+PROMPTS = ["Compute 1+2", "Compute 3*(4+5)-2, please", "hello über ✓"]
+COMPLETIONS = ["= 3\nAnswer: 3", "= 3*9-2\n= 25\nAnswer: 25", "the end, café"]
+
+
+def conversations(texts=PROMPTS, samples=2):
+    """Each prompt's messages, ``samples`` rows each (one shared object per prompt, as the trainer passes)."""
+    return [m for m in ([{"role": "user", "content": t}] for t in texts) for _ in range(samples)]
+
+
+def batch(tokenizer, completions, messages, eos=True):
+    """Student rollouts answering ``messages`` with the given completion ids (EOS appended if ``eos``)."""
+    prompts = [chat_prompt_ids(tokenizer, m) for m in messages]
+    rows = [ids + ([tokenizer.eos_token_id] if eos else []) for ids in completions]
+    rollouts = pack_pairs(prompts, rows, tokenizer.pad_token_id)
+    groups = {key: i for i, key in enumerate(dict.fromkeys(id(m) for m in messages))}
+    rollouts.prompt_index = torch.tensor([groups[id(m)] for m in messages])
+    rollouts.sampler_logprobs = -torch.rand(rollouts.tokens.shape, generator=torch.Generator().manual_seed(0)) \
+        * rollouts.completion_mask * 4
+    return rollouts
+
+
+def canonical(tokenizer, samples=2):
+    return [tokenizer.encode(c, add_special_tokens=False) for c in COMPLETIONS for _ in range(samples)]
+
+
+def test_identical_tokenizers_through_the_alignment_give_the_direct_advantages(model_dirs, tokenizer):
+    teacher = LocalTeacher(load_model(model_dirs["teacher"], CPU, torch.float32), len(tokenizer))
+    messages = conversations()
+    rollouts = batch(tokenizer, canonical(tokenizer), messages)
+    direct = TeacherView(teacher, tokenizer, tokenizer)
+    aligned = TeacherView(teacher, tokenizer, tokenizer, path="aligned")
+    assert direct.path == "shared"
+    one, other = direct.score(rollouts, messages), aligned.score(rollouts, messages)
+    assert one.chunks is None and other.chunk_count == other.single_token_chunks == rollouts.num_completion_tokens
+    assert torch.equal(one.logprobs, other.logprobs)
+    mask = rollouts.completion_mask
+    assert torch.equal(reverse_kl_advantages(rollouts.sampler_logprobs, one.logprobs, mask, 1.0, 0.9),
+                       chunk_reverse_kl_advantages(rollouts.sampler_logprobs, other.logprobs, mask, other.chunks,
+                                                   1.0, 0.9))
+
+
+def split_token(tokenizer) -> tuple[int, int, int]:
+    """A token id and two ids whose bytes spell it: a non-canonical way to sample the same text."""
+    from opd.teachers.alignment import token_bytes
+
+    table = token_bytes(tokenizer)
+    ids = {b: i for i, b in enumerate(table) if i not in tokenizer.added_tokens_decoder}
+    for token, data in enumerate(table):
+        if token in tokenizer.added_tokens_decoder or len(data) < 3 or not data.isalpha():
+            continue
+        for cut in range(1, len(data)):
+            if data[:cut] in ids and data[cut:] in ids:
+                return token, ids[data[:cut]], ids[data[cut:]]
+    raise AssertionError("no splittable token")
+
+
+def test_a_non_canonical_completion_scores_as_the_teacher_token_it_spells(model_dirs, tokenizer):
+    teacher = LocalTeacher(load_model(model_dirs["teacher"], CPU, torch.float32), len(tokenizer))
+    whole, left, right = split_token(tokenizer)
+    messages = conversations(PROMPTS[:1], samples=1)
+    prefix = tokenizer.encode("= 3 ", add_special_tokens=False)
+    sampled = batch(tokenizer, [prefix + [left, right]], messages)
+    written = batch(tokenizer, [prefix + [whole]], messages)  # what the teacher reads: the canonical ids
+    got = TeacherView(teacher, tokenizer, tokenizer, path="aligned").score(sampled, messages)
+    want = TeacherView(teacher, tokenizer, tokenizer).score(written, messages).logprobs
+    columns = sampled.completion_mask[0].nonzero()[:, 0]
+    n = len(prefix)
+    chunks = got.chunks[0, columns].tolist()
+    assert chunks == list(range(n)) + [n, n, n + 1]  # the two pieces are one chunk; EOS its own
+    values, expected = got.logprobs[0, columns], want[0, written.completion_mask[0] > 0]
+    assert torch.equal(values[:n], expected[:n])
+    assert values[n] == 0 and values[n + 1] == expected[n]  # the chunk's log-prob on its last piece
+    assert values[n + 2] == expected[n + 1]
+
+
+def sequence_logprobs(model, ids: list[int], start: int, vocab: int) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= start, one unpadded forward pass (the independent computation)."""
+    tokens = torch.tensor([ids])
+    hidden = model.get_decoder()(input_ids=tokens).last_hidden_state[0, start - 1 : -1]
+    return head_logprobs(model.get_output_embeddings(), hidden, vocab).gather(-1, tokens[0, start:, None])[:, 0]
+
+
+def test_the_chunks_sum_to_the_sequence_log_ratio_in_float64(model_dirs, cross_dirs, tokenizer, other_tokenizer):
+    student = load_model(model_dirs["student"], CPU, torch.float64).eval()
+    teacher_model = load_model(cross_dirs["teacher"], CPU, torch.float64).eval()
+    view = TeacherView(LocalTeacher(teacher_model, len(other_tokenizer)), tokenizer, other_tokenizer)
+    assert view.path == "aligned"
+    messages = conversations(samples=3)
+    prompts = [chat_prompt_ids(tokenizer, m) for m in messages[::3]]
+    with torch.no_grad():  # the student's own samples: random ids, non-canonical and not always valid UTF-8
+        rollouts = sample(student, prompts, samples_per_prompt=3, max_new_tokens=12, eos_id=tokenizer.eos_token_id,
+                          pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                          generator=torch.Generator().manual_seed(3))
+        scored = view.score(rollouts, messages)
+    assert scored.logprobs.dtype == torch.float64 and scored.single_token_chunks < scored.chunk_count
+    student_lp = torch.randn(rollouts.tokens.shape, dtype=torch.float64) * rollouts.completion_mask
+    advantages = chunk_reverse_kl_advantages(student_lp, scored.logprobs, rollouts.completion_mask, scored.chunks)
+    for row, completion in enumerate(rollouts.completion_ids()):
+        ids, alignment = view.translate(completion)
+        their_prompt = view.teacher_prompt(messages[row])
+        with torch.no_grad():
+            independent = sequence_logprobs(teacher_model, their_prompt + ids, len(their_prompt),
+                                            len(other_tokenizer)).tolist()
+        columns = rollouts.completion_mask[row].nonzero()[:, 0]
+        chunks = scored.chunks[row, columns]
+        per_chunk = chunk_sums(independent, alignment.teacher, alignment.count)
+        last = [i for i in range(len(columns)) if i + 1 == len(columns) or chunks[i + 1] != chunks[i]]
+        torch.testing.assert_close(scored.logprobs[row, columns[last]], torch.tensor(per_chunk, dtype=torch.float64),
+                                   rtol=0, atol=1e-10)
+        sequence_ratio = student_lp[row].sum() - sum(independent)
+        chunk_terms = advantages[row, columns[last]]  # each chunk's term, once
+        torch.testing.assert_close(-chunk_terms.sum(), sequence_ratio, rtol=0, atol=1e-10)
+        torch.testing.assert_close((student_lp[row] - scored.logprobs[row]).sum(), sequence_ratio, rtol=0, atol=1e-10)
+
+
+THINKING_TEMPLATE = (
+    "<|im_start|>system\nYou are a careful teacher.<|im_end|>\n"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def own_template_dir(tmp_path_factory, tokenizer, model_dirs):
+    """The tiny teacher with a chat template of its own: a system prompt, and empty thinking tags."""
+    path = tmp_path_factory.mktemp("own") / "teacher"
+    theirs = copy.deepcopy(tokenizer)
+    theirs.chat_template = THINKING_TEMPLATE
+    save_model(load_model(model_dirs["teacher"], CPU, torch.float32), theirs, path)
+    return path
+
+
+def test_a_teacher_with_its_own_template_scores_the_completion_after_its_rendering(own_template_dir, tokenizer):
+    model = load_model(own_template_dir, CPU, torch.float32).eval()
+    theirs = load_tokenizer(own_template_dir)
+    messages = conversations()
+    rollouts = batch(tokenizer, canonical(tokenizer), messages)
+    view = TeacherView(LocalTeacher(model, len(theirs)), tokenizer, theirs)
+    assert view.path == "own"
+    prompt = view.teacher_prompt(messages[0])
+    assert theirs.decode(prompt).endswith("user\nCompute 1+2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert "You are a careful teacher." in theirs.decode(prompt)
+    scored = view.score(rollouts, messages, hidden=True)
+    with torch.no_grad():
+        plain = TeacherView(LocalTeacher(model, len(theirs)), tokenizer, theirs, template="student")
+        assert plain.path == "shared"
+        student_rendering = plain.score(rollouts, messages).logprobs
+    mask = rollouts.completion_mask > 0
+    for row, completion in enumerate(rollouts.completion_ids()):
+        prompt = view.teacher_prompt(messages[row])
+        with torch.no_grad():
+            want = sequence_logprobs(model, prompt + completion, len(prompt), len(theirs))
+            hidden = model.get_decoder()(input_ids=torch.tensor([prompt + completion])).last_hidden_state[0]
+        torch.testing.assert_close(scored.logprobs[row, mask[row]], want, rtol=0, atol=1e-5)
+        assert (scored.logprobs[row, ~mask[row]] == 0).all()
+        start = int(mask[:row].sum())
+        torch.testing.assert_close(scored.hidden[start : start + len(completion)],
+                                   hidden[len(prompt) - 1 : -1], rtol=0, atol=1e-5)
+    assert (scored.logprobs - student_rendering).abs().max() > 1e-3  # the rendering matters to the teacher
+
+
+def test_the_run_reads_the_teacher_template_and_keeps_the_exact_kl(own_template_dir, model_dirs, tmp_path):
+    dirs = {**model_dirs, "teacher": own_template_dir}
+    session = open_session(load_config(None, tiny_train_overrides(dirs, tmp_path / "a", kl="full")))
+    assert session.teacher_view.path == "own"
+    session = open_session(load_config(None, tiny_train_overrides(dirs, tmp_path / "b", teacher_template="student")))
+    assert session.teacher_view.path == "shared"
+
+
+def test_a_short_cross_tokenizer_run_lowers_the_chunk_level_kl(cross_dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = load_config(None, tiny_train_overrides(cross_dirs, out, steps=12, eval_every=12, prompts_per_step=8,
+                                                    samples_per_prompt=4, lr=3e-2))
+    summary = train(config, progress=True)
+    assert "opd: teacher tokenizer differs: aligning on text, " in capsys.readouterr().err
+    records = read_jsonl(out / "metrics.jsonl")[1:]
+    first_kl = sum(r["teacher_kl"] for r in records[:3]) / 3
+    last_kl = sum(r["teacher_kl"] for r in records[-3:]) / 3
+    assert last_kl < 0.8 * first_kl
+    assert summary["teacher_kl_after"] < summary["teacher_kl_before"]
+    assert all(0 < r["single_token_chunk_share"] < 1 and r["aligned_chunks"] > 0 for r in records)
+    assert all(r["teacher_completion_tokens"] != r["completion_tokens"] for r in records[:3])
+
+
+def test_what_needs_one_vocabulary_is_refused_before_any_compute(cross_dirs, tmp_path):
+    with pytest.raises(OpdError, match=r"tokenizers of the student .* differ \(.*EOS differs.*use kl=sampled"):
+        train(load_config(None, tiny_train_overrides(cross_dirs, tmp_path / "run", kl="full")), progress=False)
+    with pytest.raises(OpdError, match="method=sft trains on the teacher's sampled token ids"):
+        train(load_config(None, tiny_train_overrides(cross_dirs, tmp_path / "run", method="sft")), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_served_teacher_with_another_tokenizer_scores_as_in_process(cross_dirs, tokenizer, other_tokenizer, tmp_path):
+    messages = conversations()
+    rollouts = batch(tokenizer, canonical(tokenizer), messages)
+    local = TeacherView(LocalTeacher(load_model(cross_dirs["teacher"], CPU, torch.float32), len(other_tokenizer)),
+                        tokenizer, other_tokenizer).score(rollouts, messages)
+    with LiveServer(cross_dirs["teacher"]) as server:
+        remote = RemoteTeacher(server.url, model="teacher")
+        with pytest.raises(OpdError, match="give it as teacher_tokenizer=DIR"):
+            remote.connect(tokenizer, 10)
+        remote.connect(other_tokenizer, 10, "teacher_tokenizer")
+        served = TeacherView(remote, tokenizer, other_tokenizer).score(rollouts, messages)
+        assert torch.equal(served.chunks, local.chunks)
+        torch.testing.assert_close(served.logprobs, local.logprobs, rtol=0, atol=1e-5)
+        overrides = tiny_train_overrides(cross_dirs, tmp_path / "run", teacher=server.url, steps=2,
+                                         teacher_tokenizer=cross_dirs["teacher"])
+        summary = train(load_config(None, overrides), progress=False)
+    assert summary["steps"] == 2 and summary["teacher_kl_after"] is not None
+
+
+def test_the_teacher_flops_count_the_tokens_it_read(model_dirs, cross_dirs):
+    from opd.flops import ModelShape, step_flops
+
+    student = ModelShape.of(load_model(model_dirs["student"], CPU, torch.float32))
+    teacher = ModelShape.of(load_model(cross_dirs["teacher"], CPU, torch.float32))
+    mine = step_flops(student, teacher, [10, 10], [5, 7], "opd", group=2)
+    theirs = step_flops(student, teacher, [10, 10], [5, 7], "opd", group=2, teacher_lengths=([14, 14], [3, 4]))
+    alone = step_flops(student, teacher, [14, 14], [3, 4], "opd", group=2)
+    assert theirs["student_flops"] == mine["student_flops"]
+    assert theirs["teacher_flops"] == alone["teacher_flops"] != mine["teacher_flops"]
+
+
+def test_the_zoo_second_family_differs_in_every_way_the_issue_names(tokenizer, other_tokenizer):
+    assert len(other_tokenizer) != len(tokenizer)
+    assert other_tokenizer.eos_token == "<end_of_turn>" and other_tokenizer.chat_template != tokenizer.chat_template
+    assert any(t.isdigit() and len(t) > 1 for t in other_tokenizer.get_vocab())  # numbers BPE merged
+    assert not any(t.isdigit() and len(t) > 1 for t in tokenizer.get_vocab())  # one token per digit
+    model = make_model(other_tokenizer, layers=1, width=16, seed=0)
+    assert model.config.vocab_size == len(other_tokenizer)
