@@ -31,7 +31,8 @@ MUTATE := 'opd.losses.*' 'opd.sampler.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.t
 	'opd.trainer.x_pair_ids*' 'opd.trainer.x_train_examples*' 'opd.trainer.x_midtrain_rollouts*' \
 	'opd.server.x_check_sampling*' 'opd.server.x_validate_prompt*' 'opd.setup.x_restore*' \
 	'opd.experiments.sft_curve.x_log_linear_fit*' 'opd.experiments.sft_curve.x_extrapolate*' \
-	'opd.experiments.sft_curve.x_fit_summary*' 'opd.experiments.sft_curve.x_power10*'
+	'opd.experiments.sft_curve.x_fit_summary*' 'opd.experiments.sft_curve.x_power10*' \
+	'opd.teachers.alignment.*' 'opd.teachers.view.*'
 
 mutate: $(STAMP)
 	$(BIN)/pip install -q -e '.[mutate]'

@@ -1,5 +1,5 @@
-"""Aligning two tokenizations on byte offsets: hand-made cases, token bytes of both tokenizer kinds, and the
-chunk advantages against a brute-force computation."""
+"""Aligning two tokenizations on byte offsets: hand-made cases, token bytes of both tokenizer kinds, what a
+student token means in the teacher's tokens, and the teacher's conditionals built from it."""
 
 import json
 
@@ -8,8 +8,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from opd.losses import chunk_reverse_kl_advantages, reverse_kl_advantages
-from opd.teachers.alignment import Alignment, align, chunk_sums, token_bytes, with_end_of_turn
+from opd.teachers.alignment import (
+    Alignment,
+    Events,
+    align,
+    chunk_sums,
+    conditional_shares,
+    token_bytes,
+    with_end_of_turn,
+)
 from opd.zoo import GEMMA_STYLE, build_tokenizer
 
 CHECK = "é"  # two bytes in UTF-8: c3 a9
@@ -50,7 +57,7 @@ def test_hand_made_alignments(student, teacher, want_student, want_teacher):
 def test_empty_text_and_the_end_of_turn_chunk():
     assert align([], []) == Alignment([], [], 0)
     eos = with_end_of_turn(align([b"4", b"2"], [b"42"]))
-    assert eos == Alignment([0, 0, 1], [0, 1], 2)  # the student's EOS and the teacher's pair up on their own
+    assert eos == Alignment([0, 0, 1], [0, 1], 2, [(0, b"4"), (0, b"42")])  # the EOS pair is a chunk of its own
     assert eos.single_token_chunks() == 1
     assert chunk_sums([-1.0, -2.0, -0.5], eos.student, eos.count) == [-3.0, -0.5]
 
@@ -105,38 +112,46 @@ def test_sentencepiece_token_bytes_and_their_alignment_with_byte_level_tokens():
     assert chunks == [(b" Hi", b"Hi"), (b" there", b" there"), (b" ", b" "), (b"\xc3", b"\xc3"), (b"\xa9", b"\xa9")]
 
 
-def brute_force_chunk_advantages(sampler, teacher, mask, chunks, coef, gamma):
-    """Chunk by chunk in float64: the chunk's term on every token, discounted over later chunks."""
-    out = torch.zeros_like(sampler)
-    for row in range(sampler.shape[0]):
-        columns = [t for t in range(sampler.shape[1]) if mask[row, t] > 0]
-        ids = sorted({int(chunks[row, t]) for t in columns})
-        members = {c: [t for t in columns if int(chunks[row, t]) == c] for c in ids}
-        term = {c: -coef * sum(float(sampler[row, t] - teacher[row, t]) for t in members[c]) for c in ids}
-        for c in ids:
-            end = members[c][-1]
-            value = sum(gamma ** (members[d][-1] - end) * term[d] for d in ids if d >= c)
-            for t in members[c]:
-                out[row, t] = value
-    return out
+def test_reach_names_the_teacher_token_and_the_bytes_reached():
+    alignment = align([b"= ", b"4", b"2", b"\n"], [b"= ", b"42", b"\n"])
+    assert alignment.reach == [(0, b"= "), (1, b"4"), (1, b"42"), (2, b"\n")]
+    # a student token ending inside bytes the teacher read otherwise has no image
+    replaced = "\ufffd".encode()
+    assert align([b"a", b"\xff", b"\xfe", b"b"], [b"a", replaced, replaced, b"b"]).reach == [
+        (0, b"a"), None, (2, replaced), (3, b"b")]
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.7])
-def test_chunk_advantages_against_brute_force(gamma):
-    generator = torch.Generator().manual_seed(0)
-    sampler = -torch.rand(3, 9, generator=generator, dtype=torch.float64) * 3
-    teacher = -torch.rand(3, 9, generator=generator, dtype=torch.float64) * 3
-    mask = torch.zeros(3, 9, dtype=torch.float64)
-    mask[0, 2:9], mask[1, 4:7], mask[2, 1:8] = 1, 1, 1
-    chunks = torch.full((3, 9), -1)
-    chunks[0, 2:9] = torch.tensor([0, 1, 1, 2, 3, 3, 3])
-    chunks[1, 4:7] = torch.tensor([4, 4, 4])
-    chunks[2, 1:8] = torch.tensor([5, 6, 7, 7, 8, 9, 9])
-    got = chunk_reverse_kl_advantages(sampler, teacher, mask, chunks, coef=1.5, gamma=gamma)
-    want = brute_force_chunk_advantages(sampler, teacher, mask, chunks, 1.5, gamma)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    assert (got[mask == 0] == 0).all()
-    # one token per chunk is the per-token advantage, exactly
-    singles = torch.where(mask > 0, torch.arange(27).view(3, 9), -1)
-    assert torch.equal(chunk_reverse_kl_advantages(sampler, teacher, mask, singles, 1.5, gamma),
-                       reverse_kl_advantages(sampler, teacher, mask, 1.5, gamma))
+def test_events_keep_what_the_student_token_means():
+    #            0     1      2      3     4
+    teacher = [b"1", b"12", b"17", b"2", b"<eot>"]
+    digits = [b"1", b"2", b"7"]
+    with_twelve = digits + [b"12"]
+    # the student's "1" says nothing about a next digit: every teacher token that begins with "1"
+    assert Events(digits, teacher, set(), {4})(b"1", 0) == [0, 1, 2]
+    # a student that has "12" itself means "not 12" by its "1": the teacher's "12" is that token's event
+    assert Events(with_twelve, teacher, set(), {4})(b"1", 0) == [0, 2]
+    # one vocabulary: the event is the token itself (the direct path)
+    assert Events(teacher, teacher, {4}, {4})(b"1", 0) == [0]
+    # a student token ending inside a teacher token: the teacher tokens that begin with the bytes reached
+    assert Events(digits, teacher, set(), {4})(b"1", 0) == Events(digits, teacher, set(), {4})(b"1", 0)
+    assert Events([b"x1"], teacher, set(), {4})(b"1", 0) == [0, 1, 2]  # the prefix, not the student token
+
+
+def test_conditional_shares_of_one_tokenization_are_the_token_log_probs_exactly():
+    generator = torch.Generator().manual_seed(1)
+    lp = (-torch.rand(9, generator=generator, dtype=torch.float64) * 5).tolist()
+    marks = [(j, lp[j]) for j in range(8)]  # student token k ends at teacher token k; the last is EOS
+    assert conditional_shares(lp, marks, closed=True) == lp
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_conditional_shares_telescope_to_the_teacher_log_prob_of_the_text(closed):
+    generator = torch.Generator().manual_seed(2)
+    lp = (-torch.rand(7, generator=generator, dtype=torch.float64) * 5).tolist()
+    # student tokens ending: inside teacher token 1, at its end, inside 3 twice, nowhere (no image), at 5's end
+    marks = [(1, lp[1] + 0.4), (1, lp[1]), (3, -0.2), (3, -0.9), None, (5, lp[5])]
+    shares = conditional_shares(lp, marks, closed)
+    assert len(shares) == len(marks) + closed and shares[4] == 0.0
+    want = sum(lp) if closed else sum(lp[:5]) + lp[5]  # the whole completion, or the text up to the end
+    assert sum(shares) == pytest.approx(want, abs=1e-12)
+    assert shares[1] == pytest.approx(-0.4, abs=1e-12) and shares[3] == pytest.approx(-0.7, abs=1e-12)

@@ -8,14 +8,13 @@ import torch
 
 from conftest import LiveServer, read_jsonl, tiny_train_overrides
 from opd.config import load_config
-from opd.losses import chunk_reverse_kl_advantages, reverse_kl_advantages
+from opd.losses import reverse_kl_advantages
 from opd.models import OpdError, chat_prompt_ids, load_model, load_tokenizer, save_model
 from opd.rollouts import pack_pairs
 from opd.sampler import sample
 from opd.scoring import head_logprobs
 from opd.setup import open_session
 from opd.teachers import LocalTeacher, RemoteTeacher, TeacherView
-from opd.teachers.alignment import chunk_sums
 from opd.trainer import train
 from opd.zoo import make_model
 
@@ -57,8 +56,7 @@ def test_identical_tokenizers_through_the_alignment_give_the_direct_advantages(m
     assert torch.equal(one.logprobs, other.logprobs)
     mask = rollouts.completion_mask
     assert torch.equal(reverse_kl_advantages(rollouts.sampler_logprobs, one.logprobs, mask, 1.0, 0.9),
-                       chunk_reverse_kl_advantages(rollouts.sampler_logprobs, other.logprobs, mask, other.chunks,
-                                                   1.0, 0.9))
+                       reverse_kl_advantages(rollouts.sampler_logprobs, other.logprobs, mask, 1.0, 0.9))
 
 
 def split_token(tokenizer) -> tuple[int, int, int]:
@@ -77,7 +75,8 @@ def split_token(tokenizer) -> tuple[int, int, int]:
 
 
 def test_a_non_canonical_completion_scores_as_the_teacher_token_it_spells(model_dirs, tokenizer):
-    teacher = LocalTeacher(load_model(model_dirs["teacher"], CPU, torch.float32), len(tokenizer))
+    model = load_model(model_dirs["teacher"], CPU, torch.float32).eval()
+    teacher = LocalTeacher(model, len(tokenizer))
     whole, left, right = split_token(tokenizer)
     messages = conversations(PROMPTS[:1], samples=1)
     prefix = tokenizer.encode("= 3 ", add_special_tokens=False)
@@ -91,8 +90,15 @@ def test_a_non_canonical_completion_scores_as_the_teacher_token_it_spells(model_
     assert chunks == list(range(n)) + [n, n, n + 1]  # the two pieces are one chunk; EOS its own
     values, expected = got.logprobs[0, columns], want[0, written.completion_mask[0] > 0]
     assert torch.equal(values[:n], expected[:n])
-    assert values[n] == 0 and values[n + 1] == expected[n]  # the chunk's log-prob on its last piece
-    assert values[n + 2] == expected[n + 1]
+    # the first piece: the teacher's log-prob of that token exactly (one vocabulary: it means "not longer"),
+    # read where the teacher reads the whole token
+    prompt = chat_prompt_ids(tokenizer, messages[0]) + prefix
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1:]
+        exactly = head_logprobs(model.get_output_embeddings(), hidden, len(tokenizer))[0, left]
+    torch.testing.assert_close(values[n], exactly, rtol=0, atol=1e-5)
+    # the rest of the text and the EOS make up the teacher's log-prob of its own reading, exactly
+    torch.testing.assert_close(values.sum(), expected.sum(), rtol=0, atol=1e-5)
 
 
 def sequence_logprobs(model, ids: list[int], start: int, vocab: int) -> torch.Tensor:
@@ -102,37 +108,35 @@ def sequence_logprobs(model, ids: list[int], start: int, vocab: int) -> torch.Te
     return head_logprobs(model.get_output_embeddings(), hidden, vocab).gather(-1, tokens[0, start:, None])[:, 0]
 
 
-def test_the_chunks_sum_to_the_sequence_log_ratio_in_float64(model_dirs, cross_dirs, tokenizer, other_tokenizer):
+def test_the_shares_sum_to_the_sequence_log_ratio_in_float64(model_dirs, cross_dirs, tokenizer, other_tokenizer):
     student = load_model(model_dirs["student"], CPU, torch.float64).eval()
     teacher_model = load_model(cross_dirs["teacher"], CPU, torch.float64).eval()
     view = TeacherView(LocalTeacher(teacher_model, len(other_tokenizer)), tokenizer, other_tokenizer)
     assert view.path == "aligned"
     messages = conversations(samples=3)
-    prompts = [chat_prompt_ids(tokenizer, m) for m in messages[::3]]
+    prompts = [chat_prompt_ids(tokenizer, m) for m in messages]
     with torch.no_grad():  # the student's own samples: random ids, non-canonical and not always valid UTF-8
-        rollouts = sample(student, prompts, samples_per_prompt=3, max_new_tokens=12, eos_id=tokenizer.eos_token_id,
-                          pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                          generator=torch.Generator().manual_seed(3))
+        drawn = sample(student, prompts[::3], samples_per_prompt=3, max_new_tokens=12, eos_id=tokenizer.eos_token_id,
+                       pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                       generator=torch.Generator().manual_seed(3))
+        closed = [ids if ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+                  for ids in drawn.completion_ids()]
+        rollouts = pack_pairs(prompts, closed, tokenizer.pad_token_id)
         scored = view.score(rollouts, messages)
     assert scored.logprobs.dtype == torch.float64 and scored.single_token_chunks < scored.chunk_count
     student_lp = torch.randn(rollouts.tokens.shape, dtype=torch.float64) * rollouts.completion_mask
-    advantages = chunk_reverse_kl_advantages(student_lp, scored.logprobs, rollouts.completion_mask, scored.chunks)
-    for row, completion in enumerate(rollouts.completion_ids()):
-        ids, alignment = view.translate(completion)
+    advantages = reverse_kl_advantages(student_lp, scored.logprobs, rollouts.completion_mask)
+    for row, completion in enumerate(closed):
+        ids, _ = view.translate(completion)
         their_prompt = view.teacher_prompt(messages[row])
         with torch.no_grad():
             independent = sequence_logprobs(teacher_model, their_prompt + ids, len(their_prompt),
-                                            len(other_tokenizer)).tolist()
-        columns = rollouts.completion_mask[row].nonzero()[:, 0]
-        chunks = scored.chunks[row, columns]
-        per_chunk = chunk_sums(independent, alignment.teacher, alignment.count)
-        last = [i for i in range(len(columns)) if i + 1 == len(columns) or chunks[i + 1] != chunks[i]]
-        torch.testing.assert_close(scored.logprobs[row, columns[last]], torch.tensor(per_chunk, dtype=torch.float64),
-                                   rtol=0, atol=1e-10)
-        sequence_ratio = student_lp[row].sum() - sum(independent)
-        chunk_terms = advantages[row, columns[last]]  # each chunk's term, once
-        torch.testing.assert_close(-chunk_terms.sum(), sequence_ratio, rtol=0, atol=1e-10)
-        torch.testing.assert_close((student_lp[row] - scored.logprobs[row]).sum(), sequence_ratio, rtol=0, atol=1e-10)
+                                            len(other_tokenizer)).sum()
+        sequence_ratio = student_lp[row].sum() - independent
+        torch.testing.assert_close(-advantages[row].sum(), sequence_ratio, rtol=0, atol=1e-10)
+        torch.testing.assert_close(scored.logprobs[row].sum(), independent, rtol=0, atol=1e-10)
+        columns = rollouts.completion_mask[row] > 0
+        assert (scored.logprobs[row, columns] <= 1e-12).all()  # each share is a log-probability
 
 
 THINKING_TEMPLATE = (
@@ -223,12 +227,33 @@ def test_a_served_teacher_with_another_tokenizer_scores_as_in_process(cross_dirs
             remote.connect(tokenizer, 10)
         remote.connect(other_tokenizer, 10, "teacher_tokenizer")
         served = TeacherView(remote, tokenizer, other_tokenizer).score(rollouts, messages)
-        assert torch.equal(served.chunks, local.chunks)
-        torch.testing.assert_close(served.logprobs, local.logprobs, rtol=0, atol=1e-5)
         overrides = tiny_train_overrides(cross_dirs, tmp_path / "run", teacher=server.url, steps=2,
                                          teacher_tokenizer=cross_dirs["teacher"])
         summary = train(load_config(None, overrides), progress=False)
-    assert summary["steps"] == 2 and summary["teacher_kl_after"] is not None
+        assert summary["steps"] == 2 and summary["teacher_kl_after"] is not None
+        assert torch.equal(served.chunks, local.chunks)
+        # each row's shares telescope to the teacher's log-prob of its reading, whatever the covers
+        torch.testing.assert_close(served.logprobs.sum(-1), local.logprobs.sum(-1), rtol=0, atol=1e-4)
+        # an event's mass read from the server is its mass among the top 20 there and the token read
+        view = TeacherView(remote, tokenizer, other_tokenizer)
+        completions = rollouts.completion_ids()
+        translated = [view.translate(ids) for ids in completions]
+        wanted = view.wanted_events(completions, translated)
+        prompts = [view.teacher_prompt(m) for m in messages]
+        sequences = [p + ids for p, (ids, _) in zip(prompts, translated, strict=True)]
+        covers = view.served_covers(wanted, sequences, [len(p) for p in prompts])
+    model = load_model(cross_dirs["teacher"], CPU, torch.float32).eval()
+    assert len(covers) > 10
+    for (row, k), value in covers.items():
+        j, event = wanted[row][k]
+        at = len(prompts[row]) + j  # the position of teacher token j in its sequence
+        with torch.no_grad():
+            hidden = model.get_decoder()(input_ids=torch.tensor([sequences[row][:at]])).last_hidden_state[0, -1:]
+            logprobs = head_logprobs(model.get_output_embeddings(), hidden, len(other_tokenizer))[0]
+        seen = set(logprobs.topk(20).indices.tolist()) | {sequences[row][at]}
+        want = torch.logsumexp(logprobs[[v for v in event if v in seen]], 0)
+        assert abs(value - float(want)) < 1e-5
+
 
 
 def test_the_teacher_flops_count_the_tokens_it_read(model_dirs, cross_dirs):

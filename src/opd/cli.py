@@ -81,13 +81,30 @@ def cmd_midtrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def other_tokenizer(config: TrainConfig) -> bool:
+    """Whether the in-process teacher's tokenizer differs from the student's."""
+    if config.teacher.startswith(("http://", "https://")):
+        return False
+    from opd.models import load_tokenizer
+    from opd.setup import resolve_model_path
+    from opd.teachers.view import tokenizer_differences
+
+    student = load_tokenizer(resolve_model_path(config.student, "student"))
+    teacher = load_tokenizer(resolve_model_path(config.teacher_tokenizer or config.teacher, "teacher"))
+    return bool(tokenizer_differences(student, teacher))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from opd.trainer import train
 
     overrides = list(args.overrides)  # the config's defaults are the demo's settings
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     config = load_config(None, overrides + [f"out={out}"])
-    print(f"opd demo: on-policy distillation of the embedded student from the embedded teacher "
+    if not any(item.startswith("kl=") for item in overrides) and other_tokenizer(config):
+        config.kl = "sampled"  # the exact KL needs one vocabulary; the aligned path scores sampled tokens
+        if not any(item.startswith("lr=") for item in overrides):
+            config.lr = 3e-4  # the sampled estimator's rate (README: the cross-tokenizer demo, both rates)
+    print(f"opd demo: on-policy distillation of {config.student} from {config.teacher} "
           f"({config.steps} steps, kl={config.kl}, lr={config.lr})")
     started = time.time()
     summary = train(config, progress=not args.quiet)
@@ -270,6 +287,9 @@ def parser() -> argparse.ArgumentParser:
     mid.set_defaults(func=cmd_midtrain)
 
     demo = sub.add_parser("demo", help="distil the embedded student from the embedded teacher",
+                          description="Distil the embedded student from the embedded teacher and print the "
+                          "figures before and after. `opd demo teacher=embedded:teacher-bpe2` distils it from a "
+                          "teacher with another tokenizer and chat template (kl=sampled, aligned on the text).",
                           formatter_class=fmt, epilog=config_help())
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     demo.add_argument("--out", help="run directory (default runs/demo-<time>)")

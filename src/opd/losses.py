@@ -44,46 +44,6 @@ def reverse_kl_advantages(
     return discounted_future_sum(per_token, mask, gamma)
 
 
-def chunk_reverse_kl_advantages(
-    sampler_logprobs: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    chunks: torch.Tensor,
-    coef: float = 1.0,
-    gamma: float = 0.0,
-) -> torch.Tensor:
-    """``reverse_kl_advantages`` for a teacher with another tokenizer, one term per aligned chunk.
-
-    ``chunks`` (B, T) numbers the chunks of the batch's completion tokens (non-decreasing in row-major
-    order, -1 outside the completion; ``teachers.alignment``); ``teacher_logprobs`` holds each chunk's
-    teacher log-prob on one of its tokens and 0 on the others. A chunk ``c`` of student tokens ``x_c``
-    has the term ``r_c = -coef * (log q(x_c) - log p_teacher(x_c))`` with ``log q(x_c) = sum_{t in c}
-    log q(x_t)``; the terms sum to the sequence's log-ratio. Every token of the chunk gets the whole
-    ``r_c`` (with ``gamma``: ``sum_{c' >= c} gamma^(d) r_c'`` over the later chunks' last tokens, ``d``
-    tokens away). Why the whole term and not a share: the chunk is one action of the student, and
-    ``sum_{t in c} r_c grad log q(x_t) = r_c grad log q(x_c)`` is the REINFORCE gradient of the chunk's
-    reverse KL, the per-token estimator's own form one level up; a share ``r_c / |c|`` would shrink the
-    signal of the spans where the tokenizers disagree. When every chunk is one token this is
-    ``reverse_kl_advantages`` exactly.
-    """
-    per_token = -coef * (sampler_logprobs - teacher_logprobs) * mask
-    inside = mask > 0
-    ids = chunks[inside]
-    if ids.numel() == 0:
-        return torch.zeros_like(per_token)
-    sums = torch.zeros(int(ids.max()) + 1, dtype=per_token.dtype, device=per_token.device)
-    sums = sums.index_add(0, ids, per_token[inside])
-    last = torch.ones_like(ids, dtype=torch.bool)  # the last token of each chunk, in row-major order
-    last[:-1] = ids[1:] != ids[:-1]
-    placed = torch.zeros_like(per_token)
-    placed[inside] = torch.where(last, sums[ids], torch.zeros_like(sums[ids]))
-    future = discounted_future_sum(placed, mask, gamma)[inside]
-    value = torch.zeros_like(sums).index_copy(0, ids[last], future[last])
-    out = torch.zeros_like(per_token)
-    out[inside] = value[ids]
-    return out
-
-
 def importance_sampling_loss(
     learner_logprobs: torch.Tensor,
     sampler_logprobs: torch.Tensor,

@@ -21,9 +21,6 @@ class Rollouts:
     prompt_index: torch.Tensor  # (B,) long: which prompt of the batch each row answers (its group)
     sampler_logprobs: torch.Tensor | None = None  # (B, T) log-prob under the sampling distribution
     teacher_logprobs: torch.Tensor | None = None  # (B, T)
-    # (B, T) long, a teacher with another tokenizer: the aligned chunk of each completion token (-1
-    # elsewhere); teacher_logprobs then holds each chunk's log-prob on its last token (teachers/view.py)
-    teacher_chunks: torch.Tensor | None = None
     rewards: torch.Tensor | None = None  # (B,) task reward of each completion
     advantages: torch.Tensor | None = None  # (B, T)
     extras: dict = field(default_factory=dict)

@@ -18,13 +18,7 @@ from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.evaluation import completions_text, evaluate
 from opd.flops import step_flops
-from opd.losses import (
-    chunk_reverse_kl_advantages,
-    group_centred_rewards,
-    importance_sampling_loss,
-    masked_token_mean,
-    reverse_kl_advantages,
-)
+from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.models import OpdError
 from opd.rollouts import Rollouts, pack_pairs
 from opd.sampler import sample
@@ -55,18 +49,13 @@ def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
 
 
 def advantages(session: Session, rollouts: Rollouts) -> torch.Tensor:
-    """Per-token signal: the negative sampled reverse KL (opd; per aligned chunk for a teacher with another
-    tokenizer), the group-centred task reward on every completion token (rl), or their sum (opd+rl; with
-    kl=full the KL enters the loss directly)."""
+    """Per-token signal: the negative sampled reverse KL (opd), the group-centred task reward on every
+    completion token (rl), or their sum (opd+rl; with kl=full the KL enters the loss directly)."""
     config, mask = session.config, rollouts.completion_mask
     total = torch.zeros_like(mask)
     if "opd" in config.method and config.kl == "sampled":
-        if rollouts.teacher_chunks is None:
-            total = total + reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs, mask,
-                                                  config.kl_coef, config.gamma)
-        else:
-            total = total + chunk_reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs,
-                                                        mask, rollouts.teacher_chunks, config.kl_coef, config.gamma)
+        total = total + reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs, mask,
+                                              config.kl_coef, config.gamma)
     if "rl" in config.method:
         centred = group_centred_rewards(rollouts.rewards, rollouts.prompt_index)
         total = total + config.reward_coef * centred[:, None] * mask
@@ -186,8 +175,7 @@ def training_step(session: Session, step: int) -> dict:
     teacher_hidden, graded = None, None
     if "opd" in config.method:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
         graded = session.teacher_view.score(rollouts, rollouts.extras["messages"], hidden=config.kl == "full")
-        rollouts.teacher_logprobs, rollouts.teacher_chunks, teacher_hidden = graded.logprobs, graded.chunks, \
-            graded.hidden
+        rollouts.teacher_logprobs, teacher_hidden = graded.logprobs, graded.hidden
     rollouts.advantages = advantages(session, rollouts)
     scored = time.perf_counter()
 
@@ -256,7 +244,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
     torchrun every rank trains; rank 0 alone evaluates, logs and writes (the others return {})."""
     session = open_session(config, resume)
     run_dir, records, main = session.run_dir, session.records, session.dist.main
-    if main and progress and session.teacher_view is not None:
+    if main and session.teacher_view is not None:
         probe = [ex.messages[-1]["content"] for ex in session.eval_set[:32]]
         print(f"opd: {session.teacher_view.describe(probe)}", file=sys.stderr)
     if not records and main:  # a fresh run: measure where the student and teacher start

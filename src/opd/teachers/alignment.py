@@ -15,7 +15,7 @@ import difflib
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -64,11 +64,16 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
 
 @dataclass
 class Alignment:
-    """Chunk index of every student and every teacher token (0 .. count - 1, non-decreasing)."""
+    """Chunk index of every student and every teacher token (0 .. count - 1, non-decreasing), and where
+    each student token's text ends in the teacher's tokens: ``reach[k] = (j, prefix)`` when it ends
+    inside or at the end of teacher token ``j`` (of the completion), ``prefix`` being the bytes of token
+    ``j``'s span that the text has reached there (all of them at its end); None where the text has no
+    image in the teacher's (bytes the teacher read otherwise, e.g. invalid UTF-8) or nothing is reached."""
 
     student: list[int]
     teacher: list[int]
     count: int
+    reach: list[tuple[int, bytes] | None] = field(default_factory=list)
 
     def single_token_chunks(self) -> int:
         """Chunks made of exactly one student token and one teacher token."""
@@ -122,15 +127,21 @@ def align(student_pieces: list[bytes], teacher_pieces: list[bytes]) -> Alignment
         shared = [b for b in shared if b[0] < final[0] and b[1] < final[1]] + [final]
     student_bounds = [s for s, _ in shared]
     teacher_bounds = [t for _, t in shared]
+    reach: list[tuple[int, bytes] | None] = []
+    for end in student_ends:
+        image = end if mapping is None else mapping.get(end)
+        j = bisect.bisect_left(teacher_ends, image) if image else len(teacher_ends)  # the token ending at or after
+        start = teacher_ends[j - 1] if j else 0
+        reach.append((j, teacher_text[start:image]) if j < len(teacher_ends) else None)
     return Alignment([min(bisect.bisect_left(student_bounds, e), len(shared) - 1) for e in student_ends],
                      [min(bisect.bisect_left(teacher_bounds, e), len(shared) - 1) for e in teacher_ends],
-                     len(shared))
+                     len(shared), reach)
 
 
 def with_end_of_turn(alignment: Alignment) -> Alignment:
     """The alignment of the text, plus one more chunk pairing the student's EOS with the teacher's."""
     return Alignment(alignment.student + [alignment.count], alignment.teacher + [alignment.count],
-                     alignment.count + 1)
+                     alignment.count + 1, alignment.reach)
 
 
 def chunk_sums(values: list[float], chunks: list[int], count: int) -> list[float]:
@@ -139,3 +150,88 @@ def chunk_sums(values: list[float], chunks: list[int], count: int) -> list[float
     for value, chunk in zip(values, chunks, strict=True):
         out[chunk] += value
     return out
+
+
+class PrefixIndex:
+    """The ids of the ordinary (not special or added) tokens whose bytes begin with a given prefix: a
+    contiguous range of the tokens sorted by their bytes, found by bisection and kept once asked."""
+
+    def __init__(self, table: list[bytes], skip: set[int]) -> None:
+        pairs = sorted((data, i) for i, data in enumerate(table) if i not in skip and data)
+        self.keys = [data for data, _ in pairs]
+        self.ids = [i for _, i in pairs]
+        self.cache: dict[bytes, list[int]] = {}
+
+    def __call__(self, prefix: bytes) -> list[int]:
+        if prefix not in self.cache:
+            lo = bisect.bisect_left(self.keys, prefix)
+            hi = lo
+            while hi < len(self.keys) and self.keys[hi].startswith(prefix):
+                hi += 1
+            self.cache[prefix] = self.ids[lo:hi]
+        return self.cache[prefix]
+
+
+class Events:
+    """The teacher tokens that, read at one teacher position, mean what a student token means: "the text
+    goes on with exactly my bytes, and no longer student token's".
+
+    A token commits to where it ends: the student's ``"1"`` (its digits are single tokens) says nothing
+    about the next digit, while the teacher's token ``"1"`` (in a vocabulary with ``"12"``) says the
+    number ends. Scoring the student's ``"1"`` with the teacher's token ``"1"`` would charge the
+    student's first digit for a second digit it never chose: measured, that drives a student away from
+    every number of two digits. So the student's token ``x``, ending where the teacher's text has
+    reached ``prefix`` of the token at position ``j``, is scored with the teacher's probability at ``j``
+    of any token that begins with ``prefix`` (the prefix cover of Phan et al. 2024, "Exact Byte-Level
+    Probabilities from Tokenized Language Models", one token deep), less the tokens whose further
+    bytes would continue into a longer student token that extends ``x`` (those are that token's event,
+    not ``x``'s). With one tokenizer this leaves exactly the token itself: the direct path."""
+
+    def __init__(self, student_table: list[bytes], teacher_table: list[bytes], student_skip: set[int],
+                 teacher_skip: set[int]) -> None:
+        self.student_table, self.teacher_table = student_table, teacher_table
+        self.student_cover = PrefixIndex(student_table, student_skip)
+        self.teacher_cover = PrefixIndex(teacher_table, teacher_skip)
+        self.cache: dict[tuple[bytes, int], list[int]] = {}
+
+    def __call__(self, prefix: bytes, student_token: int) -> list[int]:
+        key = (prefix, student_token)
+        if key not in self.cache:
+            own = self.student_table[student_token]
+            longer = {self.student_table[y][len(own):] for y in self.student_cover(own)
+                      if len(self.student_table[y]) > len(own)}
+            started = {d[:i] for d in longer for i in range(1, len(d) + 1)}
+            keep = []
+            for token in self.teacher_cover(prefix):
+                rest = self.teacher_table[token][len(prefix):]
+                if rest and (rest in started or any(rest[:i] in longer for i in range(1, len(rest)))):
+                    continue  # its bytes go on into a longer student token's
+                keep.append(token)
+            self.cache[key] = keep
+        return self.cache[key]
+
+
+def conditional_shares(teacher_logprobs: list[float], marks: list[tuple[int, float] | None],
+                       closed: bool) -> list[float]:
+    """The teacher's log-prob of each student token's text given the text before it, from the teacher's
+    log-probs of its own completion tokens and, per student token, ``marks[k] = (j, c)``: its text ends in
+    teacher token ``j``, and ``c`` is the teacher's log-prob at ``j`` of the token's event (``Events``).
+    The teacher's log-prob of the text up to there is ``C_k = sum_{i < j} lp_i + c``, and token ``k`` gets
+    ``C_k - C_{k-1}``, computed as ``(sum_{j_{k-1} <= i < j} lp_i - c_{k-1}) + c`` (exact, not rounded,
+    when a token and its teacher token agree). A token without a mark gets 0 and passes its share on.
+    ``closed`` (the student's EOS, read as the teacher's, is the last token): EOS gets the rest, so the
+    shares sum to the teacher's log-prob of its whole completion; else the last marked token's ``C`` is
+    the sum: the teacher's probability that its text begins so (a truncated completion)."""
+    shares, j_before, c_before = [], 0, 0.0
+    for k, mark in enumerate(marks):
+        if mark is None:
+            if closed or k + 1 < len(marks):
+                shares.append(0.0)
+                continue
+            mark = (len(teacher_logprobs), 0.0)  # a truncated row's last token without an image: the rest
+        j, c = mark
+        shares.append((sum(teacher_logprobs[j_before:j]) - c_before) + c)
+        j_before, c_before = j, c
+    if closed:
+        shares.append(sum(teacher_logprobs[j_before:]) - c_before)
+    return shares

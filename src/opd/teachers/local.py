@@ -7,7 +7,14 @@ from typing import Protocol
 import torch
 
 from opd.rollouts import Rollouts
-from opd.scoring import completion_hidden, completion_targets, gather_logprobs, scatter_completion
+from opd.scoring import (
+    LOGITS_BUDGET,
+    completion_hidden,
+    completion_targets,
+    gather_logprobs,
+    head_logprobs,
+    scatter_completion,
+)
 
 
 class Teacher(Protocol):
@@ -37,3 +44,15 @@ class LocalTeacher:
         logprobs = scatter_completion(moved, gather_logprobs(self.head, hidden, completion_targets(moved),
                                                              self.vocab_size))
         return logprobs.to(rollouts.tokens.device, torch.promote_types(logprobs.dtype, torch.float32)), hidden
+
+    @torch.no_grad()
+    def cover_logprobs(self, hidden: torch.Tensor, token_sets: list[list[int]]) -> list[float]:
+        """``log sum_{v in S_i} p(v)`` at each position ``i`` (final hidden states (N, H), one set of token
+        ids per row), the full distribution taken in row chunks under ``scoring.LOGITS_BUDGET``."""
+        out: list[float] = []
+        step = max(1, LOGITS_BUDGET // max(self.vocab_size, 1))
+        for start in range(0, len(token_sets), step):
+            logprobs = head_logprobs(self.head, hidden[start : start + step], self.vocab_size)
+            for row, ids in zip(logprobs, token_sets[start : start + step], strict=True):
+                out.append(float(torch.logsumexp(row[ids], 0)) if ids else float("-inf"))
+        return out

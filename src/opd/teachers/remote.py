@@ -103,6 +103,20 @@ class RemoteTeacher:
         with ThreadPoolExecutor(self.concurrency) as pool:
             return [row for part in pool.map(send, chunks) for row in part]
 
+    def top_logprobs(self, sequences: list[list[int]], top_k: int) -> list[list[dict[int, float]]]:
+        """For each sequence, at each position t >= 1: ``{token id: log p}`` for the server's ``top_k`` most
+        likely tokens there and the sequence's own token (vLLM's ``prompt_logprobs``: ``top_k`` + 1 entries
+        at most). One sequence per request, ``concurrency`` at a time."""
+
+        def ask(sequence: list[int]) -> list[dict[int, float]]:
+            body = {"model": self.model, "prompt": [sequence], "max_tokens": 1, "prompt_logprobs": top_k,
+                    "temperature": 0.0}
+            entries = self.request("POST", "/v1/completions", body)["choices"][0]["prompt_logprobs"][1:]
+            return [{int(token): value["logprob"] for token, value in entry.items()} for entry in entries]
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(ask, sequences))
+
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         mask = rollouts.attention_mask.cpu()
         tokens = rollouts.tokens.cpu()

@@ -22,9 +22,10 @@ from transformers import PreTrainedTokenizerBase
 
 from opd.models import OpdError, chat_prompt_ids, chat_prompt_text
 from opd.rollouts import Rollouts, pack_pairs
-from opd.teachers.alignment import Alignment, align, chunk_sums, token_bytes, with_end_of_turn
+from opd.teachers.alignment import Alignment, Events, align, conditional_shares, token_bytes, with_end_of_turn
 
 TEMPLATES = ("auto", "own", "student")
+SERVED_TOP_K = 20  # top log-probs asked of a server per position (vLLM's default --max-logprobs)
 
 
 def tokenizer_differences(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> list[str]:
@@ -65,11 +66,12 @@ def choose_path(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBa
 @dataclass
 class Scored:
     """The teacher's signal in the student's layout (B, T). ``logprobs``: the teacher's log-prob of each
-    completion token; on the ``aligned`` path the log-prob of each chunk, on the chunk's last student
-    token (0 on its others), so that a row's sum is still the teacher's log-prob of the whole completion.
-    ``chunks``: the chunk of each completion token (numbered across the batch, -1 elsewhere), None when
-    every token is its own chunk. ``hidden``: the teacher's final hidden states at the completion
-    positions, in ``scoring.completion_hidden``'s order (``kl=full``)."""
+    completion token; on the ``aligned`` path, of each student token's text given the text before it
+    (``alignment.split_chunks``: exact on single-token chunks, and each chunk's tokens sum to the chunk's
+    log-prob, so a row's sum is the teacher's log-prob of the whole completion). ``chunks`` (``aligned``
+    only): the chunk of each completion token, numbered across the batch, -1 elsewhere. ``hidden``: the
+    teacher's final hidden states at the completion positions, in ``scoring.completion_hidden``'s order
+    (``kl=full``)."""
 
     logprobs: torch.Tensor
     chunks: torch.Tensor | None = None
@@ -96,6 +98,8 @@ class TeacherView:
         if self.path == "aligned":
             self.student_bytes = token_bytes(student_tokenizer)
             self.teacher_bytes = token_bytes(self.teacher_tokenizer)
+            self.events = Events(self.student_bytes, self.teacher_bytes, set(student_tokenizer.added_tokens_decoder),
+                                 set(self.teacher_tokenizer.added_tokens_decoder))
 
     @property
     def head(self) -> torch.nn.Module:
@@ -149,7 +153,10 @@ class TeacherView:
         if len(messages) != rollouts.tokens.shape[0]:
             raise ValueError(f"{len(messages)} conversations for {rollouts.tokens.shape[0]} rows")
         rendered: dict[int, list[int]] = {}  # the samples of one prompt share its messages object
-        prompts = [rendered.setdefault(id(m), self.teacher_prompt(m)) for m in messages]
+        for m in messages:
+            if id(m) not in rendered:
+                rendered[id(m)] = self.teacher_prompt(m)
+        prompts = [rendered[id(m)] for m in messages]
         completions = rollouts.completion_ids()
         if self.path == "own":
             translated = [(ids, None) for ids in completions]
@@ -159,7 +166,8 @@ class TeacherView:
         theirs = pack_pairs(prompts, [ids for ids, _ in translated], pad)
         theirs.prompt_index = rollouts.prompt_index.cpu()  # rows of one prompt share its forward pass
         theirs = theirs.to(rollouts.tokens.device)
-        if hidden:
+        in_process = hasattr(self.teacher, "cover_logprobs")  # a LocalTeacher: its full distribution is here
+        if hidden or (self.path == "aligned" and in_process):
             logprobs, states = self.teacher.score_with_hidden(theirs)
         else:
             logprobs, states = self.teacher.score(theirs), None
@@ -169,22 +177,88 @@ class TeacherView:
         mask = rollouts.completion_mask > 0
         out = torch.zeros(rollouts.tokens.shape, dtype=values.dtype, device=rollouts.tokens.device)
         if self.path == "own":
-            out[mask] = values.to(out.dtype)
+            out[mask] = values
             return Scored(out, hidden=states, **lengths)
+        alignments = [alignment for _, alignment in translated]
+        per_row, start = [], 0
+        for ids, _ in translated:
+            per_row.append(values[start : start + len(ids)].tolist())
+            start += len(ids)
+        wanted = self.wanted_events(completions, translated)
+        if in_process:
+            covers = self.cover_logprobs(wanted, [len(ids) for ids, _ in translated], states)
+        else:
+            covers = self.served_covers(wanted, [p + ids for p, (ids, _) in zip(prompts, translated, strict=True)],
+                                        [len(p) for p in prompts])
         chunks = torch.full(rollouts.tokens.shape, -1, dtype=torch.long, device=out.device)
-        per_row = values.tolist()
-        start = first = single = 0
-        for row, (_, alignment) in enumerate(translated):
-            teacher_lp = per_row[start : start + len(alignment.teacher)]
-            start += len(alignment.teacher)
-            sums = chunk_sums(teacher_lp, alignment.teacher, alignment.count)
-            columns = mask[row].nonzero()[:, 0].tolist()
-            placed = [0.0] * len(columns)
-            for i, chunk in enumerate(alignment.student):  # the chunk's log-prob on its last student token
-                if i + 1 == len(columns) or alignment.student[i + 1] != chunk:
-                    placed[i] = sums[chunk]
-            out[row, columns] = torch.tensor(placed, dtype=out.dtype, device=out.device)
+        first = single = 0
+        for row, alignment in enumerate(alignments):
+            marks: list[tuple[int, float] | None] = []
+            for k, reach in enumerate(alignment.reach):
+                if reach is None:
+                    marks.append(None)
+                elif wanted[row][k] is None:  # the event is the teacher token itself
+                    marks.append((reach[0], per_row[row][reach[0]]))
+                else:  # an event of several tokens: its mass in the distribution at j (none: no image)
+                    marks.append((reach[0], covers[(row, k)]) if (row, k) in covers else None)
+            closed = len(alignment.student) > len(alignment.reach)  # the EOS pair closes the row
+            columns = mask[row].nonzero()[:, 0]
+            shares = conditional_shares(per_row[row], marks, closed)
+            out[row, columns] = torch.tensor(shares, dtype=out.dtype, device=out.device)
             chunks[row, columns] = torch.tensor(alignment.student, dtype=torch.long, device=out.device) + first
             first += alignment.count
             single += alignment.single_token_chunks()
         return Scored(out, chunks, chunk_count=first, single_token_chunks=single, **lengths)
+
+    def wanted_events(self, completions: list[list[int]],
+                      translated: list[tuple[list[int], Alignment]]) -> list[list[tuple[int, list[int]] | None]]:
+        """Per row and student token: ``(j, ids)``, the teacher position its text reaches and the teacher
+        token ids of its event (``Events``), when the event is more than the teacher token read at ``j``;
+        else None (that token's own log-prob is the answer)."""
+        out = []
+        for completion, (ids, alignment) in zip(completions, translated, strict=True):
+            row = []
+            for k, reach in enumerate(alignment.reach):
+                event = None if reach is None else self.events(reach[1], completion[k])
+                row.append(None if event is None or event == [ids[reach[0]]] else (reach[0], event))
+            out.append(row)
+        return out
+
+    def served_covers(self, wanted: list[list[tuple[int, list[int]] | None]], sequences: list[list[int]],
+                      prompt_lengths: list[int]) -> dict[tuple[int, int], float]:
+        """``cover_logprobs`` for a teacher behind a server, from the top ``SERVED_TOP_K`` log-probs it sends
+        at each position (vLLM's ``prompt_logprobs``; the token read is always among them): the event's
+        mass among those, a lower bound of its whole mass (the rest of the vocabulary is unseen)."""
+        needed = [row for row, events in enumerate(wanted) if any(e is not None for e in events)]
+        tops = dict(zip(needed, self.teacher.top_logprobs([sequences[r] for r in needed], SERVED_TOP_K),
+                        strict=True))
+        out = {}
+        for row in needed:
+            for k, want in enumerate(wanted[row]):
+                if want is None:
+                    continue
+                j, event = want
+                entry = tops[row][prompt_lengths[row] + j - 1]  # entries start at the sequence's second token
+                members = set(event)
+                mass = [lp for token, lp in entry.items() if token in members]
+                if mass:
+                    out[(row, k)] = float(torch.logsumexp(torch.tensor(mass, dtype=torch.float64), 0))
+        return out
+
+    def cover_logprobs(self, wanted: list[list[tuple[int, list[int]] | None]], teacher_lengths: list[int],
+                       hidden: torch.Tensor) -> dict[tuple[int, int], float]:
+        """``{(row, k): log sum_{v in event} p_teacher(v)}`` at the teacher position each wanted event is
+        read at, from the teacher's full distribution there (``hidden``: ``completion_hidden``'s rows)."""
+        rows, sets, keys = [], [], []
+        offset = 0
+        for row, events in enumerate(wanted):
+            for k, want in enumerate(events):
+                if want is not None and want[1]:
+                    rows.append(offset + want[0])
+                    sets.append(want[1])
+                    keys.append((row, k))
+            offset += teacher_lengths[row]
+        if not rows:
+            return {}
+        values = self.teacher.cover_logprobs(hidden[torch.tensor(rows, device=hidden.device)], sets)
+        return dict(zip(keys, values, strict=True))
