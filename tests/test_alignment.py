@@ -155,3 +155,53 @@ def test_conditional_shares_telescope_to_the_teacher_log_prob_of_the_text(closed
     want = sum(lp) if closed else sum(lp[:5]) + lp[5]  # the whole completion, or the text up to the end
     assert sum(shares) == pytest.approx(want, abs=1e-12)
     assert shares[1] == pytest.approx(-0.4, abs=1e-12) and shares[3] == pytest.approx(-0.7, abs=1e-12)
+
+
+@pytest.mark.parametrize("student, teacher, want_student, want_teacher", [
+    ([b"a"], [], [0], []),  # one side empty (a normalizer dropped the text): one chunk holds it all
+    ([b"", b"ab"], [b"", b"ab"], [0, 0], [0, 0]),  # zero-byte tokens at the start share no boundary at 0
+])
+def test_alignment_edges(student, teacher, want_student, want_teacher):
+    alignment = align(student, teacher)
+    assert (alignment.student, alignment.teacher, alignment.count) == (want_student, want_teacher, 1)
+
+
+def test_long_texts_that_differ_still_align_token_by_token():
+    """difflib's junk heuristic (on by default past 200 elements) would drop the frequent bytes and with them
+    the matching blocks: a long text with one replaced byte must still align everywhere else."""
+    student = [b"ab "] * 100 + [b"\xff"] + [b"cd "] * 100
+    teacher = [b"ab "] * 100 + ["\ufffd".encode()] + [b"cd "] * 100
+    alignment = align(student, teacher)
+    assert alignment.student == alignment.teacher == list(range(201))
+
+
+def test_events_exclude_by_every_byte_of_the_continuation_and_skip_special_tokens():
+    #            0     1      2      3      4         5       6
+    teacher = [b"1", b"12", b"17", b"2", b"<eot>", b"123", b"1x9"]
+    student = [b"1", b"2", b"7", b"12", b"x"]
+    events = Events(student, teacher, set(), {4})
+    # "12" and "123" go on into the student's own "12"; "17" and "1x9" do not
+    assert events(b"1", 0) == [0, 2, 6]
+    assert events(b"<", 0) == []  # the teacher's special token is no text the student can write
+    assert events(b"17", 2) == [2]  # past a student token's start: the bytes reached, the token's own extensions
+
+
+def test_a_truncated_row_whose_last_token_has_no_image_takes_the_rest():
+    lp = [-1.0, -2.0, -3.0]
+    shares = conditional_shares(lp, [(0, -0.5), None], closed=False)
+    assert shares == [-0.5, -6.0 + 0.5]
+    assert conditional_shares(lp, [(0, -0.5), None], closed=True) == [-0.5, 0.0, -6.0 + 0.5]
+
+
+def test_token_bytes_of_metaspace_and_of_word_level_tokenizers():
+    vocab = {"<unk>": 0, "\u2581Hi": 1, "\u2581there": 2, "\u2581": 3, "H": 4, "i": 5}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    metaspace = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<unk>")
+    assert token_bytes(metaspace)[1:3] == [b" Hi", b" there"]
+    plain = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "world": 2, "x\u2581y": 3}, unk_token="<unk>"))
+    plain.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = PreTrainedTokenizerFast(tokenizer_object=plain, unk_token="<unk>", eos_token="<unk>")
+    # no decoder: each token's decoded text (a "\u2581" stays itself, it is no SentencePiece space here)
+    assert token_bytes(words) == [b"<unk>", b"hello", b"world", "x\u2581y".encode()]

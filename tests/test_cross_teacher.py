@@ -137,6 +137,26 @@ def test_the_shares_sum_to_the_sequence_log_ratio_in_float64(model_dirs, cross_d
         torch.testing.assert_close(scored.logprobs[row].sum(), independent, rtol=0, atol=1e-10)
         columns = rollouts.completion_mask[row] > 0
         assert (scored.logprobs[row, columns] <= 1e-12).all()  # each share is a log-probability
+    # chunks: numbered across the batch in order, -1 outside the completions
+    inside = rollouts.completion_mask > 0
+    assert (scored.chunks[~inside] == -1).all()
+    numbers = scored.chunks[inside]
+    assert (numbers[1:] >= numbers[:-1]).all() and int(numbers.max()) + 1 == scored.chunk_count
+    # each event read from the teacher's full distribution at its position, against a forward pass of its own
+    translated = [view.translate(ids) for ids in closed]
+    wanted = view.wanted_events(closed, translated)
+    covers = view.cover_logprobs(wanted, [len(ids) for ids, _ in translated], view.teacher.score_with_hidden(
+        pack_pairs([view.teacher_prompt(m) for m in messages], [ids for ids, _ in translated],
+                   other_tokenizer.pad_token_id))[1])
+    assert len(covers) > 5
+    for (row, k), value in covers.items():
+        j, event = wanted[row][k]
+        their_prompt = view.teacher_prompt(messages[row])
+        context = their_prompt + translated[row][0][:j]
+        with torch.no_grad():
+            hidden = teacher_model.get_decoder()(input_ids=torch.tensor([context])).last_hidden_state[0, -1:]
+            logprobs = head_logprobs(teacher_model.get_output_embeddings(), hidden, len(other_tokenizer))[0]
+        assert abs(value - float(torch.logsumexp(logprobs[event], 0))) < 1e-10
 
 
 THINKING_TEMPLATE = (
@@ -183,6 +203,84 @@ def test_a_teacher_with_its_own_template_scores_the_completion_after_its_renderi
         torch.testing.assert_close(scored.hidden[start : start + len(completion)],
                                    hidden[len(prompt) - 1 : -1], rtol=0, atol=1e-5)
     assert (scored.logprobs - student_rendering).abs().max() > 1e-3  # the rendering matters to the teacher
+    assert scored.teacher_prompt_lengths == [len(view.teacher_prompt(m)) for m in messages]  # its FLOPs
+    assert scored.teacher_completion_lengths == [len(ids) for ids in rollouts.completion_ids()]
+    with pytest.raises(ValueError, match="^2 conversations for 6 rows$"):
+        view.score(rollouts, messages[:2])
+
+
+def test_the_paths_say_what_they_are(own_template_dir, tokenizer, other_tokenizer, model_dirs):
+    from opd.teachers.view import choose_path
+
+    model = LocalTeacher(load_model(model_dirs["teacher"], CPU, torch.float32), len(tokenizer))
+    assert TeacherView(model, tokenizer, tokenizer).describe([]) == (
+        "teacher reads the student's tokens (one tokenizer, one chat template)")
+    assert TeacherView(model, tokenizer, load_tokenizer(own_template_dir)).describe([]) == (
+        "teacher's chat template differs: it reads the prompt in its own template, then the student's completion "
+        "ids (teacher_template=student keeps the student's rendering)")
+    aligned = TeacherView(model, tokenizer, other_tokenizer)
+    texts = ["Compute 12+(3*45)", "über 7"]
+    alignments = [aligned.translate(tokenizer.encode(t, add_special_tokens=False))[1] for t in texts]
+    share = sum(a.single_token_chunks() for a in alignments) / sum(a.count for a in alignments)
+    assert 0 < share < 1
+    assert aligned.describe(texts) == (
+        f"teacher tokenizer differs: aligning on text, {100 * share:.0f}% of chunks are single tokens on the "
+        "prompts' text (aligned path; per step in metrics.jsonl)")
+    rollouts = batch(tokenizer, canonical(tokenizer), conversations())
+    with pytest.raises(OpdError, match="^kl=full needs the teacher's distribution over the student's vocabulary; "
+                       "this teacher's tokenizer differs: use kl=sampled$"):
+        aligned.score(rollouts, conversations(), hidden=True)
+    with pytest.raises(OpdError, match=r"^teacher_template='mine' must be one of auto, own, student$"):
+        choose_path(tokenizer, tokenizer, "mine")
+
+
+def test_tokenizer_differences_name_what_differs(tokenizer, other_tokenizer):
+    from opd.teachers.view import tokenizer_differences
+    from opd.zoo import build_tokenizer
+
+    assert tokenizer_differences(tokenizer, copy.deepcopy(tokenizer)) == []
+    mine, theirs = tokenizer.get_vocab(), other_tokenizer.get_vocab()
+    only_mine, only_theirs = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    moved = sorted(t for t in set(mine) & set(theirs) if mine[t] != theirs[t])
+    assert tokenizer_differences(tokenizer, other_tokenizer) == [
+        f"{len(only_mine)} tokens only in the student, e.g. {only_mine[:5]}",
+        f"{len(only_theirs)} tokens only in the teacher, e.g. {only_theirs[:5]}",
+        f"{len(moved)} tokens with different ids, e.g. {moved[0]!r}: student {mine[moved[0]]}, teacher "
+        f"{theirs[moved[0]]}",
+        "EOS differs: student '<|im_end|>', teacher '<end_of_turn>'"]
+    same_specials = build_tokenizer(seed=5, vocab_size=280, operators=2, corpus_lines=200)
+    assert same_specials.eos_token_id == tokenizer.eos_token_id  # the same EOS, other merges: still another
+    assert tokenizer_differences(tokenizer, same_specials)
+
+
+def test_the_teacher_reads_its_own_eos_and_no_bos_after_the_student_text(cross_dirs, tokenizer, other_tokenizer):
+    from tokenizers.processors import TemplateProcessing
+
+    bos_tokenizer = copy.deepcopy(other_tokenizer)  # a teacher tokenizer that adds a BOS, as Llama's does
+    bos = bos_tokenizer.convert_tokens_to_ids("<start_of_turn>")
+    bos_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<start_of_turn> $A", special_tokens=[("<start_of_turn>", bos)])
+    view = TeacherView(None, tokenizer, bos_tokenizer)
+    text = "= 12\nAnswer: 12"
+    ids, alignment = view.translate(tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id])
+    assert ids == other_tokenizer.encode(text, add_special_tokens=False) + [other_tokenizer.eos_token_id]
+    assert alignment.student[-1] == alignment.teacher[-1] == alignment.count - 1  # the EOS pair, a chunk
+    truncated, _ = view.translate(tokenizer.encode(text, add_special_tokens=False))
+    assert truncated == ids[:-1]
+
+
+def test_the_student_rendering_on_the_aligned_path_is_the_student_template_in_teacher_tokens(tokenizer,
+                                                                                              other_tokenizer):
+    messages = [{"role": "user", "content": "Compute 1+2"}]
+    own = TeacherView(None, tokenizer, other_tokenizer).teacher_prompt(messages)
+    assert own == chat_prompt_ids(other_tokenizer, messages)
+    theirs = TeacherView(None, tokenizer, other_tokenizer, template="student").teacher_prompt(messages)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert theirs == other_tokenizer.encode(rendered, add_special_tokens=False) != own
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None  # a base student: the plain text of the last message, with special tokens
+    assert TeacherView(None, base, other_tokenizer, template="student").teacher_prompt(messages) == \
+        other_tokenizer.encode("Compute 1+2", add_special_tokens=True)
 
 
 def test_the_run_reads_the_teacher_template_and_keeps_the_exact_kl(own_template_dir, model_dirs, tmp_path):
