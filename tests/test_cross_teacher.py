@@ -277,6 +277,13 @@ def test_the_student_rendering_on_the_aligned_path_is_the_student_template_in_te
     theirs = TeacherView(None, tokenizer, other_tokenizer, template="student").teacher_prompt(messages)
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert theirs == other_tokenizer.encode(rendered, add_special_tokens=False) != own
+    with_bos = copy.deepcopy(other_tokenizer)  # a teacher tokenizer that adds a BOS: not inside a rendered chat
+    from tokenizers.processors import TemplateProcessing
+
+    bos = with_bos.convert_tokens_to_ids("<start_of_turn>")
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(single="<start_of_turn> $A",
+                                                                   special_tokens=[("<start_of_turn>", bos)])
+    assert TeacherView(None, tokenizer, with_bos, template="student").teacher_prompt(messages) == theirs
     base = copy.deepcopy(tokenizer)
     base.chat_template = None  # a base student: the plain text of the last message, with special tokens
     assert TeacherView(None, base, other_tokenizer, template="student").teacher_prompt(messages) == \
