@@ -37,12 +37,16 @@ def peaked_teacher(tmp_path_factory, tokenizer, model_dirs) -> dict[str, Path]:
     """``model_dirs`` with a teacher whose output logits are scaled up 10x: two random tiny models are both
     near uniform (KL ~0.01, all noise), a peaked teacher leaves the student something to learn (KL ~1.3
     nats at the start)."""
-    teacher = make_model(tokenizer, layers=1, width=32, seed=1)
+    return {**model_dirs, "teacher": save_peaked(tokenizer, 1, tmp_path_factory.mktemp("peaked") / "teacher")}
+
+
+def save_peaked(tokenizer, seed: int, path: Path) -> Path:
+    """A random 1 x 32 teacher on ``tokenizer`` with its output logits scaled up 10x, saved at ``path``."""
+    teacher = make_model(tokenizer, layers=1, width=32, seed=seed)
     with torch.no_grad():
         teacher.get_output_embeddings().weight.mul_(10)
-    path = tmp_path_factory.mktemp("peaked") / "teacher"
     save_model(teacher, tokenizer, path)
-    return {**model_dirs, "teacher": path}
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +58,7 @@ def other_tokenizer():
 @pytest.fixture(scope="session")
 def cross_dirs(tmp_path_factory, other_tokenizer, model_dirs) -> dict[str, Path]:
     """``model_dirs`` with a peaked teacher (logits x10) on ``other_tokenizer``."""
-    teacher = make_model(other_tokenizer, layers=1, width=32, seed=4)
-    with torch.no_grad():
-        teacher.get_output_embeddings().weight.mul_(10)
-    path = tmp_path_factory.mktemp("cross") / "teacher"
-    save_model(teacher, other_tokenizer, path)
-    return {**model_dirs, "teacher": path}
+    return {**model_dirs, "teacher": save_peaked(other_tokenizer, 4, tmp_path_factory.mktemp("cross") / "teacher")}
 
 
 @pytest.fixture()

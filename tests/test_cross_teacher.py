@@ -330,6 +330,9 @@ def test_a_served_teacher_with_another_tokenizer_scores_as_in_process(cross_dirs
         remote = RemoteTeacher(server.url, model="teacher")
         with pytest.raises(OpdError, match="give it as teacher_tokenizer=DIR"):
             remote.connect(tokenizer, 10)
+        with pytest.raises(OpdError, match=r"differs from the teacher_tokenizer's: a probe text .* here\. "
+                           r"teacher_tokenizer= must be the served model's tokenizer\.$"):
+            remote.connect(tokenizer, 10, "teacher_tokenizer")
         remote.connect(other_tokenizer, 10, "teacher_tokenizer")
         served = TeacherView(remote, tokenizer, other_tokenizer).score(rollouts, messages)
         overrides = tiny_train_overrides(cross_dirs, tmp_path / "run", teacher=server.url, steps=2,
