@@ -18,11 +18,11 @@ demo: $(STAMP)
 	$(BIN)/opd demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff check src tests bench tools examples
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff check src tests bench tools examples
 
 # the core modules' functions mutated by `make mutate` (mutmut name patterns; see README, Mutation testing)
 MUTATE := 'opd.losses.*' 'opd.sampler.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.teachers.remote.*' \

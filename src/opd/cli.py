@@ -51,12 +51,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return subprocess.call(torchrun_argv(args.nproc, sys.argv[1:]))
     overrides = list(args.overrides)
     if args.resume:
-        config_path = Path(args.resume) / "config.json"
-        if not config_path.is_file():
-            raise OpdError(f"{args.resume} is not an opd run directory (no config.json)")
-        saved = json.loads(config_path.read_text())
-        base = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
-        config = load_config(args.config, overrides, base=base)
+        from opd.runs import saved_config
+
+        config = load_config(args.config, overrides, base=saved_config(args.resume))
     else:
         if args.out:
             overrides.append(f"out={args.out}")
@@ -126,34 +123,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from opd.evaluation import evaluate
-    from opd.models import load_model, load_tokenizer, pick_device, pick_dtype
-    from opd.setup import make_task, resolve_model_path
-    from opd.teachers.local import LocalTeacher
-    from opd.teachers.view import TeacherView
+    from opd.api import evaluate
+    from opd.tasks.custom import load_reward
 
-    if args.samples < 0 or args.temperature <= 0:
-        raise OpdError(f"--samples {args.samples} must be 0 or more and --temperature {args.temperature} positive")
-    device = pick_device(args.device)
-    dtype = pick_dtype("auto", device)
-    path = resolve_model_path(args.model, "model")
-    tokenizer = load_tokenizer(path)
-    task_file = args.eval_file if args.task == "arithmetic" and args.eval_file else args.task
-    config = TrainConfig(task=task_file, eval_file=args.eval_file or "")
-    task = make_task(config)
-    examples = task.eval_examples(args.examples)
-    if not examples:
-        raise OpdError(f"task {task.name} has no held-out prompts; pass --eval-file PATH.jsonl")
-    teacher = None
-    if args.teacher:
-        teacher_path = resolve_model_path(args.teacher, "--teacher")
-        teacher_tokenizer = load_tokenizer(teacher_path)
-        teacher = TeacherView(LocalTeacher(load_model(teacher_path, device, dtype), len(teacher_tokenizer)),
-                              tokenizer, teacher_tokenizer, args.teacher_template)
-    result = evaluate(load_model(path, device, dtype), tokenizer, task, examples,
-                      max_new_tokens=args.max_new_tokens, teacher=teacher, seed=args.seed, samples=args.samples,
-                      sample_temperature=args.temperature)
-    print(json.dumps({"model": args.model, "examples": len(examples), "accuracy": result.accuracy,
+    task = args.eval_file if args.task == "arithmetic" and args.eval_file else args.task
+    if args.teacher_template != "auto" and not args.teacher:
+        raise OpdError("--teacher-template needs --teacher")
+    result = evaluate(args.model, task, examples=args.examples, samples=args.samples, temperature=args.temperature,
+                      eval_file=args.eval_file or "", verifier=args.verifier,
+                      reward=load_reward(args.reward) if args.reward else None, teacher=args.teacher,
+                      teacher_template=args.teacher_template, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      device=args.device)
+    print(json.dumps({"model": args.model, "examples": result.examples, "accuracy": result.accuracy,
                       "sampled_accuracy": result.sampled_accuracy, "samples": args.samples,
                       "temperature": args.temperature,
                       "teacher_kl": result.teacher_kl,
@@ -299,6 +280,9 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out accuracy (and teacher KL) of a model")
     ev.add_argument("model", help="HF model directory, hub id, or embedded:student / embedded:teacher")
     ev.add_argument("--teacher", help="also report the per-token reverse KL to this teacher")
+    ev.add_argument("--verifier", default="exact", choices=("exact", "math", "ifeval"),
+                    help="how a prompts file's answers are graded (default exact; math: math-verify)")
+    ev.add_argument("--reward", help="module:function(completion, example) -> float, your own verifier")
     ev.add_argument("--teacher-template", default="auto", choices=("auto", "own", "student"),
                     help="how the teacher reads the prompt: auto (its own chat template when it differs), own, "
                     "student (the student's rendering)")

@@ -23,8 +23,10 @@ class TrainConfig:
     teacher_model: str = ""  # model name on the teacher server (default: the one it serves)
     teacher_tokenizer: str = ""  # the teacher's tokenizer (default: the teacher's directory; a server's: the student's)
     teacher_template: str = "auto"  # auto: the teacher's own chat template when it differs | own | student
-    task: str = "arithmetic"  # a built-in task, or a JSONL file of prompts
+    task: str = "arithmetic"  # a built-in task, a JSONL file of prompts, or module:Class of your own
     eval_file: str = ""  # JSONL of held-out prompts when task is a file
+    verifier: str = "exact"  # how a prompts file's answers are graded: exact | math (math-verify) | ifeval
+    reward: str = ""  # module:function(completion, example) -> float: your reward, in place of the task's
     # the method
     method: str = "opd"  # opd | sft (teacher samples; cross-entropy) | rl (task reward) | opd+rl | midtrain
     reward_coef: float = 1.0  # weight of the group-centred task reward (rl, opd+rl)
@@ -72,7 +74,8 @@ class TrainConfig:
     out: str = ""  # run directory; default runs/<time>-<method>
 
     CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("sampled", "full"),
-               "parallel": ("ddp", "fsdp"), "teacher_template": ("auto", "own", "student")}
+               "parallel": ("ddp", "fsdp"), "teacher_template": ("auto", "own", "student"),
+               "verifier": ("exact", "math", "ifeval")}
 
     def validate(self) -> None:
         for name, allowed in self.CHOICES.items():

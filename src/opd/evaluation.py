@@ -19,6 +19,7 @@ class EvalResult:
     sampled_accuracy: float | None  # mean over ``samples`` draws per prompt; None without samples or verifier
     teacher_kl: float | None  # None when no teacher was given
     mean_completion_tokens: float
+    examples: int = 0  # the held-out prompts evaluated (the accuracies' N)
 
 
 def completions_text(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]]) -> list[str]:
@@ -86,4 +87,5 @@ def evaluate(
         sampled_accuracy=sampled_correct / sampled_scored if sampled_scored else None,
         teacher_kl=kl_sum / max(kl_tokens, 1) if teacher is not None else None,
         mean_completion_tokens=sum(lengths) / max(len(lengths), 1),
+        examples=len(examples),
     )

@@ -111,3 +111,12 @@ def save_final(run_dir: Path, model, tokenizer) -> Path:
 
     save_atomically(path, write)
     return path
+
+
+def saved_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run directory was started with (fields newer than the run read as their defaults)."""
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        raise OpdError(f"{run_dir} is not an opd run directory (no config.json)")
+    saved = json.loads(config_path.read_text())
+    return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})

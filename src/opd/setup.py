@@ -61,7 +61,41 @@ def resolve_model_path(name: str, field: str = "model") -> str:
     return name  # a hub id: load_tokenizer and load_model say if the hub does not have it
 
 
-def make_task(config: TrainConfig) -> Task:
+def make_task(config: TrainConfig, task: Task | None = None, reward=None) -> Task:
+    """The run's task: ``task`` when given (a Python object), else ``config.task``; with ``reward`` (a
+    function) or ``config.reward`` (its import path) in place of the task's own. A user's task or reward
+    comes back wrapped (``tasks.custom.UserTask``) so that every reward is checked."""
+    from opd.tasks.custom import UserTask, check_task, is_import_path, load_reward, load_task
+
+    if config.verifier != "exact" and (task is not None or not is_file_task(config.task)):
+        raise OpdError(f"verifier={config.verifier} grades a prompts file; task={config.task} has its own verifier "
+                       "(give your own with reward=module:function)")
+    if task is not None:
+        check_task(task, "task")
+    elif is_import_path(config.task):
+        task = load_task(config.task)
+    base = task if task is not None else builtin_task(config)
+    if reward is None and config.reward.startswith(PYTHON_OBJECT):
+        raise OpdError(f"reward={config.reward}: this run's reward was a Python function; pass it again "
+                       "(opd.train(..., reward=...)) or give its import path, reward=module:function")
+    if reward is None and config.reward:
+        reward = load_reward(config.reward)
+    if task is None and reward is None:
+        return base
+    return UserTask(base, reward, config.reward)
+
+
+def is_file_task(name: str) -> bool:
+    return name.endswith(".jsonl") or Path(name).is_file()
+
+
+PYTHON_OBJECT = "python:"  # how config.json records a task or reward given as a Python object
+
+
+def builtin_task(config: TrainConfig) -> Task:
+    if config.task.startswith(PYTHON_OBJECT):
+        raise OpdError(f"task={config.task}: this run's task was a Python object; pass it again "
+                       "(opd.train(..., task=...)) or give its import path, task=module:Class")
     if config.task == "arithmetic":
         return ArithmeticTask()
     if config.task.startswith("arithmetic:"):  # arithmetic:K, K operators: a longer horizon
@@ -69,11 +103,12 @@ def make_task(config: TrainConfig) -> Task:
         if not operators.isdigit() or not 1 <= int(operators) <= 12:
             raise OpdError(f"task={config.task!r}: arithmetic:K takes K operators, an integer from 1 to 12")
         return ArithmeticTask(int(operators))
-    if config.task.endswith(".jsonl") or Path(config.task).is_file():
+    if is_file_task(config.task):
         from opd.tasks.jsonl import JsonlTask
 
-        return JsonlTask(config.task, config.eval_file or None)
-    raise OpdError(f"task={config.task!r} is neither a built-in task (arithmetic) nor a JSONL file")
+        return JsonlTask(config.task, config.eval_file or None, config.verifier)
+    raise OpdError(f"task={config.task!r} is neither a built-in task (arithmetic), a JSONL file, nor module:Class "
+                   "of your own")
 
 
 def teacher_tokenizer_for(config: TrainConfig, tokenizer, teacher_path: str | None):
@@ -166,7 +201,9 @@ def check_prompts(session: Session) -> None:
         session.prompt_ids(example.messages)
 
 
-def open_session(config: TrainConfig, resume: str | Path | None = None) -> Session:
+def open_session(config: TrainConfig, resume: str | Path | None = None, task: Task | None = None,
+                 reward=None) -> Session:
+    """Everything a run needs; ``task`` and ``reward`` are a user's Python objects (``opd.train``)."""
     config.validate()
     state = distributed.from_environment(config.dist_timeout, config.device)
     device = pick_device(config.device)
@@ -192,7 +229,7 @@ def open_session(config: TrainConfig, resume: str | Path | None = None) -> Sessi
     teacher_tokenizer = None if midtrain else teacher_tokenizer_for(config, tokenizer, teacher_path)
     if teacher_tokenizer is not None:
         check_teacher_path(config, tokenizer, teacher_tokenizer, student_path, teacher_path)
-    task = make_task(config)
+    task = make_task(config, task, reward)
     eval_set = task.eval_examples(config.eval_examples)
     if not eval_set:
         raise OpdError(f"task {task.name} has no held-out prompts; pass eval_file=PATH.jsonl")

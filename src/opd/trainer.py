@@ -239,10 +239,12 @@ def run_eval(session: Session) -> dict:
             "eval_teacher_kl": result.teacher_kl}
 
 
-def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True, desc: str = "opd") -> dict:
+def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True, desc: str = "opd",
+          task=None, reward=None) -> dict:
     """Run (or resume) on-policy distillation; returns the summary written to summary.json. Under
-    torchrun every rank trains; rank 0 alone evaluates, logs and writes (the others return {})."""
-    session = open_session(config, resume)
+    torchrun every rank trains; rank 0 alone evaluates, logs and writes (the others return {}). ``task``
+    and ``reward``: a user's Python objects in place of ``config.task`` and ``config.reward``."""
+    session = open_session(config, resume, task, reward)
     run_dir, records, main = session.run_dir, session.records, session.dist.main
     if main and session.teacher_view is not None:
         probe = [ex.messages[-1]["content"] for ex in session.eval_set[:32]]

@@ -87,13 +87,32 @@ def answer_matches(completion: str, answer: str) -> bool:
     return bool(gold) and (said == gold or f" {gold} " in f" {said} ")
 
 
-class JsonlTask:
-    """Training prompts from ``path``, held-out prompts from ``eval_path`` (both JSONL)."""
+VERIFIERS = ("exact", "math", "ifeval")
 
-    def __init__(self, path: str | Path, eval_path: str | Path | None = None) -> None:
+
+class JsonlTask:
+    """Training prompts from ``path``, held-out prompts from ``eval_path`` (both JSONL), graded by
+    ``verifier``: ``exact`` (the normalised match above; constraints where a line has them), ``math``
+    (``tasks.math``: math-verify on the answer), ``ifeval`` (every line must carry constraints)."""
+
+    def __init__(self, path: str | Path, eval_path: str | Path | None = None, verifier: str = "exact") -> None:
+        if verifier not in VERIFIERS:
+            raise OpdError(f"verifier={verifier!r} must be one of {', '.join(VERIFIERS)} (or give your own "
+                           "function as reward=module:function)")
         self.name = str(path)
+        self.verifier = verifier
         self.train = load_examples(path)
         self.held_out = load_examples(eval_path) if eval_path else []
+        if verifier == "math":
+            from opd.tasks.math import check_installed
+
+            check_installed()
+        if verifier == "ifeval":
+            for source, examples in ((path, self.train), (eval_path, self.held_out)):
+                for i, example in enumerate(examples):
+                    if not example.constraints:
+                        raise OpdError(f"{source}: prompt {i + 1} has no 'constraints', which verifier=ifeval "
+                                       "grades by")
 
     def train_examples(self, step: int, count: int, seed: int) -> list[Example]:
         return [self.train[i] for i in epoch_order(len(self.train), step, count, seed)]
@@ -106,6 +125,10 @@ class JsonlTask:
             return 1.0 if follows(completion, list(example.constraints)) else 0.0
         if example.answer is None:
             return 0.0
+        if self.verifier == "math":
+            from opd.tasks.math import math_correct
+
+            return 1.0 if math_correct(completion, example.answer) else 0.0
         return 1.0 if answer_matches(completion, example.answer) else 0.0
 
 

@@ -1,0 +1,161 @@
+"""opd as a library: the README's Python example as written, a user's task and reward from Python and by
+import path (also under torchrun), their errors, and the math verifier."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import opd
+from conftest import read_jsonl, tiny_train_overrides
+from opd.cli import main
+from opd.config import load_config
+from opd.tasks.jsonl import JsonlTask
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the examples package
+from examples.custom_task import ShortSums  # noqa: E402
+from examples.rewards import brevity  # noqa: E402
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## opd from Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+    printed = capsys.readouterr().out
+    assert "brevity on held-out prompts:" in printed and "arithmetic: greedy " in printed
+    assert (tmp_path / "runs" / "python-rl" / "final" / "config.json").is_file()
+
+
+def first_and_last_rewards(run: Path) -> tuple[float, float]:
+    rewards = [r["train_reward"] for r in read_jsonl(run / "metrics.jsonl")[1:]]
+    return sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+
+
+RL = {"method": "rl", "lr": 1e-3, "warmup_steps": 1, "steps": 6, "prompts_per_step": 16, "eval_every": 6,
+      "eval_examples": 8, "eval_samples": 0}
+
+
+def test_a_reward_from_python_and_by_import_path_trains_rl_and_rises(tmp_path, monkeypatch, capsys):
+    summary = opd.train(reward=brevity, out=str(tmp_path / "python"), progress=False, **RL)
+    first, last = first_and_last_rewards(tmp_path / "python")
+    assert last > first + 0.2, (first, last)
+    assert json.loads((tmp_path / "python" / "config.json").read_text())["reward"] == \
+        "python:examples.rewards.brevity"
+    assert summary["final"] == str(tmp_path / "python" / "final")
+    monkeypatch.chdir(ROOT)  # the command line imports from the working directory
+    args = [f"{k}={v}" for k, v in RL.items()] + ["reward=examples.rewards:brevity", f"out={tmp_path / 'cli'}"]
+    assert main(["train", "--quiet", *args]) == 0
+    assert first_and_last_rewards(tmp_path / "cli") == (first, last)  # the same run, step for step
+    with pytest.raises(opd.OpdError, match="this run's reward was a Python function; pass it again"):
+        opd.train(resume=tmp_path / "python", **{**RL, "steps": 8}, progress=False)
+    opd.train(resume=tmp_path / "python", reward=brevity, **{**RL, "steps": 8}, progress=False)
+    assert read_jsonl(tmp_path / "python" / "metrics.jsonl")[-1]["step"] == 8
+    capsys.readouterr()
+
+
+def test_a_task_of_ones_own_from_python_and_by_import_path(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def counting(completion, example):
+        calls.append(completion)
+        return 1.0
+
+    summary = opd.train(task=ShortSums(), reward=counting, steps=2, prompts_per_step=4, samples_per_prompt=2,
+                        eval_every=2, eval_examples=4, eval_samples=0, out=str(tmp_path / "own"), progress=False)
+    # each sampled completion scored once: 2 steps x 4 x 2, plus the evaluations (student twice, teacher once)
+    assert len(calls) == 2 * 4 * 2 + 3 * 4
+    assert summary["student_accuracy_after"] == 1.0
+    monkeypatch.chdir(ROOT)
+    assert main(["train", "--quiet", "task=examples.custom_task:ShortSums", "steps=1", "prompts_per_step=4",
+                 "eval_examples=4", "eval_samples=0", f"out={tmp_path / 'cli'}"]) == 0
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["steps"] == 1
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda c, e: 1 / 0, r"the reward .* raised ZeroDivisionError: division by zero\n  prompt: 'Compute .*'\n"
+                         r"  completion: '.*'"),
+    (lambda c, e: "1.0", r"the reward .* returned '1.0', not a finite number\n  prompt: 'Compute "),
+    (lambda c, e: math.nan, r"returned nan, not a finite number"),
+])
+def test_a_reward_that_fails_stops_the_run_naming_the_prompt_and_completion(model_dirs, tmp_path, bad, message):
+    config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run"))
+    with pytest.raises(opd.OpdError, match=message):
+        opd.train(config, reward=bad, method="rl", progress=False)
+
+
+def test_bad_import_paths_and_verifier_choices_are_refused_before_any_compute(model_dirs, tmp_path):
+    overrides = tiny_train_overrides(model_dirs, tmp_path / "run")
+    for extra, message in (("task=no_such_module:Task", r"task=no_such_module:Task: cannot import module"),
+                           ("reward=examples.rewards:nothing", "has no attribute 'nothing'"),
+                           ("verifier=math", "verifier=math grades a prompts file")):
+        with pytest.raises(opd.OpdError, match=message):
+            opd.train(load_config(None, [*overrides, extra]), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("answer, completion, exact, math_", [
+    ("0.5", "= 1/2\nAnswer: \\frac{1}{2}", 0.0, 1.0),  # exact match rejects a right answer
+    ("70", "the total is \\boxed{70.0}", 0.0, 1.0),
+    ("\\frac{1}{2}", "Answer: 0.5", 0.0, 1.0),
+    ("2", "Answer: 2/3", 1.0, 0.0),  # exact match accepts a wrong one ("2" as a whole word of "2 3")
+    ("42", "Answer: 41", 0.0, 0.0),
+    ("42", "= 6*7\nAnswer: 42", 1.0, 1.0),
+])
+def test_the_math_verifier_against_exact_match(tmp_path, answer, completion, exact, math_):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "q", "answer": answer}) + "\n")
+    plain, mathy = JsonlTask(prompts, prompts), JsonlTask(prompts, prompts, "math")
+    example = plain.eval_examples(1)[0]
+    assert (plain.reward(completion, example), mathy.reward(completion, example)) == (exact, math_)
+
+
+def test_verifier_ifeval_needs_constraints_on_every_line(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "q", "answer": "1"}) + "\n")
+    with pytest.raises(opd.OpdError, match="has no 'constraints', which verifier=ifeval grades by"):
+        JsonlTask(prompts, None, "ifeval")
+
+
+USER_CODE = '''
+import os, random
+import opd
+
+class Sums:
+    name = "sums"
+    def train_examples(self, step, count, seed):
+        rng = random.Random(f"{seed}/{step}")
+        return [opd.Example([{"role": "user", "content": f"Compute {rng.randrange(10)}+1"}], "1") for _ in range(count)]
+    def eval_examples(self, count):
+        return [opd.Example([{"role": "user", "content": "Compute 1+1"}], "2")] * count
+    def reward(self, completion, example):
+        return 0.0
+
+def reward(completion, example):
+    with open(os.path.join(os.environ["COUNT_DIR"], f"rank{os.environ.get('RANK', '0')}.txt"), "a") as out:
+        out.write("x")  # one mark per call
+    return float(len(completion) % 2)
+'''
+
+
+def test_a_users_task_and_reward_run_on_every_rank_under_torchrun(model_dirs, tmp_path):
+    (tmp_path / "user_code.py").write_text(USER_CODE)
+    out = tmp_path / "run"
+    overrides = tiny_train_overrides(model_dirs, out, steps=2, eval_every=2, eval_examples=2, eval_samples=0,
+                                     method="opd+rl", task="user_code:Sums", reward="user_code:reward")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "COUNT_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "opd", "train", "--nproc", "2", "--quiet", *overrides],
+                            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank1 = (tmp_path / "rank1.txt").read_text()
+    assert len(rank1) == 2 * (4 // 2) * 2  # rank 1 scores its half of every step's completions, once each
+    assert len((tmp_path / "rank0.txt").read_text()) > len(rank1)  # rank 0 also evaluates
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
