@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import opd.setup
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
 from opd.models import OpdError
@@ -35,12 +34,11 @@ class DigitTask(ArithmeticTask):
         return sum(c.isdigit() for c in completion) / max(len(completion), 1)
 
 
-def test_rl_raises_the_reward(model_dirs, tmp_path, monkeypatch):
-    monkeypatch.setattr(opd.setup, "make_task", lambda config: DigitTask())
+def test_rl_raises_the_reward(model_dirs, tmp_path):
     out = tmp_path / "rl"
     summary = train(load_config(None, tiny_train_overrides(model_dirs, out, method="rl", steps=30, eval_every=30,
                                                            prompts_per_step=8, samples_per_prompt=8, lr=3e-2)),
-                    progress=False)
+                    progress=False, task=DigitTask())
     rewards = [r["train_reward"] for r in read_jsonl(out / "metrics.jsonl")[1:]]
     assert mean(rewards[-5:]) > mean(rewards[:5]) + 0.1
     assert summary["teacher_flops"] == 0.0
