@@ -32,7 +32,7 @@ MUTATE := 'opd.losses.*' 'opd.sampler.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.t
 	'opd.server.x_check_sampling*' 'opd.server.x_validate_prompt*' 'opd.setup.x_restore*' \
 	'opd.experiments.sft_curve.x_log_linear_fit*' 'opd.experiments.sft_curve.x_extrapolate*' \
 	'opd.experiments.sft_curve.x_fit_summary*' 'opd.experiments.sft_curve.x_power10*' \
-	'opd.teachers.alignment.*' 'opd.teachers.view.*'
+	'opd.teachers.alignment.*' 'opd.teachers.view.*' 'opd.tasks.custom.*' 'opd.tasks.math.*' 'opd.api.*'
 
 mutate: $(STAMP)
 	$(BIN)/pip install -q -e '.[mutate]'

@@ -159,3 +159,122 @@ def test_a_users_task_and_reward_run_on_every_rank_under_torchrun(model_dirs, tm
     assert len((tmp_path / "rank0.txt").read_text()) > len(rank1)  # rank 0 also evaluates
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
+
+
+def test_opd_evaluate_is_the_evaluation_of_a_run_with_its_defaults(model_dirs, tokenizer, tmp_path):
+    import torch
+
+    from opd.evaluation import evaluate as internal
+    from opd.models import load_model
+    from opd.tasks import ArithmeticTask
+    from opd.teachers import LocalTeacher, TeacherView
+
+    cpu = torch.device("cpu")
+    student, teacher = (load_model(model_dirs[n], cpu, torch.float32) for n in ("student", "teacher"))
+    held_out = ArithmeticTask().eval_examples(256)
+    view = TeacherView(LocalTeacher(teacher, len(tokenizer)), tokenizer, tokenizer)
+    want = internal(student, tokenizer, ArithmeticTask(), held_out, max_new_tokens=48, teacher=view, seed=0)
+    got = opd.evaluate(model_dirs["student"], teacher=model_dirs["teacher"])
+    assert got == want and got.examples == 256 and got.sampled_accuracy is None
+    want = internal(student, tokenizer, ArithmeticTask(), held_out[:8], max_new_tokens=48, seed=0, samples=2,
+                    sample_temperature=1.0)
+    assert opd.evaluate(model_dirs["student"], examples=8, samples=2) == want
+    # a prompts file as the task (its own held-out prompts), a Python task, and a reward in place of the verifier
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Compute {i}+0", "answer": f"\\frac{{{2 * i}}}{{2}}"}) + "\n"
+                               for i in range(3)))
+    assert opd.evaluate(model_dirs["student"], str(prompts), verifier="math").examples == 3
+    assert opd.evaluate(model_dirs["student"], ShortSums(), examples=4, reward=lambda c, e: 1.0).accuracy == 1.0
+    assert opd.evaluate(model_dirs["student"], "arithmetic", eval_file=str(prompts), examples=2).examples == 2
+    for bad in ({"samples": -1}, {"temperature": 0.0}):
+        with pytest.raises(opd.OpdError, match=r"samples=.* must be 0 or more and temperature=.* positive"):
+            opd.evaluate(model_dirs["student"], **bad)
+
+
+def test_train_from_a_toml_file_with_the_default_run_name_and_task_record(model_dirs, tmp_path, monkeypatch, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"student = {json.dumps(str(model_dirs['student']))}\n"
+                    f"teacher = {json.dumps(str(model_dirs['teacher']))}\n")
+    monkeypatch.chdir(tmp_path)
+    summary = opd.train(toml, task=ShortSums(), steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4,
+                        eval_examples=2, eval_samples=0, progress=False)
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.parent == Path("runs") and re.fullmatch(r"\d{8}-\d{6}-opd", run_dir.name)
+    assert summary["final"] == str(run_dir / "final") and (run_dir / "final" / "config.json").is_file()
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["task"] == "python:examples.custom_task.ShortSums" and saved["student"] == str(model_dirs["student"])
+    with pytest.raises(opd.OpdError, match=r"^unknown config field\(s\) stepz, warmup; `opd train --help` lists"):
+        opd.train(stepz=1, warmup=2)
+    capsys.readouterr()
+
+
+def test_user_tasks_pass_on_their_arguments_and_name_themselves(tmp_path):
+    from opd.tasks import ArithmeticTask
+    from opd.tasks.custom import UserTask
+
+    wrapped = UserTask(ShortSums())
+    assert wrapped.name == "short-sums"
+    assert wrapped.train_examples(3, 4, 7) == ShortSums().train_examples(3, 4, 7) != wrapped.train_examples(3, 4, 8)
+    assert wrapped.train_examples(3, 4, 7) != wrapped.train_examples(2, 4, 7)
+    assert UserTask(ArithmeticTask(), brevity).validation_examples(2, []) == ArithmeticTask().validation_examples(2, [])
+    example = ShortSums.example(1, 2)
+
+    class Nameless:  # a task without a name attribute: named by its class
+        train_examples, eval_examples = ShortSums.train_examples, ShortSums.eval_examples
+
+        def reward(self, completion, example):
+            raise KeyError("x")
+
+    with pytest.raises(opd.OpdError, match=r"^the reward of task Nameless raised KeyError: 'x'\n"):
+        UserTask(Nameless()).reward("= 3", example)
+    with pytest.raises(opd.OpdError, match=r"^the reward brevity returned None"):
+        UserTask(ShortSums(), lambda c, e: None, "brevity").reward("= 3", example)
+    with pytest.raises(opd.OpdError, match=r"^the reward test_user_tasks_pass_on_their_arguments_and_name_themselves"
+                                           r"\.<locals>\.<lambda> returned 'x'"):
+        UserTask(ShortSums(), lambda c, e: "x").reward("= 3", example)
+    assert UserTask(ShortSums(), lambda c, e: True).reward("", example) == 1.0  # a bool counts as 0/1
+
+
+FACTORIES = '''
+from examples.custom_task import ShortSums
+instance = ShortSums()
+def factory():
+    return ShortSums()
+class Holder:
+    Nested = ShortSums
+not_a_task = 3
+def score(completion, example):
+    return 0.5
+'''
+
+
+def test_import_paths_resolve_classes_factories_instances_and_nested_names(tmp_path, monkeypatch):
+    from opd.tasks.custom import load_object, load_reward, load_task
+
+    (tmp_path / "user_tasks_mod.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    for spec in ("user_tasks_mod:instance", "user_tasks_mod:factory", "user_tasks_mod:Holder.Nested",
+                 "examples.custom_task:ShortSums"):
+        task = load_task(spec)
+        assert isinstance(task, ShortSums), spec
+    assert load_object("user_tasks_mod:score", "reward")("", None) == 0.5 and sys.path[0] == str(tmp_path)
+    with pytest.raises(opd.OpdError, match=r"^task=user_tasks_mod:not_a_task: a task needs the methods "
+                                           r"train_examples, eval_examples and reward \(the opd.Task protocol\); "
+                                           r"int lacks train_examples, eval_examples, reward$"):
+        load_task("user_tasks_mod:not_a_task")
+    with pytest.raises(opd.OpdError, match=r"^reward=user_tasks_mod:not_a_task is a int, not a function"):
+        load_reward("user_tasks_mod:not_a_task")
+    with pytest.raises(opd.OpdError, match=r"^reward=user_tasks_mod:nothing: module 'user_tasks_mod' has no "
+                                           r"attribute 'nothing'$"):
+        load_reward("user_tasks_mod:nothing")
+    with pytest.raises(opd.OpdError, match=r"^reward=no_module_here:f: cannot import module 'no_module_here' "
+                                           r".*; is it on PYTHONPATH or in the working directory\?$"):
+        load_reward("no_module_here:f")
+
+
+def test_the_math_verifier_reads_the_text_after_the_last_answer_marker():
+    from opd.tasks.math import math_correct
+
+    assert math_correct("\\boxed{3} was my first try.\nAnswer: 4", "4")  # the boxed 3 is not the final answer
+    assert not math_correct("Answer: 4", "")  # an empty gold answer parses to nothing: never correct
