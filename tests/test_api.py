@@ -278,3 +278,41 @@ def test_the_math_verifier_reads_the_text_after_the_last_answer_marker():
 
     assert math_correct("\\boxed{3} was my first try.\nAnswer: 4", "4")  # the boxed 3 is not the final answer
     assert not math_correct("Answer: 4", "")  # an empty gold answer parses to nothing: never correct
+
+
+def test_opd_evaluate_passes_on_every_setting(model_dirs, cross_dirs, tokenizer, other_tokenizer, tmp_path):
+    import torch
+
+    from opd.evaluation import evaluate as internal
+    from opd.models import load_model
+    from opd.tasks import ArithmeticTask
+    from opd.tasks.custom import UserTask
+    from opd.teachers import LocalTeacher, TeacherView
+
+    cpu = torch.device("cpu")
+    student = load_model(model_dirs["student"], cpu, torch.float32)
+
+    def parity(completion, example):  # a reward the random tiny student scores on, so that settings show
+        return float(len(completion) % 2)
+
+    task = UserTask(ArithmeticTask(), parity)
+    held_out = task.eval_examples(6)
+    want = internal(student, tokenizer, task, held_out, max_new_tokens=7, seed=3, samples=3, sample_temperature=0.5)
+    got = opd.evaluate(model_dirs["student"], reward=parity, examples=6, max_new_tokens=7, seed=3, samples=3,
+                       temperature=0.5)
+    assert got == want and 0 < got.sampled_accuracy < 1
+    teacher = LocalTeacher(load_model(cross_dirs["teacher"], cpu, torch.float32), len(other_tokenizer))
+    for template in ("auto", "student"):
+        view = TeacherView(teacher, tokenizer, other_tokenizer, template)
+        want = internal(student, tokenizer, ArithmeticTask(), held_out, max_new_tokens=48, teacher=view, seed=0)
+        assert opd.evaluate(model_dirs["student"], examples=6, teacher=cross_dirs["teacher"],
+                            teacher_template=template) == want
+
+    class TwoPrompts(ShortSums):
+        def eval_examples(self, count):
+            return super().eval_examples(min(count, 2))
+
+    assert opd.evaluate(model_dirs["student"], TwoPrompts(), examples=5).examples == 2
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Compute {i}+0", "answer": str(i)}) + "\n" for i in range(3)))
+    assert opd.evaluate(model_dirs["student"], "arithmetic", eval_file=str(prompts), examples=10).examples == 3
