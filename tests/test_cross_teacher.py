@@ -383,3 +383,29 @@ def test_the_zoo_second_family_differs_in_every_way_the_issue_names(tokenizer, o
     assert not any(t.isdigit() and len(t) > 1 for t in tokenizer.get_vocab())  # one token per digit
     model = make_model(other_tokenizer, layers=1, width=16, seed=0)
     assert model.config.vocab_size == len(other_tokenizer)
+
+
+def test_sft_has_a_teacher_with_its_own_template_write_from_its_own_rendering(own_template_dir, model_dirs, tmp_path,
+                                                                            monkeypatch):
+    import opd.trainer
+    from opd.trainer import step_rollouts
+
+    real, asked = opd.trainer.sample, []
+
+    def recording(model, prompts, **kwargs):
+        asked.append(prompts)
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(opd.trainer, "sample", recording)
+    dirs = {**model_dirs, "teacher": own_template_dir}
+    session = open_session(load_config(None, tiny_train_overrides(dirs, tmp_path / "run", method="sft")))
+    rollouts = step_rollouts(session, 0)
+    theirs = load_tokenizer(own_template_dir)
+    assert all("You are a careful teacher." in theirs.decode(p) for p in asked[0])  # the teacher read its own
+    examples = session.task.train_examples(0, 4, session.config.seed)
+    mine = [session.prompt_ids(ex.messages) for ex in examples for _ in range(2)]
+    for row, prompt in enumerate(mine):  # the student trains after its own rendering
+        width = int((rollouts.completion_mask[row] > 0).nonzero()[0])
+        kept = rollouts.attention_mask[row, :width] > 0
+        assert rollouts.tokens[row, :width][kept].tolist() == prompt
+    assert rollouts.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]

@@ -117,14 +117,22 @@ def step_rollouts(session: Session, step: int) -> Rollouts:
     else:
         examples = distributed.shard(train_examples(session, step), session.dist)
         prompts = [session.prompt_ids(ex.messages) for ex in examples]
-        sampler = session.teacher_model if config.method == "sft" else session.full_model  # who samples
+        # who samples: the student, or for sft the teacher, reading the prompts as it was trained to
+        own = config.method == "sft" and session.teacher_view.path == "own"
+        sampler = session.teacher_model if config.method == "sft" else session.full_model
         seed = config.seed * 1_000_003 + step + session.dist.rank * 7_919_000_003  # rank 0: as one process
-        rollouts = sample(sampler, prompts, samples_per_prompt=config.samples_per_prompt,
+        rollouts = sample(sampler, [session.teacher_view.teacher_prompt(ex.messages) for ex in examples] if own
+                          else prompts, samples_per_prompt=config.samples_per_prompt,
                           max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                           top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                           vocab_size=session.vocab_size,
                           generator=torch.Generator(session.device).manual_seed(seed))
         samples_per_prompt = config.samples_per_prompt
+        if own:  # the student trains on the teacher's completion after its own rendering of the prompt
+            groups = rollouts.prompt_index
+            rollouts = pack_pairs([p for p in prompts for _ in range(samples_per_prompt)], rollouts.completion_ids(),
+                                  tokenizer.pad_token_id).to(session.device)
+            rollouts.prompt_index = groups.to(session.device)
     texts = completions_text(tokenizer, rollouts.completion_ids())
     repeated = [ex for ex in examples for _ in range(samples_per_prompt)]
     rollouts.extras["messages"] = [ex.messages for ex in repeated]  # the conversation each row answers
