@@ -12,7 +12,6 @@ from opd.teachers.alignment import (
     Alignment,
     Events,
     align,
-    chunk_sums,
     conditional_shares,
     token_bytes,
     with_end_of_turn,
@@ -59,7 +58,6 @@ def test_empty_text_and_the_end_of_turn_chunk():
     eos = with_end_of_turn(align([b"4", b"2"], [b"42"]))
     assert eos == Alignment([0, 0, 1], [0, 1], 2, [(0, b"4"), (0, b"42")])  # the EOS pair is a chunk of its own
     assert eos.single_token_chunks() == 1
-    assert chunk_sums([-1.0, -2.0, -0.5], eos.student, eos.count) == [-3.0, -0.5]
 
 
 TEXTS = ["= 3*(8+6)\n= 3*14\n= 42\nAnswer: 42", " leading space and  two", f"caf{CHECK} {TICK.decode()} über",

@@ -77,8 +77,6 @@ def evaluate(model: str | Path, task: Task | str = "arithmetic", *, examples: in
     greedy, and with ``samples`` = k the mean over k draws per prompt at ``temperature``; with ``teacher``
     the per-token reverse KL to it. ``task`` is a ``Task`` object, a built-in name or a prompts file
     (then ``eval_file`` holds the held-out prompts, or the file itself is used)."""
-    import torch
-
     from opd.evaluation import evaluate as run
     from opd.models import OpdError, load_model, load_tokenizer, pick_device, pick_dtype
     from opd.setup import make_task, resolve_model_path
@@ -107,9 +105,8 @@ def evaluate(model: str | Path, task: Task | str = "arithmetic", *, examples: in
         teacher_tokenizer = load_tokenizer(teacher_path)
         view = TeacherView(LocalTeacher(load_model(teacher_path, device_, dtype), len(teacher_tokenizer)),
                            tokenizer, teacher_tokenizer, teacher_template)
-    with torch.no_grad():
-        return run(load_model(path, device_, dtype), tokenizer, built, held_out, max_new_tokens=max_new_tokens,
-                   teacher=view, seed=seed, samples=samples, sample_temperature=temperature)
+    return run(load_model(path, device_, dtype), tokenizer, built, held_out, max_new_tokens=max_new_tokens,
+               teacher=view, seed=seed, samples=samples, sample_temperature=temperature)
 
 
 __all__ = ["Example", "Task", "TrainConfig", "evaluate", "train"]

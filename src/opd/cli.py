@@ -126,10 +126,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from opd.api import evaluate
     from opd.tasks.custom import load_reward
 
-    task = args.eval_file if args.task == "arithmetic" and args.eval_file else args.task
     if args.teacher_template != "auto" and not args.teacher:
         raise OpdError("--teacher-template needs --teacher")
-    result = evaluate(args.model, task, examples=args.examples, samples=args.samples, temperature=args.temperature,
+    result = evaluate(args.model, args.task, examples=args.examples, samples=args.samples, temperature=args.temperature,
                       eval_file=args.eval_file or "", verifier=args.verifier,
                       reward=load_reward(args.reward) if args.reward else None, teacher=args.teacher,
                       teacher_template=args.teacher_template, max_new_tokens=args.max_new_tokens, seed=args.seed,

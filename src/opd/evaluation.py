@@ -45,8 +45,8 @@ def evaluate(
     samples per prompt: what avg@k reports, and what the student does when it samples); with a
     teacher (a ``teachers.TeacherView``), the mean over completion tokens of ``log pi(x_t) - log
     p_teacher(x_t)`` on the student's own temperature-1 samples, the Monte Carlo estimate of the per-token
-    reverse KL (the same estimator for any teacher; for one with another tokenizer, the sum of the aligned
-    chunks' log-ratios over the student's completion tokens)."""
+    reverse KL (the same estimator for any teacher; for one with another tokenizer, the teacher's
+    log-prob of each student token's text given the text before it, ``TeacherView.score``)."""
     was_training = model.training
     model.eval()
     correct, scored, lengths = 0.0, 0, []

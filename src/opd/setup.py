@@ -119,12 +119,13 @@ def teacher_tokenizer_for(config: TrainConfig, tokenizer, teacher_path: str | No
     return tokenizer if teacher_path is None else load_tokenizer(teacher_path)
 
 
-def check_teacher_path(config: TrainConfig, student, teacher, student_path: str, teacher_path: str | None) -> None:
-    """A teacher with another tokenizer is read through the text alignment, which scores sampled tokens
-    only: refuse what needs one vocabulary (the exact KL, the teacher writing SFT data), naming the
-    difference."""
-    if choose_path(student, teacher, config.teacher_template) != "aligned":
-        return
+def check_teacher_path(config: TrainConfig, student, teacher, student_path: str, teacher_path: str | None) -> str:
+    """How the teacher will read the rollouts (``view.choose_path``). A teacher with another tokenizer is
+    read through the text alignment, which scores sampled tokens only: refuse what needs one vocabulary
+    (the exact KL, the teacher writing SFT data), naming the difference."""
+    path = choose_path(student, teacher, config.teacher_template)
+    if path != "aligned":
+        return path
     differences = "; ".join(tokenizer_differences(student, teacher))
     where = f"the student ({student_path}) and the teacher ({teacher_path or config.teacher})"
     if config.kl == "full" and "opd" in config.method:
@@ -136,6 +137,7 @@ def check_teacher_path(config: TrainConfig, student, teacher, student_path: str,
         raise OpdError(f"the tokenizers of {where} differ ({differences}). method=sft trains on the teacher's "
                        "sampled token ids, which the student cannot read: write the teacher's completions to "
                        "a JSONL file and pass sft_data=, or use method=opd with kl=sampled")
+    return path
 
 
 @dataclass
@@ -227,8 +229,8 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
     teacher_path = None if midtrain or remote else resolve_model_path(config.teacher, "teacher")
     tokenizer = load_tokenizer(student_path)
     teacher_tokenizer = None if midtrain else teacher_tokenizer_for(config, tokenizer, teacher_path)
-    if teacher_tokenizer is not None:
-        check_teacher_path(config, tokenizer, teacher_tokenizer, student_path, teacher_path)
+    teacher_path_kind = None if teacher_tokenizer is None else check_teacher_path(
+        config, tokenizer, teacher_tokenizer, student_path, teacher_path)
     task = make_task(config, task, reward)
     eval_set = task.eval_examples(config.eval_examples)
     if not eval_set:
@@ -291,7 +293,8 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
                       trainable, vocab_size, max_prompt, dist=state, loss_module=loss_module,
                       full_model=full_model, teacher_tokenizer=teacher_tokenizer)
     if teacher is not None:
-        session.teacher_view = TeacherView(teacher, tokenizer, teacher_tokenizer, config.teacher_template)
+        session.teacher_view = TeacherView(teacher, tokenizer, teacher_tokenizer, config.teacher_template,
+                                           teacher_path_kind)
     if config.sft_data:
         from opd.tasks.jsonl import load_sft_pairs
 

@@ -2,10 +2,11 @@
 
 The student's completion is a sequence of its token ids; each id stands for a string of bytes
 (``token_bytes``). The teacher reads the same text as its own tokens. Between consecutive byte offsets
-where *both* tokenizations have a token boundary, a *chunk* holds one or more tokens of each side;
-the log-prob of a chunk under a model is the sum of its tokens' log-probs (the chain rule), so chunks
-can be compared across vocabularies where single tokens cannot. When the tokenizers agree on a span,
-its chunks are single tokens and the comparison is exactly the per-token one.
+where *both* tokenizations have a token boundary, a *chunk* holds one or more tokens of each side
+(when the tokenizers agree on a span, its chunks are single tokens). Each student token is then read in
+the teacher's tokens as an *event* (``Events``: what the token means, not where the teacher's token
+ends), and the teacher's log-probs of the events become its conditionals (``conditional_shares``),
+which sum over a completion to the teacher's log-prob of the whole text.
 """
 
 from __future__ import annotations
@@ -142,14 +143,6 @@ def with_end_of_turn(alignment: Alignment) -> Alignment:
     """The alignment of the text, plus one more chunk pairing the student's EOS with the teacher's."""
     return Alignment(alignment.student + [alignment.count], alignment.teacher + [alignment.count],
                      alignment.count + 1, alignment.reach)
-
-
-def chunk_sums(values: list[float], chunks: list[int], count: int) -> list[float]:
-    """``out[c] = sum_{i: chunks[i] = c} values[i]``: a chunk's log-prob from its tokens' (the chain rule)."""
-    out = [0.0] * count
-    for value, chunk in zip(values, chunks, strict=True):
-        out[chunk] += value
-    return out
 
 
 class PrefixIndex:

@@ -8,9 +8,10 @@
   stays exact; only the context the teacher conditions on changes, to the one it was trained on.
 - ``aligned``: another tokenizer. The completion is decoded to text, read by the teacher in its own
   tokens after its own rendering of the prompt, and the two tokenizations are aligned on byte offsets
-  (``alignment.align``). The teacher's signal comes per chunk: exact on single-token chunks, the
-  chunk's joint log-prob elsewhere. ``kl=full`` is refused: the two distributions are over different
-  vocabularies.
+  (``alignment.align``). Each student token gets the teacher's log-prob of its text given the text
+  before it (``alignment.Events``, ``alignment.conditional_shares``): the token's own log-prob where the
+  two tokenizations agree, summing to the teacher's log-prob of the whole completion. ``kl=full`` is
+  refused: the two distributions are over different vocabularies.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def choose_path(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBa
 class Scored:
     """The teacher's signal in the student's layout (B, T). ``logprobs``: the teacher's log-prob of each
     completion token; on the ``aligned`` path, of each student token's text given the text before it
-    (``alignment.split_chunks``: exact on single-token chunks, and each chunk's tokens sum to the chunk's
-    log-prob, so a row's sum is the teacher's log-prob of the whole completion). ``chunks`` (``aligned``
+    (``alignment.conditional_shares``: the token's own log-prob where the tokenizations agree, and a row's
+    sum is the teacher's log-prob of the whole completion). ``chunks`` (``aligned``
     only): the chunk of each completion token, numbered across the batch, -1 elsewhere. ``hidden``: the
     teacher's final hidden states at the completion positions, in ``scoring.completion_hidden``'s order
     (``kl=full``)."""
