@@ -72,14 +72,16 @@ def train(config: TrainConfig | str | Path | None = None, *, task: Task | None =
 def evaluate(model: str | Path, task: Task | str = "arithmetic", *, examples: int = 256, samples: int = 0,
              temperature: float = 1.0, eval_file: str = "", verifier: str = "exact", reward: Reward | None = None,
              teacher: str | Path | None = None, teacher_template: str = "auto", max_new_tokens: int = 48,
-             seed: int = 0, device: str = "auto") -> EvalResult:
+             seed: int = 0, device: str = "auto", data: dict | None = None) -> EvalResult:
     """Held-out accuracy of ``model`` (a model directory, hub id, ``embedded:NAME`` or a run's ``final/``):
     greedy, and with ``samples`` = k the mean over k draws per prompt at ``temperature``; with ``teacher``
     the per-token reverse KL to it. ``task`` is a ``Task`` object, a built-in name or a prompts file
-    (then ``eval_file`` holds the held-out prompts, or the file itself is used)."""
+    or dataset (then ``eval_file`` holds the held-out prompts, or the file itself is used, its ``eval_split``);
+    ``data``: the dataset fields of ``TrainConfig`` (``prompt_field``, ``answer_field``, ``split``, ...)."""
+    from opd.config import apply_values
     from opd.evaluation import evaluate as run
     from opd.models import OpdError, load_model, load_tokenizer, pick_device, pick_dtype
-    from opd.setup import make_task, resolve_model_path
+    from opd.setup import is_file_task, make_task, resolve_model_path
 
     if samples < 0 or temperature <= 0:
         raise OpdError(f"samples={samples} must be 0 or more and temperature={temperature} positive")
@@ -89,8 +91,9 @@ def evaluate(model: str | Path, task: Task | str = "arithmetic", *, examples: in
     tokenizer = load_tokenizer(path)
     if isinstance(task, str):
         name = eval_file if task == "arithmetic" and eval_file else task
-        config = TrainConfig(task=name, eval_file=eval_file or (name if name.endswith(".jsonl") else ""),
+        config = TrainConfig(task=name, eval_file=eval_file or (name if is_file_task(name) else ""),
                              verifier=verifier)
+        apply_values(config, data or {}, "data")
         built = make_task(config, reward=reward)
     else:
         built = make_task(TrainConfig(), task, reward)

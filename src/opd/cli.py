@@ -132,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       eval_file=args.eval_file or "", verifier=args.verifier,
                       reward=load_reward(args.reward) if args.reward else None, teacher=args.teacher,
                       teacher_template=args.teacher_template, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                      device=args.device)
+                      device=args.device, data=dict(item.partition("=")[::2] for item in args.data))
     print(json.dumps({"model": args.model, "examples": result.examples, "accuracy": result.accuracy,
                       "sampled_accuracy": result.sampled_accuracy, "samples": args.samples,
                       "temperature": args.temperature,
@@ -285,7 +285,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher-template", default="auto", choices=("auto", "own", "student"),
                     help="how the teacher reads the prompt: auto (its own chat template when it differs), own, "
                     "student (the student's rendering)")
-    ev.add_argument("--task", default="arithmetic", help="built-in task or a JSONL prompts file")
+    ev.add_argument("--task", default="arithmetic", help="built-in task, a prompts file or folder (JSONL, parquet, "
+                    "csv, json, save_to_disk) or a hub dataset hf:ORG/NAME[:SUBSET][@SPLIT]")
+    ev.add_argument("--data", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a dataset setting of opd train: prompt_field=, answer_field=, messages_field=, split=, "
+                         "eval_split=, subset=, streaming= (repeatable)")
     ev.add_argument("--eval-file", help="JSONL of held-out prompts: with answers (QA, exact or whole-word match) or "
                     "constraints (instruction following)")
     ev.add_argument("--examples", type=int, default=256, help="number of held-out prompts")

@@ -23,8 +23,18 @@ class TrainConfig:
     teacher_model: str = ""  # model name on the teacher server (default: the one it serves)
     teacher_tokenizer: str = ""  # the teacher's tokenizer (default: the teacher's directory; a server's: the student's)
     teacher_template: str = "auto"  # auto: the teacher's own chat template when it differs | own | student
-    task: str = "arithmetic"  # a built-in task, a JSONL file of prompts, or module:Class of your own
-    eval_file: str = ""  # JSONL of held-out prompts when task is a file
+    task: str = "arithmetic"  # built-in task; prompts: JSONL, parquet/csv/json, a folder, hf:ORG/NAME; module:Class
+    eval_file: str = ""  # held-out prompts when task is a file or dataset (same forms; hf:NAME@test)
+    # datasets (task=, eval_file=, sft_data=, docs=): columns, split and subset, streaming
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    messages_field: str = "messages"  # OpenAI messages; ShareGPT "conversations" is found by itself
+    completion_field: str = "completion"  # sft_data (else a messages row's last assistant turn)
+    text_field: str = "text"  # docs
+    split: str = "train"  # the split of a hub dataset or folder (hf:NAME@SPLIT overrides)
+    eval_split: str = "test"  # eval_file's split
+    subset: str = ""  # a hub dataset's configuration (hf:NAME:SUBSET overrides)
+    streaming: bool = False  # task= read as a stream: nothing downloaded or converted first
     verifier: str = "exact"  # how a prompts file's answers are graded: exact | math (math-verify) | ifeval
     reward: str = ""  # module:function(completion, example) -> float: your reward, in place of the task's
     # the method

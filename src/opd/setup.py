@@ -25,6 +25,7 @@ from opd.models import (
     quiet_peft,
 )
 from opd.tasks import ArithmeticTask, Example, Task
+from opd.tasks.sources import DataOptions, is_dataset_spec
 from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.view import TeacherView, choose_path, tokenizer_differences
@@ -86,7 +87,8 @@ def make_task(config: TrainConfig, task: Task | None = None, reward=None) -> Tas
 
 
 def is_file_task(name: str) -> bool:
-    return name.endswith(".jsonl") or Path(name).is_file()
+    """Prompts from a file, a folder or a hub dataset (not a built-in task or an import path)."""
+    return name.endswith(".jsonl") or Path(name).is_file() or is_dataset_spec(name)
 
 
 PYTHON_OBJECT = "python:"  # how config.json records a task or reward given as a Python object
@@ -106,9 +108,9 @@ def builtin_task(config: TrainConfig) -> Task:
     if is_file_task(config.task):
         from opd.tasks.jsonl import JsonlTask
 
-        return JsonlTask(config.task, config.eval_file or None, config.verifier)
-    raise OpdError(f"task={config.task!r} is neither a built-in task (arithmetic), a JSONL file, nor module:Class "
-                   "of your own")
+        return JsonlTask(config.task, config.eval_file or None, config.verifier, DataOptions.of(config))
+    raise OpdError(f"task={config.task!r} is neither a built-in task (arithmetic), a prompts file or folder that "
+                   "exists, a hub dataset (hf:ORG/NAME), nor module:Class of your own")
 
 
 def teacher_tokenizer_for(config: TrainConfig, tokenizer, teacher_path: str | None):
@@ -185,12 +187,12 @@ class Session:
         return ids
 
 
-def document_chunks(path: str, tokenizer, length: int) -> list[list[int]]:
+def document_chunks(path: str, tokenizer, length: int, options: DataOptions) -> list[list[int]]:
     """Each document's tokens, EOS appended, cut into pieces of ``length`` (pieces under 2 tokens dropped)."""
     from opd.tasks.jsonl import load_documents
 
     chunks = []
-    for text in load_documents(path):
+    for text in load_documents(path, options):
         ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
         chunks += [ids[i : i + length] for i in range(0, len(ids), length) if len(ids[i : i + length]) >= 2]
     return chunks
@@ -298,11 +300,11 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
     if config.sft_data:
         from opd.tasks.jsonl import load_sft_pairs
 
-        session.sft_pairs = load_sft_pairs(config.sft_data)
+        session.sft_pairs = load_sft_pairs(config.sft_data, DataOptions.of(config))
         for example, _ in session.sft_pairs:
             session.prompt_ids(example.messages)
     if midtrain:
-        session.doc_chunks = document_chunks(config.docs, tokenizer, config.doc_tokens)
+        session.doc_chunks = document_chunks(config.docs, tokenizer, config.doc_tokens, DataOptions.of(config))
     session.student_shape = ModelShape.of(full_model)
     session.teacher_shape = ModelShape.of(teacher_model) if teacher_model is not None else None
     check_prompts(session)

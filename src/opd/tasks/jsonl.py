@@ -13,43 +13,101 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from opd.ifeval import follows, parse_constraints
 from opd.models import OpdError
 from opd.tasks import Example
+from opd.tasks.sources import DataOptions, StreamRows, is_dataset_spec, open_rows
+
+DEFAULT_OPTIONS = DataOptions()
 
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant"}  # ShareGPT's ``from`` values
 
 
-def parse_line(path: Path, lineno: int, line: str) -> Example:
-    where = f"{path}:{lineno}"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise OpdError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+def given(obj: dict, name: str):
+    """The field's value, or None when the field is absent or null (a table's missing cell)."""
+    return obj.get(name) if name else None
+
+
+def message_text(content, where: str):
+    """A message's text: a string, or OpenAI's list of parts (the ``text`` parts joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise OpdError(f"{where} must be a string (or a list of {{'type': 'text', 'text': ...}} parts)")
+
+
+def parse_messages(value, field: str, where: str) -> list[dict]:
+    """OpenAI ``[{"role", "content"}]`` or ShareGPT ``[{"from", "value"}]`` messages, as OpenAI's."""
+    if not isinstance(value, list) or not value:
+        raise OpdError(f"{where}: field '{field}' must be a non-empty list")
+    out = []
+    for i, message in enumerate(value):
+        if isinstance(message, dict) and "from" in message and "role" not in message:
+            role = SHAREGPT_ROLES.get(message["from"])
+            if role is None:
+                raise OpdError(f"{where}: field '{field}[{i}].from' is {message['from']!r}; opd reads the ShareGPT "
+                               f"roles {', '.join(SHAREGPT_ROLES)}")
+            out.append({"role": role, "content": message_text(message.get("value"), f"{where}: field '{field}[{i}]"
+                                                                                     ".value'")})
+        elif isinstance(message, dict) and message.get("role") in ROLES:
+            out.append({"role": message["role"], "content": message_text(message.get("content"),
+                                                                         f"{where}: field '{field}[{i}].content'")})
+        else:
+            raise OpdError(f"{where}: field '{field}[{i}]' must be an object with 'role' ({', '.join(ROLES)}) and "
+                           "'content' (a string), or ShareGPT's 'from' and 'value'")
+    return out
+
+
+def parse_record(obj, where: str, options: DataOptions = DEFAULT_OPTIONS) -> tuple[Example, str | None]:
+    """One prompt row (a JSONL line's object or a dataset's row) -> (Example, its reference completion).
+
+    The prompt is ``prompt`` (a string) or ``messages`` (OpenAI) / ``conversations`` (ShareGPT); trailing
+    assistant messages are not part of the prompt: the last of them is the row's completion unless a
+    ``completion`` field gives one. ``options`` maps the column names."""
     if not isinstance(obj, dict):
         raise OpdError(f"{where}: each line must be a JSON object with a 'prompt' or 'messages' field")
-    if "prompt" in obj:
-        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
-            raise OpdError(f"{where}: field 'prompt' must be a non-empty string")
-        messages = [{"role": "user", "content": obj["prompt"]}]
-    elif "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise OpdError(f"{where}: field 'messages' must be a non-empty list")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ROLES \
-                    or not isinstance(message.get("content"), str):
-                raise OpdError(f"{where}: field 'messages[{i}]' must be an object with 'role' "
-                               f"({', '.join(ROLES)}) and 'content' (a string)")
+    prompt_field, messages_field = options.prompt_field, options.messages_field
+    if messages_field == "messages" and given(obj, "messages") is None and given(obj, "conversations") is not None:
+        messages_field = "conversations"
+    completion = None
+    if given(obj, prompt_field) is not None:
+        if not isinstance(obj[prompt_field], str) or not obj[prompt_field].strip():
+            raise OpdError(f"{where}: field '{prompt_field}' must be a non-empty string")
+        messages = [{"role": "user", "content": obj[prompt_field]}]
+    elif given(obj, messages_field) is not None:
+        messages = parse_messages(obj[messages_field], messages_field, where)
+        while messages and messages[-1]["role"] == "assistant":
+            completion = completion if completion is not None else messages[-1]["content"]
+            messages = messages[:-1]
+        if not messages:
+            raise OpdError(f"{where}: field '{messages_field}' holds only assistant messages: no prompt")
     else:
-        raise OpdError(f"{where}: missing field 'prompt' (or 'messages')")
-    answer = obj.get("answer")
-    if answer is not None and not isinstance(answer, str | int | float):
-        raise OpdError(f"{where}: field 'answer' must be a string or a number")
-    constraints = parse_constraints(obj["constraints"], where) if "constraints" in obj else ()
-    return Example(messages, None if answer is None else str(answer), constraints)
+        raise OpdError(f"{where}: missing field '{prompt_field}' (or '{messages_field}')")
+    answer = given(obj, options.answer_field)
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, str | int | float)):
+        raise OpdError(f"{where}: field '{options.answer_field}' must be a string or a number")
+    constraints = parse_constraints(obj["constraints"], where) if given(obj, "constraints") is not None else ()
+    if given(obj, options.completion_field) is not None:
+        completion = obj[options.completion_field]
+    return Example(messages, None if answer is None else str(answer), constraints), completion
+
+
+def parse_json(path: Path, lineno: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise OpdError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def parse_line(path: Path, lineno: int, line: str, options: DataOptions = DEFAULT_OPTIONS) -> Example:
+    return parse_record(parse_json(path, lineno, line), f"{path}:{lineno}", options)[0]
 
 
 def read_jsonl(path: str | Path, what: str, parse) -> list:
@@ -64,8 +122,31 @@ def read_jsonl(path: str | Path, what: str, parse) -> list:
     return items
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    return read_jsonl(path, "prompts file", parse_line)
+def load_examples(path: str | Path, options: DataOptions = DEFAULT_OPTIONS) -> list[Example]:
+    return read_jsonl(path, "prompts file", lambda p, n, line: parse_line(p, n, line, options))
+
+
+def reads_as_jsonl(spec: str, options: DataOptions) -> bool:
+    """Read by opd's own JSONL reader (in memory, errors by line number): a file that is not .json,
+    .parquet or .csv, when not streaming. Everything else goes through ``datasets`` (``tasks.sources``)."""
+    return not options.streaming and (spec.lower().endswith(".jsonl") or not is_dataset_spec(spec))
+
+
+def open_prompts(spec: str | Path, options: DataOptions = DEFAULT_OPTIONS, what: str = "prompts file",
+                 split: str | None = None):
+    """The prompts ``spec`` names: a list (JSONL), or rows read through ``datasets`` (``tasks.sources``)."""
+    spec = str(spec)
+    if reads_as_jsonl(spec, options):
+        return read_jsonl(spec, what, lambda p, n, line: parse_line(p, n, line, options))
+    prompt_columns = f"{options.prompt_field}|{options.messages_field}|conversations"
+    return open_rows(spec, options, what, lambda row, where: parse_record(row, where, options)[0],
+                     (prompt_columns,), split)
+
+
+def first_rows(rows, count: int) -> list:
+    if isinstance(rows, StreamRows):
+        return rows.first(count)
+    return [rows[i] for i in range(min(count, len(rows)))]
 
 
 def normalise(text: str) -> str:
@@ -91,36 +172,46 @@ VERIFIERS = ("exact", "math", "ifeval")
 
 
 class JsonlTask:
-    """Training prompts from ``path``, held-out prompts from ``eval_path`` (both JSONL), graded by
-    ``verifier``: ``exact`` (the normalised match above; constraints where a line has them), ``math``
-    (``tasks.math``: math-verify on the answer), ``ifeval`` (every line must carry constraints)."""
+    """Training prompts from ``path``, held-out prompts from ``eval_path``, graded by ``verifier``: ``exact``
+    (the normalised match above; constraints where a line has them), ``math`` (``tasks.math``: math-verify
+    on the answer), ``ifeval`` (every line must carry constraints). Either path may be a JSONL file or
+    anything ``tasks.sources`` reads (parquet, csv, json, a folder, a ``save_to_disk`` folder,
+    ``hf:ORG/NAME``); ``options`` maps the columns and says whether to stream."""
 
-    def __init__(self, path: str | Path, eval_path: str | Path | None = None, verifier: str = "exact") -> None:
+    def __init__(self, path: str | Path, eval_path: str | Path | None = None, verifier: str = "exact",
+                 options: DataOptions = DEFAULT_OPTIONS) -> None:
         if verifier not in VERIFIERS:
             raise OpdError(f"verifier={verifier!r} must be one of {', '.join(VERIFIERS)} (or give your own "
                            "function as reward=module:function)")
         self.name = str(path)
         self.verifier = verifier
-        self.train = load_examples(path)
-        self.held_out = load_examples(eval_path) if eval_path else []
+        self.train = open_prompts(path, options)
+        self.held_out = open_prompts(eval_path, options, "held-out prompts", options.eval_split) if eval_path else []
         if verifier == "math":
             from opd.tasks.math import check_installed
 
             check_installed()
         if verifier == "ifeval":
             for source, examples in ((path, self.train), (eval_path, self.held_out)):
+                if isinstance(examples, StreamRows):  # pragma: no cover - checked per row
+                    continue  # a streamed row is checked when it is read (reward below)
                 for i, example in enumerate(examples):
                     if not example.constraints:
                         raise OpdError(f"{source}: prompt {i + 1} has no 'constraints', which verifier=ifeval "
                                        "grades by")
 
     def train_examples(self, step: int, count: int, seed: int) -> list[Example]:
+        if isinstance(self.train, StreamRows):
+            return self.train.take(step * count, count, seed)
         return [self.train[i] for i in epoch_order(len(self.train), step, count, seed)]
 
     def eval_examples(self, count: int) -> list[Example]:
-        return self.held_out[:count]
+        return first_rows(self.held_out, count)
 
     def reward(self, completion: str, example: Example) -> float:
+        if self.verifier == "ifeval" and not example.constraints:
+            raise OpdError(f"{self.name}: the prompt {example.messages[-1]['content']!r} has no 'constraints', which "
+                           "verifier=ifeval grades by")
         if example.constraints:
             return 1.0 if follows(completion, list(example.constraints)) else 0.0
         if example.answer is None:
@@ -132,32 +223,36 @@ class JsonlTask:
         return 1.0 if answer_matches(completion, example.answer) else 0.0
 
 
-def load_sft_pairs(path: str | Path) -> list[tuple[Example, str]]:
-    """An SFT dataset: each line a prompt (``prompt`` or ``messages``, as above) and its ``completion``."""
+def load_sft_pairs(path: str | Path, options: DataOptions = DEFAULT_OPTIONS):
+    """An SFT dataset: each row a prompt (``prompt`` or ``messages``, as above) and its ``completion`` (or
+    the messages' last assistant turn). Read as a table even when ``streaming`` (training indexes it)."""
 
-    def parse(path: Path, lineno: int, line: str) -> tuple[Example, str]:
-        example = parse_line(path, lineno, line)
-        completion = json.loads(line).get("completion")
+    def pair(obj, where: str) -> tuple[Example, str]:
+        example, completion = parse_record(obj, where, options)
         if not isinstance(completion, str) or not completion:
-            raise OpdError(f"{path}:{lineno}: field 'completion' must be a non-empty string")
+            raise OpdError(f"{where}: field '{options.completion_field}' must be a non-empty string (or end the "
+                           f"'{options.messages_field}' with the assistant's answer)")
         return example, completion
 
-    return read_jsonl(path, "SFT data file", parse)
+    spec, table = str(path), replace(options, streaming=False)
+    if reads_as_jsonl(spec, table):
+        return read_jsonl(spec, "SFT data file", lambda p, n, line: pair(parse_json(p, n, line), f"{p}:{n}"))
+    return open_rows(spec, table, "SFT data", pair, (f"{options.prompt_field}|{options.messages_field}|conversations",))
 
 
-def load_documents(path: str | Path) -> list[str]:
-    """A documents file: each line ``{"text": "..."}``."""
+def load_documents(path: str | Path, options: DataOptions = DEFAULT_OPTIONS):
+    """A documents file: each row ``{"text": "..."}`` (the column named by ``text_field``)."""
+    field = options.text_field
 
-    def parse(path: Path, lineno: int, line: str) -> str:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise OpdError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
-            raise OpdError(f"{path}:{lineno}: field 'text' must be a non-empty string")
-        return obj["text"]
+    def text(obj, where: str) -> str:
+        if not isinstance(obj, dict) or not isinstance(given(obj, field), str) or not obj[field].strip():
+            raise OpdError(f"{where}: field '{field}' must be a non-empty string")
+        return obj[field]
 
-    return read_jsonl(path, "documents file", parse)
+    spec, table = str(path), replace(options, streaming=False)
+    if reads_as_jsonl(spec, table):
+        return read_jsonl(spec, "documents file", lambda p, n, line: text(parse_json(p, n, line), f"{p}:{n}"))
+    return open_rows(spec, table, "documents", text, (field,))
 
 
 def epoch_order(count: int, step: int, batch: int, seed: int) -> list[int]:
