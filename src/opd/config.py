@@ -78,6 +78,9 @@ class TrainConfig:
     eval_samples: int = 4  # sampled accuracy: completions drawn per held-out prompt (0: greedy accuracy only)
     eval_temperature: float = 1.0  # the sampled accuracy's temperature
     save_every: int = 100
+    report_to: str = "none"  # trackers, a comma list: none | tensorboard | wandb | trackio
+    tracker_project: str = "opd"  # the wandb / trackio project
+    run_name: str = ""  # the tracker run's name (default: the run directory's)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -120,6 +123,9 @@ class TrainConfig:
                 raise OpdError(f"config field doc_tokens={self.doc_tokens} must be at least 2")
         elif self.docs or self.chat_fraction:
             raise OpdError(f"docs and chat_fraction are only read by method=midtrain (method is {self.method!r})")
+        from opd.trackers import chosen
+
+        chosen(self.report_to)
         if self.dist_timeout <= 0:
             raise OpdError(f"config field dist_timeout={self.dist_timeout} must be positive (seconds)")
         if self.train_prompts < 0:

@@ -18,7 +18,8 @@ from opd.config import TrainConfig
 from opd.models import OpdError, plain_model, save_atomically
 
 # fields that may differ between a run and its resumption without changing its results
-RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device", "parallel", "dist_timeout"}
+RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device", "parallel", "dist_timeout", "report_to",
+                     "tracker_project", "run_name"}
 
 
 def new_run_dir(config: TrainConfig) -> Path:

@@ -29,6 +29,7 @@ from opd.tasks.sources import DataOptions, is_dataset_spec
 from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.view import TeacherView, choose_path, tokenizer_differences
+from opd.trackers import check_installed as check_trackers
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -209,6 +210,7 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
                  reward=None) -> Session:
     """Everything a run needs; ``task`` and ``reward`` are a user's Python objects (``opd.train``)."""
     config.validate()
+    check_trackers(config.report_to)
     state = distributed.from_environment(config.dist_timeout, config.device)
     device = pick_device(config.device)
     if state.active:

@@ -26,6 +26,7 @@ from opd.scoring import completion_row_offsets, full_reverse_kl, token_logprobs
 from opd.setup import Session, open_session
 from opd.tasks import Example
 from opd.tasks.jsonl import epoch_order
+from opd.trackers import Trackers
 
 
 def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
@@ -254,47 +255,56 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
     and ``reward``: a user's Python objects in place of ``config.task`` and ``config.reward``."""
     session = open_session(config, resume, task, reward)
     run_dir, records, main = session.run_dir, session.records, session.dist.main
-    if main and session.teacher_view is not None:
-        probe = [ex.messages[-1]["content"] for ex in session.eval_set[:32]]
-        print(f"opd: {session.teacher_view.describe(probe)}", file=sys.stderr)
-    if not records and main:  # a fresh run: measure where the student and teacher start
-        teacher = None  # a teacher behind a server only scores; it cannot be asked to answer
-        if session.teacher_model is not None:  # in its own tokens and template
-            teacher = evaluate(session.teacher_model, session.teacher_tokenizer, session.task, session.eval_set,
-                               max_new_tokens=config.max_new_tokens, seed=config.seed,
-                               samples=config.eval_samples, sample_temperature=config.eval_temperature)
-        first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher and teacher.accuracy,
-                 "teacher_sampled_accuracy": teacher and teacher.sampled_accuracy, "elapsed": 0.0}
-        runs.append_metrics(run_dir, first)
-        records.append(first)
-    elapsed = records[-1]["elapsed"] if records else 0.0
-    totals = {key: records[-1].get(f"{key}_total", 0.0) if records else 0.0
-              for key in ("student_flops", "teacher_flops")}
-    bar = tqdm(range(session.start_step, config.steps), desc=desc, disable=not (progress and main),
-               initial=session.start_step, total=config.steps, dynamic_ncols=True)
-    for step in bar:
-        tick = time.perf_counter()
-        record = training_step(session, step)
-        done = record["step"] == config.steps
-        if main and (record["step"] % config.eval_every == 0 or done):
-            record.update(run_eval(session))
-        elapsed += time.perf_counter() - tick
-        record["elapsed"] = round(elapsed, 3)
-        for key in totals:  # cumulative compute; a remote teacher's architecture is unknown (null)
-            totals[key] = None if record[key] is None or totals[key] is None else totals[key] + record[key]
-            record[f"{key}_total"] = totals[key]
-        save = record["step"] % config.save_every == 0 or done
-        trainer_state = session.trainer_state() if save else None  # a collective under FSDP2: all ranks call it
-        if main:
-            runs.append_metrics(run_dir, record)
-        if save:
-            session.last_checkpoint = runs.checkpoint_path(run_dir, record["step"])
+    purge_from = None if resume is None else session.start_step + 1 if session.start_step else 0
+    trackers = Trackers(config.report_to if main else "none", run_dir, config.to_dict(), purge_from,
+                        config.tracker_project, config.run_name)
+    try:
+        if main and session.teacher_view is not None:
+            probe = [ex.messages[-1]["content"] for ex in session.eval_set[:32]]
+            print(f"opd: {session.teacher_view.describe(probe)}", file=sys.stderr)
+        if not records and main:  # a fresh run: measure where the student and teacher start
+            teacher = None  # a teacher behind a server only scores; it cannot be asked to answer
+            if session.teacher_model is not None:  # in its own tokens and template
+                teacher = evaluate(session.teacher_model, session.teacher_tokenizer, session.task, session.eval_set,
+                                   max_new_tokens=config.max_new_tokens, seed=config.seed,
+                                   samples=config.eval_samples, sample_temperature=config.eval_temperature)
+            first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher and teacher.accuracy,
+                     "teacher_sampled_accuracy": teacher and teacher.sampled_accuracy, "elapsed": 0.0}
+            runs.append_metrics(run_dir, first)
+            trackers.log(first)
+            records.append(first)
+        elapsed = records[-1]["elapsed"] if records else 0.0
+        totals = {key: records[-1].get(f"{key}_total", 0.0) if records else 0.0
+                  for key in ("student_flops", "teacher_flops")}
+        bar = tqdm(range(session.start_step, config.steps), desc=desc, disable=not (progress and main),
+                   initial=session.start_step, total=config.steps, dynamic_ncols=True)
+        for step in bar:
+            tick = time.perf_counter()
+            record = training_step(session, step)
+            done = record["step"] == config.steps
+            if main and (record["step"] % config.eval_every == 0 or done):
+                record.update(run_eval(session))
+            elapsed += time.perf_counter() - tick
+            record["elapsed"] = round(elapsed, 3)
+            for key in totals:  # cumulative compute; a remote teacher's architecture is unknown (null)
+                totals[key] = None if record[key] is None or totals[key] is None else totals[key] + record[key]
+                record[f"{key}_total"] = totals[key]
+            save = record["step"] % config.save_every == 0 or done
+            trainer_state = session.trainer_state() if save else None  # a collective under FSDP2: all ranks call it
             if main:
-                runs.save_checkpoint(run_dir, record["step"], session.full_model, session.tokenizer, trainer_state)
-        records.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", kl=_last(records, "teacher_kl"),
-                        reward=f"{record['train_reward']:.2f}", acc=_last(records, "accuracy"))
-    bar.close()
+                runs.append_metrics(run_dir, record)
+                trackers.log(record)
+            if save:
+                session.last_checkpoint = runs.checkpoint_path(run_dir, record["step"])
+                if main:
+                    runs.save_checkpoint(run_dir, record["step"], session.full_model, session.tokenizer, trainer_state)
+            records.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", kl=_last(records, "teacher_kl"),
+                            reward=f"{record['train_reward']:.2f}", acc=_last(records, "accuracy"))
+        bar.close()
+    except BaseException:  # an error or an interrupt: the trackers' runs are closed, to be resumed
+        trackers.abort()
+        raise
     summary = {}
     if main:
         runs.save_final(run_dir, session.full_model, session.tokenizer)
@@ -303,6 +313,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         from opd.report import write_report
 
         write_report(run_dir, config, records, summary)
+        trackers.finish({"curves": run_dir / "curves.png"}, summary)
     distributed.barrier(session.dist)  # the ranks leave together, after rank 0 has written
     return summary
 
