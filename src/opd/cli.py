@@ -232,6 +232,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from opd.export import export
+
+    facts = export(args.source, args.out, adapter=args.adapter, dtype=args.dtype)
+    print(json.dumps({"out": args.out, **facts}, indent=2))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     sub = root.add_subparsers(dest="command", required=True)
@@ -336,6 +344,19 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-tokens", type=int, default=8192,
                     help="most prompt tokens scored in one forward pass across queued requests")
     sv.set_defaults(func=cmd_serve)
+
+    ex = sub.add_parser("export", help="a run as a standalone Hugging Face model directory (or PEFT adapter) with a "
+                        "model card", description="Write a model directory that transformers and vllm serve load as "
+                        "they are: safetensors, tokenizer and chat template, generation config, a LoRA merged in "
+                        "float32, and README.md (the run's teacher, method, steps, FLOPs, evaluation). The export is "
+                        "loaded back and its log-probs compared with the run's model before it is kept.")
+    ex.add_argument("source", help="a run directory (its final/ model), one of its checkpoints, or its final/")
+    ex.add_argument("out", help="the directory to write (must not exist, or be empty)")
+    ex.add_argument("--adapter", action="store_true",
+                    help="a LoRA run: the PEFT adapter files (for vllm serve --enable-lora) instead of merged weights")
+    ex.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the weights' dtype (default float32; the merge is always done in float32)")
+    ex.set_defaults(func=cmd_export)
 
     add_experiment_parser(sub, fmt, config_help())
 
