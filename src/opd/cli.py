@@ -232,6 +232,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from opd.plan import GIB, render, with_probe
+    from opd.probe import gather, probe
+
+    config = load_config(args.config, args.overrides)
+    try:
+        processes = sorted({int(n) for n in args.nproc.split(",") if n.strip()})
+    except ValueError:
+        raise OpdError(f"--nproc {args.nproc!r} must be a comma list of process counts, e.g. 1,2,4,8") from None
+    plan, runnable = gather(config, processes, args.prompt_tokens or 0)
+    if runnable and not args.no_probe:
+        plan = with_probe(plan, config, probe(config, args.probe_steps, progress=not args.json))
+    device_memory = args.device_memory * GIB if args.device_memory else None
+    if device_memory is None and torch_cuda_memory():
+        device_memory = torch_cuda_memory()
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2, default=str))
+    else:
+        print(render(plan, device_memory))
+    return 2 if any(kind == "error" for kind, _ in plan.checks) else 0
+
+
+def torch_cuda_memory() -> float | None:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from opd.export import export
 
@@ -344,6 +372,26 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-tokens", type=int, default=8192,
                     help="most prompt tokens scored in one forward pass across queued requests")
     sv.set_defaults(func=cmd_serve)
+
+    pl = sub.add_parser("plan", help="before a run: parameters, memory per device, FLOPs, checks, a timed probe",
+                        formatter_class=fmt, epilog=config_help(),
+                        description="Read the same configuration as opd train and say, before any training: the "
+                        "models' parameters, the memory per device for each parallel= choice and process count, "
+                        "the FLOPs per step and for the run, the compatibility checks (tokenizers, chat templates, "
+                        "padded vocabularies, the teacher server, the data), and from a probe of a few real steps "
+                        "(in a temporary directory) the wall time. Needs only config.json when the weights are "
+                        "not there (no probe then). Exit status 2 when a check fails.")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for opd train")
+    pl.add_argument("--config", help="TOML file of config fields (overrides still win)")
+    pl.add_argument("--nproc", default="1,2,4,8", help="process counts to plan memory for (default 1,2,4,8)")
+    pl.add_argument("--probe-steps", type=int, default=3, help="steps the probe times, after one warm-up (default 3)")
+    pl.add_argument("--no-probe", action="store_true", help="no probe: sizes, memory, FLOPs and checks only")
+    pl.add_argument("--prompt-tokens", type=int, help="prompt length to plan for (default: measured on the task's "
+                    "prompts; needed when the student has no tokenizer here)")
+    pl.add_argument("--device-memory", type=float, metavar="GIB",
+                    help="memory of one device, to say what fits (default: this machine's GPU, if any)")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
 
     ex = sub.add_parser("export", help="a run as a standalone Hugging Face model directory (or PEFT adapter) with a "
                         "model card", description="Write a model directory that transformers and vllm serve load as "

@@ -259,6 +259,10 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
     trackers = Trackers(config.report_to if main else "none", run_dir, config.to_dict(), purge_from,
                         config.tracker_project, config.run_name)
     try:
+        if main:
+            from opd.plan import session_plan, short_form
+
+            print(f"opd: {short_form(session_plan(session))}", file=sys.stderr)
         if main and session.teacher_view is not None:
             probe = [ex.messages[-1]["content"] for ex in session.eval_set[:32]]
             print(f"opd: {session.teacher_view.describe(probe)}", file=sys.stderr)

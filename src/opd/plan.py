@@ -1,0 +1,286 @@
+"""``opd plan``: before a run, what it will need: parameters, memory per device for each ``parallel=``
+choice and process count, FLOPs per step and for the run, and the compatibility checks. Read from the
+models' config.json alone (a meta-device model: no weights are loaded); the measured time estimate is
+``opd.probe``.
+
+Memory per device, in bytes, with ``b`` the bytes of the training dtype, ``N`` the processes, ``T`` the
+trainable parameters (the adapters under LoRA) and ``S`` = N under ``parallel=fsdp`` (FSDP2 shards
+weights, gradients and AdamW's two moments) and 1 under ddp:
+
+- weights ``P_student b / S`` (fsdp also gathers a layer and prefetches the next: ``+ 2 P_layer b``),
+  the teacher's ``P_teacher b`` on every rank (it is not sharded);
+- gradients ``T b / S`` and AdamW's moments ``2 T b / S`` (torch's AdamW keeps them in the
+  parameters' dtype);
+- the largest of three phases:
+  sampling, the KV cache ``rows (P + C) layers 2 d_kv b`` of the rank's rows at once;
+  scoring, the teacher's hidden states at completion positions (kept for ``kl=full``);
+  training, the activations autograd saves for one micro-batch: per token and layer
+  ``(10 h + 4 d_kv + 4 I) b`` and per token ``2 h b`` (the embedding's output, the final norm) for a
+  Llama/Qwen layer (RMSNorms that keep their input and output, q/k norms, rotary embeddings, a fused
+  attention kernel's q, k, v and output, the gated MLP's four intermediates: the count of Korthikanti et
+  al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4, done for this
+  layer; ``tests/test_plan.py`` checks it against what autograd saves), plus the gradients and the
+  logits of one chunk in float32 (``scoring.LOGITS_BUDGET``; three copies: logits, log-softmax, its
+  gradient; five with the teacher's for ``kl=full``).
+
+Not counted: the CUDA context and the allocator's caching (about 0.5-1 GB on a GPU), the process itself
+on a CPU. ``P`` is the padded prompt length and ``C`` = ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from opd.config import TrainConfig
+from opd.flops import ModelShape, step_flops
+from opd.scoring import LOGITS_BUDGET
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GIB = 1024**3
+
+
+@dataclass
+class ModelFacts:
+    """A model's size and shape, from its config alone."""
+
+    name: str
+    params: int
+    trainable: int
+    layer_params: int
+    shape: ModelShape
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    layers: int
+    vocab: int
+    context: int
+
+    @classmethod
+    def of(cls, name: str, hf_config, model: torch.nn.Module | None = None, lora: TrainConfig | None = None):
+        """From ``hf_config`` (a meta-device model is built to count parameters exactly), or a loaded ``model``;
+        ``lora``: the run's config when it trains adapters (``lora_rank`` > 0)."""
+        if model is None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(hf_config)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = {id(p): p for p in base.parameters()}  # tied weights once
+        total = sum(p.numel() for p in params.values())
+        embed, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+        tied = head is embed or (head.device.type != "meta" and head.data_ptr() == embed.data_ptr())
+        body = total - embed.numel() - (0 if tied else head.numel())
+        config = base.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        layers = config.num_hidden_layers
+        if lora is not None and lora.lora_rank > 0:  # a loaded PeftModel counts its own; a config, its targets
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not base or \
+                model.parameters().__next__().device.type != "meta" else lora_parameters(base, lora)
+        else:
+            trainable = total
+        blocks = getattr(getattr(base, "model", base), "layers", None)  # a decoder layer, exactly, where named so
+        layer = sum(p.numel() for p in blocks[0].parameters()) if blocks is not None and len(blocks) else body // layers
+        return cls(name, total, trainable, layer,
+                   ModelShape(body, config.hidden_size, heads * head_dim, layers, head.shape[0]),
+                   config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
+                   kv_heads * head_dim, layers, head.shape[0], getattr(config, "max_position_embeddings", 2048))
+
+
+def lora_parameters(model: torch.nn.Module, config: TrainConfig) -> int:
+    """The adapters' parameters: ``r (in + out)`` for every linear layer whose name ends in a target."""
+    targets = {t.strip() for t in config.lora_targets.split(",") if t.strip()}
+    return sum(config.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in targets)
+
+
+def training_dtype(config: TrainConfig) -> str:
+    """What ``opd train`` picks: bf16 on a GPU (``device=cuda``, or auto where one is present), else float32."""
+    if config.dtype != "auto":
+        names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        return names.get(config.dtype, config.dtype)
+    on_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    return "bfloat16" if on_gpu else "float32"
+
+
+@dataclass
+class Memory:
+    """Bytes per device of one layout (``parallel`` x ``processes``)."""
+
+    parallel: str
+    processes: int
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        p = self.parts
+        phases = max(p["sampling_kv_cache"], p["scoring"], p["training_activations"] + p["gradients"])
+        return p["student_weights"] + p["optimizer"] + p["teacher_weights"] + phases
+
+
+def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig, processes: int, parallel: str,
+           prompt_tokens: int) -> Memory:
+    """The estimate above for ``processes`` ranks under ``parallel``."""
+    b = DTYPE_BYTES[training_dtype(config)]
+    shard = processes if parallel == "fsdp" else 1
+    rows = config.prompts_per_step * config.samples_per_prompt // processes  # this rank's rows
+    micro_rows = max(rows // config.grad_accum, 1)
+    completion = config.max_new_tokens
+    prompts = max(micro_rows // config.samples_per_prompt, 1)
+    tokens = prompts * prompt_tokens + micro_rows * completion  # a prompt is read once for its samples
+    per_token = student.layers * activation_values(student.hidden, student.kv_dim, student.intermediate) \
+        + 2 * student.hidden
+    chunk_rows = min(micro_rows * completion, max(1, LOGITS_BUDGET // student.vocab))
+    logit_copies = 5 if config.kl == "full" and "opd" in config.method else 3
+    teacher_hidden = 0 if teacher is None or config.kl != "full" else rows * completion * teacher.hidden * b
+    parts = {
+        "student_weights": student.params * b // shard + (2 * student.layer_params * b if shard > 1 else 0),
+        "gradients": student.trainable * b // shard,
+        "optimizer": 2 * student.trainable * b // shard,
+        "teacher_weights": 0 if teacher is None else teacher.params * b,
+        "sampling_kv_cache": rows * (prompt_tokens + completion) * student.layers * 2 * student.kv_dim * b,
+        "scoring": teacher_hidden,
+        "training_activations": tokens * per_token * b
+        + chunk_rows * student.vocab * 4 * logit_copies + teacher_hidden,
+    }
+    return Memory(parallel, processes, parts)
+
+
+def activation_values(hidden: int, kv_dim: int, intermediate: int) -> int:
+    """Values autograd keeps per token in one Llama/Qwen decoder layer (see the module's docstring)."""
+    return 10 * hidden + 4 * kv_dim + 4 * intermediate
+
+
+def run_flops(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig, prompt_tokens: float,
+              completion_tokens: float) -> dict:
+    """FLOPs of one step at these lengths (``flops.step_flops``, as ``opd train`` counts them) and of the run."""
+    rows = config.prompts_per_step * config.samples_per_prompt
+    method = "sft_data" if config.sft_data else config.method
+    one = step_flops(student.shape, teacher.shape if teacher else None, [max(1, round(prompt_tokens))] * rows,
+                     [max(1, round(completion_tokens))] * rows, method, config.samples_per_prompt)
+    teacher_flops = one["teacher_flops"] or 0.0
+    return {"student_per_step": one["student_flops"], "teacher_per_step": teacher_flops,
+            "per_step": one["student_flops"] + teacher_flops,
+            "run": (one["student_flops"] + teacher_flops) * config.steps}
+
+
+@dataclass
+class Plan:
+    config: dict
+    student: ModelFacts
+    teacher: ModelFacts | None
+    dtype: str
+    prompt_tokens: int  # the longest prompt (the padded width the memory is planned for)
+    mean_prompt_tokens: float  # for the FLOPs
+    completion_tokens: float  # max_new_tokens, or after the probe the mean it measured
+    layouts: list[Memory]
+    flops: dict
+    checks: list[tuple[str, str]]  # (ok | note | error, text)
+    probe: dict | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for layout, memory_ in zip(out["layouts"], self.layouts, strict=True):
+            layout["peak"] = memory_.peak
+        return out
+
+
+def make_plan(config: TrainConfig, student: ModelFacts, teacher: ModelFacts | None,
+              prompt_tokens: tuple[float, int], processes: list[int], checks: list[tuple[str, str]]) -> Plan:
+    """``prompt_tokens``: the prompts' (mean, longest) length in tokens."""
+    mean, longest = prompt_tokens
+    layouts = [memory(student, teacher, config, n, parallel, longest)
+               for n in processes for parallel in ("ddp", "fsdp") if n > 1 or parallel == "ddp"]
+    if config.lora_rank > 0:  # opd refuses fsdp with LoRA: nothing worth sharding
+        layouts = [m for m in layouts if m.parallel == "ddp"]
+    bad = [n for n in processes if config.prompts_per_step % n]
+    if bad:
+        checks.append(("note", f"prompts_per_step={config.prompts_per_step} does not split over "
+                               f"{', '.join(map(str, bad))} processes: opd train refuses those"))
+    flops = run_flops(student, teacher, config, mean, config.max_new_tokens)
+    return Plan(config.to_dict(), student, teacher, training_dtype(config), longest, mean, config.max_new_tokens,
+                layouts, flops, checks)
+
+
+def with_probe(plan: Plan, config: TrainConfig, measured: dict) -> Plan:
+    """The plan after the probe: its timings, and the FLOPs at the completion length it measured."""
+    plan.probe = measured
+    plan.completion_tokens = measured["completion_tokens"]
+    plan.flops = run_flops(plan.student, plan.teacher, config, plan.mean_prompt_tokens, plan.completion_tokens)
+    return plan
+
+
+def session_plan(session) -> Plan:
+    """The plan of an opened run (``opd train`` prints its short form as it starts)."""
+    config = session.config
+    student = ModelFacts.of(config.student, None, model=session.student, lora=config)
+    teacher = None if session.teacher_model is None else ModelFacts.of(config.teacher, None,
+                                                                       model=session.teacher_model)
+    examples = session.task.train_examples(0, config.prompts_per_step, config.seed) + session.eval_set[:8]
+    lengths = [len(session.prompt_ids(ex.messages)) for ex in examples]
+    return make_plan(config, student, teacher, (sum(lengths) / len(lengths), max(lengths)),
+                     [session.dist.world if session.dist.active else 1], [])
+
+
+def gib(value: float) -> str:
+    return f"{value / GIB:.2f} GiB" if value >= GIB else f"{value / 1024**2:.1f} MiB"
+
+
+def short_form(plan: Plan) -> str:
+    """One line for ``opd train``'s start."""
+    layout = next((m for m in plan.layouts if m.parallel == plan.config["parallel"]), plan.layouts[0])
+    teacher = f", teacher {plan.teacher.params / 1e6:.1f}M" if plan.teacher else ""
+    return (f"plan: student {plan.student.params / 1e6:.1f}M parameters ({plan.student.trainable / 1e6:.2f}M trained)"
+            f"{teacher}, {plan.dtype}; about {gib(layout.peak)} per device ({layout.parallel}, {layout.processes} "
+            f"process{'es' if layout.processes > 1 else ''}); {plan.flops['per_step']:.3g} FLOPs per step at "
+            f"{plan.completion_tokens:.0f} completion tokens, {plan.flops['run']:.3g} for {plan.config['steps']} steps")
+
+
+def render(plan: Plan, device_memory: float | None = None) -> str:
+    """The long form ``opd plan`` prints."""
+    s, t = plan.student, plan.teacher
+    lines = [f"student {plan.config['student']}: {s.params:,} parameters ({s.trainable:,} trained), "
+             f"{s.layers} layers, hidden {s.hidden}, vocabulary {s.vocab}, context {s.context}"]
+    if t:
+        lines.append(f"teacher {plan.config['teacher']}: {t.params:,} parameters, {t.layers} layers, hidden "
+                     f"{t.hidden}, vocabulary {t.vocab}")
+    lines += ["", f"memory per device ({plan.dtype}; prompts of {plan.prompt_tokens} tokens, completions of "
+              f"{plan.completion_tokens:.0f}):"]
+    names = list(plan.layouts[0].parts)
+    header = f"  {'':22}" + "".join(f"{f'{m.parallel} x{m.processes}':>13}" for m in plan.layouts)
+    lines.append(header)
+    for name in names:
+        lines.append(f"  {name:22}" + "".join(f"{gib(m.parts[name]):>13}" for m in plan.layouts))
+    lines.append(f"  {'peak':22}" + "".join(f"{gib(m.peak):>13}" for m in plan.layouts))
+    if device_memory:
+        fits = ["fits" if m.peak <= device_memory else "too big" for m in plan.layouts]
+        lines.append(f"  {f'on {device_memory / GIB:.0f} GiB':22}" + "".join(f"{f:>13}" for f in fits))
+    f = plan.flops
+    lines += ["", f"FLOPs: {f['student_per_step']:.3g} student + {f['teacher_per_step']:.3g} teacher per step "
+              f"(at {plan.completion_tokens:.0f} completion tokens per sample); {f['run']:.3g} for "
+              f"{plan.config['steps']} steps", "", "checks:"]
+    lines += [f"  [{kind}] {text}" for kind, text in plan.checks]
+    if plan.probe:
+        p = plan.probe
+        lines += ["", f"time (probe of {p['steps']} steps on {p['device']}): {p['step_seconds']:.3f} s per step, "
+                  f"{p['eval_seconds']:.1f} s per evaluation, {p['setup_seconds']:.1f} s to start; completions "
+                  f"averaged {p['completion_tokens']:.1f} tokens",
+                  f"  estimated wall time: {p['wall_seconds']:.0f} s ({p['wall_seconds'] / 3600:.2f} h) for "
+                  f"{plan.config['steps']} steps, {p['evaluations']} evaluations",
+                  f"  measured peak memory in the probe: {gib(p['peak_memory'])} ({p['memory_source']})"]
+    return "\n".join(lines)
+
+
+def check_vocab(facts: ModelFacts, tokenizer, who: str) -> tuple[str, str]:
+    if facts.vocab < len(tokenizer):
+        return "error", (f"{who}'s output layer has {facts.vocab} rows but its tokenizer {len(tokenizer)} ids: some "
+                         "tokens have no logit")
+    if facts.vocab > len(tokenizer):
+        return "note", (f"{who}'s vocabulary is padded: {facts.vocab} rows for {len(tokenizer)} tokens (opd scores "
+                        "and samples over the tokenizer's ids only)")
+    return "ok", f"{who}'s vocabulary: {facts.vocab} ids, as its tokenizer"
+
+

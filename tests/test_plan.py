@@ -1,0 +1,121 @@
+"""opd plan: parameter counts from config.json alone, the memory model's terms against what torch actually
+holds (autograd's saved tensors, the KV cache, a real peft model's trainable count), FSDP's sharding, the
+checks, the probe, and the short form opd train prints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from conftest import tiny_train_overrides
+from opd.cli import main
+from opd.config import TrainConfig, load_config
+from opd.models import add_lora
+from opd.plan import ModelFacts, activation_values, memory
+from opd.trainer import train
+
+
+def qwen3(h: int, intermediate: int, heads: int, kv_heads: int, layers: int, vocab: int = 512) -> Qwen3Config:
+    return Qwen3Config(hidden_size=h, intermediate_size=intermediate, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, head_dim=h // heads, num_hidden_layers=layers, vocab_size=vocab,
+                       max_position_embeddings=512, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("shape", [(96, 288, 3, 3, 2), (256, 2048, 4, 1, 3), (128, 1024, 2, 2, 4)])
+def test_parameters_from_the_config_alone_and_the_lora_count_match_real_models(shape):
+    config = qwen3(*shape)
+    facts = ModelFacts.of("m", config, lora=TrainConfig(lora_rank=4, lora_targets="q_proj,v_proj,down_proj"))
+    model = AutoModelForCausalLM.from_config(config)
+    assert facts.params == model.num_parameters()
+    assert facts.layer_params * facts.layers == facts.shape.body_params - model.model.norm.weight.numel()
+    peft = add_lora(model, 4, 8.0, "q_proj,v_proj,down_proj")
+    assert facts.trainable == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("shape", [(96, 288, 3, 3, 2), (256, 2048, 4, 1, 3), (384, 512, 6, 6, 1)])
+def test_the_activation_term_is_what_autograd_saves_for_qwen3_layers(shape):
+    h, intermediate, heads, kv_heads, layers = shape
+    model = AutoModelForCausalLM.from_config(qwen3(*shape))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    rows, length = 4, 64
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model.model(input_ids=torch.randint(0, 512, (rows, length)))
+    measured = sum(size for ptr, size in saved.items() if ptr not in params)
+    kv_dim = kv_heads * (h // heads)
+    estimate = rows * length * (layers * activation_values(h, kv_dim, intermediate) + 2 * h) * 4
+    assert estimate == pytest.approx(measured, rel=0.05)
+
+
+def test_the_kv_cache_term_is_the_cache_a_forward_builds():
+    config = qwen3(128, 256, 4, 2, 3)
+    model = AutoModelForCausalLM.from_config(config)
+    facts = ModelFacts.of("m", config)
+    train_config = TrainConfig(prompts_per_step=3, samples_per_prompt=2, max_new_tokens=10)
+    cache = model(input_ids=torch.randint(0, 512, (6, 20 + 10)), use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert memory(facts, None, train_config, 1, "ddp", 20).parts["sampling_kv_cache"] == held
+
+
+def test_fsdp_shards_weights_gradients_and_moments_and_ddp_does_not():
+    facts = ModelFacts.of("m", qwen3(128, 256, 4, 2, 3))
+    config = TrainConfig(prompts_per_step=8, device="cpu")
+    one, ddp, fsdp = (memory(facts, facts, config, n, p, 20) for n, p in ((1, "ddp"), (4, "ddp"), (4, "fsdp")))
+    for name in ("gradients", "optimizer"):
+        assert ddp.parts[name] == one.parts[name] == 4 * fsdp.parts[name]
+    assert fsdp.parts["student_weights"] == one.parts["student_weights"] // 4 + 2 * facts.layer_params * 4
+    assert fsdp.parts["teacher_weights"] == one.parts["teacher_weights"]  # the teacher is whole on every rank
+    assert ddp.parts["sampling_kv_cache"] * 4 == one.parts["sampling_kv_cache"]  # a quarter of the rows each
+    assert one.parts["optimizer"] == 2 * one.parts["gradients"] == 2 * facts.params * 4  # float32 on a CPU
+    assert one.peak > ddp.peak > fsdp.peak
+
+
+def test_opd_plan_probes_a_run_and_writes_nowhere(model_dirs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in tiny_train_overrides(model_dirs, tmp_path / "never") if not a.startswith("out=")]
+    assert main(["plan", *args, "--nproc", "1,2", "--probe-steps", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [(m["parallel"], m["processes"]) for m in plan["layouts"]] == [("ddp", 1), ("ddp", 2), ("fsdp", 2)]
+    assert plan["probe"]["step_seconds"] > 0 and plan["probe"]["wall_seconds"] > 4 * plan["probe"]["step_seconds"]
+    assert plan["probe"]["evaluations"] == 3  # steps 0, 2 and 4
+    assert plan["student"]["params"] == AutoModelForCausalLM.from_pretrained(model_dirs["student"]).num_parameters()
+    assert all(kind == "ok" for kind, _ in plan["checks"])
+    assert not (tmp_path / "never").exists() and not (tmp_path / "runs").exists()
+
+
+def test_config_only_models_plan_without_a_probe_and_failed_checks_exit_2(model_dirs, cross_dirs, tmp_path, capsys):
+    for name in ("student", "teacher"):
+        (tmp_path / name).mkdir()
+        shutil.copy(model_dirs[name] / "config.json", tmp_path / name / "config.json")
+    args = [f"student={tmp_path / 'student'}", f"teacher={tmp_path / 'teacher'}"]
+    assert main(["plan", *args]) == 2
+    assert "--prompt-tokens" in capsys.readouterr().err
+    assert main(["plan", *args, "--prompt-tokens", "40", "--device-memory", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "no probe, no time estimate" in printed and "no tokenizer in" in printed and "fits" in printed
+    assert "time (probe" not in printed
+    cross = [f"student={cross_dirs['student']}", f"teacher={cross_dirs['teacher']}", "kl=full"]
+    assert main(["plan", *cross, "--no-probe"]) == 2
+    assert "[error] the tokenizers of the student" in capsys.readouterr().out
+
+
+def test_opd_train_prints_the_short_form_as_it_starts(model_dirs, tmp_path, capsys):
+    config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", steps=1, lora_rank=2,
+                                                    lora_targets="q_proj"))
+    train(config, progress=False)
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("opd: plan:"))
+    student = AutoModelForCausalLM.from_pretrained(model_dirs["student"])
+    trained = 2 * sum(layer.self_attn.q_proj.in_features + layer.self_attn.q_proj.out_features
+                      for layer in student.model.layers)
+    assert f"({trained / 1e6:.2f}M trained)" in line and "per device (ddp, 1 process)" in line
+    assert "FLOPs per step" in line
