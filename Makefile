@@ -32,7 +32,8 @@ MUTATE := 'opd.losses.*' 'opd.sampler.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.t
 	'opd.server.x_check_sampling*' 'opd.server.x_validate_prompt*' 'opd.setup.x_restore*' \
 	'opd.experiments.sft_curve.x_log_linear_fit*' 'opd.experiments.sft_curve.x_extrapolate*' \
 	'opd.experiments.sft_curve.x_fit_summary*' 'opd.experiments.sft_curve.x_power10*' \
-	'opd.teachers.alignment.*' 'opd.teachers.view.*' 'opd.tasks.custom.*' 'opd.tasks.math.*' 'opd.api.*'
+	'opd.teachers.alignment.*' 'opd.teachers.view.*' 'opd.tasks.custom.*' 'opd.tasks.math.*' 'opd.api.*' \
+	'opd.tasks.sources.*' 'opd.tasks.jsonl.*' 'opd.trackers.*' 'opd.export.*' 'opd.plan.*'
 
 mutate: $(STAMP)
 	$(BIN)/pip install -q -e '.[mutate]'

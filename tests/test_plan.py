@@ -15,7 +15,7 @@ from conftest import tiny_train_overrides
 from opd.cli import main
 from opd.config import TrainConfig, load_config
 from opd.models import add_lora
-from opd.plan import ModelFacts, activation_values, memory
+from opd.plan import ModelFacts, activation_values, kv_cache, memory
 from opd.trainer import train
 
 
@@ -64,20 +64,27 @@ def test_the_kv_cache_term_is_the_cache_a_forward_builds():
     train_config = TrainConfig(prompts_per_step=3, samples_per_prompt=2, max_new_tokens=10)
     cache = model(input_ids=torch.randint(0, 512, (6, 20 + 10)), use_cache=True).past_key_values
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    assert memory(facts, None, train_config, 1, "ddp", 20).parts["sampling_kv_cache"] == held
+    assert kv_cache(facts, 6, 30, 4) == held
+    parts = memory(facts, None, train_config, 1, "ddp", 20).parts
+    assert parts["sampling_kv_cache"] == held + 2 * 6 * 512 * 4  # and the last position's logits, twice
 
 
 def test_fsdp_shards_weights_gradients_and_moments_and_ddp_does_not():
     facts = ModelFacts.of("m", qwen3(128, 256, 4, 2, 3))
-    config = TrainConfig(prompts_per_step=8, device="cpu")
+    config = TrainConfig(prompts_per_step=8, device="cpu", eval_examples=8)  # training, not evaluation, peaks
     one, ddp, fsdp = (memory(facts, facts, config, n, p, 20) for n, p in ((1, "ddp"), (4, "ddp"), (4, "fsdp")))
     for name in ("gradients", "optimizer"):
         assert ddp.parts[name] == one.parts[name] == 4 * fsdp.parts[name]
     assert fsdp.parts["student_weights"] == one.parts["student_weights"] // 4 + 2 * facts.layer_params * 4
     assert fsdp.parts["teacher_weights"] == one.parts["teacher_weights"]  # the teacher is whole on every rank
     assert ddp.parts["sampling_kv_cache"] * 4 == one.parts["sampling_kv_cache"]  # a quarter of the rows each
+    assert ddp.parts["evaluation"] == one.parts["evaluation"]  # rank 0 evaluates the whole held-out set
     assert one.parts["optimizer"] == 2 * one.parts["gradients"] == 2 * facts.params * 4  # float32 on a CPU
     assert one.peak > ddp.peak > fsdp.peak
+    big = TrainConfig(eval_examples=256, eval_samples=4)
+    small = TrainConfig(eval_examples=256, eval_samples=4, eval_batch=16)
+    assert memory(facts, facts, big, 1, "ddp", 20).parts["evaluation"] > 15 * memory(
+        facts, facts, small, 1, "ddp", 20).parts["evaluation"]  # 1024 rows at once, or 64
 
 
 def test_opd_plan_probes_a_run_and_writes_nowhere(model_dirs, tmp_path, monkeypatch, capsys):

@@ -77,6 +77,7 @@ class TrainConfig:
     eval_examples: int = 256
     eval_samples: int = 4  # sampled accuracy: completions drawn per held-out prompt (0: greedy accuracy only)
     eval_temperature: float = 1.0  # the sampled accuracy's temperature
+    eval_batch: int = 256  # held-out prompts sampled at once (x eval_samples rows): lower it for big models
     save_every: int = 100
     report_to: str = "none"  # trackers, a comma list: none | tensorboard | wandb | trackio
     tracker_project: str = "opd"  # the wandb / trackio project
@@ -95,7 +96,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise OpdError(f"config field {name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
         positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "grad_accum",
-                    "eval_every", "eval_examples", "save_every")
+                    "eval_every", "eval_examples", "save_every", "eval_batch")
         for name in positive:
             if getattr(self, name) < 1:
                 raise OpdError(f"config field {name}={getattr(self, name)} must be at least 1")

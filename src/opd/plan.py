@@ -11,8 +11,11 @@ weights, gradients and AdamW's two moments) and 1 under ddp:
   the teacher's ``P_teacher b`` on every rank (it is not sharded);
 - gradients ``T b / S`` and AdamW's moments ``2 T b / S`` (torch's AdamW keeps them in the
   parameters' dtype);
-- the largest of three phases:
-  sampling, the KV cache ``rows (P + C) layers 2 d_kv b`` of the rank's rows at once;
+- the largest of four phases:
+  sampling, the KV cache ``rows (P + C) layers 2 d_kv b`` of the rank's rows at once (and their last
+  logits, twice in float32);
+  evaluation (rank 0), the same for ``min(eval_examples, eval_batch) x eval_samples`` rows, the student's or
+  at step 0 the teacher's, whichever is larger;
   scoring, the teacher's hidden states at completion positions (kept for ``kl=full``);
   training, the activations autograd saves for one micro-batch: per token and layer
   ``(10 h + 4 d_kv + 4 I) b`` and per token ``2 h b`` (the embedding's output, the final norm) for a
@@ -117,7 +120,8 @@ class Memory:
     @property
     def peak(self) -> int:
         p = self.parts
-        phases = max(p["sampling_kv_cache"], p["scoring"], p["training_activations"] + p["gradients"])
+        phases = max(p["sampling_kv_cache"], p["scoring"], p["training_activations"] + p["gradients"],
+                     p["evaluation"])
         return p["student_weights"] + p["optimizer"] + p["teacher_weights"] + phases
 
 
@@ -136,17 +140,26 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
     chunk_rows = min(micro_rows * completion, max(1, LOGITS_BUDGET // student.vocab))
     logit_copies = 5 if config.kl == "full" and "opd" in config.method else 3
     teacher_hidden = 0 if teacher is None or config.kl != "full" else rows * completion * teacher.hidden * b
+    eval_rows = min(config.eval_examples, config.eval_batch) * max(config.eval_samples, 1)
+    eval_models = [student] + ([teacher] if teacher is not None else [])  # step 0 evaluates the teacher too
     parts = {
         "student_weights": student.params * b // shard + (2 * student.layer_params * b if shard > 1 else 0),
         "gradients": student.trainable * b // shard,
         "optimizer": 2 * student.trainable * b // shard,
         "teacher_weights": 0 if teacher is None else teacher.params * b,
-        "sampling_kv_cache": rows * (prompt_tokens + completion) * student.layers * 2 * student.kv_dim * b,
+        "sampling_kv_cache": kv_cache(student, rows, prompt_tokens + completion, b) + 2 * rows * student.vocab * 4,
+        "evaluation": max(kv_cache(m, eval_rows, prompt_tokens + completion, b) + 2 * eval_rows * m.vocab * 4
+                          for m in eval_models),
         "scoring": teacher_hidden,
         "training_activations": tokens * per_token * b
         + chunk_rows * student.vocab * 4 * logit_copies + teacher_hidden,
     }
     return Memory(parallel, processes, parts)
+
+
+def kv_cache(model: ModelFacts, rows: int, length: int, b: int) -> int:
+    """Keys and values of every layer for ``rows`` sequences of ``length`` tokens."""
+    return rows * length * model.layers * 2 * model.kv_dim * b
 
 
 def activation_values(hidden: int, kv_dim: int, intermediate: int) -> int:

@@ -174,7 +174,7 @@ def probe(config: TrainConfig, steps: int = 3, progress: bool = True) -> dict:
             tick = time.perf_counter()
             evaluate(session.teacher_model, session.teacher_tokenizer, session.task, session.eval_set,
                      max_new_tokens=config.max_new_tokens, seed=config.seed, samples=config.eval_samples,
-                     sample_temperature=config.eval_temperature)
+                     sample_temperature=config.eval_temperature, batch_size=config.eval_batch)
             teacher_eval = (time.perf_counter() - tick) * scale
         tick = time.perf_counter()
         runs.save_checkpoint(session.run_dir, steps + 1, session.full_model, session.tokenizer, session.trainer_state())

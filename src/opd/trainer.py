@@ -243,7 +243,8 @@ def run_eval(session: Session) -> dict:
     config = session.config
     result = evaluate(session.full_model, session.tokenizer, session.task, session.eval_set,
                       max_new_tokens=config.max_new_tokens, teacher=session.teacher_view, seed=config.seed,
-                      samples=config.eval_samples, sample_temperature=config.eval_temperature)
+                      samples=config.eval_samples, sample_temperature=config.eval_temperature,
+                      batch_size=config.eval_batch)
     return {"accuracy": result.accuracy, "sampled_accuracy": result.sampled_accuracy,
             "eval_teacher_kl": result.teacher_kl}
 
@@ -271,7 +272,8 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
             if session.teacher_model is not None:  # in its own tokens and template
                 teacher = evaluate(session.teacher_model, session.teacher_tokenizer, session.task, session.eval_set,
                                    max_new_tokens=config.max_new_tokens, seed=config.seed,
-                                   samples=config.eval_samples, sample_temperature=config.eval_temperature)
+                                   samples=config.eval_samples, sample_temperature=config.eval_temperature,
+                      batch_size=config.eval_batch)
             first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher and teacher.accuracy,
                      "teacher_sampled_accuracy": teacher and teacher.sampled_accuracy, "elapsed": 0.0}
             runs.append_metrics(run_dir, first)
