@@ -6,9 +6,9 @@ embedded default (800 steps) and on a wider student (4 layers x 256, random weig
 Each run is measured in its own process: the wall time of `train` as a whole (setup, training,
 evaluations, checkpoints, report) and the peak resident set over it, less the resident set after the imports
 (/proc/self/clear_refs resets the peak; a CPU has no allocator statistics), taken after importing what the
-run will import (the model's code, peft, matplotlib): the plan counts tensors, not the process's code. The plan is made first, in
-another process, by `opd plan --json --nproc 1` (its probe included). Runs one at a time: on two cores a
-run beside another would time both wrong.
+run will import (the model's code, peft, matplotlib): the plan counts tensors, not the process's code. The
+plan is made first, in another process, by `opd plan --json --nproc 1` (its probe included). Runs one at a
+time: on two cores a run beside another would time both wrong.
 """
 
 from __future__ import annotations
