@@ -16,7 +16,7 @@ from test_trainer import interrupt_at
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
 from opd.models import OpdError
-from opd.trackers import series
+from opd.trackers import chosen, series
 from opd.trainer import train
 
 
@@ -52,7 +52,9 @@ def test_tensorboard_holds_the_metrics_series_across_a_resume(model_dirs, tmp_pa
     for tag, steps in want.items():
         assert [e.step for e in events.Scalars(tag)] == sorted(steps)  # each step once: the rerun one purged
         assert got[tag] == pytest.approx(steps, rel=1e-6), tag
-    assert "curves" in tags["images"] and "config" in " ".join(tags["tensors"])
+    assert "curves" in tags["images"] and [e.step for e in events.Images("curves")] == [4]  # the last step
+    config_tags = [t for t in tags["tensors"] if t.startswith("config")]
+    assert len(config_tags) == 1 and [e.step for e in events.Tensors(config_tags[0])] == [0]  # once, fresh run
     assert {"hparam/student_accuracy_after", "hparam/wall_seconds"} <= set(tags["scalars"])
 
 
@@ -95,7 +97,7 @@ def test_wandb_offline_holds_the_metrics_series_and_the_config_across_a_resume(m
     logs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 2 and len({p.name for p in logs}) == 1  # one run, reopened by its id
     got: dict[str, dict[int, float]] = {}
-    config, images = {}, set()
+    config, images, projects, summary = {}, set(), set(), {}
     for log in logs:
         for record in wandb_records(log):
             kind = record.WhichOneof("record_type")
@@ -110,6 +112,9 @@ def test_wandb_offline_holds_the_metrics_series_and_the_config_across_a_resume(m
                         got.setdefault(key, {})[items["_step"]] = value
             elif kind == "run":
                 config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+                projects.add(record.run.project)
+            elif kind == "summary":
+                summary.update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
     want = expected_series(out)
     assert set(got) == set(want)
     for key, steps in want.items():
@@ -117,7 +122,8 @@ def test_wandb_offline_holds_the_metrics_series_and_the_config_across_a_resume(m
         if key != "elapsed" and not key.endswith("_seconds"):  # step 3 ran twice: wandb keeps its first timing
             assert got[key] == pytest.approx(steps, rel=1e-9), key
     assert config["lr"] == 1e-2 and config["report_to"] == "wandb"
-    assert images == {"curves"}
+    assert images == {"curves"} and projects == {"opd"}
+    assert summary["student_accuracy_after"] == json.loads((out / "summary.json").read_text())["student_accuracy_after"]
 
 
 def test_trackio_holds_the_metrics_series(model_dirs, tmp_path):
@@ -141,6 +147,11 @@ def test_trackio_holds_the_metrics_series(model_dirs, tmp_path):
     assert set(want) <= set(got)
     for key, steps in want.items():
         assert got[key] == pytest.approx(steps, rel=1e-9), key
+
+
+def test_report_to_lists_trackers_and_none_is_none():
+    assert chosen("none") == chosen("") == chosen(" none ") == []
+    assert chosen(" tensorboard , wandb,") == ["tensorboard", "wandb"]
 
 
 def test_unknown_or_missing_trackers_are_refused_before_any_compute(model_dirs, tmp_path, monkeypatch):
