@@ -116,6 +116,15 @@ def test_bad_rows_columns_and_splits_are_named_before_any_compute(model_dirs, so
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.parametrize("bad", [0, 999, 1000, 2499])
+def test_every_row_of_a_table_is_checked_across_its_batches(tmp_path, bad):
+    rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(2500)]
+    rows[bad]["prompt"] = ""
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "many.parquet"))
+    with pytest.raises(OpdError, match=rf"many\.parquet row {bad}: field 'prompt'"):
+        JsonlTask(tmp_path / "many.parquet")
+
+
 def test_a_stream_is_a_pure_function_of_seed_and_step_across_epochs_and_resumes(sources):
     streamed = DataOptions(streaming=True)
     task = JsonlTask(sources["parquet"], sources["eval"], options=streamed)

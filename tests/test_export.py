@@ -89,7 +89,9 @@ def test_a_full_run_exports_its_final_model_and_bad_input_is_refused(model_dirs,
     run = tmp_path / "run"
     train(load_config(None, tiny_train_overrides(model_dirs, run, steps=2)), progress=False)
     assert main(["export", str(run), str(tmp_path / "out")]) == 0
-    assert json.loads(capsys.readouterr().out)["max_logprob_difference"] == 0.0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["max_logprob_difference"] == 0.0 and facts["step"] == 2  # final/, at the summary's step
+    assert "exported at step 2 of 2" in (tmp_path / "out" / "README.md").read_text()
     final = load_model(run / "final", torch.device("cpu"), torch.float32)
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), exported.state_dict().values(),

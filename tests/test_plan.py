@@ -32,8 +32,60 @@ def test_parameters_from_the_config_alone_and_the_lora_count_match_real_models(s
     model = AutoModelForCausalLM.from_config(config)
     assert facts.params == model.num_parameters()
     assert facts.layer_params * facts.layers == facts.shape.body_params - model.model.norm.weight.numel()
+    h, intermediate, heads, kv_heads, layers = shape
+    got = (facts.hidden, facts.intermediate, facts.layers, facts.vocab, facts.context)
+    assert got == (h, intermediate, layers, 512, 512)
+    assert facts.kv_dim == kv_heads * (h // heads) and facts.shape.d_attn == h
     peft = add_lora(model, 4, 8.0, "q_proj,v_proj,down_proj")
+    lora = TrainConfig(lora_rank=4, lora_targets="q_proj,v_proj,down_proj")
     assert facts.trainable == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert ModelFacts.of("m", None, model=peft, lora=lora).trainable == facts.trainable  # a loaded PeftModel
+
+
+def test_tied_embeddings_count_once_and_the_head_stays_out_of_the_body():
+    tied = qwen3(64, 128, 2, 2, 2)
+    tied.tie_word_embeddings = True
+    facts, model = ModelFacts.of("m", tied), AutoModelForCausalLM.from_config(tied)
+    assert facts.params == model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert facts.shape.body_params == facts.params - 512 * 64
+    assert ModelFacts.of("m", None, model=model).shape.body_params == facts.shape.body_params
+
+
+@pytest.mark.parametrize("device, dtype, want", [("cuda", "auto", "bfloat16"), ("cuda:1", "auto", "bfloat16"),
+                                                 ("cpu", "auto", "float32"), ("cpu", "bf16", "bfloat16"),
+                                                 ("cuda", "fp32", "float32"), ("cpu", "fp16", "float16"),
+                                                 ("cpu", "float16", "float16")])
+def test_the_planned_dtype_is_what_opd_train_picks(device, dtype, want):
+    from opd.plan import training_dtype
+
+    assert training_dtype(TrainConfig(device=device, dtype=dtype)) == want
+
+
+def test_every_memory_term_in_a_worked_example():
+    """A 4-layer student (hidden 64, MLP 128, 2 kv heads of 32), an 8-layer teacher (hidden 128), float32,
+    16 prompts x 4 samples on 2 ddp ranks, grad_accum 2, prompts of 20 tokens, 10 new, kl=full: each term
+    by hand."""
+    student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
+    config = TrainConfig(prompts_per_step=16, samples_per_prompt=4, grad_accum=2, max_new_tokens=10, kl="full",
+                         device="cpu", eval_examples=300, eval_batch=50, eval_samples=2)
+    parts = memory(student, teacher, config, 2, "ddp", 20).parts
+    assert parts["student_weights"] == 4 * student.params and parts["teacher_weights"] == 4 * teacher.params
+    assert parts["gradients"] == 4 * student.params and parts["optimizer"] == 8 * student.params
+    rows = 32  # this rank's: 16 x 4 / 2
+    assert parts["sampling_kv_cache"] == rows * 30 * 4 * 2 * 64 * 4 + 2 * rows * 512 * 4
+    assert parts["scoring"] == rows * 10 * 128 * 4  # the teacher's hidden states at completion positions
+    # a micro-batch: 16 rows, 4 prompts read once; per token 4 layers x (10 h + 4 d_kv + 4 I) + 2 h values
+    tokens = 4 * 20 + 16 * 10
+    values = 4 * (10 * 64 + 4 * 64 + 4 * 128) + 2 * 64
+    logits = 16 * 10 * 512 * 4 * 5  # one chunk (all 160 rows fit), five float32 copies under kl=full
+    assert parts["training_activations"] == tokens * values * 4 + logits + parts["scoring"]
+    # evaluation: 50 prompts x 2 samples of the teacher (the larger cache) at step 0
+    assert parts["evaluation"] == 100 * 30 * 8 * 2 * 128 * 4 + 2 * 100 * 512 * 4
+    sampled = TrainConfig(**{**config.to_dict(), "kl": "sampled"})
+    assert memory(student, teacher, sampled, 2, "ddp", 20).parts["training_activations"] == \
+        tokens * values * 4 + 16 * 10 * 512 * 4 * 3
+    alone = memory(student, None, config, 2, "ddp", 20).parts
+    assert alone["teacher_weights"] == alone["scoring"] == 0
 
 
 @pytest.mark.parametrize("shape", [(96, 288, 3, 3, 2), (256, 2048, 4, 1, 3), (384, 512, 6, 6, 1)])
