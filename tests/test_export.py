@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_train_overrides
 from opd.cli import main
@@ -58,7 +58,9 @@ def test_a_lora_run_exports_merged_weights_that_transformers_loads_with_its_logp
     assert f"base_model: {model_dirs['student']}" in card and "method `opd`" in card and "LoRA rank 4" in card
     assert "exported at step 3 of 3" in card and "FLOPs" in card and " ± " in card
     generation = json.loads((exported / "generation_config.json").read_text())
-    assert generation["eos_token_id"] is not None
+    tokenizer = AutoTokenizer.from_pretrained(str(exported))
+    assert (generation["eos_token_id"], generation.get("pad_token_id")) == (tokenizer.eos_token_id,
+                                                                            tokenizer.pad_token_id)
     # bf16: the merge still in float32, the weights rounded once; the card says how far it moved
     assert main(["export", str(lora_run), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     bf16 = json.loads(capsys.readouterr().out)

@@ -178,3 +178,18 @@ def test_opd_train_prints_the_short_form_as_it_starts(model_dirs, tmp_path, caps
                       for layer in student.model.layers)
     assert f"({trained / 1e6:.2f}M trained)" in line and "per device (ddp, 1 process)" in line
     assert "FLOPs per step" in line
+
+
+def test_the_planned_flops_are_opd_trains_accounting_per_step_and_for_the_run():
+    from opd.flops import step_flops
+    from opd.plan import run_flops
+
+    student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
+    config = TrainConfig(prompts_per_step=6, samples_per_prompt=3, steps=7)
+    want = step_flops(student.shape, teacher.shape, [20] * 18, [10] * 18, "opd", 3)
+    got = run_flops(student, teacher, config, 20.4, 9.6)  # mean lengths, rounded to whole tokens
+    assert got["student_per_step"] == want["student_flops"] and got["teacher_per_step"] == want["teacher_flops"]
+    assert got["per_step"] == want["student_flops"] + want["teacher_flops"] and got["run"] == 7 * got["per_step"]
+    assert run_flops(student, None, config, 20, 10)["teacher_per_step"] == 0.0  # a served teacher: not counted
+    sft = TrainConfig(prompts_per_step=6, samples_per_prompt=3, method="sft", sft_data="pairs.jsonl")
+    assert run_flops(student, teacher, sft, 20, 10)["teacher_per_step"] == 0.0  # given data: no teacher compute
