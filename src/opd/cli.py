@@ -244,9 +244,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan, runnable = gather(config, processes, args.prompt_tokens or 0)
     if runnable and not args.no_probe:
         plan = with_probe(plan, config, probe(config, args.probe_steps, progress=not args.json))
-    device_memory = args.device_memory * GIB if args.device_memory else None
-    if device_memory is None and torch_cuda_memory():
-        device_memory = torch_cuda_memory()
+    device_memory = args.device_memory * GIB if args.device_memory else torch_cuda_memory()
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2, default=str))
     else:

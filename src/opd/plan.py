@@ -64,7 +64,8 @@ class ModelFacts:
     def of(cls, name: str, hf_config, model: torch.nn.Module | None = None, lora: TrainConfig | None = None):
         """From ``hf_config`` (a meta-device model is built to count parameters exactly), or a loaded ``model``;
         ``lora``: the run's config when it trains adapters (``lora_rank`` > 0)."""
-        if model is None:
+        built = model is None
+        if built:
             from transformers import AutoModelForCausalLM
 
             with torch.device("meta"):
@@ -80,11 +81,10 @@ class ModelFacts:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         layers = config.num_hidden_layers
-        if lora is not None and lora.lora_rank > 0:  # a loaded PeftModel counts its own; a config, its targets
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not base or \
-                model.parameters().__next__().device.type != "meta" else lora_parameters(base, lora)
-        else:
-            trainable = total
+        trainable = total
+        if lora is not None and lora.lora_rank > 0:  # from a config, its targets; a loaded PeftModel counts its own
+            trainable = lora_parameters(base, lora) if built else sum(p.numel() for p in model.parameters()
+                                                                      if p.requires_grad)
         blocks = getattr(getattr(base, "model", base), "layers", None)  # a decoder layer, exactly, where named so
         layer = sum(p.numel() for p in blocks[0].parameters()) if blocks is not None and len(blocks) else body // layers
         return cls(name, total, trainable, layer,

@@ -39,7 +39,7 @@ def model_facts(name: str, field: str, config: TrainConfig) -> tuple[ModelFacts,
 
 def has_weights(path: str) -> bool:
     folder = Path(path)
-    return folder.is_dir() and any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    return folder.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
 
 
 def server_check(config: TrainConfig) -> tuple[str, str]:

@@ -89,7 +89,7 @@ def make_task(config: TrainConfig, task: Task | None = None, reward=None) -> Tas
 
 def is_file_task(name: str) -> bool:
     """Prompts from a file, a folder or a hub dataset (not a built-in task or an import path)."""
-    return name.endswith(".jsonl") or Path(name).is_file() or is_dataset_spec(name)
+    return Path(name).is_file() or is_dataset_spec(name)
 
 
 PYTHON_OBJECT = "python:"  # how config.json records a task or reward given as a Python object

@@ -19,7 +19,6 @@ from pathlib import Path
 from opd.models import OpdError
 
 TRACKERS = ("tensorboard", "wandb", "trackio")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 STATE_FILE = "trackers.json"
 
 
@@ -33,10 +32,10 @@ def chosen(report_to: str) -> list[str]:
 
 
 def check_installed(report_to: str) -> None:
-    """Before any compute: every chosen tracker's package can be imported."""
+    """Before any compute: every chosen tracker's package (named as the tracker) can be imported."""
     for name in chosen(report_to):
-        if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise OpdError(f"report_to={name} needs the {PACKAGES[name]} package: pip install 'opd[{name}]'")
+        if importlib.util.find_spec(name) is None:
+            raise OpdError(f"report_to={name} needs the {name} package: pip install 'opd[{name}]'")
 
 
 def series(record: dict) -> dict[str, float]:
@@ -86,21 +85,24 @@ class KeyedRun:
         state = read_state(run_dir).get(name, {})
         self.last_step = state.get("last_step", -1)
         self.module = importlib.import_module(name)
-        run_id = state.get("id") or f"{run_dir.resolve().name}-{os.urandom(3).hex()}".replace(".", "-")
+        self.run_id = run_id = state.get("id") or f"{run_dir.resolve().name}-{os.urandom(3).hex()}".replace(".", "-")
         if name == "wandb":
             self.run = self.module.init(project=project, name=run_name, id=run_id, resume="allow", config=config,
                                         dir=str(run_dir))
         else:
             self.run = self.module.init(project=project, name=run_id, resume="allow", config=config, embed=False,
                                         auto_log_cpu=False, auto_log_gpu=False)
-        write_state(run_dir, name, {"id": run_id, "last_step": self.last_step})
+        self.save_state()
+
+    def save_state(self) -> None:
+        write_state(self.run_dir, self.name, {"id": self.run_id, "last_step": self.last_step})
 
     def log(self, record: dict) -> None:
         if record["step"] <= self.last_step:
             return
         self.run.log(series(record), step=record["step"])
         self.last_step = record["step"]
-        write_state(self.run_dir, self.name, {**read_state(self.run_dir)[self.name], "last_step": self.last_step})
+        self.save_state()
 
     def finish(self, images: dict[str, Path], summary: dict) -> None:
         if self.name == "wandb":

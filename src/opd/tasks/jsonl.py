@@ -106,10 +106,6 @@ def parse_json(path: Path, lineno: int, line: str):
         raise OpdError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
 
 
-def parse_line(path: Path, lineno: int, line: str, options: DataOptions = DEFAULT_OPTIONS) -> Example:
-    return parse_record(parse_json(path, lineno, line), f"{path}:{lineno}", options)[0]
-
-
 def read_jsonl(path: str | Path, what: str, parse) -> list:
     """``parse(path, lineno, line)`` for every non-blank line of ``path``; ``what`` names the file in errors."""
     path = Path(path)
@@ -123,7 +119,7 @@ def read_jsonl(path: str | Path, what: str, parse) -> list:
 
 
 def load_examples(path: str | Path, options: DataOptions = DEFAULT_OPTIONS) -> list[Example]:
-    return read_jsonl(path, "prompts file", lambda p, n, line: parse_line(p, n, line, options))
+    return open_prompts(path, options)
 
 
 def reads_as_jsonl(spec: str, options: DataOptions) -> bool:
@@ -132,15 +128,21 @@ def reads_as_jsonl(spec: str, options: DataOptions) -> bool:
     return not options.streaming and (spec.lower().endswith(".jsonl") or not is_dataset_spec(spec))
 
 
+def read_rows(spec: str | Path, options: DataOptions, what: str, parse_row, required: tuple[str, ...] = (),
+              split: str | None = None):
+    """``parse_row(obj, where)`` of every row of ``spec``: a list from opd's JSONL reader, or the rows
+    ``tasks.sources`` reads (``required``: its column groups)."""
+    spec = str(spec)
+    if reads_as_jsonl(spec, options):
+        return read_jsonl(spec, what, lambda p, n, line: parse_row(parse_json(p, n, line), f"{p}:{n}"))
+    return open_rows(spec, options, what, parse_row, required, split)
+
+
 def open_prompts(spec: str | Path, options: DataOptions = DEFAULT_OPTIONS, what: str = "prompts file",
                  split: str | None = None):
     """The prompts ``spec`` names: a list (JSONL), or rows read through ``datasets`` (``tasks.sources``)."""
-    spec = str(spec)
-    if reads_as_jsonl(spec, options):
-        return read_jsonl(spec, what, lambda p, n, line: parse_line(p, n, line, options))
-    prompt_columns = f"{options.prompt_field}|{options.messages_field}|conversations"
-    return open_rows(spec, options, what, lambda row, where: parse_record(row, where, options)[0],
-                     (prompt_columns,), split)
+    return read_rows(spec, options, what, lambda row, where: parse_record(row, where, options)[0],
+                     (options.prompt_columns,), split)
 
 
 def first_rows(rows, count: int) -> list:
@@ -234,10 +236,7 @@ def load_sft_pairs(path: str | Path, options: DataOptions = DEFAULT_OPTIONS):
                            f"'{options.messages_field}' with the assistant's answer)")
         return example, completion
 
-    spec, table = str(path), replace(options, streaming=False)
-    if reads_as_jsonl(spec, table):
-        return read_jsonl(spec, "SFT data file", lambda p, n, line: pair(parse_json(p, n, line), f"{p}:{n}"))
-    return open_rows(spec, table, "SFT data", pair, (f"{options.prompt_field}|{options.messages_field}|conversations",))
+    return read_rows(path, replace(options, streaming=False), "SFT data file", pair, (options.prompt_columns,))
 
 
 def load_documents(path: str | Path, options: DataOptions = DEFAULT_OPTIONS):
@@ -249,10 +248,7 @@ def load_documents(path: str | Path, options: DataOptions = DEFAULT_OPTIONS):
             raise OpdError(f"{where}: field '{field}' must be a non-empty string")
         return obj[field]
 
-    spec, table = str(path), replace(options, streaming=False)
-    if reads_as_jsonl(spec, table):
-        return read_jsonl(spec, "documents file", lambda p, n, line: text(parse_json(p, n, line), f"{p}:{n}"))
-    return open_rows(spec, table, "documents", text, (field,))
+    return read_rows(path, replace(options, streaming=False), "documents file", text, (field,))
 
 
 def epoch_order(count: int, step: int, batch: int, seed: int) -> list[int]:

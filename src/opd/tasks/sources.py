@@ -44,6 +44,11 @@ class DataOptions:
     subset: str = ""
     streaming: bool = False
 
+    @property
+    def prompt_columns(self) -> str:
+        """The columns a prompt may come from, one of which a table must have."""
+        return f"{self.prompt_field}|{self.messages_field}|conversations"
+
     @classmethod
     def of(cls, config) -> DataOptions:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
