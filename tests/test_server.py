@@ -39,7 +39,7 @@ def test_the_openai_client_reads_the_log_probs(server, tokenizer):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
     ids = tokenizer.encode("Compute 1+2", add_special_tokens=False)
     result = client.completions.create(model="teacher", prompt=ids, max_tokens=1, echo=True, logprobs=2,
-                                       extra_body={"prompt_logprobs": 1})
+                                       temperature=0, extra_body={"prompt_logprobs": 1})
     choice = result.choices[0]
     assert len(choice.logprobs.token_logprobs) == len(ids) + 1 and choice.logprobs.token_logprobs[0] is None
     prompt_logprobs = choice.model_extra["prompt_logprobs"]
@@ -92,8 +92,7 @@ NOT_IMPLEMENTED = "not implemented by this server"
     ({"prompt": "Compute 1+2"}, 400, "invalid request: prompt.list[int]: Input should be a valid list"),
     ({"prompt": [1.5, 2]}, 400, "invalid request: prompt.list[int].0: Input should be a valid integer"),
     ({"prompt": [1, 2], "max_tokens": "one"}, 400, "invalid request: max_tokens: Input should be a valid integer"),
-    ({"prompt": [1, 2], "max_tokens": 5}, 400,
-     "max_tokens=5: this server only scores (0) or extends by one greedy token (1)"),
+    ({"prompt": [1, 2], "max_tokens": -1}, 400, "max_tokens=-1: must be at least 0 (0 scores the prompt)"),
     ({"prompt": [1, 2], "prompt_logprobs": 100}, 400, "prompt_logprobs=100 must be between 0 and 20"),
     ({"prompt": [1, 2], "logprobs": -1}, 400, "logprobs=-1 must be between 0 and 20"),
     ({"prompt": [1, 2], "model": "gpt-9"}, 404, "The model `gpt-9` does not exist; this server has `teacher`"),
@@ -103,8 +102,9 @@ NOT_IMPLEMENTED = "not implemented by this server"
      "stream_options={'include_usage': True}: only valid with stream=true, which this server does not implement"),
     ({"prompt": [1, 2], "n": -3}, 400, "n=-3: must be at least 1"),
     ({"prompt": [1, 2], "n": 0}, 400, "n=0: must be at least 1"),
-    ({"prompt": [1, 2], "n": 2}, 400, "n=2: must be 1: this server returns one choice per prompt"),
-    ({"prompt": [1, 2], "best_of": 3}, 400, "best_of=3: must be 1 (or absent)"),
+    ({"prompt": [1, 2], "n": 2}, 400, "n=2: must be 1 when scoring (max_tokens=0)"),
+    ({"prompt": [1, 2], "best_of": 3}, 400, "best_of=3: must equal n (or be absent)"),
+    ({"prompt": [1, 2], "max_tokens": 4, "n": 300}, 400, "n=300: at most 256 samples per prompt"),
     ({"prompt": [1, 2], "top_p": "x"}, 400, "invalid request: top_p.float: Input should be a valid number"),
     ({"prompt": [1, 2], "top_p": 0}, 400, "top_p=0: must be in (0, 1]"),
     ({"prompt": [1, 2], "top_p": 1.5}, 400, "top_p=1.5: must be in (0, 1]"),
@@ -112,13 +112,22 @@ NOT_IMPLEMENTED = "not implemented by this server"
     ({"prompt": [1, 2], "min_p": 2}, 400, "min_p=2: must be in [0, 1]"),
     ({"prompt": [1, 2], "min_p": -0.1}, 400, "min_p=-0.1: must be in [0, 1]"),
     ({"prompt": [1, 2], "stop": 5}, 400, "invalid request: stop.str: Input should be a valid string"),
-    ({"prompt": [1, 2], "max_tokens": 1, "stop": ["\n"]}, 400,
-     "stop=['\\n']: not implemented when generating (max_tokens=1)"),
-    ({"prompt": [1, 2], "max_tokens": 1, "stop_token_ids": [3]}, 400,
-     "stop_token_ids=[3]: not implemented when generating (max_tokens=1)"),
+    ({"prompt": [1, 2], "max_tokens": 1, "temperature": 0, "stop": ["\n"]}, 400,
+     "stop=['\\n']: not implemented for one greedy token"),
+    ({"prompt": [1, 2], "max_tokens": 1, "temperature": 0, "stop_token_ids": [3]}, 400,
+     "stop_token_ids=[3]: not implemented for one greedy token"),
+    ({"prompt": [1, 2], "max_tokens": 4, "stop": ["\n"]}, 400,
+     "stop=['\\n']: stop strings are not implemented; use stop_token_ids"),
+    ({"prompt": [1, 2], "max_tokens": 4, "echo": True}, 400,
+     "echo=True: not returned when sampling: send a scoring request (max_tokens=0) for the prompt's log-probs"),
+    ({"prompt": [1, 2], "max_tokens": 4, "prompt_logprobs": 0}, 400,
+     "prompt_logprobs=0: not returned when sampling: send a scoring request (max_tokens=0) for the prompt's "
+     "log-probs"),
+    ({"prompt": [1, 2], "max_tokens": 4, "logprobs": 2}, 400,
+     "logprobs=2: when sampling, this server returns the sampled token's log-prob only (logprobs=0)"),
+    ({"prompt": [1, 2], "max_tokens": 4, "top_k": 5}, 400, "top_k=5: not implemented when sampling; leave it at -1"),
+    ({"prompt": [1, 2], "max_tokens": 4, "min_p": 0.5}, 400, "min_p=0.5: not implemented when sampling; leave it at 0"),
     ({"prompt": [1, 2], "temperature": -1}, 400, "temperature=-1: must be at least 0"),
-    ({"prompt": [1, 2], "max_tokens": 1, "temperature": 0.7}, 400,
-     "temperature=0.7: this server extends greedily only: use temperature=0 (or max_tokens=0)"),
     ({"prompt": [1, 2], "presence_penalty": 5}, 400, "presence_penalty=5: must be in [-2, 2]"),
     ({"prompt": [1, 2], "presence_penalty": -2.5}, 400, "presence_penalty=-2.5: must be in [-2, 2]"),
     ({"prompt": [1, 2], "presence_penalty": 2.5}, 400, "presence_penalty=2.5: must be in [-2, 2]"),
@@ -151,7 +160,7 @@ def test_what_clients_send_by_default_is_accepted(server):
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 1
-    plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 1, "echo": True,
+    plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 1, "echo": True, "temperature": 0,
                                                              "logprobs": 2, "prompt_logprobs": 1}, timeout=30).json()
     assert response.json()["choices"][0]["logprobs"] == plain["choices"][0]["logprobs"]  # neutral: no effect
     assert response.json()["choices"][0]["prompt_logprobs"] == plain["choices"][0]["prompt_logprobs"]

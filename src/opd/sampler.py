@@ -113,7 +113,7 @@ def sample(
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    eos_id: int,
+    eos_id: int | list[int],
     pad_id: int,
     vocab_size: int,
     generator: torch.Generator | None = None,
@@ -125,9 +125,11 @@ def sample(
     recorded log-probs are over the same support as the learner's (``scoring.head_logits``).
 
     Rows are grouped by prompt: rows ``i*G .. i*G+G-1`` answer prompt ``i``. A row stops after its
-    first EOS, which is part of the completion (and so is trained on); later columns are padding.
+    first EOS (``eos_id``: one id, or a list of stop ids), which is part of the completion (and so is
+    trained on); later columns are padding.
     """
     device = next(model.parameters()).device
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
     prompt_tokens, prompt_mask = left_pad(prompts, pad_id)
     prompt_tokens, prompt_mask = prompt_tokens.to(device), prompt_mask.to(device)
     prompt_width = prompt_tokens.shape[1]
@@ -171,7 +173,7 @@ def sample(
         completion_lp[rows_now, step] = token_lp[live].float()
         completion_mask[rows_now, step] = 1.0
         length = step + 1
-        live = live & (token != eos_id)
+        live = live & ~torch.isin(token, stops)
         kept = int(live.sum())
         if kept == 0 or length == max_new_tokens:
             break

@@ -14,81 +14,36 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
-MAX_TOP_K = 20
+from opd.server_api import (
+    MAX_TOP_K,
+    CompletionRequest,
+    LoadLoraRequest,
+    ReloadRequest,
+    TokenizeRequest,
+    UnloadLoraRequest,
+    make_choice,
+    sampled_choice,
+    stop_ids,
+    validate_prompt,
+)
+from opd.server_models import ApiError, Job, ServedModel, Worker, adapter_listing
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+__all__ = ["MAX_TOP_K", "ApiError", "BackgroundServer", "ServerConfig", "create_app", "free_port", "serve"]
 
 
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind,
                                                                "code": status}})
-
-
-Number = StrictFloat | StrictInt
-
-
-class CompletionRequest(BaseModel):
-    """The completions API's parameters (OpenAI's and vLLM's sampling extensions). An unknown field, a
-    value of the wrong type, or a value this server does not honour is a 400 naming the field
-    (``check_sampling``), never silently ignored: a client must not read something it did not ask for."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: StrictStr | None = None
-    prompt: list[StrictInt] | list[list[StrictInt]]
-    max_tokens: StrictInt = 16
-    echo: StrictBool = False
-    logprobs: StrictInt | None = None
-    prompt_logprobs: StrictInt | None = None
-    temperature: Number | None = None
-    top_p: Number | None = None
-    top_k: StrictInt | None = None
-    min_p: Number | None = None
-    n: StrictInt = 1
-    best_of: StrictInt | None = None
-    stream: StrictBool = False
-    stream_options: dict | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    seed: StrictInt | None = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
-    repetition_penalty: Number | None = None
-    logit_bias: dict[str, Number] | None = None
-    suffix: StrictStr | None = None
-    user: StrictStr | None = None
-    skip_special_tokens: StrictBool = True
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: StrictStr | None = None
-    prompt: StrictStr
-    add_special_tokens: StrictBool = True
-
-
-@dataclass
-class ScoreJob:
-    sequences: list[list[int]]
-    top_k: int
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    results: list[dict] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -116,60 +71,6 @@ def score_sequences(model: torch.nn.Module, sequences: list[list[int]], top_k: i
     return out
 
 
-class BatchScorer:
-    """One worker thread; requests that arrive while it is busy are scored together."""
-
-    def __init__(self, model: torch.nn.Module, vocab_size: int, max_batch_tokens: int) -> None:
-        self.model, self.vocab_size, self.max_batch_tokens = model, vocab_size, max_batch_tokens
-        self.jobs: queue.Queue[ScoreJob] = queue.Queue()
-        self.batches_run = 0
-        threading.Thread(target=self.run, daemon=True, name="opd-scorer").start()
-
-    def submit(self, job: ScoreJob) -> None:
-        self.jobs.put(job)
-
-    def run(self) -> None:
-        while True:
-            batch = [self.jobs.get()]
-            tokens = sum(len(s) for s in batch[0].sequences)
-            while tokens < self.max_batch_tokens:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                batch.append(job)
-                tokens += sum(len(s) for s in job.sequences)
-            self.score(batch)
-
-    def score(self, batch: list[ScoreJob]) -> None:
-        sequences = [s for job in batch for s in job.sequences]
-        top_k = max(job.top_k for job in batch)
-        try:
-            results = score_sequences(self.model, sequences, top_k, self.vocab_size)
-            error = None
-        except Exception as err:  # noqa: BLE001 - any failure goes back to the waiting requests as a 500
-            results, error = [], err
-        self.batches_run += 1
-        start = 0
-        for job in batch:
-            count = len(job.sequences)
-            if error is None:
-                job.results = results[start : start + count]
-                job.loop.call_soon_threadsafe(_resolve, job.future, None)
-            else:
-                job.loop.call_soon_threadsafe(_resolve, job.future, error)
-            start += count
-
-
-def _resolve(future: asyncio.Future, error: Exception | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(True)
-    else:
-        future.set_exception(error)
-
-
 @dataclass
 class ServerConfig:
     model_name: str
@@ -182,8 +83,14 @@ class ServerConfig:
 def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="opd serve", docs_url=None, redoc_url=None)
     vocab_size = len(tokenizer)
-    scorer = BatchScorer(model.eval(), vocab_size, config.max_batch_tokens)
-    app.state.scorer = scorer
+    served = ServedModel(model, config.model_name)
+
+    def score(module: torch.nn.Module, sequences: list[list[int]], top_k: int) -> list[dict]:
+        return score_sequences(module, sequences, top_k, vocab_size)
+
+    worker = Worker(served, score, config.max_batch_tokens)
+    app.state.scorer = worker
+    app.state.served = served
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -210,10 +117,19 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
                                   f"{config.max_body_bytes}", "invalid_request_error")
         return await call_next(request)
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != config.model_name:
-            raise ApiError(404, f"The model `{name}` does not exist; this server has `{config.model_name}`",
-                           "not_found_error")
+    async def run(job: Job, what: str):
+        worker.submit(job)
+        try:
+            await job.future
+        except ApiError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise ApiError(500, f"{what} failed: {type(err).__name__}: {err}", "server_error") from err
+        return job.results
+
+    def new_job(kind: str, model_name: str | None, **fields) -> Job:
+        loop = asyncio.get_running_loop()
+        return Job(kind, model_name, loop, loop.create_future(), **fields)
 
     @app.get("/health")
     async def health() -> dict:
@@ -221,154 +137,76 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": config.model_name, "object": "model", "created": 0, "owned_by": "opd",
-            "max_model_len": config.max_model_len, "vocab_size": vocab_size}]}
+        return {"object": "list", "data": adapter_listing(served, config.max_model_len, vocab_size)}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        check_model(body.model)
+        served.check(body.model)
         ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> dict:
-        check_model(body.model)
+        served.check(body.model)
         sequences = validate_prompt(body, vocab_size, config.max_model_len)
-        top_k = max(body.prompt_logprobs or 0, body.logprobs or 0)
-        loop = asyncio.get_running_loop()
-        job = ScoreJob(sequences, top_k, loop, loop.create_future())
-        scorer.submit(job)
-        try:
-            await job.future
-        except Exception as err:  # noqa: BLE001
-            raise ApiError(500, f"scoring failed: {err}", "server_error") from err
-        choices = [make_choice(i, seq, res, body, tokenizer) for i, (seq, res) in
-                   enumerate(zip(sequences, job.results, strict=True))]
+        if body.sampling:
+            choices, completion_tokens = await sample_request(body, sequences)
+        else:
+            top_k = max(body.prompt_logprobs or 0, body.logprobs or 0)
+            results = await run(new_job("score", body.model, sequences=sequences, top_k=top_k), "scoring")
+            choices = [make_choice(i, seq, res, body, tokenizer) for i, (seq, res) in
+                       enumerate(zip(sequences, results, strict=True))]
+            completion_tokens = body.max_tokens * len(sequences)
         prompt_tokens = sum(len(s) for s in sequences)
-        completion_tokens = body.max_tokens * len(sequences)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": config.model_name, "choices": choices,
+                "model": body.model or config.model_name, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
+    async def sample_request(body: CompletionRequest, sequences: list[list[int]]) -> tuple[list[dict], int]:
+        from opd.sampler import sample
+
+        stops = stop_ids(body, tokenizer.eos_token_id)
+        temperature = 1.0 if body.temperature is None else float(body.temperature)
+        generator = torch.Generator().manual_seed(body.seed if body.seed is not None
+                                                  else int.from_bytes(os.urandom(6), "little"))
+
+        def draw(_: ServedModel, module: torch.nn.Module):
+            rollouts = sample(module, sequences, samples_per_prompt=body.n, max_new_tokens=body.max_tokens,
+                              temperature=temperature, top_p=1.0 if body.top_p is None else float(body.top_p),
+                              eos_id=stops or [-1], pad_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size,
+                              generator=generator)
+            mask = rollouts.completion_mask > 0
+            return [(rollouts.tokens[b][mask[b]].tolist(), rollouts.sampler_logprobs[b][mask[b]].tolist())
+                    for b in range(len(mask))]
+
+        drawn = await run(new_job("sample", body.model, run=draw), "sampling")
+        choices = [sampled_choice(i, sequences[i // body.n], ids, lps, body, tokenizer, stops, tokenizer.eos_token_id)
+                   for i, (ids, lps) in enumerate(drawn)]
+        return choices, sum(len(ids) for ids, _ in drawn)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraRequest) -> JSONResponse:
+        def load(target: ServedModel, _: torch.nn.Module) -> None:
+            if body.load_inplace and body.lora_name in target.adapters:
+                target.unload_adapter(body.lora_name)
+            target.load_adapter(body.lora_name, body.lora_path)
+
+        await run(new_job("admin", None, run=load), "loading the adapter")
+        return JSONResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraRequest) -> JSONResponse:
+        await run(new_job("admin", None, run=lambda target, _: target.unload_adapter(body.lora_name)),
+                  "unloading the adapter")
+        return JSONResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.post("/opd/reload_weights")
+    async def reload_weights(body: ReloadRequest) -> dict:
+        count = await run(new_job("admin", None, run=lambda target, _: target.reload(body.path)), "the reload")
+        return {"status": "ok", "tensors": count, "reloads": served.reloads}
+
     return app
-
-
-def check_sampling(body: CompletionRequest) -> None:
-    """Refuse what this server does not honour: it scores (``max_tokens=0``) or extends by one greedy
-    token (``max_tokens=1``), one choice per prompt, in one body. Neutral values are accepted."""
-
-    def refuse(name: str, why: str) -> None:
-        raise ApiError(400, f"{name}={getattr(body, name)!r}: {why}")
-
-    if body.max_tokens not in (0, 1):
-        refuse("max_tokens", "this server only scores (0) or extends by one greedy token (1)")
-    if body.stream:
-        refuse("stream", "this server answers in one body; it does not stream")
-    if body.stream_options is not None:
-        refuse("stream_options", "only valid with stream=true, which this server does not implement")
-    if body.n < 1:
-        refuse("n", "must be at least 1")
-    if body.n > 1:
-        refuse("n", "must be 1: this server returns one choice per prompt")
-    if body.best_of not in (None, 1):
-        refuse("best_of", "must be 1 (or absent)")
-    if body.temperature is not None:
-        if body.temperature < 0:
-            refuse("temperature", "must be at least 0")
-        if body.temperature > 0 and body.max_tokens > 0:
-            refuse("temperature", "this server extends greedily only: use temperature=0 (or max_tokens=0)")
-    if body.top_p is not None and not 0 < body.top_p <= 1:
-        refuse("top_p", "must be in (0, 1]")
-    if body.top_k is not None and body.top_k < -1:
-        refuse("top_k", "must be -1 or 0 (off) or at least 1")
-    if body.min_p is not None and not 0 <= body.min_p <= 1:
-        refuse("min_p", "must be in [0, 1]")
-    def within(value, low: float, high: float) -> bool:
-        return value is None or low <= value <= high
-
-    penalties = (("presence_penalty", 0, within(body.presence_penalty, -2, 2), "must be in [-2, 2]"),
-                 ("frequency_penalty", 0, within(body.frequency_penalty, -2, 2), "must be in [-2, 2]"),
-                 ("repetition_penalty", 1, body.repetition_penalty is None or body.repetition_penalty > 0,
-                  "must be positive"))
-    for name, neutral, valid, rule in penalties:
-        if not valid:
-            refuse(name, rule)
-        if getattr(body, name) not in (None, neutral):
-            refuse(name, f"not implemented by this server; leave it at {neutral}")
-    if body.logit_bias:
-        refuse("logit_bias", "not implemented by this server")
-    if body.suffix is not None:
-        refuse("suffix", "not implemented by this server")
-    if body.max_tokens > 0 and (body.stop or body.stop_token_ids):
-        refuse("stop" if body.stop else "stop_token_ids", "not implemented when generating (max_tokens=1)")
-
-
-def validate_prompt(body: CompletionRequest, vocab_size: int, max_model_len: int) -> list[list[int]]:
-    check_sampling(body)
-    for name in ("logprobs", "prompt_logprobs"):
-        value = getattr(body, name)
-        if value is not None and not 0 <= value <= MAX_TOP_K:
-            raise ApiError(400, f"{name}={value} must be between 0 and {MAX_TOP_K}")
-    prompt = body.prompt
-    sequences = [prompt] if prompt and isinstance(prompt[0], int) else prompt
-    if not sequences:
-        raise ApiError(400, "prompt is empty")
-    for i, seq in enumerate(sequences):
-        if not seq:
-            raise ApiError(400, f"prompt[{i}] is empty")
-        if len(seq) + body.max_tokens > max_model_len:
-            raise ApiError(400, f"prompt[{i}] has {len(seq)} tokens; with max_tokens={body.max_tokens} that is "
-                           f"over this model's maximum context length of {max_model_len}")
-        bad = next((t for t in seq if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise ApiError(400, f"prompt[{i}] holds token id {bad}, outside the vocabulary [0, {vocab_size})")
-    return sequences
-
-
-def make_choice(index: int, seq: list[int], res: dict, body: CompletionRequest, tokenizer) -> dict:
-    decode = tokenizer.decode
-    choice: dict = {"index": index, "text": "", "logprobs": None, "finish_reason": "length",
-                    "stop_reason": None, "prompt_token_ids": seq}
-    generated = res["top_ids"][-1][0] if body.max_tokens == 1 else None
-    if generated is not None:
-        choice["text"] = decode([generated])
-    if body.prompt_logprobs is not None:
-        entries: list = [None]
-        for t in range(1, len(seq)):
-            entry = {str(seq[t]): {"logprob": res["token_logprobs"][t - 1], "rank": res["ranks"][t - 1],
-                                   "decoded_token": decode([seq[t]])}}
-            for rank, (tid, lp) in enumerate(zip(res["top_ids"][t - 1][: body.prompt_logprobs],
-                                                 res["top_logprobs"][t - 1], strict=False), start=1):
-                entry.setdefault(str(tid), {"logprob": lp, "rank": rank, "decoded_token": decode([tid])})
-            entries.append(entry)
-        choice["prompt_logprobs"] = entries
-    if body.logprobs is not None:
-        ids, lps, tops = [], [], []
-        if body.echo:
-            ids = list(seq)
-            lps = [None] + res["token_logprobs"]
-            tops = [None] + [top_dict(res, t - 1, body.logprobs, decode) for t in range(1, len(seq))]
-        if generated is not None:
-            ids.append(generated)
-            lps.append(res["top_logprobs"][-1][0])
-            tops.append(top_dict(res, len(seq) - 1, body.logprobs, decode))
-        texts = [decode([i]) for i in ids]
-        offsets, position = [], 0
-        for text in texts:
-            offsets.append(position)
-            position += len(text)
-        choice["logprobs"] = {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops,
-                              "text_offset": offsets}
-    if body.echo:
-        choice["text"] = decode(seq) + choice["text"]
-    return choice
-
-
-def top_dict(res: dict, position: int, k: int, decode) -> dict:
-    return {decode([tid]): lp for tid, lp in zip(res["top_ids"][position][:k], res["top_logprobs"][position],
-                                                  strict=False)}
 
 
 def serve(model_dir: str, host: str, port: int, api_key: str | None, name: str | None, device: str,
