@@ -9,9 +9,10 @@ import torch
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from conftest import LiveServer, rollouts_of, with_bos
+from opd.http import PROBE_TEXT
 from opd.models import OpdError
 from opd.teachers.local import LocalTeacher
-from opd.teachers.remote import PROBE_TEXT, RemoteTeacher
+from opd.teachers.remote import RemoteTeacher
 from opd.zoo import build_tokenizer
 
 
@@ -149,8 +150,9 @@ def test_the_tokenizer_probe_adds_no_special_tokens_on_either_side(model_dirs, t
     with Misbehaving(tmp_path / "bos") as server:
         teacher = RemoteTeacher(server.url, retries=0)
         sent = []
-        real_request = teacher.request
-        teacher.request = lambda method, path, json=None: sent.append((path, json)) or real_request(method, path, json)
+        real_request = teacher.http.request
+        teacher.http.request = lambda method, path, json=None: sent.append((path, json)) or real_request(method, path,
+                                                                                                         json)
         teacher.connect(load_tokenizer(tmp_path / "bos"), 10)
         probe = [body for path, body in sent if path == "/tokenize"]
         assert probe == [{"model": "teacher", "prompt": PROBE_TEXT, "add_special_tokens": False}]
@@ -169,11 +171,11 @@ def test_tokenize_refuses_what_it_does_not_implement(model_dirs, body):
 
 
 def test_the_defaults_retry_four_times_with_exponential_backoff(tokenizer, monkeypatch):
-    import opd.teachers.remote
+    import opd.http
     from opd.server import free_port
 
     slept = []
-    monkeypatch.setattr(opd.teachers.remote.time, "sleep", slept.append)
+    monkeypatch.setattr(opd.http.time, "sleep", slept.append)
     port = free_port()
     down = RemoteTeacher(f"http://127.0.0.1:{port}/", model="teacher")  # a trailing slash is dropped
     with pytest.raises(OpdError, match=rf"teacher server http://127.0.0.1:{port} did not answer POST /v1/completions "

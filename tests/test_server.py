@@ -160,8 +160,9 @@ def test_what_clients_send_by_default_is_accepted(server):
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 1
-    plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 1, "echo": True, "temperature": 0,
-                                                             "logprobs": 2, "prompt_logprobs": 1}, timeout=30).json()
+    plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 1, "echo": True,
+                                                             "temperature": 0, "logprobs": 2, "prompt_logprobs": 1},
+                       timeout=30).json()
     assert response.json()["choices"][0]["logprobs"] == plain["choices"][0]["logprobs"]  # neutral: no effect
     assert response.json()["choices"][0]["prompt_logprobs"] == plain["choices"][0]["prompt_logprobs"]
     scoring = {"prompt": [[1, 2], [3, 4, 5]], "max_tokens": 0, "temperature": 1.0, "stop": ["\n"], "top_p": 0.9,

@@ -3,16 +3,13 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import torch
 
+from opd.http import JsonClient, check_served
 from opd.models import OpdError
 from opd.rollouts import Rollouts
-
-PROBE_TEXT = "Compute 12+(3*4)-5\nAnswer: 19. The quick brown fox, über café ✓"
 
 
 class RemoteTeacher:
@@ -24,64 +21,23 @@ class RemoteTeacher:
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0,
                  retries: int = 4, backoff: float = 0.5, rows_per_request: int = 16, concurrency: int = 8) -> None:
-        self.url = url.rstrip("/")
-        self.retries, self.backoff = retries, backoff
+        self.http = JsonClient(url, "teacher server", api_key, timeout, retries, backoff, concurrency)
+        self.url, self.request = self.http.url, self.http.request
         self.rows_per_request, self.concurrency = rows_per_request, concurrency
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout,
-                                   limits=httpx.Limits(max_connections=concurrency))
         self.model = model
 
-    def request(self, method: str, path: str, json: dict | None = None) -> dict:
-        last: str  # the latest failure; set by every failed attempt (there is at least one)
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                response = self.client.request(method, path, json=json)
-            except httpx.TransportError as err:  # refused, reset, timed out
-                last = f"{type(err).__name__}: {err}"
-                continue
-            if response.status_code >= 500:
-                last = f"HTTP {response.status_code}: {response.text[:300]}"
-                continue
-            if response.status_code >= 400:
-                raise OpdError(f"teacher server {self.url}{path} refused the request: HTTP "
-                               f"{response.status_code}: {response.text[:500]}")
-            return response.json()
-        raise OpdError(f"teacher server {self.url} did not answer {method} {path} after {self.retries + 1} "
-                       f"tries; last failure: {last}. Is it running? The run's last checkpoint is kept; "
-                       "continue with `opd train --resume RUN_DIR` once the server is back.")
+    def close(self) -> None:
+        self.http.close()
 
     def connect(self, tokenizer, context_needed: int, source: str = "student") -> None:
         """Check the served model before training: its name, context length and tokenizer. ``tokenizer`` is
         the one opd will send ids in: the student's (``source`` "student"), or the one given by
         ``teacher_tokenizer=`` for a teacher with another tokenizer ("teacher_tokenizer")."""
-        listing = self.request("GET", "/v1/models")
-        models = {m["id"]: m for m in listing.get("data", [])}
-        if self.model is None:
-            if len(models) != 1:
-                raise OpdError(f"teacher server {self.url} serves {sorted(models)}; choose one with teacher_model=")
-            self.model = next(iter(models))
-        if self.model not in models:
-            raise OpdError(f"teacher server {self.url} does not serve {self.model!r}; it serves {sorted(models)}")
-        max_len = models[self.model].get("max_model_len")
-        if max_len is not None and max_len < context_needed:
-            raise OpdError(f"teacher {self.model} at {self.url} has a context of {max_len} tokens, but prompts "
-                           f"plus max_new_tokens need up to {context_needed}")
-        served = self.request("POST", "/tokenize", {"model": self.model, "prompt": PROBE_TEXT,
-                                                    "add_special_tokens": False})["tokens"]
-        local = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
-        if served != local:
-            fix = ("If the teacher's tokenizer differs from the student's, give it as teacher_tokenizer=DIR (a "
-                   "directory or hub id with its tokenizer files): opd then aligns the two on the text."
-                   if source == "student" else "teacher_tokenizer= must be the served model's tokenizer.")
-            raise OpdError(f"the tokenizer of teacher {self.model} at {self.url} differs from the {source}'s: "
-                           f"a probe text encodes to {served[:12]}... there and {local[:12]}... here. {fix}")
-        vocab = models[self.model].get("vocab_size")
-        if vocab is not None and vocab < len(tokenizer):
-            raise OpdError(f"teacher {self.model} at {self.url} has {vocab} token ids, the {source}'s tokenizer "
-                           f"{len(tokenizer)}")
+        fix = ("If the teacher's tokenizer differs from the student's, give it as teacher_tokenizer=DIR (a "
+               "directory or hub id with its tokenizer files): opd then aligns the two on the text."
+               if source == "student" else "teacher_tokenizer= must be the served model's tokenizer.")
+        self.model = check_served(self.http, "teacher", self.model, "teacher_model", tokenizer, context_needed,
+                                  source, fix)
 
     def score_sequences(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(x_t | x_<t) for t >= 1 of each sequence."""
