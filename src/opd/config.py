@@ -56,6 +56,12 @@ class TrainConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
+    sampler: str = "local"  # who samples the student's rollouts: local | http://HOST:PORT (vLLM or opd serve) | vllm
+    sampler_model: str = ""  # the served student's name (default: the one base model the server lists)
+    sampler_sync: str = "auto"  # weights to the server after each step: auto | lora | reload | nccl
+    sampler_sync_dir: str = ""  # where weights are written for the server to read (default: RUN_DIR/sampler)
+    tis_cap: float = 2.0  # truncated importance sampling: cap C of the trainer / engine ratio (remote sampler)
+    async_rollouts: int = 0  # 1: the server samples step k+1 while the trainer updates on step k
     max_prompt_tokens: int = 0  # 0: the model's context length minus max_new_tokens
     truncate_prompts: bool = False  # cut over-long prompts from the left instead of refusing them
     # optimisation
@@ -89,7 +95,8 @@ class TrainConfig:
 
     CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("sampled", "full"),
                "parallel": ("ddp", "fsdp"), "teacher_template": ("auto", "own", "student"),
-               "verifier": ("exact", "math", "ifeval")}
+               "verifier": ("exact", "math", "ifeval"),
+               "sampler_sync": ("auto", "lora", "reload", "nccl")}
 
     def validate(self) -> None:
         for name, allowed in self.CHOICES.items():
@@ -124,6 +131,7 @@ class TrainConfig:
                 raise OpdError(f"config field doc_tokens={self.doc_tokens} must be at least 2")
         elif self.docs or self.chat_fraction:
             raise OpdError(f"docs and chat_fraction are only read by method=midtrain (method is {self.method!r})")
+        self.validate_sampler()
         from opd.trackers import chosen
 
         chosen(self.report_to)
@@ -133,6 +141,35 @@ class TrainConfig:
             raise OpdError(f"config field train_prompts={self.train_prompts} must be 0 (no limit) or positive")
         if (self.prompts_per_step * self.samples_per_prompt) % self.grad_accum:
             raise OpdError(f"grad_accum={self.grad_accum} must divide prompts_per_step * samples_per_prompt")
+
+    @property
+    def remote_sampler(self) -> bool:
+        return self.sampler.startswith(("http://", "https://"))
+
+    def validate_sampler(self) -> None:
+        if self.sampler not in ("local", "vllm") and not self.remote_sampler:
+            raise OpdError(f"config field sampler={self.sampler!r} must be local, vllm, or http://HOST:PORT of a "
+                           "rollout server (vllm serve, opd serve)")
+        if self.sampler != "local" and self.method in ("sft", "midtrain"):
+            raise OpdError(f"sampler={self.sampler}: method={self.method} trains on given or teacher-written "
+                           "completions; a rollout server samples the student (opd, rl, opd+rl)")
+        if self.async_rollouts not in (0, 1):
+            raise OpdError(f"config field async_rollouts={self.async_rollouts} must be 0 or 1 (steps of staleness)")
+        if self.async_rollouts and not self.remote_sampler:
+            raise OpdError("async_rollouts=1 needs a rollout server (sampler=http://HOST:PORT): the in-process "
+                           "sampler and the update share one model")
+        if self.tis_cap < 1:
+            raise OpdError(f"config field tis_cap={self.tis_cap} must be at least 1")
+        if self.sampler_sync == "lora" and self.lora_rank == 0:
+            raise OpdError("sampler_sync=lora needs a LoRA run (lora_rank > 0); full fine-tuning uses "
+                           "sampler_sync=reload (opd serve) or nccl (vLLM on GPUs)")
+
+    @property
+    def sync_kind(self) -> str:
+        """How weights reach a rollout server: ``sampler_sync``, or for auto LoRA's adapter or a full reload."""
+        if self.sampler_sync != "auto":
+            return self.sampler_sync
+        return "lora" if self.lora_rank > 0 else "reload"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -51,6 +51,7 @@ def importance_sampling_loss(
     mask: torch.Tensor,
     clip_epsilon: float = 0.0,
     num_tokens: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance-sampling policy-gradient loss, optionally PPO-clipped.
 
@@ -60,8 +61,9 @@ def importance_sampling_loss(
     ``N`` is the number of completion tokens (``num_tokens`` overrides it, e.g. for gradient
     accumulation); an all-masked batch gives exactly 0.
     At ``pi = q`` the gradient is the REINFORCE gradient ``-(1/N) sum_t A_t grad log pi(x_t)``.
+    ``weights`` (constant, e.g. ``truncated_importance_weights``) multiply the advantages.
     """
-    advantages = advantages.detach()
+    advantages = advantages.detach() if weights is None else advantages.detach() * weights.detach()
     ratio = torch.exp(learner_logprobs - sampler_logprobs.detach())
     objective = ratio * advantages
     if clip_epsilon > 0:
@@ -69,6 +71,22 @@ def importance_sampling_loss(
         objective = torch.minimum(objective, clipped)
     denominator = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens))
     return -(objective * mask).sum() / denominator.clamp(min=1.0)
+
+
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """Per-token truncated importance weights for rollouts drawn by an inference engine:
+    ``w_t = min(exp(log pi_old(x_t) - log q_engine(x_t)), C)`` on completion tokens, 1 elsewhere.
+
+    ``pi_old`` is the trainer's policy the update starts from (its own log-probs of the sampled tokens,
+    recomputed), ``q_engine`` the server's (vLLM's kernels, or weights one step older with async rollouts).
+    The policy-gradient loss keeps ``pi_theta / pi_old`` as its ratio and multiplies each token's advantage
+    by ``w_t``: the token-level truncated importance sampling (TIS) of Yao, Liu et al., "Your Efficient RL
+    Framework Secretly Brings You Off-Policy RL Training" (2025), ``C = 2`` in their experiments. Capping
+    bounds the variance at the price of a bias where the engine under-samples a token by more than C.
+    """
+    ratio = torch.exp((trainer_logprobs - engine_logprobs).float()).clamp(max=cap)
+    return torch.where(mask > 0, ratio, torch.ones_like(ratio))
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:

@@ -23,6 +23,8 @@ class Rollouts:
     teacher_logprobs: torch.Tensor | None = None  # (B, T)
     rewards: torch.Tensor | None = None  # (B,) task reward of each completion
     advantages: torch.Tensor | None = None  # (B, T)
+    engine_logprobs: torch.Tensor | None = None  # (B, T) a rollout server's log-probs (its numerics, its weights)
+    is_weights: torch.Tensor | None = None  # (B, T) truncated importance weights trainer / engine (remote sampler)
     extras: dict = field(default_factory=dict)
 
     @property

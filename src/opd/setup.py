@@ -171,6 +171,7 @@ class Session:
     full_model: torch.nn.Module | None = None  # the whole student to sample from, evaluate and save
     teacher_view: TeacherView | None = None  # how the teacher reads the student's rollouts (its template, tokens)
     teacher_tokenizer: object = None
+    rollout_service: object = None  # samplers.service.RolloutService when a rollout server samples
 
     def trainer_state(self) -> dict:
         """Optimizer (keyed by parameter name, any world size) and scheduler state; every rank calls it."""
@@ -284,6 +285,18 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
         teacher_model = load_model(teacher_path, device, dtype)
         teacher = LocalTeacher(teacher_model, len(teacher_tokenizer))
 
+    rollout_sampler = None
+    if config.remote_sampler:
+        from opd.samplers.remote import RemoteSampler
+
+        rollout_sampler = RemoteSampler(config.sampler, config.sampler_model or None,
+                                        api_key=os.environ.get("OPD_SAMPLER_API_KEY"))
+        rollout_sampler.connect(tokenizer, max_prompt + config.max_new_tokens)
+    elif config.sampler == "vllm":
+        from opd.samplers.colocated import check_available
+
+        check_available()
+
     from opd.trainer import policy_loss
 
     loss_module, full_model = distributed.wrap(student, policy_loss, config.parallel, state)
@@ -315,6 +328,13 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
         session.run_dir = Path(distributed.broadcast(str(runs.new_run_dir(config)) if state.main else None, state))
     else:
         restore(session, checkpoint)
+    if rollout_sampler is not None:
+        from opd.samplers.service import RolloutService
+        from opd.samplers.sync import make_sync
+
+        directory = Path(config.sampler_sync_dir) if config.sampler_sync_dir else session.run_dir / "sampler"
+        sync = make_sync(config.sync_kind, rollout_sampler, directory, f"opd-{session.run_dir.name}")
+        session.rollout_service = RolloutService(rollout_sampler, sync)
     return session
 
 

@@ -22,6 +22,7 @@ from opd.losses import group_centred_rewards, importance_sampling_loss, masked_t
 from opd.models import OpdError
 from opd.rollouts import Rollouts, pack_pairs
 from opd.sampler import sample
+from opd.samplers.service import merge_stats, reweight
 from opd.scoring import completion_row_offsets, full_reverse_kl, token_logprobs
 from opd.setup import Session, open_session
 from opd.tasks import Example
@@ -46,7 +47,7 @@ def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
     # the learner's log-probs under the sampling distribution: the ratio is 1 before the update
     learner_logprobs = token_logprobs(student, rollouts, vocab, config.temperature, config.top_p)
     return loss + importance_sampling_loss(learner_logprobs, rollouts.sampler_logprobs, rollouts.advantages,
-                                           mask, config.ppo_clip, num_tokens)
+                                           mask, config.ppo_clip, num_tokens, rollouts.is_weights)
 
 
 def advantages(session: Session, rollouts: Rollouts) -> torch.Tensor:
@@ -115,6 +116,13 @@ def step_rollouts(session: Session, step: int) -> Rollouts:
     if session.sft_pairs:
         examples, rollouts = dataset_rollouts(session, step)
         samples_per_prompt = 1
+    elif session.rollout_service is not None:  # a rollout server draws them (vLLM, opd serve)
+        examples, rollouts = session.rollout_service.rollouts(
+            session, step, lambda at: distributed.shard(train_examples(session, at), session.dist),
+            lambda chosen: [session.prompt_ids(ex.messages) for ex in chosen])
+        rollouts = rollouts.to(session.device)
+        rollouts.extras["engine"] = reweight(session, rollouts)
+        samples_per_prompt = config.samples_per_prompt
     else:
         examples = distributed.shard(train_examples(session, step), session.dist)
         prompts = [session.prompt_ids(ex.messages) for ex in examples]
@@ -201,6 +209,7 @@ def training_step(session: Session, step: int) -> dict:
         "teacher_prompt_lengths": graded and graded.teacher_prompt_lengths,
         "teacher_completion_lengths": graded and graded.teacher_completion_lengths,
         "chunks": [graded.chunk_count, graded.single_token_chunks] if graded and graded.chunks is not None else None,
+        "engine": rollouts.extras.get("engine"),
     }
     ranks = distributed.all_gather(local, session.dist)
     merged = {key: [v for r in ranks for v in r[key]] for key in ("completion_lengths", "prompt_lengths", "rewards")}
@@ -213,6 +222,7 @@ def training_step(session: Session, step: int) -> dict:
         chunks, single = (sum(r["chunks"][i] for r in ranks) for i in (0, 1))
         alignment = {"aligned_chunks": chunks, "single_token_chunk_share": round(single / max(chunks, 1), 4),
                      "teacher_completion_tokens": sum(teacher_lengths[1])}
+    engine = merge_stats([r["engine"] for r in ranks]) if local["engine"] is not None else {}
     num_tokens = sum(merged["completion_lengths"])
     lr = session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     loss, grad_norm = update(session, rollouts, teacher_hidden, num_tokens, step)
@@ -230,11 +240,13 @@ def training_step(session: Session, step: int) -> dict:
         "grad_norm": grad_norm,
         "lr": lr,
         **alignment,
+        **engine,
         **step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
                      merged["completion_lengths"], "sft_data" if from_data else config.method,
                      group=1 if from_data else config.samples_per_prompt, teacher_lengths=teacher_lengths),
         "sample_seconds": round(sampled - started, 4),
         "score_seconds": round(scored - sampled, 4),
+        **({"sync_seconds": round(session.rollout_service.lap(), 4)} if session.rollout_service else {}),
         "train_seconds": round(trained - scored, 4),
     }
 
@@ -311,6 +323,9 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
     except BaseException:  # an error or an interrupt: the trackers' runs are closed, to be resumed
         trackers.abort()
         raise
+    finally:
+        if session.rollout_service is not None:
+            session.rollout_service.close()
     summary = {}
     if main:
         runs.save_final(run_dir, session.full_model, session.tokenizer)

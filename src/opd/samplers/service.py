@@ -1,0 +1,120 @@
+"""A rollout server as the trainer sees it: the step's samples (drawn now, or drawn during the previous
+update with ``async_rollouts=1``), the weights pushed before every draw, and the trainer's own log-probs
+with the truncated importance weights and the mismatch statistics of every step.
+
+Timeline with ``async_rollouts=1`` (``w_k``: the weights after k updates): at step k the trainer takes
+the samples the server drew with ``w_{k-1}``, pushes ``w_k``, asks for step k+1's samples, and updates on
+step k's while the server draws: each step trains on samples one update old, which the importance
+weight corrects. Without it, step k pushes ``w_k`` and waits for samples drawn with them.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from opd import distributed
+from opd.losses import truncated_importance_weights
+from opd.models import OpdError
+from opd.rollouts import Rollouts
+from opd.samplers.remote import RemoteSampler
+from opd.samplers.sync import WeightSync
+from opd.scoring import token_logprobs
+
+
+class RolloutService:
+    def __init__(self, sampler: RemoteSampler, sync: WeightSync) -> None:
+        self.sampler, self.sync = sampler, sync
+        self.pushed: int | None = None  # the number of updates in the weights the server holds
+        self.pending: tuple[int, list, Future] | None = None  # (step, examples, samples being drawn)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="opd-rollouts")
+        self.sync_seconds = 0.0
+
+    def ensure_weights(self, model: torch.nn.Module, version: int, dist: distributed.Dist) -> None:
+        """The server holds the weights after ``version`` updates: rank 0 pushes them, every rank learns
+        whether it worked (a failure stops all ranks with rank 0's message)."""
+        if self.pushed == version:
+            return
+        started = time.perf_counter()
+        error = None
+        if dist.main:
+            try:
+                self.sync.push(model, version)
+            except OpdError as err:
+                error = str(err)
+        error = distributed.broadcast(error, dist)
+        if error:
+            raise OpdError(f"pushing the weights after {version} updates to the rollout server failed: {error}")
+        self.sampler.model = distributed.broadcast(self.sampler.model, dist)  # the adapter's new name
+        self.pushed = version
+        self.sync_seconds += time.perf_counter() - started
+
+    def rollouts(self, session, step: int, examples_of, prompts_of) -> tuple[list, Rollouts]:
+        """This rank's examples and samples of ``step``; ``examples_of(step)`` and ``prompts_of(examples)``
+        are the trainer's."""
+        config = session.config
+        if self.pending is not None and self.pending[0] == step:
+            _, examples, future = self.pending
+            rollouts = future.result()
+        else:
+            self.ensure_weights(session.full_model, step, session.dist)
+            examples = examples_of(step)
+            rollouts = self.draw(session, prompts_of(examples), step)
+        self.pending = None
+        if config.async_rollouts and step + 1 < config.steps:
+            self.ensure_weights(session.full_model, step, session.dist)
+            upcoming = examples_of(step + 1)
+            self.pending = (step + 1, upcoming, self.executor.submit(self.draw, session, prompts_of(upcoming),
+                                                                     step + 1))
+        return examples, rollouts
+
+    def draw(self, session, prompts: list[list[int]], step: int) -> Rollouts:
+        config, tokenizer = session.config, session.tokenizer
+        return self.sampler.sample(prompts, samples_per_prompt=config.samples_per_prompt,
+                                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                   top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   seed=(config.seed, step, session.dist.rank))
+
+    def lap(self) -> float:
+        """Seconds spent pushing weights since the last call."""
+        seconds, self.sync_seconds = self.sync_seconds, 0.0
+        return seconds
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[2].cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.sampler.close()
+
+
+@torch.no_grad()
+def reweight(session, rollouts: Rollouts) -> dict:
+    """The trainer's log-probs of the server's samples become ``sampler_logprobs`` (the policy the update
+    starts from, and the one the KL advantage is about); ``is_weights`` are the truncated importance
+    weights against the server's. Returns this rank's sums for the step's mismatch statistics."""
+    config, mask = session.config, rollouts.completion_mask
+    own = token_logprobs(session.full_model, rollouts, session.vocab_size, config.temperature, config.top_p) * mask
+    engine = rollouts.engine_logprobs * mask
+    rollouts.sampler_logprobs = own
+    rollouts.is_weights = truncated_importance_weights(own, engine, mask, config.tis_cap)
+    gap = (own - engine)[mask > 0]
+    ratio = torch.exp(gap)
+    if len(gap) == 0:
+        return {"tokens": 0, "ratio_sum": 0.0, "ratio_max": 1.0, "ratio_min": 1.0, "truncated": 0,
+                "engine_kl_sum": 0.0, "max_abs_gap": 0.0}
+    return {"tokens": len(gap), "ratio_sum": float(ratio.sum()), "ratio_max": float(ratio.max()),
+            "ratio_min": float(ratio.min()), "truncated": int((ratio > config.tis_cap).sum()),
+            "engine_kl_sum": float(-gap.sum()), "max_abs_gap": float(gap.abs().max())}
+
+
+def merge_stats(ranks: list[dict]) -> dict:
+    """The step's record fields from every rank's ``reweight`` sums."""
+    tokens = max(sum(r["tokens"] for r in ranks), 1)
+    return {"is_ratio_mean": round(sum(r["ratio_sum"] for r in ranks) / tokens, 6),
+            "is_ratio_min": round(min(r["ratio_min"] for r in ranks), 6),
+            "is_ratio_max": round(max(r["ratio_max"] for r in ranks), 6),
+            "is_truncated_share": round(sum(r["truncated"] for r in ranks) / tokens, 6),
+            "engine_kl": sum(r["engine_kl_sum"] for r in ranks) / tokens,  # k1 estimate of KL(engine || trainer)
+            "engine_max_abs_logprob_gap": max(r["max_abs_gap"] for r in ranks)}
