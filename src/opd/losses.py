@@ -85,7 +85,8 @@ def truncated_importance_weights(trainer_logprobs: torch.Tensor, engine_logprobs
     Framework Secretly Brings You Off-Policy RL Training" (2025), ``C = 2`` in their experiments. Capping
     bounds the variance at the price of a bias where the engine under-samples a token by more than C.
     """
-    ratio = torch.exp((trainer_logprobs - engine_logprobs).float()).clamp(max=cap)
+    gap = trainer_logprobs - engine_logprobs
+    ratio = torch.exp(gap.to(torch.promote_types(gap.dtype, torch.float32))).clamp(max=cap)
     return torch.where(mask > 0, ratio, torch.ones_like(ratio))
 
 

@@ -320,6 +320,8 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
             bar.set_postfix(loss=f"{record['loss']:.3f}", kl=_last(records, "teacher_kl"),
                             reward=f"{record['train_reward']:.2f}", acc=_last(records, "accuracy"))
         bar.close()
+        if session.rollout_service is not None:  # the server ends with the trained student
+            session.rollout_service.ensure_weights(session.full_model, config.steps, session.dist)
     except BaseException:  # an error or an interrupt: the trackers' runs are closed, to be resumed
         trackers.abort()
         raise
