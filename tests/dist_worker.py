@@ -3,6 +3,8 @@
 ``equivalence OUT key=value...``: build one fixed batch (the same on every rank), let each rank
 update on its share, and save the student's weights after the step to OUT/weights.pt (rank 0).
 ``fail RANK MODE key=value...``: train, with rank RANK raising ("raise") or hanging ("hang") at step 1.
+``teacher OUT key=value...``: score one fixed batch with the session's teacher, each rank its share of the
+rows; rank 0 saves every rank's log-probs, hidden states and local parameter counts to OUT/teacher.pt.
 """
 
 from __future__ import annotations
@@ -33,6 +35,24 @@ def equivalence(out: Path, overrides: list[str]) -> None:
         torch.save(weights, out / "weights.pt")
 
 
+def teacher(out: Path, overrides: list[str]) -> None:
+    session = open_session(load_config(None, overrides + [f"out={out / 'run'}"]))
+    state = session.dist
+    batch = unequal_batch(session)
+    rows = distributed.shard(list(range(batch.tokens.shape[0])), state)
+    mine = batch.select(slice(rows[0], rows[-1] + 1))
+    if state.rank == 1:  # unequal work: one row fewer on rank 1, still one forward per call
+        mine = mine.select(slice(0, len(rows) - 1))
+    logprobs, hidden = session.teacher.score_with_hidden(mine)
+    local = sum(getattr(p, "_local_tensor", p).numel() for p in session.teacher_model.parameters())
+    layers = sum(getattr(p, "_local_tensor", p).numel() for layer in distributed.decoder_layers(session.teacher_model)
+                 for p in layer.parameters())
+    gathered = distributed.all_gather({"rows": rows[: len(mine.tokens)], "logprobs": logprobs, "hidden": hidden,
+                                       "local": local, "layers": layers}, state)
+    if state.main:
+        torch.save(gathered, out / "teacher.pt")
+
+
 def fail(rank: int, mode: str, overrides: list[str]) -> None:
     import opd.trainer
 
@@ -53,6 +73,8 @@ if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "equivalence":
         equivalence(Path(args[0]), args[1:])
+    elif command == "teacher":
+        teacher(Path(args[0]), args[1:])
     else:
         fail(int(args[0]), args[1], args[2:])
     distributed.exit_rank(0)

@@ -82,3 +82,48 @@ def test_a_failing_rank_ends_the_job_within_a_bounded_time(model_dirs, tmp_path,
         assert "rank 1 fails on purpose" in result.stderr
     else:  # rank 0 gives up waiting for rank 1 at the next collective
         assert "timed out" in result.stderr.lower() or "timeout" in result.stderr.lower(), result.stderr[-3000:]
+
+
+def test_a_sharded_teacher_scores_like_the_whole_one_and_holds_half_its_layers(model_dirs, tmp_path):
+    """teacher_parallel=fsdp under torchrun: each rank scores its own (unequal) rows with the layers gathered
+    from both ranks; the log-probs and hidden states equal the whole teacher's to 1e-6, and each rank holds
+    half of the decoder layers' parameters."""
+    from conftest import unequal_batch
+    from opd.config import load_config
+    from opd.models import load_model
+    from opd.setup import open_session
+    from opd.teachers.local import LocalTeacher
+
+    overrides = equivalence_overrides(model_dirs, tmp_path, kl="full", teacher_parallel="fsdp")
+    result = torchrun([str(WORKER), "teacher", str(tmp_path), *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = torch.load(tmp_path / "teacher.pt", weights_only=False)
+    session = open_session(load_config(None, overrides + [f"out={tmp_path / 'one'}"]))
+    batch = unequal_batch(session)
+    whole = LocalTeacher(load_model(model_dirs["teacher"], torch.device("cpu"), torch.float32), session.vocab_size)
+    full_layers = sum(p.numel() for layer in whole.model.get_decoder().layers for p in layer.parameters())
+    total = sum(p.numel() for p in whole.model.parameters())
+    for got in ranks:
+        rows = got["rows"]
+        want_lp, want_hidden = whole.score_with_hidden(batch.select(slice(rows[0], rows[-1] + 1)))
+        assert (got["logprobs"] - want_lp).abs().max() <= 1e-6
+        assert (got["hidden"] - want_hidden).abs().max() <= 1e-6
+        assert got["layers"] == full_layers // 2
+        assert got["local"] == total - full_layers + full_layers // 2
+
+
+def test_training_with_a_sharded_teacher_equals_training_with_whole_ones(model_dirs, tmp_path):
+    """Two ranks, kl=full, evaluations included (every rank runs them: the teacher's forwards are collective):
+    the metrics equal those of the same two ranks each holding the whole teacher."""
+    runs = {}
+    for mode in ("none", "fsdp"):
+        out = tmp_path / mode
+        overrides = tiny_train_overrides(model_dirs, out, kl="full", teacher_parallel=mode, steps=3, eval_every=2)
+        command = [sys.executable, "-m", "opd", "train", "--nproc", "2", "--quiet", *overrides]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=ONE_THREAD)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[mode] = read_jsonl(out / "metrics.jsonl")
+    for a, b in zip(runs["none"], runs["fsdp"], strict=True):
+        for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl", "teacher_accuracy"):
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)

@@ -207,8 +207,9 @@ def test_a_server_that_dies_mid_run_is_retried_then_stops_the_run(model_dirs, tm
             return real(job)
 
         live.app.state.scorer.submit = dying
+        # a 500 or a reset connection, as the dying server's thread ends the request
         with pytest.raises(OpdError, match=r"rollout server .* did not answer POST /v1/completions after 5 tries; "
-                                           r"last failure: HTTP 500.*--resume"):
+                                           r"last failure: (HTTP 500|ReadError|RemoteProtocolError).*--resume"):
             run_against(live, model_dirs, out)
     assert [s for s in slept if s >= 0.5] == [0.5, 1.0, 2.0, 4.0]  # the backoff (time.sleep is patched for all)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
@@ -246,3 +247,37 @@ def test_the_update_weights_each_tokens_advantage_by_its_importance_weight(model
     expected = torch.cat([p.grad.flatten() for p in session.trainable])
     assert torch.allclose(gradient(first_row_only), expected, rtol=1e-5, atol=1e-10)
     assert not torch.allclose(expected, plain, rtol=1e-2)
+
+
+def test_a_real_opd_serve_process_samples_for_a_lora_run(model_dirs, tmp_path):
+    """The whole server mode end to end as a user runs it: `opd serve` in its own process, then a LoRA run
+    whose samples it draws from the adapter loaded after every step."""
+    import subprocess
+    import sys
+    import time
+
+    from opd.server import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "opd", "serve", str(model_dirs["student"]), "--port", str(port),
+                               "--name", "student"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.time() < deadline and server.poll() is None, "opd serve did not start"
+                time.sleep(0.2)
+        live = type("Live", (), {"url": f"http://127.0.0.1:{port}"})
+        records = run_against(live, model_dirs, tmp_path / "run", lora_rank=4)
+        listing = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["engine_max_abs_logprob_gap"] <= 1e-5 for r in records)
+    run_name = (tmp_path / "run").name
+    assert [m["id"] for m in listing] == ["student", f"opd-{run_name}-step-4"]
+    assert listing[1]["parent"] == "student"

@@ -359,8 +359,9 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--device", default="auto")
     ch.set_defaults(func=cmd_chat)
 
-    sv = sub.add_parser("serve", help="serve a teacher's log-probs over the OpenAI-compatible API")
-    sv.add_argument("model", help="HF model directory, hub id, or embedded:teacher")
+    sv = sub.add_parser("serve", help="serve a model over vLLM's OpenAI-compatible API: a teacher's log-probs, a "
+                        "student's samples (sampler=http://), runtime LoRA adapters, full-weight reloads")
+    sv.add_argument("model", help="HF model directory, hub id, or embedded:teacher / embedded:student")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require this bearer token (default: $OPD_API_KEY, else none)")

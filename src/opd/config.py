@@ -62,6 +62,7 @@ class TrainConfig:
     sampler_sync_dir: str = ""  # where weights are written for the server to read (default: RUN_DIR/sampler)
     tis_cap: float = 2.0  # truncated importance sampling: cap C of the trainer / engine ratio (remote sampler)
     async_rollouts: int = 0  # 1: the server samples step k+1 while the trainer updates on step k
+    vllm_memory: float = 0.3  # sampler=vllm: the share of GPU memory the in-process engine may take
     max_prompt_tokens: int = 0  # 0: the model's context length minus max_new_tokens
     truncate_prompts: bool = False  # cut over-long prompts from the left instead of refusing them
     # optimisation
@@ -77,6 +78,7 @@ class TrainConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     # several processes (torchrun --nproc_per_node=N -m opd train ..., or opd train --nproc N)
     parallel: str = "ddp"  # ddp: weights replicated on every rank | fsdp: FSDP2, weights and optimizer sharded
+    teacher_parallel: str = "none"  # none: the whole teacher on every rank | fsdp: its layers sharded (FSDP2)
     dist_timeout: float = 600.0  # seconds a rank waits for the others (e.g. rank 0 evaluating) before failing
     # evaluation, logging, checkpoints
     eval_every: int = 100
@@ -94,7 +96,8 @@ class TrainConfig:
     out: str = ""  # run directory; default runs/<time>-<method>
 
     CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("sampled", "full"),
-               "parallel": ("ddp", "fsdp"), "teacher_template": ("auto", "own", "student"),
+               "parallel": ("ddp", "fsdp"), "teacher_parallel": ("none", "fsdp"),
+               "teacher_template": ("auto", "own", "student"),
                "verifier": ("exact", "math", "ifeval"),
                "sampler_sync": ("auto", "lora", "reload", "nccl")}
 
@@ -132,6 +135,10 @@ class TrainConfig:
         elif self.docs or self.chat_fraction:
             raise OpdError(f"docs and chat_fraction are only read by method=midtrain (method is {self.method!r})")
         self.validate_sampler()
+        if self.teacher_parallel == "fsdp" and (self.method in ("sft", "midtrain")
+                                                or self.teacher.startswith(("http://", "https://"))):
+            raise OpdError("teacher_parallel=fsdp shards an in-process teacher that scores (method opd, rl, opd+rl); "
+                           f"method={self.method} with teacher={self.teacher} has none to shard")
         from opd.trackers import chosen
 
         chosen(self.report_to)
@@ -155,6 +162,8 @@ class TrainConfig:
                            "completions; a rollout server samples the student (opd, rl, opd+rl)")
         if self.async_rollouts not in (0, 1):
             raise OpdError(f"config field async_rollouts={self.async_rollouts} must be 0 or 1 (steps of staleness)")
+        if not 0 < self.vllm_memory < 1:
+            raise OpdError(f"config field vllm_memory={self.vllm_memory} must be in (0, 1)")
         if self.async_rollouts and not self.remote_sampler:
             raise OpdError("async_rollouts=1 needs a rollout server (sampler=http://HOST:PORT): the in-process "
                            "sampler and the update share one model")

@@ -151,6 +151,20 @@ def wrap(student: torch.nn.Module, loss_fn, parallel: str, state: Dist) -> tuple
     return module, full_copy
 
 
+def shard_teacher(teacher: torch.nn.Module, state: Dist) -> None:
+    """``teacher_parallel=fsdp``: each decoder layer of the teacher sharded across the ranks with FSDP2,
+    forward only, its weights gathered for its forward and freed after it (``reshard_after_forward``).
+    The embeddings, the final norm and the output head stay whole on every rank: the exact-KL loss reads
+    the teacher's head outside any forward. Every rank must then run the teacher the same number of times,
+    on any rows (the scorer runs one forward per call; evaluation runs on every rank)."""
+    if not state.active:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(teacher):
+        fully_shard(layer, reshard_after_forward=True)
+
+
 def refresh_full_copy(student: torch.nn.Module, full_copy: torch.nn.Module, parallel: str, state: Dist) -> None:
     """After an optimizer step under FSDP2: gather the sharded weights into the sampling copy."""
     if not state.active or parallel != "fsdp":

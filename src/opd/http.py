@@ -36,6 +36,8 @@ class JsonClient:
             if response.status_code >= 400:
                 raise OpdError(f"{self.role} {self.url}{path} refused the request: HTTP "
                                f"{response.status_code}: {response.text[:500]}")
+            if "json" not in response.headers.get("content-type", ""):
+                return {"text": response.text}  # vLLM's LoRA endpoints answer in plain text
             return response.json()
         raise OpdError(f"{self.role} {self.url} did not answer {method} {path} after {self.retries + 1} "
                        f"tries; last failure: {last}. Is it running? The run's last checkpoint is kept; "

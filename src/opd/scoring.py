@@ -21,16 +21,18 @@ from opd.rollouts import Rollouts
 LOGITS_BUDGET = 1 << 25  # float32 elements per chunk of logits (128 MiB)
 
 
-def completion_hidden(model: torch.nn.Module, rollouts: Rollouts) -> tuple[torch.Tensor, torch.nn.Module]:
+def completion_hidden(model: torch.nn.Module, rollouts: Rollouts,
+                      share_prompts: bool = True) -> tuple[torch.Tensor, torch.nn.Module]:
     """Final hidden states at the positions that predict completion tokens: (N, H), and the head.
 
     Rows that share a prompt (``Rollouts.prompt_groups``: the samples of one prompt) run it once:
     the decoder reads the G distinct prompts, their keys and values are repeated to the B rows, and
     the completions attend to them as a cache. The same function of the inputs as one padded
     forward, so also the same gradients (a shared prompt position sums its rows' gradients), at
-    G/B of the prompt's cost."""
+    G/B of the prompt's cost. ``share_prompts=False``: always one forward (a sharded teacher's ranks must
+    run the same number of forwards whatever their rows)."""
     decoder = model.get_decoder()
-    groups = rollouts.prompt_groups()
+    groups = rollouts.prompt_groups() if share_prompts else None
     if groups is None:
         hidden = decoder(
             input_ids=rollouts.tokens,

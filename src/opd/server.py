@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from opd.server_api import (
     MAX_TOP_K,
@@ -186,20 +186,20 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
         return choices, sum(len(ids) for ids, _ in drawn)
 
     @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoraRequest) -> JSONResponse:
+    async def load_lora_adapter(body: LoadLoraRequest) -> PlainTextResponse:  # vLLM answers in plain text
         def load(target: ServedModel, _: torch.nn.Module) -> None:
             if body.load_inplace and body.lora_name in target.adapters:
                 target.unload_adapter(body.lora_name)
             target.load_adapter(body.lora_name, body.lora_path)
 
         await run(new_job("admin", None, run=load), "loading the adapter")
-        return JSONResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadLoraRequest) -> JSONResponse:
+    async def unload_lora_adapter(body: UnloadLoraRequest) -> PlainTextResponse:
         await run(new_job("admin", None, run=lambda target, _: target.unload_adapter(body.lora_name)),
                   "unloading the adapter")
-        return JSONResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/opd/reload_weights")
     async def reload_weights(body: ReloadRequest) -> dict:

@@ -282,8 +282,12 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
         teacher.connect(teacher_tokenizer, max_prompt + config.max_new_tokens,
                         "teacher_tokenizer" if config.teacher_tokenizer else "student")
     else:
-        teacher_model = load_model(teacher_path, device, dtype)
-        teacher = LocalTeacher(teacher_model, len(teacher_tokenizer))
+        sharded = config.teacher_parallel == "fsdp" and state.active
+        teacher_model = load_model(teacher_path, torch.device("cpu") if sharded else device, dtype)
+        if sharded:  # shard on the CPU, then only this rank's layer shards go to the device
+            distributed.shard_teacher(teacher_model, state)
+            teacher_model.to(device)
+        teacher = LocalTeacher(teacher_model, len(teacher_tokenizer), sharded)
 
     rollout_sampler = None
     if config.remote_sampler:
@@ -293,9 +297,10 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
                                         api_key=os.environ.get("OPD_SAMPLER_API_KEY"))
         rollout_sampler.connect(tokenizer, max_prompt + config.max_new_tokens)
     elif config.sampler == "vllm":
-        from opd.samplers.colocated import check_available
+        from opd.samplers.colocated import ColocatedSampler
 
-        check_available()
+        rollout_sampler = ColocatedSampler(student_path, dtype, config.vllm_memory, max_prompt + config.max_new_tokens,
+                                           config.seed)
 
     from opd.trainer import policy_loss
 
@@ -333,7 +338,12 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
         from opd.samplers.sync import make_sync
 
         directory = Path(config.sampler_sync_dir) if config.sampler_sync_dir else session.run_dir / "sampler"
-        sync = make_sync(config.sync_kind, rollout_sampler, directory, f"opd-{session.run_dir.name}")
+        if config.sampler == "vllm":
+            from opd.samplers.colocated import ColocatedSync
+
+            sync = ColocatedSync(rollout_sampler)
+        else:
+            sync = make_sync(config.sync_kind, rollout_sampler, directory, f"opd-{session.run_dir.name}")
         session.rollout_service = RolloutService(rollout_sampler, sync)
     return session
 

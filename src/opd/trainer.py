@@ -188,6 +188,7 @@ def training_step(session: Session, step: int) -> dict:
     session.full_model.eval()
     rollouts = step_rollouts(session, step)
     sampled = time.perf_counter()
+    pushed = session.rollout_service.lap() if session.rollout_service else None  # inside step_rollouts
 
     teacher_hidden, graded = None, None
     if "opd" in config.method:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
@@ -244,9 +245,9 @@ def training_step(session: Session, step: int) -> dict:
         **step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
                      merged["completion_lengths"], "sft_data" if from_data else config.method,
                      group=1 if from_data else config.samples_per_prompt, teacher_lengths=teacher_lengths),
-        "sample_seconds": round(sampled - started, 4),
+        "sample_seconds": round(sampled - started - (pushed or 0.0), 4),
         "score_seconds": round(scored - sampled, 4),
-        **({"sync_seconds": round(session.rollout_service.lap(), 4)} if session.rollout_service else {}),
+        **({"sync_seconds": round(pushed, 4)} if pushed is not None else {}),
         "train_seconds": round(trained - scored, 4),
     }
 
@@ -279,7 +280,9 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         if main and session.teacher_view is not None:
             probe = [ex.messages[-1]["content"] for ex in session.eval_set[:32]]
             print(f"opd: {session.teacher_view.describe(probe)}", file=sys.stderr)
-        if not records and main:  # a fresh run: measure where the student and teacher start
+        # every rank evaluates when the teacher's layers are sharded (its forwards are collectives); rank 0 logs
+        evaluates = main or getattr(session.teacher, "sharded", False)
+        if not records and evaluates:  # a fresh run: measure where the student and teacher start
             teacher = None  # a teacher behind a server only scores; it cannot be asked to answer
             if session.teacher_model is not None:  # in its own tokens and template
                 teacher = evaluate(session.teacher_model, session.teacher_tokenizer, session.task, session.eval_set,
@@ -288,8 +291,9 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
                       batch_size=config.eval_batch)
             first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher and teacher.accuracy,
                      "teacher_sampled_accuracy": teacher and teacher.sampled_accuracy, "elapsed": 0.0}
-            runs.append_metrics(run_dir, first)
-            trackers.log(first)
+            if main:
+                runs.append_metrics(run_dir, first)
+                trackers.log(first)
             records.append(first)
         elapsed = records[-1]["elapsed"] if records else 0.0
         totals = {key: records[-1].get(f"{key}_total", 0.0) if records else 0.0
@@ -300,7 +304,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
             tick = time.perf_counter()
             record = training_step(session, step)
             done = record["step"] == config.steps
-            if main and (record["step"] % config.eval_every == 0 or done):
+            if evaluates and (record["step"] % config.eval_every == 0 or done):
                 record.update(run_eval(session))
             elapsed += time.perf_counter() - tick
             record["elapsed"] = round(elapsed, 3)

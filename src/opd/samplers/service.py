@@ -19,13 +19,12 @@ from opd import distributed
 from opd.losses import truncated_importance_weights
 from opd.models import OpdError
 from opd.rollouts import Rollouts
-from opd.samplers.remote import RemoteSampler
-from opd.samplers.sync import WeightSync
 from opd.scoring import token_logprobs
 
 
 class RolloutService:
-    def __init__(self, sampler: RemoteSampler, sync: WeightSync) -> None:
+    def __init__(self, sampler, sync) -> None:
+        """``sampler``: a ``RemoteSampler`` (or the colocated engine); ``sync``: its ``WeightSync``."""
         self.sampler, self.sync = sampler, sync
         self.pushed: int | None = None  # the number of updates in the weights the server holds
         self.pending: tuple[int, list, Future] | None = None  # (step, examples, samples being drawn)

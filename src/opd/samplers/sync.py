@@ -59,6 +59,9 @@ class WeightSync:
         self.pushes += 1
         self.seconds += time.perf_counter() - started
 
+    def release(self) -> None:
+        """Undo what the server holds for this run where it can (an adapter); a full reload stays."""
+
     def ask(self, path: str, body: dict, fix: str) -> dict:
         try:
             return self.sampler.http.request("POST", path, body)
@@ -83,6 +86,12 @@ class LoraSync(WeightSync):
         previous, self.sampler.model = self.sampler.model, name
         if previous != self.sampler.base_model:
             self.ask("/v1/unload_lora_adapter", {"lora_name": previous}, f"Could not unload {previous}.")
+
+
+    def release(self) -> None:
+        if self.sampler.model != self.sampler.base_model:
+            self.ask("/v1/unload_lora_adapter", {"lora_name": self.sampler.model}, "")
+            self.sampler.model = self.sampler.base_model
 
 
 class ReloadSync(WeightSync):

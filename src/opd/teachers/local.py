@@ -26,8 +26,9 @@ class Teacher(Protocol):
 class LocalTeacher:
     """A teacher model in this process: eval mode, no gradients, its own device and dtype."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, vocab_size: int, sharded: bool = False) -> None:
         self.model = model.eval().requires_grad_(False)
+        self.sharded = sharded  # layers sharded across ranks (teacher_parallel=fsdp): one forward per call
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
         self.head = model.get_output_embeddings()
@@ -40,7 +41,7 @@ class LocalTeacher:
         """``score`` plus the final hidden states (N, H) at the completion-predicting positions, from
         one forward pass: with ``self.head``, what the exact-KL loss needs."""
         moved = rollouts.to(self.device)
-        hidden, _ = completion_hidden(self.model, moved)
+        hidden, _ = completion_hidden(self.model, moved, share_prompts=not self.sharded)
         logprobs = scatter_completion(moved, gather_logprobs(self.head, hidden, completion_targets(moved),
                                                              self.vocab_size))
         return logprobs.to(rollouts.tokens.device, torch.promote_types(logprobs.dtype, torch.float32)), hidden
