@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
+from opd.http import wait_until_healthy
 from opd.server import free_port
 
 VARIANTS = {
@@ -40,15 +39,12 @@ def start_server(port: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "opd", "serve", "embedded:student", "--port", str(port),
                                "--name", "student"], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("opd serve did not start")
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", server)
+    except Exception:
+        server.kill()
+        raise
+    return server
 
 
 def run(name: str, steps: int, root: Path, seed: int) -> dict:

@@ -254,22 +254,15 @@ def test_a_real_opd_serve_process_samples_for_a_lora_run(model_dirs, tmp_path):
     whose samples it draws from the adapter loaded after every step."""
     import subprocess
     import sys
-    import time
 
+    from opd.http import wait_until_healthy
     from opd.server import free_port
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "opd", "serve", str(model_dirs["student"]), "--port", str(port),
                                "--name", "student"], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.time() < deadline and server.poll() is None, "opd serve did not start"
-                time.sleep(0.2)
+        wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout=60, every=0.2)
         live = type("Live", (), {"url": f"http://127.0.0.1:{port}"})
         records = run_against(live, model_dirs, tmp_path / "run", lora_rank=4)
         listing = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]

@@ -1,10 +1,11 @@
+import pytest
 import torch
 
 from opd import scoring
 from opd.losses import exact_reverse_kl
 from opd.models import chat_prompt_ids
 from opd.rollouts import pack_pairs
-from opd.scoring import completion_hidden, full_reverse_kl, token_logprobs
+from opd.scoring import completion_hidden, full_divergence, token_logprobs
 from opd.teachers.local import LocalTeacher
 from opd.zoo import make_model
 
@@ -59,7 +60,7 @@ def test_full_reverse_kl_matches_direct_computation(tokenizer, monkeypatch):
     monkeypatch.setattr(scoring, "LOGITS_BUDGET", 5 * len(tokenizer))
     with torch.no_grad():
         teacher_hidden, teacher_head = completion_hidden(teacher, rollouts)
-    kl = full_reverse_kl(student, teacher_hidden, teacher_head, rollouts, len(tokenizer))
+    kl = full_divergence(student, teacher_hidden, teacher_head, rollouts, len(tokenizer))
     with torch.no_grad():
         positions = rollouts.completion_mask[:, 1:] > 0
         student_lp = student(rollouts.tokens, attention_mask=rollouts.attention_mask,
@@ -143,3 +144,30 @@ def test_prompt_groups_need_a_prompt_and_a_completion(tokenizer):
     nothing.prompt_index[:] = 0
     nothing.completion_mask[:] = 0
     assert nothing.prompt_groups() is None
+
+
+@pytest.mark.parametrize("kind, beta", [("forward_kl", 0.0), ("jsd", 0.3)])
+def test_full_divergence_takes_gkds_divergences(tokenizer, kind, beta):
+    from opd.divergences import divergence_from_logits
+
+    student = make_model(tokenizer, layers=1, width=16, seed=7)
+    teacher = make_model(tokenizer, layers=1, width=32, seed=8).eval()
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(10)  # a peaked teacher: the divergences differ
+    rollouts = pack_pairs(*batch(tokenizer), tokenizer.pad_token_id)
+    with torch.no_grad():
+        teacher_hidden, teacher_head = completion_hidden(teacher, rollouts)
+    got = full_divergence(student, teacher_hidden, teacher_head, rollouts, len(tokenizer),
+                          divergence_from_logits(kind, beta))
+    positions = rollouts.completion_mask[:, 1:] > 0
+    with torch.no_grad():
+        s = student(rollouts.tokens, attention_mask=rollouts.attention_mask,
+                    position_ids=rollouts.position_ids).logits[:, :-1][positions].double().softmax(-1)
+        t = teacher(rollouts.tokens, attention_mask=rollouts.attention_mask,
+                    position_ids=rollouts.position_ids).logits[:, :-1][positions].double().softmax(-1)
+    m = beta * t + (1 - beta) * s
+    expected = ((t * (t.log() - s.log())).sum(-1) if kind == "forward_kl"
+                else beta * (t * (t.log() - m.log())).sum(-1) + (1 - beta) * (s * (s.log() - m.log())).sum(-1))
+    assert torch.allclose(got[:, 1:][positions].double(), expected, atol=1e-5)
+    reverse = full_divergence(student, teacher_hidden, teacher_head, rollouts, len(tokenizer))
+    assert not torch.allclose(got, reverse, atol=1e-3)

@@ -23,13 +23,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from opd.http import wait_until_healthy
 from opd.models import load_tokenizer
 from opd.server import free_port
 from opd.setup import resolve_model_path
@@ -54,15 +53,12 @@ def serve(model: Path, port: int) -> subprocess.Popen:
     server = subprocess.Popen(["vllm", "serve", str(model), "--port", str(port), "--enable-lora",
                                "--max-lora-rank", "64", "--gpu-memory-utilization", "0.35",
                                "--logprobs-mode", "processed_logprobs", "--max-model-len", "4096"], env=env)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(2)
-    server.kill()
-    raise RuntimeError("vllm serve did not start")
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout=600, every=2)
+    except Exception:
+        server.kill()
+        raise
+    return server
 
 
 def train(model: Path, out: Path, steps: int, max_new_tokens: int, extra: list[str]) -> dict:

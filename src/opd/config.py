@@ -45,6 +45,8 @@ class TrainConfig:
     chat_fraction: float = 0.0  # method=midtrain: share of each step's sequences taken from sft_data
     doc_tokens: int = 128  # method=midtrain: tokens per document chunk
     kl: str = "full"  # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary
+    divergence: str = "reverse_kl"  # kl=full: reverse_kl | forward_kl | jsd (GKD's generalized JSD at beta)
+    beta: float = 0.5  # divergence=jsd: 0 is the forward KL, 1 the reverse KL (TRL's and ms-swift's convention)
     kl_coef: float = 1.0
     gamma: float = 0.0  # discount of the per-token advantage (0: no future terms, as in the reference)
     ppo_clip: float = 0.0  # PPO clip epsilon; 0 turns clipping off
@@ -99,7 +101,8 @@ class TrainConfig:
                "parallel": ("ddp", "fsdp"), "teacher_parallel": ("none", "fsdp"),
                "teacher_template": ("auto", "own", "student"),
                "verifier": ("exact", "math", "ifeval"),
-               "sampler_sync": ("auto", "lora", "reload", "nccl")}
+               "sampler_sync": ("auto", "lora", "reload", "nccl"),
+               "divergence": ("reverse_kl", "forward_kl", "jsd")}
 
     def validate(self) -> None:
         for name, allowed in self.CHOICES.items():
@@ -135,6 +138,12 @@ class TrainConfig:
         elif self.docs or self.chat_fraction:
             raise OpdError(f"docs and chat_fraction are only read by method=midtrain (method is {self.method!r})")
         self.validate_sampler()
+        if not 0 <= self.beta <= 1:
+            raise OpdError(f"config field beta={self.beta} must be in [0, 1] (0: forward KL, 1: reverse KL)")
+        if self.divergence != "reverse_kl" and not (self.kl == "full" and "opd" in self.method):
+            raise OpdError(f"divergence={self.divergence} compares the two distributions over the vocabulary: it needs "
+                           f"kl=full and method opd or opd+rl (kl={self.kl}, method={self.method}); kl=sampled "
+                           "estimates the reverse KL from the sampled tokens")
         if self.teacher_parallel == "fsdp" and (self.method in ("sft", "midtrain")
                                                 or self.teacher.startswith(("http://", "https://"))):
             raise OpdError("teacher_parallel=fsdp shards an in-process teacher that scores (method opd, rl, opd+rl); "

@@ -78,3 +78,20 @@ def check_served(http: JsonClient, who: str, model: str | None, field: str, toke
     if vocab is not None and vocab < len(tokenizer):
         raise OpdError(f"{who} {model} at {http.url} has {vocab} token ids, the {source}'s tokenizer {len(tokenizer)}")
     return model
+
+
+def wait_until_healthy(url: str, process=None, timeout: float = 120.0, every: float = 0.5) -> None:
+    """Wait for ``url/health`` to answer 200 (a server just started, e.g. ``opd serve`` or ``vllm serve``);
+    a ``process`` (``subprocess.Popen``) that exits first, or the timeout, is an error."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url.rstrip('/')}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process is not None and process.poll() is not None:
+            raise OpdError(f"the server for {url} exited with code {process.returncode} before it answered")
+        if time.time() > deadline:
+            raise OpdError(f"{url} did not answer /health within {timeout:.0f} s")
+        time.sleep(every)

@@ -135,20 +135,23 @@ def token_logprobs(model: torch.nn.Module, rollouts: Rollouts, vocab_size: int, 
     return scatter_completion(rollouts, gather_logprobs(head, hidden, targets, vocab_size, temperature, top_p))
 
 
-def full_reverse_kl(
+def full_divergence(
     student: torch.nn.Module,
     teacher_hidden: torch.Tensor,
     teacher_head: torch.nn.Module,
     rollouts: Rollouts,
     vocab_size: int,
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = reverse_kl_from_logits,
 ) -> torch.Tensor:
-    """(B, T) exact reverse KL(student || teacher) over the whole vocabulary at every completion
-    position, differentiable in the student; ``teacher_hidden`` comes from ``completion_hidden``."""
+    """(B, T) a divergence between the student and the teacher over the whole vocabulary at every
+    completion position (``divergence(student_logits, teacher_logprobs)``: the reverse KL by default, or
+    one of ``divergences``), differentiable in the student; ``teacher_hidden`` comes from
+    ``completion_hidden``."""
     hidden, head = completion_hidden(student, rollouts)
 
-    def kl(h: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+    def per_row(h: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher_lp = head_logprobs(teacher_head, th, vocab_size).to(h.device)
-        return reverse_kl_from_logits(head_logits(head, h, vocab_size), teacher_lp)
+        return divergence(head_logits(head, h, vocab_size), teacher_lp)
 
-    return scatter_completion(rollouts, chunked_rows(kl, (hidden, teacher_hidden), vocab_size))
+    return scatter_completion(rollouts, chunked_rows(per_row, (hidden, teacher_hidden), vocab_size))

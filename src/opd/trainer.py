@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from opd import distributed, runs
 from opd.config import TrainConfig
+from opd.divergences import divergence_from_logits
 from opd.evaluation import completions_text, evaluate
 from opd.flops import step_flops
 from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
@@ -23,7 +24,7 @@ from opd.models import OpdError
 from opd.rollouts import Rollouts, pack_pairs
 from opd.sampler import sample
 from opd.samplers.service import merge_stats, reweight
-from opd.scoring import completion_row_offsets, full_reverse_kl, token_logprobs
+from opd.scoring import completion_row_offsets, full_divergence, token_logprobs
 from opd.setup import Session, open_session
 from opd.tasks import Example
 from opd.tasks.jsonl import epoch_order
@@ -39,8 +40,9 @@ def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
         return -masked_token_mean(token_logprobs(student, rollouts, vocab), mask, num_tokens)
     loss = torch.zeros(())
     if config.kl == "full" and "opd" in config.method:
-        # exact reverse KL over the vocabulary at every visited position (lower variance)
-        kl = full_reverse_kl(student, teacher_hidden, session.teacher_view.head, rollouts, vocab)
+        # the exact divergence over the vocabulary at every visited position (reverse KL: lower variance)
+        kl = full_divergence(student, teacher_hidden, session.teacher_view.head, rollouts, vocab,
+                             divergence_from_logits(config.divergence, config.beta))
         loss = config.kl_coef * masked_token_mean(kl, mask, num_tokens)
         if config.method == "opd":
             return loss
