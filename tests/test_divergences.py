@@ -127,3 +127,59 @@ def test_divergences_other_than_the_reverse_kl_need_the_whole_distribution():
         load_config(None, ["divergence=forward_kl", "kl=sampled"])
     with pytest.raises(OpdError, match=r"beta=1.5 must be in \[0, 1\]"):
         load_config(None, ["divergence=jsd", "beta=1.5"])
+
+
+@pytest.mark.parametrize("kind, beta", [("reverse_kl", 1.0), ("forward_kl", 0.0), ("jsd", 0.4)])
+def test_topk_with_the_whole_vocabulary_is_the_exact_divergence_and_a_lower_bound_below(kind, beta):
+    from opd.divergences import topk_divergence_from_logits
+
+    generator = torch.Generator().manual_seed(0)
+    student_logits = (3 * torch.randn(4, 7, generator=generator, dtype=torch.float64))
+    teacher_lp = torch.log_softmax(3 * torch.randn(4, 7, generator=generator, dtype=torch.float64), -1)
+    exact_logits = student_logits.clone().requires_grad_(True)
+    exact = divergence_from_logits(kind, beta)(exact_logits, teacher_lp)
+    exact.sum().backward()
+    previous = torch.zeros(4, dtype=torch.float64)
+    for k in range(1, 8):
+        top = teacher_lp.topk(k, dim=-1)
+        logits = student_logits.clone().requires_grad_(True)
+        value = topk_divergence_from_logits(logits, top.indices, top.values, kind, beta)
+        assert (value <= exact + 1e-9).all() and (value >= previous - 1e-9).all()  # refinements only add
+        previous = value.detach()
+    assert torch.allclose(value, exact, atol=1e-9)
+    value.sum().backward()
+    assert torch.allclose(logits.grad, exact_logits.grad, atol=1e-9)
+
+
+def test_topk_through_a_server_equals_topk_in_process(model_dirs, tokenizer):
+    from conftest import LiveServer, rollouts_of
+    from opd.teachers.local import LocalTeacher
+    from opd.teachers.remote import RemoteTeacher
+    from opd.teachers.view import TeacherView
+
+    rollouts = rollouts_of(tokenizer)
+    messages = [[{"role": "user", "content": "x"}]] * rollouts.tokens.shape[0]
+    with LiveServer(model_dirs["teacher"]) as live:
+        remote = RemoteTeacher(live.url, rows_per_request=2)
+        remote.connect(tokenizer, 200)
+        served = TeacherView(remote, tokenizer).score(rollouts, messages, topk=20)
+        local = TeacherView(LocalTeacher(live.model, len(tokenizer)), tokenizer).score(rollouts, messages, topk=20)
+    assert torch.equal(served.topk[0], local.topk[0])
+    assert (served.topk[1] - local.topk[1]).abs().max() <= 1e-5
+    assert (served.logprobs - local.logprobs).abs().max() <= 1e-5
+    assert served.topk[0].shape == (int(rollouts.completion_mask.sum()), 20)
+
+
+def test_topk_over_the_whole_vocabulary_trains_like_the_exact_kl(model_dirs, tmp_path, tokenizer):
+    from conftest import read_jsonl, tiny_train_overrides
+    from opd.config import load_config
+    from opd.trainer import train
+
+    runs = {}
+    for name, extra in (("full", {"kl": "full"}), ("topk", {"kl": "topk", "teacher_topk": len(tokenizer)})):
+        train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / name, **extra)), progress=False)
+        runs[name] = read_jsonl(tmp_path / name / "metrics.jsonl")
+    for a, b in zip(runs["full"], runs["topk"], strict=True):
+        for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl"):
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)

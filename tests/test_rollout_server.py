@@ -274,3 +274,16 @@ def test_a_real_opd_serve_process_samples_for_a_lora_run(model_dirs, tmp_path):
     run_name = (tmp_path / "run").name
     assert [m["id"] for m in listing] == ["student", f"opd-{run_name}-step-4"]
     assert listing[1]["parent"] == "student"
+
+
+def test_a_server_that_ignores_the_weights_it_is_sent_stops_the_run(model_dirs, tmp_path, monkeypatch):
+    """A sync that fails silently (the server answers 200 but keeps its old weights) is caught by comparing its
+    log-probs with the trainer's, before an update on its samples."""
+    monkeypatch.setattr(ServedModel, "reload", lambda self, path: 0)  # accepts, applies nothing
+    out = tmp_path / "run"
+    with LiveServer(model_dirs["student"]) as live:
+        with pytest.raises(OpdError, match=r"step 2: the rollout server's log-probs of its samples differ from the "
+                                           r"trainer's by 0\.\d+ nats per token .*engine_gap_limit=0.01"):
+            run_against(live, model_dirs, out, engine_gap_limit=0.01)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    assert read_jsonl(out / "metrics.jsonl")[1]["engine_mean_abs_logprob_gap"] < 1e-5  # step 1: the same weights

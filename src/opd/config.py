@@ -44,7 +44,8 @@ class TrainConfig:
     docs: str = ""  # method=midtrain: JSONL of {"text": ...} documents (next-token cross-entropy on all tokens)
     chat_fraction: float = 0.0  # method=midtrain: share of each step's sequences taken from sft_data
     doc_tokens: int = 128  # method=midtrain: tokens per document chunk
-    kl: str = "full"  # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary
+    kl: str = "full"  # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary; "topk"
+    teacher_topk: int = 20  # kl=topk: the teacher's K most likely tokens per position (+ a tail bucket)
     divergence: str = "reverse_kl"  # kl=full: reverse_kl | forward_kl | jsd (GKD's generalized JSD at beta)
     beta: float = 0.5  # divergence=jsd: 0 is the forward KL, 1 the reverse KL (TRL's and ms-swift's convention)
     kl_coef: float = 1.0
@@ -64,6 +65,7 @@ class TrainConfig:
     sampler_sync_dir: str = ""  # where weights are written for the server to read (default: RUN_DIR/sampler)
     tis_cap: float = 2.0  # truncated importance sampling: cap C of the trainer / engine ratio (remote sampler)
     async_rollouts: int = 0  # 1: the server samples step k+1 while the trainer updates on step k
+    engine_gap_limit: float = 0.5  # stop when the server's log-probs differ from the trainer's by more (nats/token)
     vllm_memory: float = 0.3  # sampler=vllm: the share of GPU memory the in-process engine may take
     max_prompt_tokens: int = 0  # 0: the model's context length minus max_new_tokens
     truncate_prompts: bool = False  # cut over-long prompts from the left instead of refusing them
@@ -97,7 +99,7 @@ class TrainConfig:
     dtype: str = "auto"
     out: str = ""  # run directory; default runs/<time>-<method>
 
-    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("sampled", "full"),
+    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("sampled", "full", "topk"),
                "parallel": ("ddp", "fsdp"), "teacher_parallel": ("none", "fsdp"),
                "teacher_template": ("auto", "own", "student"),
                "verifier": ("exact", "math", "ifeval"),
@@ -140,10 +142,12 @@ class TrainConfig:
         self.validate_sampler()
         if not 0 <= self.beta <= 1:
             raise OpdError(f"config field beta={self.beta} must be in [0, 1] (0: forward KL, 1: reverse KL)")
-        if self.divergence != "reverse_kl" and not (self.kl == "full" and "opd" in self.method):
+        if self.divergence != "reverse_kl" and not (self.kl in ("full", "topk") and "opd" in self.method):
             raise OpdError(f"divergence={self.divergence} compares the two distributions over the vocabulary: it needs "
-                           f"kl=full and method opd or opd+rl (kl={self.kl}, method={self.method}); kl=sampled "
-                           "estimates the reverse KL from the sampled tokens")
+                           f"kl=full or kl=topk and method opd or opd+rl (kl={self.kl}, method={self.method}); "
+                           "kl=sampled estimates the reverse KL from the sampled tokens")
+        if self.teacher_topk < 1:
+            raise OpdError(f"config field teacher_topk={self.teacher_topk} must be at least 1")
         if self.teacher_parallel == "fsdp" and (self.method in ("sft", "midtrain")
                                                 or self.teacher.startswith(("http://", "https://"))):
             raise OpdError("teacher_parallel=fsdp shards an in-process teacher that scores (method opd, rl, opd+rl); "
@@ -176,6 +180,8 @@ class TrainConfig:
         if self.async_rollouts and not self.remote_sampler:
             raise OpdError("async_rollouts=1 needs a rollout server (sampler=http://HOST:PORT): the in-process "
                            "sampler and the update share one model")
+        if self.engine_gap_limit < 0:
+            raise OpdError(f"config field engine_gap_limit={self.engine_gap_limit} must be 0 (off) or positive")
         if self.tis_cap < 1:
             raise OpdError(f"config field tis_cap={self.tis_cap} must be at least 1")
         if self.sampler_sync == "lora" and self.lora_rank == 0:

@@ -95,3 +95,47 @@ def divergence_from_logits(kind: str, beta: float = 0.5):
     if kind == "jsd":
         return lambda logits, teacher_logprobs: jsd_from_logits(logits, teacher_logprobs, beta)
     raise ValueError(f"unknown divergence {kind!r}")
+
+
+TAIL_FLOOR = 1e-12  # the least mass a tail bucket holds, so that its log stays finite (rounding can empty it)
+
+
+def bucket_logprobs(logprobs_at_ids: torch.Tensor) -> torch.Tensor:
+    """(N, K) log-probs of K tokens -> (N, K + 1) with a last bucket holding the rest of the mass:
+    ``log(1 - sum_k p_k)``, floored at ``TAIL_FLOOR`` (exact when the K tokens are the whole vocabulary,
+    up to that floor)."""
+    covered = torch.logsumexp(logprobs_at_ids, dim=-1, keepdim=True)
+    tail = torch.log((-torch.expm1(covered)).clamp(min=TAIL_FLOOR))
+    return torch.cat([logprobs_at_ids, tail], dim=-1)
+
+
+def divergence_of(kind: str, student: torch.Tensor, teacher: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """``kind`` between two distributions given as log-probs over the same categories (..., C), by its
+    definition (autograd: for a few categories, e.g. the top-k buckets). ``0 log 0 = 0``."""
+    def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+        p = p_log.exp()
+        return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return kl(student, teacher)
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return kl(teacher, student)
+    mixture = torch.logaddexp(teacher + math.log(beta), student + math.log1p(-beta))
+    return beta * kl(teacher, mixture) + (1 - beta) * kl(student, mixture)
+
+
+def topk_divergence_from_logits(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
+                                teacher_logprobs: torch.Tensor, kind: str = "reverse_kl",
+                                beta: float = 0.5) -> torch.Tensor:
+    """The divergence on the teacher's top-k: both distributions reduced to K + 1 categories, the teacher's
+    K most likely tokens at the position (``teacher_ids`` (N, K), their log-probs ``teacher_logprobs``) and
+    one tail bucket holding the rest of each side's mass (``bucket_logprobs``). By the chain rule for KL,
+    ``KL(s || t) = KL(s_buckets || t_buckets) + s_tail KL(s | tail || t | tail)``: the reduction drops
+    only the divergence inside the tail, weighted by the student's tail mass, so it is a lower bound that is
+    exact when K covers the vocabulary (and the same holds for the forward KL and the JSD, which are
+    f-divergences). Nothing is clamped but the tail's floor, and the K tokens are not renormalised among
+    themselves (peers' top-k losses without a tail collapsed or needed a clamp that hid negative estimates:
+    volcengine/verl PR #5041, #7855)."""
+    student = bucket_logprobs(torch.log_softmax(student_logits, dim=-1).gather(-1, teacher_ids))
+    teacher = bucket_logprobs(teacher_logprobs.detach().to(student.dtype))
+    return divergence_of(kind, student, teacher, beta)

@@ -155,3 +155,18 @@ def full_divergence(
         return divergence(head_logits(head, h, vocab_size), teacher_lp)
 
     return scatter_completion(rollouts, chunked_rows(per_row, (hidden, teacher_hidden), vocab_size))
+
+
+def topk_divergence(student: torch.nn.Module, rollouts: Rollouts, vocab_size: int, teacher_ids: torch.Tensor,
+                    teacher_logprobs: torch.Tensor, kind: str = "reverse_kl", beta: float = 0.5) -> torch.Tensor:
+    """(B, T) ``divergences.topk_divergence_from_logits`` at every completion position: the student's whole
+    distribution against the teacher's top-k (ids and log-probs (N, k), ``completion_hidden``'s order) with
+    one tail bucket each; differentiable in the student."""
+    from opd.divergences import topk_divergence_from_logits
+
+    hidden, head = completion_hidden(student, rollouts)
+
+    def per_row(h: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor) -> torch.Tensor:
+        return topk_divergence_from_logits(head_logits(head, h, vocab_size), ids, lps.to(h.device), kind, beta)
+
+    return scatter_completion(rollouts, chunked_rows(per_row, (hidden, teacher_ids, teacher_logprobs), vocab_size))

@@ -131,8 +131,8 @@ def check_teacher_path(config: TrainConfig, student, teacher, student_path: str,
         return path
     differences = "; ".join(tokenizer_differences(student, teacher))
     where = f"the student ({student_path}) and the teacher ({teacher_path or config.teacher})"
-    if config.kl == "full" and "opd" in config.method:
-        raise OpdError(f"the tokenizers of {where} differ ({differences}). kl=full compares the two models' "
+    if config.kl in ("full", "topk") and "opd" in config.method:
+        raise OpdError(f"the tokenizers of {where} differ ({differences}). kl={config.kl} compares the two models' "
                        "distributions over one vocabulary: use kl=sampled, which aligns the teacher's tokens "
                        "with the student's on the text (teacher_tokenizer and teacher_template say how the "
                        "teacher reads it)")

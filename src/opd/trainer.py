@@ -23,8 +23,8 @@ from opd.losses import group_centred_rewards, importance_sampling_loss, masked_t
 from opd.models import OpdError
 from opd.rollouts import Rollouts, pack_pairs
 from opd.sampler import sample
-from opd.samplers.service import merge_stats, reweight
-from opd.scoring import completion_row_offsets, full_divergence, token_logprobs
+from opd.samplers.service import check_gap, merge_stats, reweight
+from opd.scoring import completion_row_offsets, full_divergence, token_logprobs, topk_divergence
 from opd.setup import Session, open_session
 from opd.tasks import Example
 from opd.tasks.jsonl import epoch_order
@@ -32,17 +32,22 @@ from opd.trackers import Trackers
 
 
 def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
-                teacher_hidden: torch.Tensor | None = None) -> torch.Tensor:
+                teacher_hidden: torch.Tensor | tuple | None = None) -> torch.Tensor:
     """The student's loss on one micro-batch, normalised by the step's completion-token count.
-    ``teacher_hidden``: the teacher's hidden states at this micro-batch's completion positions."""
+    ``teacher_hidden``: the teacher's signal at this micro-batch's completion positions: its hidden states
+    (``kl=full``) or its top-k ids and log-probs (``kl=topk``)."""
     config, student, vocab, mask = session.config, session.student, session.vocab_size, rollouts.completion_mask
     if config.method in ("sft", "midtrain"):  # cross-entropy on the given (or the teacher's) tokens
         return -masked_token_mean(token_logprobs(student, rollouts, vocab), mask, num_tokens)
     loss = torch.zeros(())
-    if config.kl == "full" and "opd" in config.method:
-        # the exact divergence over the vocabulary at every visited position (reverse KL: lower variance)
-        kl = full_divergence(student, teacher_hidden, session.teacher_view.head, rollouts, vocab,
-                             divergence_from_logits(config.divergence, config.beta))
+    if config.kl in ("full", "topk") and "opd" in config.method:
+        # the exact divergence over the vocabulary at every visited position (reverse KL: lower variance),
+        # or over the teacher's top-k and a tail bucket
+        if config.kl == "full":
+            kl = full_divergence(student, teacher_hidden, session.teacher_view.head, rollouts, vocab,
+                                 divergence_from_logits(config.divergence, config.beta))
+        else:
+            kl = topk_divergence(student, rollouts, vocab, *teacher_hidden, config.divergence, config.beta)
         loss = config.kl_coef * masked_token_mean(kl, mask, num_tokens)
         if config.method == "opd":
             return loss
@@ -152,7 +157,7 @@ def step_rollouts(session: Session, step: int) -> Rollouts:
     return rollouts
 
 
-def update(session: Session, rollouts: Rollouts, teacher_hidden: torch.Tensor | None, step_tokens: int,
+def update(session: Session, rollouts: Rollouts, teacher_hidden: torch.Tensor | tuple | None, step_tokens: int,
            step: int) -> tuple[float, float]:
     """One optimizer step on this rank's rollouts; ``step_tokens`` counts the completion tokens of all
     ranks. Returns (this rank's loss, the gradient norm before clipping)."""
@@ -166,7 +171,9 @@ def update(session: Session, rollouts: Rollouts, teacher_hidden: torch.Tensor | 
     per_rank_tokens = step_tokens / session.dist.world  # DDP and FSDP2 average gradients over ranks
     loss_total = 0.0
     for i, start in enumerate(starts):
-        part_hidden = None if teacher_hidden is None else teacher_hidden[offsets[start] : offsets[start + micro]]
+        span = slice(offsets[start], offsets[start + micro]) if offsets else None
+        part_hidden = (None if teacher_hidden is None else tuple(x[span] for x in teacher_hidden)
+                       if isinstance(teacher_hidden, tuple) else teacher_hidden[span])
         last = i == len(starts) - 1  # DDP all-reduces once, after the last micro-batch
         with nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync():
             loss = module(session, rollouts.select(slice(start, start + micro)), per_rank_tokens, part_hidden)
@@ -194,8 +201,9 @@ def training_step(session: Session, step: int) -> dict:
 
     teacher_hidden, graded = None, None
     if "opd" in config.method:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
-        graded = session.teacher_view.score(rollouts, rollouts.extras["messages"], hidden=config.kl == "full")
-        rollouts.teacher_logprobs, teacher_hidden = graded.logprobs, graded.hidden
+        graded = session.teacher_view.score(rollouts, rollouts.extras["messages"], hidden=config.kl == "full",
+                                            topk=config.teacher_topk if config.kl == "topk" else 0)
+        rollouts.teacher_logprobs, teacher_hidden = graded.logprobs, graded.topk or graded.hidden
     rollouts.advantages = advantages(session, rollouts)
     scored = time.perf_counter()
 
@@ -226,6 +234,8 @@ def training_step(session: Session, step: int) -> dict:
         alignment = {"aligned_chunks": chunks, "single_token_chunk_share": round(single / max(chunks, 1), 4),
                      "teacher_completion_tokens": sum(teacher_lengths[1])}
     engine = merge_stats([r["engine"] for r in ranks]) if local["engine"] is not None else {}
+    if engine:  # before the update: samples from the wrong weights are not trained on
+        check_gap(engine, config.engine_gap_limit, step, session.rollout_service.sampler.url)
     num_tokens = sum(merged["completion_lengths"])
     lr = session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     loss, grad_norm = update(session, rollouts, teacher_hidden, num_tokens, step)

@@ -102,10 +102,11 @@ def reweight(session, rollouts: Rollouts) -> dict:
     ratio = torch.exp(gap)
     if len(gap) == 0:
         return {"tokens": 0, "ratio_sum": 0.0, "ratio_max": 1.0, "ratio_min": 1.0, "truncated": 0,
-                "engine_kl_sum": 0.0, "max_abs_gap": 0.0}
+                "engine_kl_sum": 0.0, "max_abs_gap": 0.0, "abs_gap_sum": 0.0}
     return {"tokens": len(gap), "ratio_sum": float(ratio.sum()), "ratio_max": float(ratio.max()),
             "ratio_min": float(ratio.min()), "truncated": int((ratio > config.tis_cap).sum()),
-            "engine_kl_sum": float(-gap.sum()), "max_abs_gap": float(gap.abs().max())}
+            "engine_kl_sum": float(-gap.sum()), "max_abs_gap": float(gap.abs().max()),
+            "abs_gap_sum": float(gap.abs().sum())}
 
 
 def merge_stats(ranks: list[dict]) -> dict:
@@ -116,4 +117,18 @@ def merge_stats(ranks: list[dict]) -> dict:
             "is_ratio_max": round(max(r["ratio_max"] for r in ranks), 6),
             "is_truncated_share": round(sum(r["truncated"] for r in ranks) / tokens, 6),
             "engine_kl": sum(r["engine_kl_sum"] for r in ranks) / tokens,  # k1 estimate of KL(engine || trainer)
-            "engine_max_abs_logprob_gap": max(r["max_abs_gap"] for r in ranks)}
+            "engine_max_abs_logprob_gap": max(r["max_abs_gap"] for r in ranks),
+            "engine_mean_abs_logprob_gap": sum(r["abs_gap_sum"] for r in ranks) / tokens}
+
+
+def check_gap(stats: dict, limit: float, step: int, sampler_url: str) -> None:
+    """Stop the run when the engine's log-probs of its own samples are far from the trainer's: the weights it
+    sampled with are not the ones it was sent (a sync that failed silently) or its numbers are another
+    distribution's (raw log-probs at a temperature). Peers' runs trained on with such servers (ms-swift#6478)."""
+    gap = stats["engine_mean_abs_logprob_gap"]
+    if limit > 0 and gap > limit:
+        raise OpdError(f"step {step + 1}: the rollout server's log-probs of its samples differ from the trainer's by "
+                       f"{gap:.3f} nats per token on average (engine_gap_limit={limit}): it is not sampling from the "
+                       f"weights it was sent, or reports another distribution's log-probs (vLLM: start it with "
+                       f"--logprobs-mode processed_logprobs). Server: {sampler_url}. The last checkpoint is kept; "
+                       "fix the server, then --resume (or raise engine_gap_limit, 0 turns the check off).")

@@ -47,6 +47,18 @@ class LocalTeacher:
         return logprobs.to(rollouts.tokens.device, torch.promote_types(logprobs.dtype, torch.float32)), hidden
 
     @torch.no_grad()
+    def topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, k) the ids and log-probs of the teacher's k most likely tokens at each of ``hidden``'s rows,
+        from its full distribution, in row chunks under ``scoring.LOGITS_BUDGET``."""
+        ids, lps = [], []
+        step = max(1, LOGITS_BUDGET // max(self.vocab_size, 1))
+        for start in range(0, hidden.shape[0], step):
+            top = head_logprobs(self.head, hidden[start : start + step], self.vocab_size).topk(k, dim=-1)
+            lps.append(top.values)
+            ids.append(top.indices)
+        return torch.cat(ids), torch.cat(lps)
+
+    @torch.no_grad()
     def cover_logprobs(self, hidden: torch.Tensor, token_sets: list[list[int]]) -> list[float]:
         """``log sum_{v in S_i} p(v)`` at each position ``i`` (final hidden states (N, H), one set of token
         ids per row), the full distribution taken in row chunks under ``scoring.LOGITS_BUDGET``."""

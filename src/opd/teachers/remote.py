@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -39,12 +40,14 @@ class RemoteTeacher:
         self.model = check_served(self.http, "teacher", self.model, "teacher_model", tokenizer, context_needed,
                                   source, fix)
 
-    def score_sequences(self, sequences: list[list[int]]) -> list[list[float]]:
-        """log p(x_t | x_<t) for t >= 1 of each sequence."""
+    def score_sequences(self, sequences: list[list[int]], top_k: int = 0) -> list:
+        """log p(x_t | x_<t) for t >= 1 of each sequence; with ``top_k``, per sequence ``(own, ids, lps)``: the
+        own tokens' log-probs and, at each position, the ids and log-probs of the teacher's ``top_k`` most
+        likely tokens (rank 1..k of vLLM's ``prompt_logprobs``). Values from the wire must be finite."""
         chunks = [sequences[i : i + self.rows_per_request] for i in range(0, len(sequences), self.rows_per_request)]
 
-        def send(chunk: list[list[int]]) -> list[list[float]]:
-            body = {"model": self.model, "prompt": chunk, "max_tokens": 1, "prompt_logprobs": 0,
+        def send(chunk: list[list[int]]) -> list:
+            body = {"model": self.model, "prompt": chunk, "max_tokens": 1, "prompt_logprobs": top_k,
                     "temperature": 0.0}
             choices = sorted(self.request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
             if len(choices) != len(chunk):
@@ -53,7 +56,23 @@ class RemoteTeacher:
             out = []
             for seq, choice in zip(chunk, choices, strict=True):
                 entries = choice["prompt_logprobs"]
-                out.append([entries[t][str(seq[t])]["logprob"] for t in range(1, len(seq))])
+                own = [entries[t][str(seq[t])]["logprob"] for t in range(1, len(seq))]
+                if not top_k:
+                    out.append(own)
+                    continue
+                ids, lps = [], []
+                for t in range(1, len(seq)):
+                    ranked = sorted((v["rank"], int(k), v["logprob"]) for k, v in entries[t].items()
+                                    if v["rank"] <= top_k)
+                    if len(ranked) != top_k:
+                        raise OpdError(f"teacher server {self.url} sent {len(ranked)} of the top {top_k} log-probs at "
+                                       f"position {t}: does it allow prompt_logprobs={top_k} (vLLM: --max-logprobs)?")
+                    ids.append([i for _, i, _ in ranked])
+                    lps.append([v for _, _, v in ranked])
+                out.append((own, ids, lps))
+            values = [v for row in out for v in (row if not top_k else row[0] + [x for r in row[2] for x in r])]
+            if not all(math.isfinite(v) for v in values):
+                raise OpdError(f"teacher server {self.url} sent a non-finite log-prob (-inf or NaN)")
             return out
 
         with ThreadPoolExecutor(self.concurrency) as pool:
@@ -73,13 +92,33 @@ class RemoteTeacher:
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(ask, sequences))
 
-    def score(self, rollouts: Rollouts) -> torch.Tensor:
-        mask = rollouts.attention_mask.cpu()
-        tokens = rollouts.tokens.cpu()
+    def sequences_of(self, rollouts: Rollouts) -> tuple[list[int], list[list[int]]]:
+        mask, tokens = rollouts.attention_mask.cpu(), rollouts.tokens.cpu()
         starts = [int(row.nonzero()[0]) for row in mask]
-        sequences = [tokens[b, s:][mask[b, s:] > 0].tolist() for b, s in enumerate(starts)]
-        scored = self.score_sequences(sequences)
-        out = torch.zeros(tokens.shape, dtype=torch.float32)
-        for b, (start, logprobs) in enumerate(zip(starts, scored, strict=True)):
-            out[b, start + 1 : start + 1 + len(logprobs)] = torch.tensor(logprobs, dtype=torch.float32)
-        return out.to(rollouts.tokens.device) * rollouts.completion_mask
+        return starts, [tokens[b, s:][mask[b, s:] > 0].tolist() for b, s in enumerate(starts)]
+
+    def score(self, rollouts: Rollouts) -> torch.Tensor:
+        return self.score_topk(rollouts, 0)[0]
+
+    def score_topk(self, rollouts: Rollouts, top_k: int) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                  torch.Tensor | None]:
+        """(B, T) the teacher's log-prob of each completion token, and with ``top_k`` its top-k ids and log-probs
+        (N, k) at the completion positions, in ``scoring.completion_hidden``'s order (row by row)."""
+        starts, sequences = self.sequences_of(rollouts)
+        scored = self.score_sequences(sequences, top_k)
+        out = torch.zeros(rollouts.tokens.shape, dtype=torch.float32)
+        ids, lps = [], []
+        completion = rollouts.completion_mask.cpu() > 0
+        for b, (start, row) in enumerate(zip(starts, scored, strict=True)):
+            own = row[0] if top_k else row
+            out[b, start + 1 : start + 1 + len(own)] = torch.tensor(own, dtype=torch.float32)
+            if top_k:
+                for column in completion[b].nonzero()[:, 0].tolist():
+                    ids.append(row[1][column - start - 1])
+                    lps.append(row[2][column - start - 1])
+        device = rollouts.tokens.device
+        logprobs = out.to(device) * rollouts.completion_mask
+        if not top_k:
+            return logprobs, None, None
+        return (logprobs, torch.tensor(ids, dtype=torch.long, device=device),
+                torch.tensor(lps, dtype=torch.float32, device=device))

@@ -77,6 +77,7 @@ class Scored:
     logprobs: torch.Tensor
     chunks: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, k) ids and log-probs at the completion positions
     teacher_prompt_lengths: list[int] | None = None  # the tokens the teacher read, for its FLOPs
     teacher_completion_lengths: list[int] | None = None
     chunk_count: int = 0
@@ -141,11 +142,14 @@ class TeacherView:
         return (f"teacher tokenizer differs: aligning on text, {100 * single / max(chunks, 1):.0f}% of chunks "
                 f"are single tokens on the prompts' text ({self.path} path; per step in metrics.jsonl)")
 
-    def score(self, rollouts: Rollouts, messages: list[list[dict]], hidden: bool = False) -> Scored:
-        """The teacher's signal for ``rollouts``, whose row ``b`` answers the conversation ``messages[b]``."""
-        if hidden and self.path == "aligned":
-            raise OpdError("kl=full needs the teacher's distribution over the student's vocabulary; this "
+    def score(self, rollouts: Rollouts, messages: list[list[dict]], hidden: bool = False, topk: int = 0) -> Scored:
+        """The teacher's signal for ``rollouts``, whose row ``b`` answers the conversation ``messages[b]``;
+        with ``topk``, also its ``topk`` most likely tokens at every completion position."""
+        if (hidden or topk) and self.path == "aligned":
+            raise OpdError("kl=full and kl=topk need the teacher's distribution over the student's vocabulary; this "
                            "teacher's tokenizer differs: use kl=sampled")
+        if topk:
+            return self.score_topk(rollouts, messages, topk, hidden)
         if self.path == "shared":
             if hidden:
                 logprobs, states = self.teacher.score_with_hidden(rollouts)
@@ -210,6 +214,29 @@ class TeacherView:
             first += alignment.count
             single += alignment.single_token_chunks()
         return Scored(out, chunks, chunk_count=first, single_token_chunks=single, **lengths)
+
+    def score_topk(self, rollouts: Rollouts, messages: list[list[dict]], k: int, hidden: bool) -> Scored:
+        """``score`` with the teacher's top-k at every completion position: from its full distribution in
+        process, or through a server's ``prompt_logprobs=k`` (the same tokens and template paths)."""
+        theirs, lengths = rollouts, {}
+        if self.path == "own":
+            prompts = [self.teacher_prompt(m) for m in messages]
+            lengths = dict(teacher_prompt_lengths=[len(p) for p in prompts],
+                           teacher_completion_lengths=[len(c) for c in rollouts.completion_ids()])
+            theirs = pack_pairs(prompts, rollouts.completion_ids(), self.teacher_tokenizer.pad_token_id)
+            theirs.prompt_index = rollouts.prompt_index.cpu()
+            theirs = theirs.to(rollouts.tokens.device)
+        if hasattr(self.teacher, "topk"):  # in process
+            logprobs, states = self.teacher.score_with_hidden(theirs)
+            top = self.teacher.topk(states, k)
+        else:
+            logprobs, *top = self.teacher.score_topk(theirs, k)
+            states = None
+        if theirs is not rollouts:  # the teacher's rows back in the student's columns
+            out = torch.zeros(rollouts.tokens.shape, dtype=logprobs.dtype, device=rollouts.tokens.device)
+            out[rollouts.completion_mask > 0] = logprobs[theirs.completion_mask > 0]
+            logprobs = out
+        return Scored(logprobs, hidden=states if hidden else None, topk=tuple(top), **lengths)
 
     def wanted_events(self, completions: list[list[int]],
                       translated: list[tuple[list[int], Alignment]]) -> list[list[tuple[int, list[int]] | None]]:
