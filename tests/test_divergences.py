@@ -109,7 +109,7 @@ def test_jsd_at_beta_one_trains_exactly_like_todays_exact_reverse_kl(model_dirs,
     from opd.trainer import train
 
     runs = {}
-    for name, extra in (("today", {}), ("jsd1", {"divergence": "jsd", "beta": 1.0}),
+    for name, extra in (("today", {}), ("jsd1", {"divergence": "jsd", "beta": 1.0, "lmbda": 1.0}),
                         ("jsd05", {"divergence": "jsd", "beta": 0.5})):
         train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / name, kl="full", **extra)), progress=False)
         runs[name] = read_jsonl(tmp_path / name / "metrics.jsonl")

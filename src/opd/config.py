@@ -48,6 +48,8 @@ class TrainConfig:
     teacher_topk: int = 20  # kl=topk: the teacher's K most likely tokens per position (+ a tail bucket)
     divergence: str = "reverse_kl"  # kl=full: reverse_kl | forward_kl | jsd (GKD's generalized JSD at beta)
     beta: float = 0.5  # divergence=jsd: 0 is the forward KL, 1 the reverse KL (TRL's and ms-swift's convention)
+    lmbda: float = 1.0  # GKD's on-policy share: the student answers this share of each step's prompts, the rest
+    seq_kd: bool = False  # the off-policy rows are the teacher's samples even when the data has completions
     kl_coef: float = 1.0
     gamma: float = 0.0  # discount of the per-token advantage (0: no future terms, as in the reference)
     ppo_clip: float = 0.0  # PPO clip epsilon; 0 turns clipping off
@@ -146,6 +148,12 @@ class TrainConfig:
             raise OpdError(f"divergence={self.divergence} compares the two distributions over the vocabulary: it needs "
                            f"kl=full or kl=topk and method opd or opd+rl (kl={self.kl}, method={self.method}); "
                            "kl=sampled estimates the reverse KL from the sampled tokens")
+        if not 0 <= self.lmbda <= 1:
+            raise OpdError(f"config field lmbda={self.lmbda} must be in [0, 1] (the share of on-policy prompts)")
+        if self.lmbda < 1 and not (self.method == "opd" and self.kl in ("full", "topk")):
+            raise OpdError(f"lmbda={self.lmbda}: the off-policy rows train on the teacher's distribution at each "
+                           f"position, which needs method=opd with kl=full or kl=topk (method={self.method}, "
+                           f"kl={self.kl})")
         if self.teacher_topk < 1:
             raise OpdError(f"config field teacher_topk={self.teacher_topk} must be at least 1")
         if self.teacher_parallel == "fsdp" and (self.method in ("sft", "midtrain")

@@ -110,3 +110,26 @@ def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: 
     teacher_flops = None if teacher is None else grouped_forward_flops(teacher, prompts, completions, group,
                                                                        sum(completions))
     return {"student_flops": student_flops, "teacher_flops": teacher_flops}
+
+
+def mixed_step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: list[int],
+                     completion_lengths: list[int], on_policy: list[bool], group: int, off_group: int,
+                     teacher_sampled: bool) -> dict:
+    """A step with GKD's off-policy rows (``lmbda < 1``): ``step_flops`` of the on-policy rows (the student
+    samples, the teacher scores, the student trains), plus for the off-policy rows the student's training,
+    the teacher's scoring, and the teacher's sampling when it wrote them (``off_group`` rows per prompt)."""
+    def part(flag: bool) -> tuple[list[int], list[int]]:
+        rows = [i for i, on in enumerate(on_policy) if on == flag]
+        return [prompt_lengths[i] for i in rows], [completion_lengths[i] for i in rows]
+
+    (on_prompts, on_completions), (off_prompts, off_completions) = part(True), part(False)
+    total = {"student_flops": 0.0, "teacher_flops": 0.0 if teacher is not None else None}
+    if on_prompts:
+        total = step_flops(student, teacher, on_prompts, on_completions, "opd", group)
+    tokens = sum(off_completions)
+    total["student_flops"] += 3 * grouped_forward_flops(student, off_prompts, off_completions, off_group, tokens)
+    if teacher is not None:
+        total["teacher_flops"] += grouped_forward_flops(teacher, off_prompts, off_completions, off_group, tokens)
+        if teacher_sampled:
+            total["teacher_flops"] += sampling_flops(teacher, off_prompts, off_completions, off_group)
+    return total

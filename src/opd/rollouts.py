@@ -95,3 +95,42 @@ def pack_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: i
         attention[row, start : prompt_width + len(completion)] = 1
         completion_mask[row, prompt_width : prompt_width + len(completion)] = 1.0
     return Rollouts(tokens, attention, completion_mask, torch.arange(batch))
+
+
+def concat_rollouts(first: Rollouts, second: Rollouts, pad_id: int) -> Rollouts:
+    """``first``'s rows, then ``second``'s, in one batch: each part shifted so that every prompt ends at the
+    same column (the wider prompt's) and padded on the right to the longer completion. Per-token tensors a
+    part lacks are zeros there (``is_weights``: ones); ``second``'s groups are numbered after ``first``'s;
+    list-valued extras are joined."""
+    widths = [int((r.completion_mask > 0).any(0).nonzero()[0]) if r.completion_mask.any() else r.tokens.shape[1]
+              for r in (first, second)]
+    prompt = max(widths)
+    completion = max(r.tokens.shape[1] - w for r, w in zip((first, second), widths, strict=True))
+    rows = first.tokens.shape[0] + second.tokens.shape[0]
+    device = first.tokens.device
+
+    def joined(name: str, fill: float) -> torch.Tensor | None:
+        parts = [getattr(r, name) for r in (first, second)]
+        if all(p is None for p in parts):
+            return None
+        like = next(p for p in parts if p is not None)
+        out = torch.full((rows, prompt + completion), fill, dtype=like.dtype, device=device)
+        start = 0
+        for r, w, part in zip((first, second), widths, parts, strict=True):
+            count = r.tokens.shape[0]
+            if part is not None:
+                out[start : start + count, prompt - w : prompt - w + part.shape[1]] = part
+            start += count
+        return out
+
+    extras = {key: first.extras[key] + second.extras[key] for key in first.extras
+              if isinstance(first.extras[key], list) and isinstance(second.extras.get(key), list)}
+    groups = int(first.prompt_index.max()) + 1 if first.tokens.shape[0] else 0
+    rewards = None if first.rewards is None or second.rewards is None else torch.cat([first.rewards, second.rewards])
+    return Rollouts(
+        tokens=joined("tokens", pad_id), attention_mask=joined("attention_mask", 0),
+        completion_mask=joined("completion_mask", 0.0),
+        prompt_index=torch.cat([first.prompt_index, second.prompt_index + groups]),
+        sampler_logprobs=joined("sampler_logprobs", 0.0), teacher_logprobs=joined("teacher_logprobs", 0.0),
+        rewards=rewards, advantages=joined("advantages", 0.0), engine_logprobs=joined("engine_logprobs", 0.0),
+        is_weights=joined("is_weights", 1.0), extras=extras)

@@ -207,6 +207,27 @@ def check_prompts(session: Session) -> None:
         session.prompt_ids(example.messages)
 
 
+def check_off_policy(session: Session) -> None:
+    """GKD's off-policy rows (``lmbda < 1``) that need the teacher's samples (``seq_kd``, or prompts without a
+    reference completion) need a teacher that can write them: in process, and not sharded (its samples'
+    lengths differ by rank)."""
+    config = session.config
+    if config.lmbda >= 1:
+        return
+    examples = session.task.train_examples(0, config.prompts_per_step, config.seed)
+    if not (config.seq_kd or any(not ex.completion for ex in examples)):
+        return
+    why = "seq_kd=true" if config.seq_kd else "the prompts carry no completion"
+    if session.teacher_model is None:
+        raise OpdError(f"lmbda={config.lmbda} with {why}: the off-policy rows are the teacher's samples, and a teacher "
+                       "behind a server only scores. Give prompts with a completion field (and seq_kd=false), or "
+                       "load the teacher in process")
+    if config.teacher_parallel == "fsdp" and session.dist.active:
+        raise OpdError(f"lmbda={config.lmbda} with {why}: a sharded teacher cannot sample (its ranks' samples "
+                       "differ in length, its forwards are collectives); use teacher_parallel=none or prompts with "
+                       "completions")
+
+
 def open_session(config: TrainConfig, resume: str | Path | None = None, task: Task | None = None,
                  reward=None) -> Session:
     """Everything a run needs; ``task`` and ``reward`` are a user's Python objects (``opd.train``)."""
@@ -325,6 +346,7 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
             session.prompt_ids(example.messages)
     if midtrain:
         session.doc_chunks = document_chunks(config.docs, tokenizer, config.doc_tokens, DataOptions.of(config))
+    check_off_policy(session)
     session.student_shape = ModelShape.of(full_model)
     session.teacher_shape = ModelShape.of(teacher_model) if teacher_model is not None else None
     check_prompts(session)

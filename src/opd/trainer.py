@@ -18,10 +18,10 @@ from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.divergences import divergence_from_logits
 from opd.evaluation import completions_text, evaluate
-from opd.flops import step_flops
+from opd.flops import mixed_step_flops, step_flops
 from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.models import OpdError
-from opd.rollouts import Rollouts, pack_pairs
+from opd.rollouts import Rollouts, concat_rollouts, pack_pairs
 from opd.sampler import sample
 from opd.samplers.service import check_gap, merge_stats, reweight
 from opd.scoring import completion_row_offsets, full_divergence, token_logprobs, topk_divergence
@@ -115,46 +115,103 @@ def midtrain_rollouts(session: Session, step: int) -> Rollouts:
     return rollouts.to(session.device)
 
 
-def step_rollouts(session: Session, step: int) -> Rollouts:
-    """This rank's share of the step: sampled by the student (the teacher for sft), with rewards."""
+def split_on_policy(config, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """GKD's ``lmbda``: the first ``round(lmbda * n)`` of this rank's prompts are answered by the student, the
+    rest are off-policy (their completions come from the data or the teacher)."""
+    count = round(config.lmbda * len(examples)) if config.method == "opd" else len(examples)
+    return examples[:count], examples[count:]
+
+
+def sampled_rollouts(session: Session, examples: list[Example], step: int, teacher: bool) -> Rollouts:
+    """This rank's samples for ``examples``, ``samples_per_prompt`` each, drawn in process by the student or
+    the teacher (reading the prompts as it was trained to: its own template, then re-packed after the
+    student's rendering)."""
     config, tokenizer = session.config, session.tokenizer
+    prompts = [session.prompt_ids(ex.messages) for ex in examples]
+    own = teacher and session.teacher_view.path == "own"
+    seed = config.seed * 1_000_003 + step + session.dist.rank * 7_919_000_003  # rank 0: as one process
+    if teacher and config.method != "sft":
+        seed += 104_729  # the teacher's draws are not the student's
+    rollouts = sample(session.teacher_model if teacher else session.full_model,
+                      [session.teacher_view.teacher_prompt(ex.messages) for ex in examples] if own else prompts,
+                      samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
+                      temperature=config.temperature, top_p=config.top_p, eos_id=tokenizer.eos_token_id,
+                      pad_id=tokenizer.pad_token_id, vocab_size=session.vocab_size,
+                      generator=torch.Generator(session.device).manual_seed(seed))
+    if own:  # the student trains on the teacher's completion after its own rendering of the prompt
+        groups = rollouts.prompt_index
+        rollouts = pack_pairs([p for p in prompts for _ in range(config.samples_per_prompt)],
+                              rollouts.completion_ids(), tokenizer.pad_token_id).to(session.device)
+        rollouts.prompt_index = groups.to(session.device)
+    return rollouts
+
+
+def off_policy_rollouts(session: Session, examples: list[Example], step: int) -> tuple[Rollouts, int]:
+    """GKD's off-policy part: each prompt's reference completion from the data (one row), or with
+    ``seq_kd`` (or when a prompt has none) ``samples_per_prompt`` of the teacher's samples. Returns the
+    rollouts and the rows per prompt. The teacher samples only here, when these rows need it."""
+    config, tokenizer = session.config, session.tokenizer
+    if config.seq_kd or any(not ex.completion for ex in examples):
+        return sampled_rollouts(session, examples, step, teacher=True), config.samples_per_prompt
+    cut = config.max_new_tokens - 1
+    completions = [tokenizer.encode(ex.completion, add_special_tokens=False)[:cut] + [tokenizer.eos_token_id]
+                   for ex in examples]
+    prompts = [session.prompt_ids(ex.messages) for ex in examples]
+    return pack_pairs(prompts, completions, tokenizer.pad_token_id).to(session.device), 1
+
+
+def with_rewards(session: Session, rollouts: Rollouts, examples: list[Example], per_prompt: int) -> Rollouts:
+    """The conversation each row answers (``extras["messages"]``) and each completion's task reward."""
+    texts = completions_text(session.tokenizer, rollouts.completion_ids())
+    repeated = [ex for ex in examples for _ in range(per_prompt)]
+    rollouts.extras["messages"] = [ex.messages for ex in repeated]
+    rollouts.rewards = torch.tensor([session.task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True)],
+                                    device=rollouts.tokens.device)
+    return rollouts
+
+
+def step_rollouts(session: Session, step: int) -> Rollouts:
+    """This rank's share of the step: sampled by the student (the teacher for sft), with rewards; with
+    ``lmbda < 1`` its off-policy rows after the student's (``extras["on_policy"]`` tells them apart)."""
+    config = session.config
     if config.method == "midtrain":
         return midtrain_rollouts(session, step)
     if session.sft_pairs:
         examples, rollouts = dataset_rollouts(session, step)
-        samples_per_prompt = 1
+        return with_rewards(session, rollouts, examples, 1)
+
+    def mine(at: int) -> list[Example]:
+        return distributed.shard(train_examples(session, at), session.dist)
+
+    examples, off = split_on_policy(config, mine(step))
+    rollouts = None
+    if not examples:
+        pass  # lmbda=0: every row off-policy
     elif session.rollout_service is not None:  # a rollout server draws them (vLLM, opd serve)
         examples, rollouts = session.rollout_service.rollouts(
-            session, step, lambda at: distributed.shard(train_examples(session, at), session.dist),
+            session, step, lambda at: split_on_policy(config, mine(at))[0],
             lambda chosen: [session.prompt_ids(ex.messages) for ex in chosen])
         rollouts = rollouts.to(session.device)
         rollouts.extras["engine"] = reweight(session, rollouts)
-        samples_per_prompt = config.samples_per_prompt
-    else:
-        examples = distributed.shard(train_examples(session, step), session.dist)
-        prompts = [session.prompt_ids(ex.messages) for ex in examples]
-        # who samples: the student, or for sft the teacher, reading the prompts as it was trained to
-        own = config.method == "sft" and session.teacher_view.path == "own"
-        sampler = session.teacher_model if config.method == "sft" else session.full_model
-        seed = config.seed * 1_000_003 + step + session.dist.rank * 7_919_000_003  # rank 0: as one process
-        rollouts = sample(sampler, [session.teacher_view.teacher_prompt(ex.messages) for ex in examples] if own
-                          else prompts, samples_per_prompt=config.samples_per_prompt,
-                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                          top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                          vocab_size=session.vocab_size,
-                          generator=torch.Generator(session.device).manual_seed(seed))
-        samples_per_prompt = config.samples_per_prompt
-        if own:  # the student trains on the teacher's completion after its own rendering of the prompt
-            groups = rollouts.prompt_index
-            rollouts = pack_pairs([p for p in prompts for _ in range(samples_per_prompt)], rollouts.completion_ids(),
-                                  tokenizer.pad_token_id).to(session.device)
-            rollouts.prompt_index = groups.to(session.device)
-    texts = completions_text(tokenizer, rollouts.completion_ids())
-    repeated = [ex for ex in examples for _ in range(samples_per_prompt)]
-    rollouts.extras["messages"] = [ex.messages for ex in repeated]  # the conversation each row answers
-    rollouts.rewards = torch.tensor([session.task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True)],
-                                    device=rollouts.tokens.device)
-    return rollouts
+    else:  # the student samples; for sft the teacher
+        rollouts = sampled_rollouts(session, examples, step, teacher=config.method == "sft")
+    if rollouts is not None:
+        rollouts = with_rewards(session, rollouts, examples, config.samples_per_prompt)
+    if not off:
+        return rollouts
+    extra, per_prompt = off_policy_rollouts(session, off, step)
+    extra = with_rewards(session, extra, off, per_prompt)
+    extra.extras["offpolicy"] = {"rows_per_prompt": per_prompt, "teacher_sampled": per_prompt > 1 or config.seq_kd}
+    if rollouts is None:
+        extra.extras["on_policy"] = torch.zeros(extra.tokens.shape[0], dtype=torch.bool, device=session.device)
+        return extra
+    engine = rollouts.extras.get("engine")
+    merged = concat_rollouts(rollouts, extra, session.tokenizer.pad_token_id)
+    merged.extras["on_policy"] = torch.arange(merged.tokens.shape[0], device=session.device) < rollouts.tokens.shape[0]
+    if engine is not None:
+        merged.extras["engine"] = engine
+    merged.extras["offpolicy"] = extra.extras["offpolicy"]
+    return merged
 
 
 def update(session: Session, rollouts: Rollouts, teacher_hidden: torch.Tensor | tuple | None, step_tokens: int,
@@ -209,13 +266,17 @@ def training_step(session: Session, step: int) -> dict:
 
     mask = rollouts.completion_mask
     completion_lengths = [int(n) for n in mask.sum(-1).tolist()]
+    on_policy = rollouts.extras.get("on_policy", torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device))
     local = {  # what the step's record needs from every rank
         "completion_lengths": completion_lengths,
         "prompt_lengths": [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion_lengths,
                                                       strict=True)],
         "rewards": rollouts.rewards.tolist(),
+        # GKD's off-policy rows (lmbda < 1) train on the divergence; the logged KL and reward are the student's
+        "on_policy": on_policy.tolist(),
         "kl_sum": None if rollouts.teacher_logprobs is None
-        else float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask).sum()),
+        else float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask)[on_policy].sum()),
+        "kl_tokens": float(mask[on_policy].sum()),
         # what the teacher read, when its rendering or tokenizer differs (its FLOPs), and the alignment's chunks
         "teacher_prompt_lengths": graded and graded.teacher_prompt_lengths,
         "teacher_completion_lengths": graded and graded.teacher_completion_lengths,
@@ -223,7 +284,9 @@ def training_step(session: Session, step: int) -> dict:
         "engine": rollouts.extras.get("engine"),
     }
     ranks = distributed.all_gather(local, session.dist)
-    merged = {key: [v for r in ranks for v in r[key]] for key in ("completion_lengths", "prompt_lengths", "rewards")}
+    merged = {key: [v for r in ranks for v in r[key]]
+              for key in ("completion_lengths", "prompt_lengths", "rewards", "on_policy")}
+    student_rewards = [r for r, on in zip(merged["rewards"], merged["on_policy"], strict=True) if on]
     teacher_lengths = None
     if local["teacher_prompt_lengths"] is not None:
         teacher_lengths = tuple([v for r in ranks for v in r[key]] for key in ("teacher_prompt_lengths",
@@ -243,20 +306,30 @@ def training_step(session: Session, step: int) -> dict:
     trained = time.perf_counter()
 
     from_data = bool(session.sft_pairs or session.doc_chunks)  # given pairs or documents, not samples
-    teacher_kl = None if local["kl_sum"] is None else sum(r["kl_sum"] for r in ranks) / max(num_tokens, 1)
+    kl_tokens = sum(r["kl_tokens"] for r in ranks)
+    teacher_kl = None if local["kl_sum"] is None or not kl_tokens else sum(r["kl_sum"] for r in ranks) / kl_tokens
+    off_rows = len(merged["on_policy"]) - sum(merged["on_policy"])
+    if off_rows:  # the off-policy part's compute: its training and scoring, and the teacher's sampling
+        offpolicy = rollouts.extras["offpolicy"]
+        flops = mixed_step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
+                                 merged["completion_lengths"], merged["on_policy"], config.samples_per_prompt,
+                                 offpolicy["rows_per_prompt"], offpolicy["teacher_sampled"])
+    else:
+        flops = step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
+                           merged["completion_lengths"], "sft_data" if from_data else config.method,
+                           group=1 if from_data else config.samples_per_prompt, teacher_lengths=teacher_lengths)
     return {
         "step": step + 1,
         "loss": loss,
         "teacher_kl": teacher_kl,
-        "train_reward": sum(merged["rewards"]) / len(merged["rewards"]),
+        "train_reward": sum(student_rewards or merged["rewards"]) / len(student_rewards or merged["rewards"]),
+        **({"offpolicy_rows": off_rows} if off_rows else {}),
         "completion_tokens": num_tokens,
         "grad_norm": grad_norm,
         "lr": lr,
         **alignment,
         **engine,
-        **step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
-                     merged["completion_lengths"], "sft_data" if from_data else config.method,
-                     group=1 if from_data else config.samples_per_prompt, teacher_lengths=teacher_lengths),
+        **flops,
         "sample_seconds": round(sampled - started - (pushed or 0.0), 4),
         "score_seconds": round(scored - sampled, 4),
         **({"sync_seconds": round(pushed, 4)} if pushed is not None else {}),

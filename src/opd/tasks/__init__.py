@@ -14,6 +14,7 @@ class Example:
     messages: list[dict]  # chat messages; the last one is the user's
     answer: str | None  # what the verifier expects; None when the task has no verifier
     constraints: tuple = ()  # instruction-following constraints (see opd.ifeval), checked instead of an answer
+    completion: str | None = None  # a reference completion, when the data has one (GKD's off-policy part)
 
     @property
     def verifiable(self) -> bool:
@@ -78,7 +79,7 @@ class ArithmeticTask:
 
     @staticmethod
     def example(problem: arithmetic.Problem) -> Example:
-        return Example([{"role": "user", "content": problem.prompt}], problem.answer)
+        return Example([{"role": "user", "content": problem.prompt}], problem.answer, completion=problem.solution)
 
     def reward(self, completion: str, example: Example) -> float:
         return arithmetic.reward(completion, example.answer or "")

@@ -96,7 +96,8 @@ def parse_record(obj, where: str, options: DataOptions = DEFAULT_OPTIONS) -> tup
     constraints = parse_constraints(obj["constraints"], where) if given(obj, "constraints") is not None else ()
     if given(obj, options.completion_field) is not None:
         completion = obj[options.completion_field]
-    return Example(messages, None if answer is None else str(answer), constraints), completion
+    return Example(messages, None if answer is None else str(answer), constraints,
+                   completion if isinstance(completion, str) and completion else None), completion
 
 
 def parse_json(path: Path, lineno: int, line: str):
