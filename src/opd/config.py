@@ -21,6 +21,7 @@ class TrainConfig:
     student: str = "embedded:student"  # HF model directory or hub id
     teacher: str = "embedded:teacher"  # HF model directory, hub id, or http://HOST:PORT of a log-prob server
     teacher_model: str = ""  # model name on the teacher server (default: the one it serves)
+    teachers: str = ""  # several teachers: NAME=DIR_OR_URL,...; a prompt's "teacher" field picks one (else teacher=)
     teacher_tokenizer: str = ""  # the teacher's tokenizer (default: the teacher's directory; a server's: the student's)
     teacher_template: str = "auto"  # auto: the teacher's own chat template when it differs | own | student
     task: str = "arithmetic"  # built-in task; prompts: JSONL, parquet/csv/json, a folder, hf:ORG/NAME; module:Class
@@ -148,6 +149,14 @@ class TrainConfig:
             raise OpdError(f"divergence={self.divergence} compares the two distributions over the vocabulary: it needs "
                            f"kl=full or kl=topk and method opd or opd+rl (kl={self.kl}, method={self.method}); "
                            "kl=sampled estimates the reverse KL from the sampled tokens")
+        if self.teachers:
+            from opd.teachers.routed import parse_teachers
+
+            parse_teachers(self.teachers)
+            if self.kl == "full" or self.method in ("sft", "midtrain") or self.teacher_parallel == "fsdp":
+                raise OpdError("teachers= (several teachers) works with kl=sampled or kl=topk (exact when teacher_topk "
+                               "covers the vocabulary), method opd, opd+rl or rl, and whole teachers "
+                               f"(kl={self.kl}, method={self.method}, teacher_parallel={self.teacher_parallel})")
         if not 0 <= self.lmbda <= 1:
             raise OpdError(f"config field lmbda={self.lmbda} must be in [0, 1] (the share of on-policy prompts)")
         if self.lmbda < 1 and not (self.method == "opd" and self.kl in ("full", "topk")):
@@ -231,6 +240,8 @@ def parse_value(name: str, text: str, kind: type, source: str):
 def apply_values(config: TrainConfig, values: dict, source: str) -> TrainConfig:
     types = field_types()
     for name, value in values.items():
+        if name == "teachers" and isinstance(value, dict):  # a TOML table: [teachers] math = "DIR"
+            value = ",".join(f"{k}={v}" for k, v in value.items())
         if name not in types:
             raise OpdError(f"{source}: unknown config field {name!r}; known fields: {', '.join(types)}")
         kind = types[name]

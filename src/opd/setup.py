@@ -172,6 +172,7 @@ class Session:
     teacher_view: TeacherView | None = None  # how the teacher reads the student's rollouts (its template, tokens)
     teacher_tokenizer: object = None
     rollout_service: object = None  # samplers.service.RolloutService when a rollout server samples
+    teacher_shapes: dict | None = None  # teachers=: each teacher's ModelShape by name ("" for teacher=)
 
     def trainer_state(self) -> dict:
         """Optimizer (keyed by parameter name, any world size) and scheduler state; every rank calls it."""
@@ -207,6 +208,34 @@ def check_prompts(session: Session) -> None:
         session.prompt_ids(example.messages)
 
 
+def route_teachers(session: Session, device: torch.device, dtype: torch.dtype, student_path: str,
+                   context: int) -> None:
+    """``teachers=``: every named teacher loaded (or connected), each read through its own ``TeacherView``;
+    the session's view routes each row to the teacher its prompt names (``teacher=`` for the rest)."""
+    from opd.teachers.routed import DEFAULT, RoutedTeacherView, parse_teachers
+
+    config = session.config
+    views = {DEFAULT: session.teacher_view}
+    session.teacher_shapes = {DEFAULT: None if session.teacher_model is None else ModelShape.of(session.teacher_model)}
+    for name, spec in parse_teachers(config.teachers).items():
+        if spec.startswith(("http://", "https://")):
+            teacher = RemoteTeacher(spec, None, api_key=os.environ.get("OPD_TEACHER_API_KEY"))
+            teacher.connect(session.tokenizer, context)
+            views[name] = TeacherView(teacher, session.tokenizer)
+            session.teacher_shapes[name] = None
+            continue
+        path = resolve_model_path(spec, f"teachers={name}")
+        their_tokenizer = load_tokenizer(path)
+        kind = check_teacher_path(config, session.tokenizer, their_tokenizer, student_path, path)
+        model = load_model(path, device, dtype)
+        views[name] = TeacherView(LocalTeacher(model, len(their_tokenizer)), session.tokenizer, their_tokenizer,
+                                  config.teacher_template, kind)
+        session.teacher_shapes[name] = ModelShape.of(model)
+    session.teacher_view = RoutedTeacherView(views)
+    for example in session.eval_set + session.task.train_examples(0, config.prompts_per_step, config.seed):
+        session.teacher_view.view(example.teacher)  # a prompt naming an unknown teacher: refused before compute
+
+
 def check_off_policy(session: Session) -> None:
     """GKD's off-policy rows (``lmbda < 1``) that need the teacher's samples (``seq_kd``, or prompts without a
     reference completion) need a teacher that can write them: in process, and not sharded (its samples'
@@ -218,6 +247,9 @@ def check_off_policy(session: Session) -> None:
     if not (config.seq_kd or any(not ex.completion for ex in examples)):
         return
     why = "seq_kd=true" if config.seq_kd else "the prompts carry no completion"
+    if config.teachers:
+        raise OpdError(f"lmbda={config.lmbda} with {why}: with several teachers the off-policy rows must come from "
+                       "the data (prompts with a completion, seq_kd=false)")
     if session.teacher_model is None:
         raise OpdError(f"lmbda={config.lmbda} with {why}: the off-policy rows are the teacher's samples, and a teacher "
                        "behind a server only scores. Give prompts with a completion field (and seq_kd=false), or "
@@ -338,6 +370,8 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
     if teacher is not None:
         session.teacher_view = TeacherView(teacher, tokenizer, teacher_tokenizer, config.teacher_template,
                                            teacher_path_kind)
+    if config.teachers:
+        route_teachers(session, device, dtype, student_path, max_prompt + config.max_new_tokens)
     if config.sft_data:
         from opd.tasks.jsonl import load_sft_pairs
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.divergences import divergence_from_logits
-from opd.evaluation import completions_text, evaluate
+from opd.evaluation import EvalResult, completions_text, evaluate
 from opd.flops import mixed_step_flops, step_flops
 from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.models import OpdError
@@ -28,6 +28,7 @@ from opd.scoring import completion_row_offsets, full_divergence, token_logprobs,
 from opd.setup import Session, open_session
 from opd.tasks import Example
 from opd.tasks.jsonl import epoch_order
+from opd.teachers.routed import per_teacher_kl, routed_step_flops
 from opd.trackers import Trackers
 
 
@@ -165,6 +166,7 @@ def with_rewards(session: Session, rollouts: Rollouts, examples: list[Example], 
     texts = completions_text(session.tokenizer, rollouts.completion_ids())
     repeated = [ex for ex in examples for _ in range(per_prompt)]
     rollouts.extras["messages"] = [ex.messages for ex in repeated]
+    rollouts.extras["teacher"] = [ex.teacher or "" for ex in repeated]  # teachers=: who scores each row
     rollouts.rewards = torch.tensor([session.task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True)],
                                     device=rollouts.tokens.device)
     return rollouts
@@ -274,9 +276,11 @@ def training_step(session: Session, step: int) -> dict:
         "rewards": rollouts.rewards.tolist(),
         # GKD's off-policy rows (lmbda < 1) train on the divergence; the logged KL and reward are the student's
         "on_policy": on_policy.tolist(),
-        "kl_sum": None if rollouts.teacher_logprobs is None
+        "kl_sum": None if rollouts.teacher_logprobs is None or rollouts.sampler_logprobs is None
         else float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask)[on_policy].sum()),
         "kl_tokens": float(mask[on_policy].sum()),
+        "teachers": per_teacher_kl(rollouts, on_policy) if session.teacher_shapes else None,
+        "names": rollouts.extras.get("teacher", []),
         # what the teacher read, when its rendering or tokenizer differs (its FLOPs), and the alignment's chunks
         "teacher_prompt_lengths": graded and graded.teacher_prompt_lengths,
         "teacher_completion_lengths": graded and graded.teacher_completion_lengths,
@@ -318,6 +322,8 @@ def training_step(session: Session, step: int) -> dict:
         flops = step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
                            merged["completion_lengths"], "sft_data" if from_data else config.method,
                            group=1 if from_data else config.samples_per_prompt, teacher_lengths=teacher_lengths)
+    if session.teacher_shapes:  # several teachers: each one's KL and compute
+        flops.update(routed_step_flops(session, ranks, merged))
     return {
         "step": step + 1,
         "loss": loss,
@@ -338,13 +344,34 @@ def training_step(session: Session, step: int) -> dict:
 
 
 def run_eval(session: Session) -> dict:
+    """Held-out accuracy and the KL to the teacher; with several teachers, also each one's on its own prompts
+    (``accuracy/NAME``, ...), the overall figures their weighted means (by prompts; the KL by tokens)."""
     config = session.config
-    result = evaluate(session.full_model, session.tokenizer, session.task, session.eval_set,
-                      max_new_tokens=config.max_new_tokens, teacher=session.teacher_view, seed=config.seed,
-                      samples=config.eval_samples, sample_temperature=config.eval_temperature,
-                      batch_size=config.eval_batch)
-    return {"accuracy": result.accuracy, "sampled_accuracy": result.sampled_accuracy,
-            "eval_teacher_kl": result.teacher_kl}
+
+    def run(examples: list[Example], view) -> EvalResult:
+        return evaluate(session.full_model, session.tokenizer, session.task, examples,
+                        max_new_tokens=config.max_new_tokens, teacher=view, seed=config.seed,
+                        samples=config.eval_samples, sample_temperature=config.eval_temperature,
+                        batch_size=config.eval_batch)
+
+    if not session.teacher_shapes:
+        result = run(session.eval_set, session.teacher_view)
+        return {"accuracy": result.accuracy, "sampled_accuracy": result.sampled_accuracy,
+                "eval_teacher_kl": result.teacher_kl}
+    parts = {}
+    for name in dict.fromkeys(ex.teacher or "" for ex in session.eval_set):
+        examples = [ex for ex in session.eval_set if (ex.teacher or "") == name]
+        parts[name] = (len(examples), run(examples, session.teacher_view.view(name)))
+    record = {}
+    for key, attr in (("accuracy", "accuracy"), ("sampled_accuracy", "sampled_accuracy"),
+                      ("eval_teacher_kl", "teacher_kl")):
+        weights = [(count * (result.mean_completion_tokens if key == "eval_teacher_kl" else 1), getattr(result, attr))
+                   for count, result in parts.values()]
+        known = [(w, v) for w, v in weights if v is not None]
+        record[key] = sum(w * v for w, v in known) / sum(w for w, _ in known) if known else None
+        for name, (_, result) in parts.items():
+            record[f"{key}/{name or 'default'}"] = getattr(result, attr)
+    return record
 
 
 def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True, desc: str = "opd",

@@ -15,6 +15,7 @@ class Example:
     answer: str | None  # what the verifier expects; None when the task has no verifier
     constraints: tuple = ()  # instruction-following constraints (see opd.ifeval), checked instead of an answer
     completion: str | None = None  # a reference completion, when the data has one (GKD's off-policy part)
+    teacher: str | None = None  # the teacher this prompt is distilled from, by its name in teachers= (None: teacher=)
 
     @property
     def verifiable(self) -> bool:

@@ -96,8 +96,11 @@ def parse_record(obj, where: str, options: DataOptions = DEFAULT_OPTIONS) -> tup
     constraints = parse_constraints(obj["constraints"], where) if given(obj, "constraints") is not None else ()
     if given(obj, options.completion_field) is not None:
         completion = obj[options.completion_field]
+    teacher = obj.get("teacher") if isinstance(obj, dict) else None
+    if teacher is not None and (not isinstance(teacher, str) or not teacher):
+        raise OpdError(f"{where}: field 'teacher' must be a teacher's name (a non-empty string) from teachers=")
     return Example(messages, None if answer is None else str(answer), constraints,
-                   completion if isinstance(completion, str) and completion else None), completion
+                   completion if isinstance(completion, str) and completion else None, teacher), completion
 
 
 def parse_json(path: Path, lineno: int, line: str):
