@@ -183,3 +183,20 @@ def test_topk_over_the_whole_vocabulary_trains_like_the_exact_kl(model_dirs, tmp
         for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl"):
             if a.get(key) is not None:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_training_with_the_top_k_from_a_server_matches_the_top_k_in_process(model_dirs, tmp_path):
+    from conftest import LiveServer, read_jsonl, tiny_train_overrides
+    from opd.config import load_config
+    from opd.trainer import train
+
+    overrides = {"kl": "topk", "teacher_topk": 20, "divergence": "jsd", "beta": 0.3}
+    train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "local", **overrides)), progress=False)
+    with LiveServer(model_dirs["teacher"]) as live:
+        remote = tiny_train_overrides(model_dirs, tmp_path / "remote", **overrides) + [f"teacher={live.url}"]
+        train(load_config(None, remote), progress=False)
+    for a, b in zip(read_jsonl(tmp_path / "local" / "metrics.jsonl"), read_jsonl(tmp_path / "remote" / "metrics.jsonl"),
+                    strict=True):
+        for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl"):
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)

@@ -282,7 +282,8 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
                        "load the teacher in-process")
     if remote and config.kl == "full" and "opd" in config.method:
         raise OpdError("kl=full needs the teacher's whole distribution, which a server does not send: "
-                       "use kl=sampled with a remote teacher, or load the teacher in-process")
+                       "use kl=topk (the teacher's top-k per position, teacher_topk=20) or kl=sampled with a remote "
+                       "teacher, or load the teacher in-process")
     student_path = resolve_model_path(config.student, "student")
     teacher_path = None if midtrain or remote else resolve_model_path(config.teacher, "teacher")
     tokenizer = load_tokenizer(student_path)
