@@ -23,7 +23,7 @@ def test_config_help_lists_every_field_with_its_comment():
     text = config_help()
     for name in TrainConfig.__dataclass_fields__:
         assert f"  {name}=" in text, name
-    assert "kl=\"full\"  \"sampled\": per-token reverse-KL advantage" in text
+    assert "kl=\"auto\"  auto: full, topk for a teacher behind a server" in text
 
 
 def test_train_eval_and_sample_from_the_command_line(model_dirs, tmp_path, capsys):
@@ -44,7 +44,7 @@ def test_train_eval_and_sample_from_the_command_line(model_dirs, tmp_path, capsy
 def test_user_errors_exit_2_with_one_clear_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "opd", "train", "kl=exact"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "opd: error: config field kl='exact' must be one of sampled, full"
+    assert result.stderr.strip() == "opd: error: config field kl='exact' must be one of auto, sampled, full, topk"
     result = subprocess.run([sys.executable, "-m", "opd", "train", "--resume", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "not an opd run directory" in result.stderr

@@ -16,7 +16,7 @@ def test_defaults_then_toml_then_overrides(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["nope=1"], "unknown config field 'nope'"),
     (["steps=many"], "command line: config field steps='many' must be an integer"),
-    (["kl=exact"], "kl='exact' must be one of sampled, full"),
+    (["kl=exact"], "kl='exact' must be one of auto, sampled, full, topk"),
     (["lr=0"], "lr=0.0 must be positive"),
     (["steps"], "must look like key=value"),
     (["grad_accum=3"], "grad_accum=3 must divide"),

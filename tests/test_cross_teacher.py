@@ -227,8 +227,8 @@ def test_the_paths_say_what_they_are(own_template_dir, tokenizer, other_tokenize
         f"teacher tokenizer differs: aligning on text, {100 * share:.0f}% of chunks are single tokens on the "
         "prompts' text (aligned path; per step in metrics.jsonl)")
     rollouts = batch(tokenizer, canonical(tokenizer), conversations())
-    with pytest.raises(OpdError, match="^kl=full needs the teacher's distribution over the student's vocabulary; "
-                       "this teacher's tokenizer differs: use kl=sampled$"):
+    with pytest.raises(OpdError, match="^kl=full and kl=topk need the teacher's distribution over the student's "
+                       "vocabulary; this teacher's tokenizer differs: use kl=sampled$"):
         aligned.score(rollouts, conversations(), hidden=True)
     with pytest.raises(OpdError, match=r"^teacher_template='mine' must be one of auto, own, student$"):
         choose_path(tokenizer, tokenizer, "mine")

@@ -200,3 +200,20 @@ def test_training_with_the_top_k_from_a_server_matches_the_top_k_in_process(mode
         for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl"):
             if a.get(key) is not None:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_kl_auto_is_the_exact_kl_in_process_the_top_k_from_a_server_and_sampled_across_tokenizers(
+        model_dirs, cross_dirs, tmp_path):
+    from conftest import LiveServer, tiny_train_overrides
+    from opd.config import load_config
+    from opd.setup import open_session
+
+    def resolved(dirs, name, *extra) -> str:
+        overrides = [o for o in tiny_train_overrides(dirs, tmp_path / name) if not o.startswith("kl=")]
+        return open_session(load_config(None, overrides + list(extra))).config.kl
+
+    assert resolved(model_dirs, "local") == "full"
+    assert resolved(cross_dirs, "cross") == "sampled"
+    with LiveServer(model_dirs["teacher"]) as live:
+        assert resolved(model_dirs, "remote", f"teacher={live.url}") == "topk"
+    assert resolved(model_dirs, "several", f"teachers=b={model_dirs['teacher']}") == "topk"

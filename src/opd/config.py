@@ -45,7 +45,8 @@ class TrainConfig:
     docs: str = ""  # method=midtrain: JSONL of {"text": ...} documents (next-token cross-entropy on all tokens)
     chat_fraction: float = 0.0  # method=midtrain: share of each step's sequences taken from sft_data
     doc_tokens: int = 128  # method=midtrain: tokens per document chunk
-    kl: str = "full"  # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary; "topk"
+    kl: str = "auto"  # auto: full, topk for a teacher behind a server (or several), sampled across tokenizers
+    # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary; "topk": the teacher's top-k
     teacher_topk: int = 20  # kl=topk: the teacher's K most likely tokens per position (+ a tail bucket)
     divergence: str = "reverse_kl"  # kl=full: reverse_kl | forward_kl | jsd (GKD's generalized JSD at beta)
     beta: float = 0.5  # divergence=jsd: 0 is the forward KL, 1 the reverse KL (TRL's and ms-swift's convention)
@@ -102,7 +103,7 @@ class TrainConfig:
     dtype: str = "auto"
     out: str = ""  # run directory; default runs/<time>-<method>
 
-    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("sampled", "full", "topk"),
+    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("auto", "sampled", "full", "topk"),
                "parallel": ("ddp", "fsdp"), "teacher_parallel": ("none", "fsdp"),
                "teacher_template": ("auto", "own", "student"),
                "verifier": ("exact", "math", "ifeval"),
@@ -145,7 +146,7 @@ class TrainConfig:
         self.validate_sampler()
         if not 0 <= self.beta <= 1:
             raise OpdError(f"config field beta={self.beta} must be in [0, 1] (0: forward KL, 1: reverse KL)")
-        if self.divergence != "reverse_kl" and not (self.kl in ("full", "topk") and "opd" in self.method):
+        if self.divergence != "reverse_kl" and not (self.kl in ("auto", "full", "topk") and "opd" in self.method):
             raise OpdError(f"divergence={self.divergence} compares the two distributions over the vocabulary: it needs "
                            f"kl=full or kl=topk and method opd or opd+rl (kl={self.kl}, method={self.method}); "
                            "kl=sampled estimates the reverse KL from the sampled tokens")
@@ -159,7 +160,7 @@ class TrainConfig:
                                f"(kl={self.kl}, method={self.method}, teacher_parallel={self.teacher_parallel})")
         if not 0 <= self.lmbda <= 1:
             raise OpdError(f"config field lmbda={self.lmbda} must be in [0, 1] (the share of on-policy prompts)")
-        if self.lmbda < 1 and not (self.method == "opd" and self.kl in ("full", "topk")):
+        if self.lmbda < 1 and not (self.method == "opd" and self.kl in ("auto", "full", "topk")):
             raise OpdError(f"lmbda={self.lmbda}: the off-policy rows train on the teacher's distribution at each "
                            f"position, which needs method=opd with kl=full or kl=topk (method={self.method}, "
                            f"kl={self.kl})")

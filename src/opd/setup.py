@@ -280,6 +280,9 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
     if remote and config.method == "sft":
         raise OpdError("method=sft has the teacher write the completions, which a scoring server cannot: "
                        "load the teacher in-process")
+    if remote and config.kl == "auto":  # a server sends log-probs, not the whole distribution: its top-k
+        config.kl = "topk"
+        config.validate()
     if remote and config.kl == "full" and "opd" in config.method:
         raise OpdError("kl=full needs the teacher's whole distribution, which a server does not send: "
                        "use kl=topk (the teacher's top-k per position, teacher_topk=20) or kl=sampled with a remote "
@@ -288,6 +291,11 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
     teacher_path = None if midtrain or remote else resolve_model_path(config.teacher, "teacher")
     tokenizer = load_tokenizer(student_path)
     teacher_tokenizer = None if midtrain else teacher_tokenizer_for(config, tokenizer, teacher_path)
+    if config.kl == "auto":  # the exact KL where one vocabulary allows it, else the sampled estimate
+        aligned = teacher_tokenizer is not None and choose_path(tokenizer, teacher_tokenizer,
+                                                                config.teacher_template) == "aligned"
+        config.kl = "sampled" if aligned else "topk" if config.teachers else "full"
+        config.validate()
     teacher_path_kind = None if teacher_tokenizer is None else check_teacher_path(
         config, tokenizer, teacher_tokenizer, student_path, teacher_path)
     task = make_task(config, task, reward)
