@@ -31,7 +31,7 @@ MUTATE := 'opd.losses.*' 'opd.sampler.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.t
 	'opd.trainer.x_pair_ids*' 'opd.trainer.x_train_examples*' 'opd.trainer.x_midtrain_rollouts*' \
 	'opd.server_api.x_check_sampling*' 'opd.server_api.x_validate_prompt*' 'opd.server_api.x_sampled_choice*' \
 	'opd.server_api.x_stop_ids*' 'opd.server_models.*' 'opd.http.*' 'opd.samplers.remote.*' 'opd.samplers.sync.*' \
-	'opd.samplers.service.*' 'opd.setup.x_restore*' \
+	'opd.samplers.service.*' 'opd.divergences.*' 'opd.teachers.routed.*' 'opd.setup.x_restore*' \
 	'opd.experiments.sft_curve.x_log_linear_fit*' 'opd.experiments.sft_curve.x_extrapolate*' \
 	'opd.experiments.sft_curve.x_fit_summary*' 'opd.experiments.sft_curve.x_power10*' \
 	'opd.teachers.alignment.*' 'opd.teachers.view.*' 'opd.tasks.custom.*' 'opd.tasks.math.*' 'opd.api.*' \

@@ -109,17 +109,19 @@ def tables(results: dict) -> str:
             lines.append(f"| {kind} | {row['exact']:.4f} | {cells} |")
         lines.append("")
     if "learning" in results:
-        n = 256
-        lines += ["| variant | " + " | ".join(f"sampled @{e['step']}" for e in
-                                                 next(iter(results["learning"].values()))["evals"][1:]) +
-                  " | greedy (last) | eval KL (last) | s/step |",
-                  "| --- |" + " --- |" * (len(next(iter(results["learning"].values()))["evals"]) + 2)]
+        n, target = 256, results.get("target", 0.45)
+        steps = [e["step"] for e in next(iter(results["learning"].values()))["evals"][1:]]
+        lines += ["| variant | " + " | ".join(f"sampled @{s}" for s in steps) +
+                  f" | greedy @{steps[-1]} | eval KL @{steps[-1]} | steps to {100 * target:.0f}% sampled | FLOPs |",
+                  "| --- |" + " --- |" * (len(steps) + 4)]
         for name, run in results["learning"].items():
             cells = " | ".join(f"{100 * e['sampled']:.1f}" for e in run["evals"][1:])
             last = run["evals"][-1]
             se = 100 * math.sqrt(last["sampled"] * (1 - last["sampled"]) / (4 * n))
+            reached = steps_to(run["evals"], "sampled", target)
+            flops = (run["student_flops"] or 0) + (run["teacher_flops"] or 0)
             lines.append(f"| {name} | {cells} (±{se:.1f}) | {100 * last['greedy']:.1f} | {last['teacher_kl']:.3f} | "
-                         f"{run['seconds_per_step']:.3f} |")
+                         f"{reached if reached is not None else f'> {steps[-1]}'} | {flops:.2e} |")
     return "\n".join(lines)
 
 
