@@ -125,3 +125,19 @@ def test_off_policy_rows_need_the_teachers_distribution_and_a_teacher_that_can_w
         overrides = tiny_train_overrides(model_dirs, tmp_path / "run", kl="topk", lmbda=0.5, seq_kd="true")
         with pytest.raises(OpdError, match="a teacher behind a server only scores"):
             open_session(load_config(None, overrides + [f"teacher={live.url}"]))
+
+
+def test_one_sample_per_prompt_from_the_teacher_is_still_counted_as_its_sampling(model_dirs, tmp_path):
+    """Prompts without a completion: the teacher writes the off-policy rows, one each here, and that is its
+    sampling (counted in its FLOPs) even though one row per prompt is also what data completions give."""
+    import json
+
+    from opd.trainer import step_rollouts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Compute {i}+1", "answer": str(i + 1)}) + "\n"
+                               for i in range(8)))
+    config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", kl="full", lmbda=0.5,
+                                                    samples_per_prompt=1, task=prompts, eval_file=prompts))
+    rollouts = step_rollouts(open_session(config), 0)
+    assert rollouts.extras["offpolicy"] == {"rows_per_prompt": 1, "teacher_sampled": True}

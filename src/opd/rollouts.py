@@ -101,7 +101,7 @@ def concat_rollouts(first: Rollouts, second: Rollouts, pad_id: int) -> Rollouts:
     """``first``'s rows, then ``second``'s, in one batch: each part shifted so that every prompt ends at the
     same column (the wider prompt's) and padded on the right to the longer completion. Per-token tensors a
     part lacks are zeros there (``is_weights``: ones); ``second``'s groups are numbered after ``first``'s;
-    list-valued extras are joined."""
+    list-valued extras are joined, the others kept (``first``'s where both have one)."""
     widths = [int((r.completion_mask > 0).any(0).nonzero()[0]) if r.completion_mask.any() else r.tokens.shape[1]
               for r in (first, second)]
     prompt = max(widths)
@@ -123,8 +123,9 @@ def concat_rollouts(first: Rollouts, second: Rollouts, pad_id: int) -> Rollouts:
             start += count
         return out
 
-    extras = {key: first.extras[key] + second.extras[key] for key in first.extras
-              if isinstance(first.extras[key], list) and isinstance(second.extras.get(key), list)}
+    extras = {**second.extras, **first.extras}  # other extras: ``first``'s, else ``second``'s
+    extras.update({key: first.extras[key] + second.extras[key] for key in first.extras
+                   if isinstance(first.extras[key], list) and isinstance(second.extras.get(key), list)})
     groups = int(first.prompt_index.max()) + 1 if first.tokens.shape[0] else 0
     rewards = None if first.rewards is None or second.rewards is None else torch.cat([first.rewards, second.rewards])
     return Rollouts(

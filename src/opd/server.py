@@ -25,7 +25,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from opd.server_api import (
-    MAX_TOP_K,
     CompletionRequest,
     LoadLoraRequest,
     ReloadRequest,
@@ -38,7 +37,7 @@ from opd.server_api import (
 )
 from opd.server_models import ApiError, Job, ServedModel, Worker, adapter_listing
 
-__all__ = ["MAX_TOP_K", "ApiError", "BackgroundServer", "ServerConfig", "create_app", "free_port", "serve"]
+__all__ = ["ApiError", "BackgroundServer", "ServerConfig", "create_app", "free_port", "serve"]
 
 
 def error_response(status: int, message: str, kind: str) -> JSONResponse:

@@ -86,9 +86,14 @@ def pair_ids(session: Session, index: int) -> tuple[list[int], list[int]]:
     """``sft_data`` pair ``index`` as token ids: the chat-rendered prompt, and the completion cut to
     ``max_new_tokens - 1`` tokens with EOS appended."""
     example, text = session.sft_pairs[index]
+    return session.prompt_ids(example.messages), completion_ids(session, text)
+
+
+def completion_ids(session: Session, text: str) -> list[int]:
+    """A given completion as token ids: cut to ``max_new_tokens - 1`` tokens, EOS appended."""
     tokenizer = session.tokenizer
-    completion = tokenizer.encode(text, add_special_tokens=False)[: session.config.max_new_tokens - 1]
-    return session.prompt_ids(example.messages), completion + [tokenizer.eos_token_id]
+    return tokenizer.encode(text, add_special_tokens=False)[: session.config.max_new_tokens - 1] + [
+        tokenizer.eos_token_id]
 
 
 def dataset_rollouts(session: Session, step: int) -> tuple[list[Example], Rollouts]:
@@ -147,18 +152,22 @@ def sampled_rollouts(session: Session, examples: list[Example], step: int, teach
     return rollouts
 
 
-def off_policy_rollouts(session: Session, examples: list[Example], step: int) -> tuple[Rollouts, int]:
+def off_policy_rollouts(session: Session, examples: list[Example], step: int) -> Rollouts:
     """GKD's off-policy part: each prompt's reference completion from the data (one row), or with
-    ``seq_kd`` (or when a prompt has none) ``samples_per_prompt`` of the teacher's samples. Returns the
-    rollouts and the rows per prompt. The teacher samples only here, when these rows need it."""
-    config, tokenizer = session.config, session.tokenizer
-    if config.seq_kd or any(not ex.completion for ex in examples):
-        return sampled_rollouts(session, examples, step, teacher=True), config.samples_per_prompt
-    cut = config.max_new_tokens - 1
-    completions = [tokenizer.encode(ex.completion, add_special_tokens=False)[:cut] + [tokenizer.eos_token_id]
-                   for ex in examples]
-    prompts = [session.prompt_ids(ex.messages) for ex in examples]
-    return pack_pairs(prompts, completions, tokenizer.pad_token_id).to(session.device), 1
+    ``seq_kd`` (or when a prompt has none) ``samples_per_prompt`` of the teacher's samples, with rewards;
+    ``extras["offpolicy"]`` says which. The teacher samples only here, when these rows need it."""
+    config = session.config
+    teacher = config.seq_kd or any(not ex.completion for ex in examples)
+    if teacher:
+        rollouts, per_prompt = sampled_rollouts(session, examples, step, teacher=True), config.samples_per_prompt
+    else:
+        rollouts = pack_pairs([session.prompt_ids(ex.messages) for ex in examples],
+                              [completion_ids(session, ex.completion) for ex in examples],
+                              session.tokenizer.pad_token_id).to(session.device)
+        per_prompt = 1
+    rollouts = with_rewards(session, rollouts, examples, per_prompt)
+    rollouts.extras["offpolicy"] = {"rows_per_prompt": per_prompt, "teacher_sampled": teacher}
+    return rollouts
 
 
 def with_rewards(session: Session, rollouts: Rollouts, examples: list[Example], per_prompt: int) -> Rollouts:
@@ -201,18 +210,12 @@ def step_rollouts(session: Session, step: int) -> Rollouts:
         rollouts = with_rewards(session, rollouts, examples, config.samples_per_prompt)
     if not off:
         return rollouts
-    extra, per_prompt = off_policy_rollouts(session, off, step)
-    extra = with_rewards(session, extra, off, per_prompt)
-    extra.extras["offpolicy"] = {"rows_per_prompt": per_prompt, "teacher_sampled": per_prompt > 1 or config.seq_kd}
+    extra = off_policy_rollouts(session, off, step)
     if rollouts is None:
         extra.extras["on_policy"] = torch.zeros(extra.tokens.shape[0], dtype=torch.bool, device=session.device)
         return extra
-    engine = rollouts.extras.get("engine")
     merged = concat_rollouts(rollouts, extra, session.tokenizer.pad_token_id)
     merged.extras["on_policy"] = torch.arange(merged.tokens.shape[0], device=session.device) < rollouts.tokens.shape[0]
-    if engine is not None:
-        merged.extras["engine"] = engine
-    merged.extras["offpolicy"] = extra.extras["offpolicy"]
     return merged
 
 

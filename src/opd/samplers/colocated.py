@@ -92,7 +92,6 @@ class ColocatedSync:
 
     def __init__(self, sampler: ColocatedSampler) -> None:
         self.sampler = sampler
-        self.pushes = 0
 
     def release(self) -> None:
         """Nothing to undo: the engine keeps the last weights pushed."""
@@ -104,4 +103,3 @@ class ColocatedSync:
         self.sampler.engine_model().load_weights(weights=list(weights.items()))
         self.sampler.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
         torch.cuda.synchronize()
-        self.pushes += 1

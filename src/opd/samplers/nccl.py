@@ -34,7 +34,6 @@ class NcclSync:
             raise OpdError("sampler_sync=nccl uses vLLM's NCCLWeightTransferEngine on the trainer side: install "
                            "the vLLM version the server runs") from None
         self.sampler, self.group = sampler, None
-        self.pushes = 0
         self.bracketed = True  # the server has /start_weight_update and /finish_weight_update (newer vLLM)
 
     def release(self) -> None:
@@ -108,4 +107,3 @@ class NcclSync:
                 self.post("/finish_weight_update")
         finally:
             self.post("/resume")
-        self.pushes += 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,6 @@ class WeightSync:
     def __init__(self, sampler: RemoteSampler, directory: Path, prefix: str) -> None:
         self.sampler, self.directory, self.prefix = sampler, Path(directory).resolve(), prefix
         self.current: Path | None = None
-        self.pushes, self.seconds = 0, 0.0
 
     def write(self, model: torch.nn.Module, folder: Path) -> None:
         raise NotImplementedError
@@ -39,7 +37,6 @@ class WeightSync:
 
     def push(self, model: torch.nn.Module, version: int) -> None:
         """Write the weights of ``model`` (after ``version`` updates) and have the server load them."""
-        started = time.perf_counter()
         folder = self.directory / f"step-{version:06d}"
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -56,8 +53,6 @@ class WeightSync:
         if self.current is not None and self.current != folder:
             shutil.rmtree(self.current, ignore_errors=True)
         self.current = folder
-        self.pushes += 1
-        self.seconds += time.perf_counter() - started
 
     def release(self) -> None:
         """Undo what the server holds for this run where it can (an adapter); a full reload stays."""

@@ -91,14 +91,14 @@ def per_teacher_kl(rollouts: Rollouts, on_policy: torch.Tensor) -> dict:
     """This rank's sampled-KL sums and token counts per teacher name (on-policy rows)."""
     if rollouts.sampler_logprobs is None or rollouts.teacher_logprobs is None:  # no student samples (lmbda=0)
         return {}
-    gap = ((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * rollouts.completion_mask).sum(-1)
-    tokens = rollouts.completion_mask.sum(-1)
+    gap = ((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * rollouts.completion_mask).sum(-1).tolist()
+    tokens = rollouts.completion_mask.sum(-1).tolist()
     out: dict[str, list[float]] = {}
-    for row, name in enumerate(rollouts.extras["teacher"]):
-        if on_policy[row]:
+    for name, on, row_gap, row_tokens in zip(rollouts.extras["teacher"], on_policy.tolist(), gap, tokens, strict=True):
+        if on:
             total = out.setdefault(name, [0.0, 0.0])
-            total[0] += float(gap[row])
-            total[1] += float(tokens[row])
+            total[0] += row_gap
+            total[1] += row_tokens
     return out
 
 
