@@ -61,3 +61,24 @@ def test_opd_chat_from_the_command_line(model_dirs, monkeypatch, capsys):
     assert main(["chat", str(model_dirs["student"]), "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 1 and out.count("commands: /reset") == 2
+
+
+@pytest.mark.parametrize("name", ["embedded:assistant", "embedded:student", "embedded:teacher",
+                                  "embedded:teacher-bpe2"])
+def test_opd_chat_runs_with_its_defaults_on_every_embedded_model(name, monkeypatch, capsys):
+    # the embedded models have 256 positions: a fixed 256-token reply budget left no room for any prompt
+    monkeypatch.setattr("sys.stdin", io.StringIO("Compute 1+2\n"))
+    assert main(["chat", name]) == 0
+    out = capsys.readouterr().out
+    assert "(replies of up to 128 tokens: half the model's context of 256" in out
+    assert out.count("assistant> ") == 1
+
+
+def test_an_explicit_reply_budget_is_kept_or_refused_with_the_range():
+    from opd.chat import reply_budget
+
+    assert reply_budget(4096, None) == (256, "")
+    assert reply_budget(256, 100) == (100, "")
+    assert reply_budget(256, None)[0] == 128
+    with pytest.raises(OpdError, match="give a value from 1 to 255"):
+        reply_budget(256, 256)

@@ -2,7 +2,9 @@
 
 The conversation keeps every turn while it fits: before each reply the oldest exchanges (a user turn and
 the reply to it) are dropped until the rendered prompt plus ``max_new_tokens`` fits the model's context.
-A system message, when given, is always kept.
+A system message, when given, is always kept. Without ``max_new_tokens`` a reply may take up to
+``DEFAULT_REPLY_TOKENS`` or half the context, whichever is smaller, so the defaults work on a model of any
+context (the embedded models have 256 positions).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from opd.evaluation import completions_text
 from opd.models import OpdError, chat_prompt_ids
 from opd.sampler import sample
 
+DEFAULT_REPLY_TOKENS = 256
 HELP = "commands: /reset (forget the conversation), /help, /quit (or end of input)"
 
 
@@ -50,20 +53,36 @@ class Conversation:
         self.turns, self.dropped = [], 0
 
 
+def reply_budget(context: int, max_new_tokens: int | None) -> tuple[int, str]:
+    """The longest reply in tokens, and a line saying how it was chosen when it was not asked for."""
+    if max_new_tokens is None:
+        budget = min(DEFAULT_REPLY_TOKENS, context // 2)
+        if budget < DEFAULT_REPLY_TOKENS:
+            return budget, f"(replies of up to {budget} tokens: half the model's context of {context}; " \
+                           "--max-new-tokens sets it)"
+        return budget, ""
+    if not 0 < max_new_tokens < context:
+        default = min(DEFAULT_REPLY_TOKENS, context // 2)
+        raise OpdError(f"--max-new-tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+                       f"{context}: give a value from 1 to {context - 1} (or leave it out: {default})")
+    return max_new_tokens, ""
+
+
 def chat(model: torch.nn.Module, tokenizer, *, temperature: float = 0.7, top_p: float = 1.0,
-         max_new_tokens: int = 256, system: str = "", seed: int = 0, stdin: TextIO | None = None,
+         max_new_tokens: int | None = None, system: str = "", seed: int = 0, stdin: TextIO | None = None,
          stdout: TextIO | None = None) -> int:
     """Read user turns from ``stdin`` (one line each) and write the model's replies to ``stdout``."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     context = getattr(model.config, "max_position_embeddings", 2048)
-    if max_new_tokens >= context:
-        raise OpdError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of {context}")
+    max_new_tokens, said = reply_budget(context, max_new_tokens)
     conversation = Conversation(tokenizer, context, max_new_tokens, system)
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     interactive = stdin.isatty()
     if not tokenizer.chat_template:
         print("(this model has no chat template: each message is answered on its own)", file=stdout)
+    if said:
+        print(said, file=stdout)
     print(HELP, file=stdout)
     while True:
         if interactive:

@@ -354,7 +354,8 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", help="a system message kept at the start of the conversation")
     ch.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
     ch.add_argument("--top-p", type=float, default=1.0)
-    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default 256)")
+    ch.add_argument("--max-new-tokens", type=int, default=None,
+                    help="longest reply in tokens (default: 256, or half the model's context when that is smaller)")
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--device", default="auto")
     ch.set_defaults(func=cmd_chat)
