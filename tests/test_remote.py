@@ -34,8 +34,8 @@ class DropsAChoice(LiveServer):
 
 def test_an_answer_with_a_choice_missing_is_refused(model_dirs, tokenizer):
     with DropsAChoice(model_dirs["teacher"]) as server:
-        with pytest.raises(OpdError) as refused:
-            RemoteTeacher(server.url, model="teacher", retries=0).score(rollouts_of(tokenizer))
+        with RemoteTeacher(server.url, model="teacher", retries=0) as teacher, pytest.raises(OpdError) as refused:
+            teacher.score(rollouts_of(tokenizer))
     assert str(refused.value) == (f"teacher server {server.url} answered 2 choices for 3 prompts (one each expected): "
                                   "is it an OpenAI-compatible completions server?")
 
@@ -75,9 +75,9 @@ def local_scores(model_dirs, tokenizer, rollouts):
 def test_the_remote_teacher_recovers_from_5xx_and_timeouts(model_dirs, tokenizer, misbehaviour):
     rollouts = rollouts_of(tokenizer)
     with Misbehaving(model_dirs["teacher"], fail_first=2, **misbehaviour) as server:
-        teacher = RemoteTeacher(server.url, model="teacher", retries=3, backoff=0.01, timeout=0.5,
-                                rows_per_request=8)
-        scores = teacher.score(rollouts)
+        with RemoteTeacher(server.url, model="teacher", retries=3, backoff=0.01, timeout=0.5,
+                           rows_per_request=8) as teacher:
+            scores = teacher.score(rollouts)
         assert server.completion_calls == 3  # two failures, then the answer
     assert torch.allclose(scores, local_scores(model_dirs, tokenizer, rollouts), atol=1e-5)
 
@@ -85,8 +85,8 @@ def test_the_remote_teacher_recovers_from_5xx_and_timeouts(model_dirs, tokenizer
 def test_retries_run_out_with_the_last_failure_named(model_dirs, tokenizer):
     long_error = "x" * 1000  # an error body is quoted up to 300 characters
     with Misbehaving(model_dirs["teacher"], fail_first=100, status=503, body=long_error) as server:
-        teacher = RemoteTeacher(server.url, model="teacher", retries=2, backoff=0.01, rows_per_request=8)
-        with pytest.raises(OpdError) as stopped:
+        with RemoteTeacher(server.url, model="teacher", retries=2, backoff=0.01, rows_per_request=8) as teacher, \
+                pytest.raises(OpdError) as stopped:
             teacher.score(rollouts_of(tokenizer))
         assert server.completion_calls == 3
     assert str(stopped.value) == (
@@ -99,8 +99,8 @@ def test_retries_run_out_with_the_last_failure_named(model_dirs, tokenizer):
 def test_a_4xx_is_not_retried(model_dirs, tokenizer, status):
     long_error = "y" * 1000  # quoted up to 500 characters
     with Misbehaving(model_dirs["teacher"], fail_first=100, status=status, body=long_error) as server:
-        teacher = RemoteTeacher(server.url, model="teacher", retries=3, backoff=0.01)
-        with pytest.raises(OpdError) as refused:
+        with RemoteTeacher(server.url, model="teacher", retries=3, backoff=0.01) as teacher, \
+                pytest.raises(OpdError) as refused:
             teacher.score(rollouts_of(tokenizer))
         assert server.completion_calls == 1
     assert str(refused.value) == (f"teacher server {server.url}/v1/completions refused the request: HTTP {status}: "
@@ -121,17 +121,18 @@ def listing(**entry):
 ])
 def test_each_connection_check_refuses_with_its_reason(model_dirs, tokenizer, model, served, needed, message):
     with Misbehaving(model_dirs["teacher"], listing=served) as server:
-        with pytest.raises(OpdError, match=message):
-            RemoteTeacher(server.url, model=model, retries=0).connect(tokenizer, needed)
+        with RemoteTeacher(server.url, model=model, retries=0) as teacher, pytest.raises(OpdError, match=message):
+            teacher.connect(tokenizer, needed)
         if served is None:  # the same server passes with a sane request
-            RemoteTeacher(server.url, retries=0).connect(tokenizer, 10)
+            with RemoteTeacher(server.url, retries=0) as teacher:
+                teacher.connect(tokenizer, 10)
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(model_dirs, tokenizer):
     other = build_tokenizer(seed=5, vocab_size=280, operators=2, corpus_lines=200)
     with Misbehaving(model_dirs["teacher"]) as server:
-        with pytest.raises(OpdError) as refused:
-            RemoteTeacher(server.url, retries=0).connect(other, 10)
+        with RemoteTeacher(server.url, retries=0) as teacher, pytest.raises(OpdError) as refused:
+            teacher.connect(other, 10)
     there, here = (t.encode(PROBE_TEXT, add_special_tokens=False)[:12] for t in (tokenizer, other))
     assert str(refused.value) == (
         f"the tokenizer of teacher teacher at {server.url} differs from the student's: a probe text encodes to "
@@ -157,6 +158,7 @@ def test_the_tokenizer_probe_adds_no_special_tokens_on_either_side(model_dirs, t
         probe = [body for path, body in sent if path == "/tokenize"]
         assert probe == [{"model": "teacher", "prompt": PROBE_TEXT, "add_special_tokens": False}]
         served = real_request("POST", "/tokenize", probe[0])["tokens"]
+        teacher.close()
     assert served == bos_tokenizer.encode(PROBE_TEXT, add_special_tokens=False) and served[0] != bos
 
 
@@ -177,9 +179,9 @@ def test_the_defaults_retry_four_times_with_exponential_backoff(tokenizer, monke
     slept = []
     monkeypatch.setattr(opd.http.time, "sleep", slept.append)
     port = free_port()
-    down = RemoteTeacher(f"http://127.0.0.1:{port}/", model="teacher")  # a trailing slash is dropped
-    with pytest.raises(OpdError, match=rf"teacher server http://127.0.0.1:{port} did not answer POST /v1/completions "
-                                       r"after 5 tries; last failure: Connect"):
+    with RemoteTeacher(f"http://127.0.0.1:{port}/", model="teacher") as down, pytest.raises(  # trailing / dropped
+            OpdError, match=rf"teacher server http://127.0.0.1:{port} did not answer POST /v1/completions "
+                            r"after 5 tries; last failure: Connect"):
         down.score(rollouts_of(tokenizer))
     assert slept == [0.5, 1.0, 2.0, 4.0]
 
@@ -191,6 +193,30 @@ def test_rows_go_out_sixteen_to_a_request_and_come_back_in_order(model_dirs, tok
     many = pack_pairs([r[m > 0].tolist() for r, m in zip(rollouts.tokens, rollouts.attention_mask, strict=True)] * 11,
                       [[tokenizer.eos_token_id]] * 33, tokenizer.pad_token_id)  # 33 rows, each a whole sequence
     with Misbehaving(model_dirs["teacher"]) as server:
-        scores = RemoteTeacher(server.url, model="teacher").score(many)
+        with RemoteTeacher(server.url, model="teacher") as teacher:
+            scores = teacher.score(many)
         assert server.completion_calls == 3  # 16 + 16 + 1
     assert torch.allclose(scores, local_scores(model_dirs, tokenizer, many), atol=1e-5)
+
+
+def test_a_run_closes_its_teacher_servers_connections_when_it_ends_or_a_check_refuses(model_dirs, cross_dirs,
+                                                                                       tmp_path, monkeypatch):
+    from conftest import LiveServer, tiny_train_overrides
+    from opd.config import load_config
+    from opd.trainer import train
+
+    made = []
+    real_init = RemoteTeacher.__init__
+    monkeypatch.setattr(RemoteTeacher, "__init__", lambda self, *a, **k: made.append(self) or real_init(self, *a, **k))
+    with LiveServer(model_dirs["teacher"]) as live:
+        train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", steps=1, teacher=live.url)),
+              progress=False)
+        assert len(made) == 1 and made[0].http.client.is_closed
+        with pytest.raises(OpdError, match="exceeds max_prompt_tokens"):  # a check after connecting refuses
+            train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "long", steps=1, teacher=live.url,
+                                                         max_prompt_tokens=3)), progress=False)
+        assert len(made) == 2 and made[1].http.client.is_closed
+    with LiveServer(cross_dirs["teacher"]) as other, pytest.raises(OpdError, match="tokenizer"):  # connect refuses
+        train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "other", steps=1, teacher=other.url)),
+              progress=False)
+    assert len(made) == 3 and made[2].http.client.is_closed

@@ -44,7 +44,7 @@ def assert_each_row_rewarded_for_its_own_prompt(session, rollouts, registry):
     {"method": "opd+rl"},
     {"method": "sft"},  # the teacher samples samples_per_prompt completions of each prompt
     {"method": "opd", "lmbda": 0.0, "seq_kd": "true", "kl": "full"},  # every row off-policy, the teacher's samples
-    {"method": "opd", "lmbda": 0.5, "seq_kd": "true", "kl": "full"},  # GKD's mix: the student's rows, then the teacher's
+    {"method": "opd", "lmbda": 0.5, "seq_kd": "true", "kl": "full"},  # GKD's mix: the student's rows, the teacher's
 ], ids=["rl", "opd+rl", "sft", "seq_kd", "lmbda-mix"])
 def test_every_row_is_rewarded_for_its_own_prompt(model_dirs, tmp_path, extra):
     registry = PairRegistry()

@@ -181,7 +181,7 @@ def probe(config: TrainConfig, steps: int = 3, progress: bool = True) -> dict:
         save_seconds = time.perf_counter() - tick
         if session.rollout_service is not None:  # the probe's adapter leaves the server (opd train pushes its own)
             session.rollout_service.sync.release()
-            session.rollout_service.close()
+        session.close()
         if cuda:
             peak, source = torch.cuda.max_memory_allocated() - base_memory, "torch.cuda.max_memory_allocated"
         else:

@@ -179,6 +179,13 @@ class Session:
         return {"optimizer": distributed.optimizer_state(self.student, self.optimizer),
                 "scheduler": self.scheduler.state_dict()}
 
+    def close(self) -> None:
+        """Close the connections to servers (teachers, the rollout server): once, when the run ends."""
+        if self.teacher_view is not None:
+            self.teacher_view.close()
+        if self.rollout_service is not None:
+            self.rollout_service.close()
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         ids = chat_prompt_ids(self.tokenizer, messages)
         if len(ids) > self.max_prompt_tokens:
@@ -209,7 +216,7 @@ def check_prompts(session: Session) -> None:
 
 
 def route_teachers(session: Session, device: torch.device, dtype: torch.dtype, student_path: str,
-                   context: int) -> None:
+                   context: int, opened: list) -> None:
     """``teachers=``: every named teacher loaded (or connected), each read through its own ``TeacherView``;
     the session's view routes each row to the teacher its prompt names (``teacher=`` for the rest)."""
     from opd.teachers.routed import DEFAULT, RoutedTeacherView, parse_teachers
@@ -220,6 +227,7 @@ def route_teachers(session: Session, device: torch.device, dtype: torch.dtype, s
     for name, spec in parse_teachers(config.teachers).items():
         if spec.startswith(("http://", "https://")):
             teacher = RemoteTeacher(spec, None, api_key=os.environ.get("OPD_TEACHER_API_KEY"))
+            opened.append(teacher)
             teacher.connect(session.tokenizer, context)
             views[name] = TeacherView(teacher, session.tokenizer)
             session.teacher_shapes[name] = None
@@ -262,7 +270,19 @@ def check_off_policy(session: Session) -> None:
 
 def open_session(config: TrainConfig, resume: str | Path | None = None, task: Task | None = None,
                  reward=None) -> Session:
-    """Everything a run needs; ``task`` and ``reward`` are a user's Python objects (``opd.train``)."""
+    """Everything a run needs; ``task`` and ``reward`` are a user's Python objects (``opd.train``). The
+    caller closes it (``Session.close``); when a check refuses, what was connected is closed here."""
+    opened: list = []  # what holds connections (servers' clients), closed if a later check refuses
+    try:
+        return build_session(config, resume, task, reward, opened)
+    except BaseException:
+        for thing in reversed(opened):
+            thing.close()
+        raise
+
+
+def build_session(config: TrainConfig, resume: str | Path | None, task: Task | None, reward,
+                  opened: list) -> Session:
     config.validate()
     check_trackers(config.report_to)
     state = distributed.from_environment(config.dist_timeout, config.device)
@@ -341,6 +361,7 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
         teacher_model = None
         teacher = RemoteTeacher(config.teacher, config.teacher_model or None,
                                 api_key=os.environ.get("OPD_TEACHER_API_KEY"))
+        opened.append(teacher)
         teacher.connect(teacher_tokenizer, max_prompt + config.max_new_tokens,
                         "teacher_tokenizer" if config.teacher_tokenizer else "student")
     else:
@@ -357,12 +378,14 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
 
         rollout_sampler = RemoteSampler(config.sampler, config.sampler_model or None,
                                         api_key=os.environ.get("OPD_SAMPLER_API_KEY"))
+        opened.append(rollout_sampler)
         rollout_sampler.connect(tokenizer, max_prompt + config.max_new_tokens)
     elif config.sampler == "vllm":
         from opd.samplers.colocated import ColocatedSampler
 
         rollout_sampler = ColocatedSampler(student_path, dtype, config.vllm_memory, max_prompt + config.max_new_tokens,
                                            config.seed)
+        opened.append(rollout_sampler)
 
     from opd.trainer import policy_loss
 
@@ -380,7 +403,7 @@ def open_session(config: TrainConfig, resume: str | Path | None = None, task: Ta
         session.teacher_view = TeacherView(teacher, tokenizer, teacher_tokenizer, config.teacher_template,
                                            teacher_path_kind)
     if config.teachers:
-        route_teachers(session, device, dtype, student_path, max_prompt + config.max_new_tokens)
+        route_teachers(session, device, dtype, student_path, max_prompt + config.max_new_tokens, opened)
     if config.sft_data:
         from opd.tasks.jsonl import load_sft_pairs
 

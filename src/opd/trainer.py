@@ -445,8 +445,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         trackers.abort()
         raise
     finally:
-        if session.rollout_service is not None:
-            session.rollout_service.close()
+        session.close()
     summary = {}
     if main:
         runs.save_final(run_dir, session.full_model, session.tokenizer)

@@ -33,6 +33,9 @@ class LocalTeacher:
         self.device = next(model.parameters()).device
         self.head = model.get_output_embeddings()
 
+    def close(self) -> None:
+        """Nothing to release: the model goes with the session."""
+
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         return self.score_with_hidden(rollouts)[0]
 

@@ -28,7 +28,14 @@ class RemoteTeacher:
         self.model = model
 
     def close(self) -> None:
+        """Close the connection pool (a run closes its teachers when it ends, or when a check refuses)."""
         self.http.close()
+
+    def __enter__(self) -> RemoteTeacher:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
     def connect(self, tokenizer, context_needed: int, source: str = "student") -> None:
         """Check the served model before training: its name, context length and tokenizer. ``tokenizer`` is

@@ -39,6 +39,10 @@ class RoutedTeacherView:
     def __init__(self, views: dict[str, TeacherView]) -> None:
         self.views = views
 
+    def close(self) -> None:
+        for view in self.views.values():
+            view.close()
+
     def view(self, name: str | None) -> TeacherView:
         key = name or DEFAULT
         if key not in self.views:

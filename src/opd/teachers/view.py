@@ -103,6 +103,9 @@ class TeacherView:
             self.events = Events(self.student_bytes, self.teacher_bytes, set(student_tokenizer.added_tokens_decoder),
                                  set(self.teacher_tokenizer.added_tokens_decoder))
 
+    def close(self) -> None:
+        self.teacher.close()
+
     @property
     def head(self) -> torch.nn.Module:
         return self.teacher.head
