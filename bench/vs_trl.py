@@ -2,6 +2,7 @@
 
     pip install -e '.[bench]'        # TRL; nothing is installed at import time
     .venv/bin/python bench/vs_trl.py [--pair zoo|wide] [--steps 30] [--repeats 3] [--out FILE]
+                                     [--systems opd-sampled opd-full trl]
 
 The same student, teacher, prompts (each step's prompts x samples, in the same order), batch, max
 completion tokens, learning rate and schedule, temperature 1, float32. opd runs with ``kl=sampled``
@@ -13,7 +14,8 @@ Per run: median seconds per step (the first step and the evaluation step exclude
 trained per second, peak memory (max RSS on CPU, max allocated on CUDA), and after the last step the
 held-out accuracy and per-token reverse KL to the teacher measured by the same code (opd's
 ``evaluate``) for every system. Writes bench/results/vs_trl.json (or --out) with
-``tokens_per_second_ratio`` (opd kl=full / TRL, median over repeats) at the top level.
+``tokens_per_second_ratio`` (opd kl=full / TRL, median over repeats) at the top level (null when
+``--systems`` leaves TRL out). tests/test_bench.py runs a short form (3 steps, a few prompts).
 
 ``--pair wide`` builds a wider untrained pair with the zoo's tokenizer (teacher 4 x 512, student
 4 x 256): speed only, its accuracy means nothing.
@@ -72,13 +74,16 @@ def step_prompts(args) -> list[list[dict]]:
 
 def evaluate_final(model, tokenizer, teacher, args, device) -> dict:
     from opd.evaluation import evaluate
+    from opd.models import load_tokenizer
     from opd.tasks import ArithmeticTask
-    from opd.teachers.local import LocalTeacher
+    from opd.teachers import LocalTeacher, TeacherView
 
     task = ArithmeticTask()
+    teacher_tokenizer = load_tokenizer(args.teacher)
+    # evaluate scores through a TeacherView (score(rollouts, messages) -> Scored), as training reads the teacher
+    view = TeacherView(LocalTeacher(teacher, len(teacher_tokenizer)), tokenizer, teacher_tokenizer)
     result = evaluate(model, tokenizer, task, task.eval_examples(args.eval_examples),
-                      max_new_tokens=args.max_new_tokens, teacher=LocalTeacher(teacher, len(tokenizer)),
-                      seed=args.seed)
+                      max_new_tokens=args.max_new_tokens, teacher=view, seed=args.seed)
     return {"accuracy": result.accuracy, "teacher_kl": result.teacher_kl}
 
 
@@ -176,10 +181,14 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
+                        help="the systems to run (default: all three; the ratios need trl)")
     parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # internal: one run, JSON on stdout
     parser.add_argument("--student", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 3:  # the first step and the last (evaluated) one are not timed
+        parser.error("--steps must be at least 3")
     if args.one:
         print(json.dumps(one(args.one, args)))
         return
@@ -195,24 +204,31 @@ def main() -> None:
                    f"--eval-examples={args.eval_examples}", f"--seed={args.seed}", f"--student={student}",
                    f"--teacher={teacher}"]
     runs: list[dict] = []
+    systems = [system for system in SYSTEMS if system in args.systems]
     for repeat in range(args.repeats):
-        for system in SYSTEMS:
-            done = subprocess.run([sys.executable, __file__, f"--one={system}", *passthrough], check=True,
+        for system in systems:
+            done = subprocess.run([sys.executable, __file__, f"--one={system}", *passthrough],
                                   capture_output=True, text=True)
+            if done.returncode != 0:  # the child's traceback, not only its exit status
+                sys.exit(f"{system} failed (exit {done.returncode}):\n{done.stderr[-8000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             runs.append({"repeat": repeat, **result})
             print(f"repeat {repeat + 1}/{args.repeats} {system:12} {result['median_step_seconds']:.3f} s/step "
                   f"{result['tokens_per_second']:8.0f} tok/s  acc {100 * result['accuracy']:.1f}%  "
                   f"kl {result['teacher_kl']:.3f}  peak {result['peak_memory_mb']:.0f} MB", flush=True)
     table = {}
-    for system in SYSTEMS:
+    for system in systems:
         mine = [r for r in runs if r["system"] == system]
         table[system] = {key: statistics.median(r[key] for r in mine) for key in
                          ("median_step_seconds", "tokens_per_second", "peak_memory_mb", "accuracy", "teacher_kl")}
-    trl = table["trl"]["tokens_per_second"]
+    trl = table["trl"]["tokens_per_second"] if "trl" in table else None
+
+    def ratio(system: str) -> float | None:
+        return table[system]["tokens_per_second"] / trl if trl and system in table else None
+
     summary = {
-        "tokens_per_second_ratio": table["opd-full"]["tokens_per_second"] / trl,
-        "tokens_per_second_ratio_sampled": table["opd-sampled"]["tokens_per_second"] / trl,
+        "tokens_per_second_ratio": ratio("opd-full"),
+        "tokens_per_second_ratio_sampled": ratio("opd-sampled"),
         "pair": args.pair, "student": student, "teacher": teacher, "steps": args.steps, "repeats": args.repeats,
         "prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
         "max_new_tokens": args.max_new_tokens, "lr": args.lr, "device": runs[0]["device"],
@@ -220,8 +236,9 @@ def main() -> None:
     }
     print(f"\n{'system':14}{'s/step':>9}{'tok/s':>9}{'vs TRL':>8}{'peak MB':>9}{'accuracy':>10}{'teacher KL':>12}")
     for system, row in table.items():
+        versus = f"{row['tokens_per_second'] / trl:7.2f}x" if trl else f"{'-':>8}"
         print(f"{system:14}{row['median_step_seconds']:9.3f}{row['tokens_per_second']:9.0f}"
-              f"{row['tokens_per_second'] / trl:7.2f}x{row['peak_memory_mb']:9.0f}{100 * row['accuracy']:9.1f}%"
+              f"{versus}{row['peak_memory_mb']:9.0f}{100 * row['accuracy']:9.1f}%"
               f"{row['teacher_kl']:12.3f}")
     out = args.out or RESULTS / ("vs_trl.json" if args.pair == "zoo" else f"vs_trl_{args.pair}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -165,3 +165,30 @@ def test_unknown_or_missing_trackers_are_refused_before_any_compute(model_dirs, 
     with pytest.raises(OpdError, match=r"report_to=wandb needs the wandb package: pip install 'opd\[wandb\]'"):
         train(load_config(None, tiny_train_overrides(model_dirs, out, report_to="wandb")), progress=False)
     assert not out.exists()
+
+
+def test_mlflow_holds_the_metrics_series_across_a_resume_without_a_server(model_dirs, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    interrupted_then_resumed(model_dirs, out, monkeypatch, report_to="mlflow")
+    state = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert state["uri"] == f"sqlite:///{(out / 'mlflow.db').resolve()}"  # a database in the run directory
+    client = MlflowClient(tracking_uri=state["uri"])
+    run = client.get_run(state["id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert client.get_experiment(run.info.experiment_id).name == "opd"
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # the resume reopened the same run
+    want = expected_series(out)
+    assert {k for k in run.data.metrics if not k.startswith("summary/")} == set(want)
+    for key, steps in want.items():
+        history = client.get_metric_history(state["id"], key)
+        assert sorted(m.step for m in history) == sorted(steps), key  # each step once, across the resume
+        if key != "elapsed" and not key.endswith("_seconds"):  # step 3 ran twice: the first timing is kept
+            assert {m.step: m.value for m in history} == pytest.approx(steps, rel=1e-9), key
+    summary = json.loads((out / "summary.json").read_text())
+    assert run.data.metrics["summary/student_accuracy_after"] == summary["student_accuracy_after"]
+    assert run.data.params["lr"] == "0.01" and run.data.params["report_to"] == "mlflow"
+    assert [a.path for a in client.list_artifacts(state["id"])] == ["curves.png"]

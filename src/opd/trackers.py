@@ -1,11 +1,15 @@
-"""Experiment trackers: ``report_to=tensorboard,wandb,trackio`` logs the series metrics.jsonl holds, at the same
+"""Experiment trackers: ``report_to=tensorboard,wandb,trackio,mlflow`` logs the series metrics.jsonl holds, at the same
 steps, with the config as hyperparameters and the report's plots at the end.
 
 A resumed run continues the same tracker run: TensorBoard's writer purges the steps after the checkpoint
-(they run again), wandb and trackio reopen the run by the id kept in the run directory (``trackers.json``)
-and skip steps they already hold (a resumed run repeats them exactly). Rank 0 alone logs.
+(they run again), wandb, trackio and mlflow reopen the run by the id kept in the run directory
+(``trackers.json``) and skip steps they already hold (a resumed run repeats them exactly). Rank 0 alone logs.
 
-Each tracker is an optional dependency: ``pip install 'opd[tensorboard]'``, ``'opd[wandb]'``, ``'opd[trackio]'``.
+mlflow logs to ``$MLFLOW_TRACKING_URI`` when it is set (a tracking server, or a shared database), else to
+a SQLite database in the run directory (``mlflow.db``, artifacts beside it): no server to start.
+
+Each tracker is an optional dependency: ``pip install 'opd[tensorboard]'``, ``'opd[wandb]'``, ``'opd[trackio]'``,
+``'opd[mlflow]'``.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import importlib.util
 import json
 import numbers
 import os
+import time
 from pathlib import Path
 
 from opd.models import OpdError
 
-TRACKERS = ("tensorboard", "wandb", "trackio")
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+MLFLOW_PARAM_CHARS = 6000  # mlflow refuses a longer parameter value
 STATE_FILE = "trackers.json"
 
 
@@ -115,6 +121,59 @@ class KeyedRun:
         self.run.finish(exit_code=1) if self.name == "wandb" else self.run.finish()
 
 
+class MLflow:
+    """One mlflow run per run directory, found again on resume by the id kept there; steps it already holds
+    are not sent twice. mlflow's client object, not its module-global active run."""
+
+    def __init__(self, run_dir: Path, config: dict, project: str, run_name: str) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.run_dir = run_dir
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        self.client = MlflowClient(tracking_uri=self.uri)
+        state = read_state(run_dir).get("mlflow", {})
+        self.last_step = state.get("last_step", -1)
+        if state.get("id"):
+            self.run_id = state["id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            experiment = self.client.get_experiment_by_name(project)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                project, artifact_location=None if "MLFLOW_TRACKING_URI" in os.environ
+                else (run_dir / "mlflow-artifacts").resolve().as_uri())
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+            params = [Param(key, str(value)[:MLFLOW_PARAM_CHARS]) for key, value in hyperparameters(config).items()]
+            for start in range(0, len(params), 100):  # mlflow takes at most 100 parameters a call
+                self.client.log_batch(self.run_id, params=params[start:start + 100])
+        self.save_state()
+
+    def save_state(self) -> None:
+        write_state(self.run_dir, "mlflow", {"id": self.run_id, "last_step": self.last_step, "uri": self.uri})
+
+    def send(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+    def log(self, record: dict) -> None:
+        if record["step"] <= self.last_step:
+            return
+        self.send(series(record), record["step"])
+        self.last_step = record["step"]
+        self.save_state()
+
+    def finish(self, images: dict[str, Path], summary: dict) -> None:
+        self.send({f"summary/{k}": v for k, v in series(summary).items()}, self.last_step)
+        for path in images.values():
+            self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def abort(self) -> None:
+        self.client.set_terminated(self.run_id, "FAILED")
+
+
 def read_state(run_dir: Path) -> dict:
     path = run_dir / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -136,6 +195,8 @@ class Trackers:
         for name in chosen(report_to):
             if name == "tensorboard":
                 self.open.append(TensorBoard(run_dir, config, purge_from))
+            elif name == "mlflow":
+                self.open.append(MLflow(run_dir, config, project, run_name or run_dir.resolve().name))
             else:
                 self.open.append(KeyedRun(name, run_dir, config, project, run_name or run_dir.resolve().name))
 
