@@ -1,9 +1,10 @@
 """``opd serve MODEL_DIR``: the scoring part of the OpenAI-compatible completions API, shaped as vLLM
 shapes it, so that a client written for one works with the other.
 
-- ``POST /v1/completions``: ``prompt`` as token ids (one list, or a list of lists for a batch),
-  ``max_tokens`` 0 or 1, ``prompt_logprobs`` (vLLM's extension: the log-prob of every prompt token
-  plus the top k), ``echo`` + ``logprobs`` (the OpenAI form).
+- ``POST /v1/completions``: ``prompt`` as token ids (one list, or a list of lists for a batch);
+  ``max_tokens`` 0 or 1 scores, ``prompt_logprobs`` (vLLM's extension: the log-prob of every prompt token
+  plus the top k), ``echo`` + ``logprobs`` (the OpenAI form); any other ``max_tokens`` samples (with
+  ``prompt_logprobs`` too, and ``stop`` strings as vLLM applies them).
 - ``POST /tokenize`` (vLLM's), ``GET /v1/models``, ``GET /health``.
 
 Concurrent requests are queued and scored together: one worker thread drains the queue into a batch
@@ -31,7 +32,9 @@ from opd.server_api import (
     TokenizeRequest,
     UnloadLoraRequest,
     make_choice,
+    prompt_entries,
     sampled_choice,
+    stop_at_string,
     stop_ids,
     validate_prompt,
 )
@@ -102,6 +105,10 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
         message = first.get("msg", "malformed")
         if first.get("type") == "extra_forbidden":
             message = "not a parameter this server implements"
+        prompt = err.body.get("prompt") if isinstance(err.body, dict) else None
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)):
+            where, message = "prompt", ("text prompts are not implemented by this server; send token ids (a list "
+                                        "of ints, or a list of lists for a batch), e.g. from POST /tokenize")
         return error_response(400, f"invalid request: {where or 'body'}: {message}", "invalid_request_error")
 
     @app.middleware("http")
@@ -176,13 +183,26 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
                               eos_id=stops or [-1], pad_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size,
                               generator=generator)
             mask = rollouts.completion_mask > 0
-            return [(rollouts.tokens[b][mask[b]].tolist(), rollouts.sampler_logprobs[b][mask[b]].tolist())
-                    for b in range(len(mask))]
+            drawn = [(rollouts.tokens[b][mask[b]].tolist(), rollouts.sampler_logprobs[b][mask[b]].tolist())
+                     for b in range(len(mask))]
+            # the prompt's log-probs under the same weights (one job: no reload between the two passes)
+            scored = None if body.prompt_logprobs is None else score(module, sequences, body.prompt_logprobs)
+            return drawn, scored
 
-        drawn = await run(new_job("sample", body.model, run=draw), "sampling")
-        choices = [sampled_choice(i, sequences[i // body.n], ids, lps, body, tokenizer, stops, tokenizer.eos_token_id)
-                   for i, (ids, lps) in enumerate(drawn)]
-        return choices, sum(len(ids) for ids, _ in drawn)
+        drawn, scored = await run(new_job("sample", body.model, run=draw), "sampling")
+
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens)
+
+        ended = [stop_at_string(ids, lps, body.stop_strings, decode) for ids, lps in drawn]
+        choices = [sampled_choice(i, sequences[i // body.n], ids, lps, text, hit, body, tokenizer, stops,
+                                  tokenizer.eos_token_id) for i, (ids, lps, text, hit) in enumerate(ended)]
+        if scored is not None:  # vLLM repeats the prompt's log-probs in each of its choices
+            entries = [prompt_entries(seq, res, body.prompt_logprobs, tokenizer.decode)
+                       for seq, res in zip(sequences, scored, strict=True)]
+            for i, choice in enumerate(choices):
+                choice["prompt_logprobs"] = entries[i // body.n]
+        return choices, sum(len(ids) for ids, *_ in ended)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraRequest) -> PlainTextResponse:  # vLLM answers in plain text

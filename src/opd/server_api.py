@@ -53,7 +53,12 @@ class CompletionRequest(BaseModel):
     def sampling(self) -> bool:
         """A generation request, answered by the sampler: anything but scoring (``max_tokens=0``) and one
         greedy token for one prompt (``max_tokens=1, temperature=0, n=1``: the scoring path's next token)."""
-        return self.max_tokens > 0 and not (self.max_tokens == 1 and self.temperature == 0 and self.n == 1)
+        greedy_one = self.max_tokens == 1 and self.temperature == 0 and self.n == 1
+        return self.max_tokens > 0 and not (greedy_one and not self.stop and not self.stop_token_ids)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class LoadLoraRequest(BaseModel):
@@ -90,8 +95,9 @@ class TokenizeRequest(BaseModel):
 def check_sampling(body: CompletionRequest) -> None:
     """Refuse what this server does not honour. It scores (``max_tokens=0``, with ``prompt_logprobs`` or
     ``echo`` + ``logprobs``), extends one prompt by one greedy token with the same log-probs, or samples
-    (``n``, ``temperature``, ``top_p``, ``seed``, ``stop_token_ids``, ``ignore_eos``; the sampled tokens'
-    log-probs, ``logprobs=0``). Neutral values of everything else are accepted."""
+    (``n``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``stop_token_ids``, ``ignore_eos``; the sampled
+    tokens' log-probs, ``logprobs=0``; the prompt's, ``prompt_logprobs``). Neutral values of everything else
+    are accepted."""
 
     def refuse(name: str, why: str) -> None:
         raise ApiError(400, f"{name}={getattr(body, name)!r}: {why}")
@@ -99,8 +105,8 @@ def check_sampling(body: CompletionRequest) -> None:
     if body.max_tokens < 0:
         refuse("max_tokens", "must be at least 0 (0 scores the prompt)")
     if body.stream:
-        refuse("stream", "this server answers in one body; it does not stream")
-    if body.stream_options is not None:
+        refuse("stream", "this server answers in one body; it does not stream: send stream=false")
+    if body.stream_options:  # vLLM's rule: an empty or null stream_options is accepted without stream
         refuse("stream_options", "only valid with stream=true, which this server does not implement")
     if body.n < 1:
         refuse("n", "must be at least 1")
@@ -131,24 +137,21 @@ def check_sampling(body: CompletionRequest) -> None:
         refuse("logit_bias", "not implemented by this server")
     if body.suffix is not None:
         refuse("suffix", "not implemented by this server")
+    if "" in body.stop_strings:
+        refuse("stop", "cannot hold an empty string (vLLM's rule); leave it out for no stop string")
     if not body.sampling:
         if body.n > 1:
             refuse("n", "must be 1 when scoring (max_tokens=0)")
-        if body.max_tokens == 1 and (body.stop or body.stop_token_ids):
-            refuse("stop" if body.stop else "stop_token_ids", "not implemented for one greedy token")
         return
-    for name, asked in (("echo", body.echo), ("prompt_logprobs", body.prompt_logprobs is not None)):
-        if asked:
-            refuse(name, "not returned when sampling: send a scoring request (max_tokens=0) for the prompt's "
-                   "log-probs")
+    if body.echo:
+        refuse("echo", "not implemented when sampling: ask for prompt_logprobs, or send a scoring request "
+               "(max_tokens=0) with echo")
     if body.logprobs not in (None, 0):
         refuse("logprobs", "when sampling, this server returns the sampled token's log-prob only (logprobs=0)")
     if body.top_k not in (None, -1, 0):
         refuse("top_k", "not implemented when sampling; leave it at -1")
     if body.min_p not in (None, 0):
         refuse("min_p", "not implemented when sampling; leave it at 0")
-    if body.stop:
-        refuse("stop", "stop strings are not implemented; use stop_token_ids")
 
 
 def validate_prompt(body: CompletionRequest, vocab_size: int, max_model_len: int) -> list[list[int]]:
@@ -181,15 +184,7 @@ def make_choice(index: int, seq: list[int], res: dict, body: CompletionRequest, 
     if generated is not None:
         choice["text"] = decode([generated])
     if body.prompt_logprobs is not None:
-        entries: list = [None]
-        for t in range(1, len(seq)):
-            entry = {str(seq[t]): {"logprob": res["token_logprobs"][t - 1], "rank": res["ranks"][t - 1],
-                                   "decoded_token": decode([seq[t]])}}
-            for rank, (tid, lp) in enumerate(zip(res["top_ids"][t - 1][: body.prompt_logprobs],
-                                                 res["top_logprobs"][t - 1], strict=False), start=1):
-                entry.setdefault(str(tid), {"logprob": lp, "rank": rank, "decoded_token": decode([tid])})
-            entries.append(entry)
-        choice["prompt_logprobs"] = entries
+        choice["prompt_logprobs"] = prompt_entries(seq, res, body.prompt_logprobs, decode)
     if body.logprobs is not None:
         ids, lps, tops = [], [], []
         if body.echo:
@@ -212,6 +207,20 @@ def make_choice(index: int, seq: list[int], res: dict, body: CompletionRequest, 
     return choice
 
 
+def prompt_entries(seq: list[int], res: dict, k: int, decode) -> list:
+    """vLLM's ``prompt_logprobs``: ``None`` for the first token, then per token a dict from token id to
+    ``{logprob, rank, decoded_token}`` holding the actual token and the top ``k``."""
+    entries: list = [None]
+    for t in range(1, len(seq)):
+        entry = {str(seq[t]): {"logprob": res["token_logprobs"][t - 1], "rank": res["ranks"][t - 1],
+                               "decoded_token": decode([seq[t]])}}
+        for rank, (tid, lp) in enumerate(zip(res["top_ids"][t - 1][:k], res["top_logprobs"][t - 1], strict=False),
+                                         start=1):
+            entry.setdefault(str(tid), {"logprob": lp, "rank": rank, "decoded_token": decode([tid])})
+        entries.append(entry)
+    return entries
+
+
 def top_dict(res: dict, position: int, k: int, decode) -> dict:
     return {decode([tid]): lp for tid, lp in zip(res["top_ids"][position][:k], res["top_logprobs"][position],
                                                   strict=False)}
@@ -229,22 +238,43 @@ def stop_ids(body: CompletionRequest, eos_id: int) -> list[int]:
     return sorted(({eos_id} if not body.ignore_eos else set()) | set(body.stop_token_ids or []))
 
 
-def sampled_choice(index: int, prompt: list[int], completion: list[int], logprobs: list[float],
-                   body: CompletionRequest, tokenizer, stops: list[int], eos_id: int) -> dict:
-    """One sample in vLLM's choice shape. A sample ended by a stop token keeps it (in ``token_ids`` and the
-    log-probs; ``finish_reason`` "stop", ``stop_reason`` the token id, or None for EOS)."""
-    stopped = bool(completion) and completion[-1] in stops
-    choice: dict = {"index": index,
-                    "text": tokenizer.decode(completion, skip_special_tokens=body.skip_special_tokens),
-                    "logprobs": None, "finish_reason": "stop" if stopped else "length",
-                    "stop_reason": completion[-1] if stopped and completion[-1] != eos_id else None}
+def stop_at_string(completion: list[int], logprobs: list[float], stop: list[str], decode):
+    """vLLM's stop strings, applied to a drawn sample: it ends at the first token whose text completes one
+    of ``stop`` (checked in their order), which stays in the tokens and log-probs; its text ends before the
+    stop string. Returns the tokens, their log-probs, the text and the stop string (``None`` if none)."""
+
+    def found(k: int) -> str | None:
+        text = decode(completion[:k])
+        return next((s for s in stop if s in text), None)
+
+    if not stop or found(len(completion)) is None:
+        return completion, logprobs, decode(completion), None
+    low, high = 1, len(completion)  # the first k whose text holds a stop string (a longer prefix holds it too)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if found(middle) is not None else (middle + 1, high)
+    text, hit = decode(completion[:low]), found(low)
+    return completion[:low], logprobs[:low], text[: text.index(hit)], hit
+
+
+def sampled_choice(index: int, prompt: list[int], completion: list[int], logprobs: list[float], text: str,
+                   stop_string: str | None, body: CompletionRequest, tokenizer, stops: list[int], eos_id: int) -> dict:
+    """One sample (as ``stop_at_string`` left it) in vLLM's choice shape. A sample ended by a stop token
+    keeps it (in ``token_ids`` and the log-probs; ``finish_reason`` "stop", ``stop_reason`` the token id, or
+    None for EOS); one ended by a stop string has ``stop_reason`` the string."""
+    stopped = stop_string is not None or (bool(completion) and completion[-1] in stops)
+    reason = stop_string
+    if stop_string is None and stopped and completion[-1] != eos_id:
+        reason = completion[-1]
+    choice: dict = {"index": index, "text": text, "logprobs": None, "finish_reason": "stop" if stopped else "length",
+                    "stop_reason": reason}
     if body.logprobs is not None:
         tokens = ([f"token_id:{t}" for t in completion] if body.return_tokens_as_token_ids
                   else [tokenizer.decode([t]) for t in completion])
         offsets, position = [], 0
-        for text in tokens:
+        for token in tokens:
             offsets.append(position)
-            position += len(text)
+            position += len(token)
         choice["logprobs"] = {"tokens": tokens, "token_logprobs": logprobs,
                               "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs, strict=True)],
                               "text_offset": offsets}
