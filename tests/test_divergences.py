@@ -210,10 +210,24 @@ def test_kl_auto_is_the_exact_kl_in_process_the_top_k_from_a_server_and_sampled_
 
     def resolved(dirs, name, *extra) -> str:
         overrides = [o for o in tiny_train_overrides(dirs, tmp_path / name) if not o.startswith("kl=")]
-        return open_session(load_config(None, overrides + list(extra))).config.kl
+        session = open_session(load_config(None, overrides + list(extra)))
+        session.close()
+        return session.config.kl
 
     assert resolved(model_dirs, "local") == "full"
     assert resolved(cross_dirs, "cross") == "sampled"
     with LiveServer(model_dirs["teacher"]) as live:
         assert resolved(model_dirs, "remote", f"teacher={live.url}") == "topk"
     assert resolved(model_dirs, "several", f"teachers=b={model_dirs['teacher']}") == "topk"
+
+
+def test_the_readmes_real_model_command_says_what_kl_auto_would_choose():
+    # Qwen3-1.7B and Qwen3-8B share one tokenizer and the teacher is in process: what the test above
+    # resolves for model_dirs ("full"); the README must say so next to the command that names kl=sampled
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Running on real models"):readme.index("## Datasets, trackers")]
+    assert "student=Qwen/Qwen3-1.7B teacher=Qwen/Qwen3-8B" in section and "kl=sampled" in section
+    assert "Left out, `kl` is `auto`, which for\nthis pair (one tokenizer, the teacher in process) resolves to " \
+           "`kl=full`" in section
