@@ -25,12 +25,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools examples
 
 # the core modules' functions mutated by `make mutate` (mutmut name patterns; see README, Mutation testing)
-MUTATE := 'opd.losses.*' 'opd.sampler.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.teachers.remote.*' \
+MUTATE := 'opd.losses.*' 'opd.samplers.local.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.teachers.remote.*' \
 	'opd.trainer.x_advantages*' 'opd.trainer.x_policy_loss*' 'opd.trainer.x_update*' \
 	'opd.trainer.x_training_step*' 'opd.trainer.x_step_rollouts*' 'opd.trainer.x_dataset_rollouts*' \
 	'opd.trainer.x_pair_ids*' 'opd.trainer.x_train_examples*' 'opd.trainer.x_midtrain_rollouts*' \
-	'opd.server_api.x_check_sampling*' 'opd.server_api.x_validate_prompt*' 'opd.server_api.x_sampled_choice*' \
-	'opd.server_api.x_stop_ids*' 'opd.server_models.*' 'opd.http.*' 'opd.samplers.remote.*' 'opd.samplers.sync.*' \
+	'opd.server.api.x_check_sampling*' 'opd.server.api.x_validate_prompt*' 'opd.server.api.x_sampled_choice*' \
+	'opd.server.api.x_stop_ids*' 'opd.server.served.*' 'opd.http.*' 'opd.samplers.remote.*' 'opd.samplers.sync.*' \
 	'opd.samplers.service.*' 'opd.divergences.*' 'opd.teachers.routed.*' 'opd.setup.x_restore*' \
 	'opd.experiments.sft_curve.x_log_linear_fit*' 'opd.experiments.sft_curve.x_extrapolate*' \
 	'opd.experiments.sft_curve.x_fit_summary*' 'opd.experiments.sft_curve.x_power10*' \

@@ -11,7 +11,7 @@ import torch
 
 from opd.models import chat_prompt_ids, load_model, load_tokenizer, save_model
 from opd.rollouts import Rollouts, pack_pairs
-from opd.sampler import sample
+from opd.samplers.local import sample
 from opd.server import BackgroundServer, ServerConfig, create_app
 from opd.zoo import GEMMA_STYLE, build_tokenizer, make_model
 

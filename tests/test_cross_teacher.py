@@ -11,7 +11,7 @@ from opd.config import load_config
 from opd.losses import reverse_kl_advantages
 from opd.models import OpdError, chat_prompt_ids, load_model, load_tokenizer, save_model
 from opd.rollouts import pack_pairs
-from opd.sampler import sample
+from opd.samplers.local import sample
 from opd.scoring import head_logprobs
 from opd.setup import open_session
 from opd.teachers import LocalTeacher, RemoteTeacher, TeacherView

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from opd.flops import ModelShape, forward_flops, grouped_forward_flops, sampling_flops, step_flops, training_flops
 from opd.models import chat_prompt_ids
 from opd.rollouts import pack_pairs
-from opd.sampler import sample
+from opd.samplers.local import sample
 from opd.scoring import token_logprobs
 from opd.zoo import make_model
 

@@ -3,7 +3,7 @@ matcher normalises answers the way a reader would."""
 
 import pytest
 
-from opd.ifeval import KINDS, check, follows
+from opd.tasks.ifeval import KINDS, check, follows
 from opd.tasks.jsonl import answer_matches, normalise
 
 CASES = [  # (constraint, responses that satisfy it, responses that do not)

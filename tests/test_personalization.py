@@ -3,10 +3,10 @@
 import json
 import shutil
 
-from opd.ifeval import follows
 from opd.personalization import world
 from opd.personalization.assistant import AssistantConfig, build_assistant
 from opd.personalization.experiment import PersonalizationPlan, run_personalization
+from opd.tasks.ifeval import follows
 
 
 def test_reference_replies_follow_their_instructions_and_splits_are_disjoint():

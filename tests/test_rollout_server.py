@@ -14,7 +14,7 @@ from opd.losses import importance_sampling_loss, sampling_logprobs, truncated_im
 from opd.models import OpdError
 from opd.samplers.remote import RemoteSampler, choice_tokens
 from opd.scoring import token_logprobs
-from opd.server_models import ApiError, ServedModel
+from opd.server.served import ApiError, ServedModel
 from opd.trainer import train
 
 

@@ -3,7 +3,7 @@ import torch
 
 from opd.losses import sampling_logprobs
 from opd.models import chat_prompt_ids
-from opd.sampler import draw, sample
+from opd.samplers.local import draw, sample
 from opd.scoring import token_logprobs
 
 
@@ -122,7 +122,7 @@ def test_a_padded_embedding_never_samples_past_the_tokenizer(tokenizer):
 
 
 def test_the_cache_is_preallocated_for_exactly_what_sampling_reads(tokenizer, tiny_model):
-    from opd.sampler import PreallocatedLayer, generation_cache
+    from opd.samplers.local import PreallocatedLayer, generation_cache
 
     cache = generation_cache(tiny_model, 10)
     assert cache.layers and all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)

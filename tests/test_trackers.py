@@ -14,9 +14,10 @@ import pytest
 from test_trainer import interrupt_at
 
 from conftest import read_jsonl, tiny_train_overrides
+from opd.config import chosen_trackers as chosen
 from opd.config import load_config
 from opd.models import OpdError
-from opd.trackers import chosen, series
+from opd.trackers import series
 from opd.trainer import train
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import sgd_update, tiny_train_overrides, unequal_batch, with_bos
 from opd.config import load_config
 from opd.models import chat_prompt_ids, load_tokenizer, save_model
-from opd.sampler import sample
+from opd.samplers.local import sample
 from opd.setup import open_session
 from opd.tasks.jsonl import epoch_order
 from opd.trainer import advantages, dataset_rollouts, step_rollouts, train_examples, training_step, update

@@ -17,7 +17,7 @@ import torch
 
 from opd.evaluation import completions_text
 from opd.models import OpdError, chat_prompt_ids
-from opd.sampler import sample
+from opd.samplers.local import sample
 
 DEFAULT_REPLY_TOKENS = 256
 HELP = "commands: /reset (forget the conversation), /help, /quit (or end of input)"

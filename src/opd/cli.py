@@ -146,7 +146,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from opd.evaluation import completions_text
     from opd.models import chat_prompt_ids, load_model, load_tokenizer, pick_device, pick_dtype
-    from opd.sampler import sample
+    from opd.samplers.local import sample
     from opd.setup import resolve_model_path
 
     device = pick_device(args.device)

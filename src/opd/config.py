@@ -14,6 +14,17 @@ from pathlib import Path
 
 from opd.models import OpdError
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # report_to= (opd.trackers logs to them)
+
+
+def chosen_trackers(report_to: str) -> list[str]:
+    """``report_to`` as a list of trackers (``none`` or empty: none); unknown names are refused."""
+    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise OpdError(f"config field report_to={report_to!r}: {name!r} is not one of none, {', '.join(TRACKERS)}")
+    return names
+
 
 @dataclass
 class TrainConfig:
@@ -95,7 +106,7 @@ class TrainConfig:
     eval_temperature: float = 1.0  # the sampled accuracy's temperature
     eval_batch: int = 256  # held-out prompts sampled at once (x eval_samples rows): lower it for big models
     save_every: int = 100
-    report_to: str = "none"  # trackers, a comma list: none | tensorboard | wandb | trackio
+    report_to: str = "none"  # trackers, a comma list: none | tensorboard | wandb | trackio | mlflow
     tracker_project: str = "opd"  # the wandb / trackio project
     run_name: str = ""  # the tracker run's name (default: the run directory's)
     seed: int = 0
@@ -170,9 +181,7 @@ class TrainConfig:
                                                 or self.teacher.startswith(("http://", "https://"))):
             raise OpdError("teacher_parallel=fsdp shards an in-process teacher that scores (method opd, rl, opd+rl); "
                            f"method={self.method} with teacher={self.teacher} has none to shard")
-        from opd.trackers import chosen
-
-        chosen(self.report_to)
+        chosen_trackers(self.report_to)
         if self.dist_timeout <= 0:
             raise OpdError(f"config field dist_timeout={self.dist_timeout} must be positive (seconds)")
         if self.train_prompts < 0:

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from opd.models import chat_prompt_ids
-from opd.sampler import sample
+from opd.samplers.local import sample
 from opd.tasks import Example, Task
 
 

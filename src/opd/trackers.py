@@ -21,25 +21,16 @@ import os
 import time
 from pathlib import Path
 
+from opd.config import chosen_trackers
 from opd.models import OpdError
 
-TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 MLFLOW_PARAM_CHARS = 6000  # mlflow refuses a longer parameter value
 STATE_FILE = "trackers.json"
 
 
-def chosen(report_to: str) -> list[str]:
-    """``report_to`` as a list of trackers (``none`` or empty: none); unknown names are refused."""
-    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
-    for name in names:
-        if name not in TRACKERS:
-            raise OpdError(f"config field report_to={report_to!r}: {name!r} is not one of none, {', '.join(TRACKERS)}")
-    return names
-
-
 def check_installed(report_to: str) -> None:
     """Before any compute: every chosen tracker's package (named as the tracker) can be imported."""
-    for name in chosen(report_to):
+    for name in chosen_trackers(report_to):
         if importlib.util.find_spec(name) is None:
             raise OpdError(f"report_to={name} needs the {name} package: pip install 'opd[{name}]'")
 
@@ -192,7 +183,7 @@ class Trackers:
                  run_name: str) -> None:
         """``purge_from``: None for a fresh run; resuming, the first step that runs again (0: started over)."""
         self.open = []
-        for name in chosen(report_to):
+        for name in chosen_trackers(report_to):
             if name == "tensorboard":
                 self.open.append(TensorBoard(run_dir, config, purge_from))
             elif name == "mlflow":

@@ -22,7 +22,7 @@ from opd.flops import mixed_step_flops, step_flops
 from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.models import OpdError
 from opd.rollouts import Rollouts, concat_rollouts, pack_pairs
-from opd.sampler import sample
+from opd.samplers.local import sample
 from opd.samplers.service import check_gap, merge_stats, reweight
 from opd.scoring import completion_row_offsets, full_divergence, token_logprobs, topk_divergence
 from opd.setup import Session, open_session

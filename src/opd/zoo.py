@@ -23,7 +23,7 @@ from opd.evaluation import completions_text, evaluate
 from opd.losses import label_smoothed_nll
 from opd.models import chat_prompt_ids, load_model, load_tokenizer, save_model
 from opd.rollouts import pack_pairs
-from opd.sampler import sample
+from opd.samplers.local import sample
 from opd.scoring import completion_hidden, head_logprobs
 from opd.tasks import ArithmeticTask, step_rng
 from opd.tasks.arithmetic import RETRY, solution_with_retries

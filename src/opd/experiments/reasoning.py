@@ -14,13 +14,12 @@ from pathlib import Path
 
 from opd import runs
 from opd.experiments import check_metric, evals, final_accuracy, on_metric, run_config, run_once, total_flops
+from opd.experiments.reasoning_report import METHODS, write_reasoning_report
 from opd.models import OpdError
 
-METHODS = ("sft", "rl", "opd")
 # 1e-3 (sft, opd) and 3e-4 (rl) were the worst of every measured sweep on the embedded default
 DEFAULT_LRS = {"sft": (3e-4, 6e-4), "rl": (3e-5, 1e-4), "opd": (3e-4, 6e-4)}
 MILESTONES = (0.25, 0.5, 0.8)  # fractions of the student-to-teacher gap reported beside the target
-BLOG = {"compute_vs_sft": "9-30x", "steps_vs_rl": "7-10x"}
 
 
 @dataclass
@@ -142,7 +141,6 @@ def validation_set(task, reported: list, count: int) -> tuple[list, str]:
 def run_reasoning(plan: ReasoningPlan, progress: bool = True) -> dict:
     """Run the sweep, choose each method's rate, carry RL on to its budget, run the fixed-dataset SFT
     curve, write summary.json, the plots and report.md."""
-    from opd.experiments.reasoning_report import write_reasoning_report
     from opd.experiments.sft_curve import fit_summary, run_sft_curve
     from opd.setup import make_task
 

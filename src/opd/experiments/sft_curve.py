@@ -90,7 +90,7 @@ def teacher_dataset(config: TrainConfig, sizes: list[int], directory: Path, prog
     from opd.evaluation import completions_text
     from opd.flops import ModelShape, sampling_flops
     from opd.models import chat_prompt_ids, load_model, load_tokenizer, pick_device, pick_dtype
-    from opd.sampler import sample
+    from opd.samplers.local import sample
     from opd.setup import make_task, resolve_model_path
 
     meta_path = directory / "dataset.json"

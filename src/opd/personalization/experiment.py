@@ -148,7 +148,8 @@ def write_report(out: Path, summary: dict) -> None:
               for name, c in compute.items()]
     lines += ["", "How to read it: internal QA is the share of held-out questions about the documents whose "
               "answer appears in the reply (normalised, whole words); instruction following is the share of "
-              "held-out instruction prompts whose every constraint holds (`opd.ifeval`). Both are greedy; ± is one "
+              "held-out instruction prompts whose every constraint holds (`opd.tasks.ifeval`). Both are greedy; "
+              "± is one "
               "binomial standard error, sqrt(p(1-p)/N), so a difference inside two of them is noise. "
               "The distillation's teacher is the assistant itself, before midtraining.", "",
               f"Wall time {summary['wall_seconds']:.0f} s.", ""]

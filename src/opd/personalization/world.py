@@ -5,7 +5,7 @@ Everything is generated from a seed; words come mostly from the zoo tokenizer's 
 shipped 512-id tokenizer encodes them compactly.
 
 - Chat: a request about a topic ("Write a sentence about the river.") and a reply built from a small
-  grammar. Instruction-following prompts add one or two verifiable constraints (``opd.ifeval``) to a
+  grammar. Instruction-following prompts add one or two verifiable constraints (``opd.tasks.ifeval``) to a
   request; their reference reply satisfies them (checked when generated).
 - Documents: for each staff member of "Quillfield", two short pages stating their team, city, year
   of joining and project, each fact twice in different words. Questions ask for one fact in chat form;
@@ -23,7 +23,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from opd.ifeval import follows
+from opd.tasks.ifeval import follows
 
 TOPICS = ["company", "team", "project", "report", "policy", "meeting", "office", "customer", "product", "plan",
           "budget", "city", "river", "mountain", "staff", "manager"]

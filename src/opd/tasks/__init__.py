@@ -13,7 +13,7 @@ from opd.tasks import arithmetic
 class Example:
     messages: list[dict]  # chat messages; the last one is the user's
     answer: str | None  # what the verifier expects; None when the task has no verifier
-    constraints: tuple = ()  # instruction-following constraints (see opd.ifeval), checked instead of an answer
+    constraints: tuple = ()  # instruction-following constraints (see opd.tasks.ifeval), checked instead of an answer
     completion: str | None = None  # a reference completion, when the data has one (GKD's off-policy part)
     teacher: str | None = None  # the teacher this prompt is distilled from, by its name in teachers= (None: teacher=)
 

@@ -1,6 +1,6 @@
 """A user's prompts from a JSONL file: one object per line, ``{"prompt": ..., "answer": ...}`` or
 ``{"messages": [{"role": ..., "content": ...}, ...], "answer": ...}``; ``answer`` is optional, and
-``constraints`` (a list, see ``opd.ifeval``) may stand in its place for instruction-following prompts.
+``constraints`` (a list, see ``opd.tasks.ifeval``) may stand in its place for instruction-following prompts.
 
 With an answer, a completion is correct when its final answer (the text after its last ``Answer:``,
 else the whole completion) equals the answer or holds it as a run of whole words, both normalised as
@@ -16,9 +16,9 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from opd.ifeval import follows, parse_constraints
 from opd.models import OpdError
 from opd.tasks import Example
+from opd.tasks.ifeval import follows, parse_constraints
 from opd.tasks.sources import DataOptions, StreamRows, is_dataset_spec, open_rows
 
 DEFAULT_OPTIONS = DataOptions()

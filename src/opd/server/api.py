@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from opd.server_models import ApiError
+from opd.server.served import ApiError
 
 MAX_TOP_K = 20
 

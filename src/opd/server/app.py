@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from opd.server_api import (
+from opd.server.api import (
     CompletionRequest,
     LoadLoraRequest,
     ReloadRequest,
@@ -38,7 +38,7 @@ from opd.server_api import (
     stop_ids,
     validate_prompt,
 )
-from opd.server_models import ApiError, Job, ServedModel, Worker, adapter_listing
+from opd.server.served import ApiError, Job, ServedModel, Worker, adapter_listing
 
 __all__ = ["ApiError", "BackgroundServer", "ServerConfig", "create_app", "free_port", "serve"]
 
@@ -170,7 +170,7 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
                           "total_tokens": prompt_tokens + completion_tokens}}
 
     async def sample_request(body: CompletionRequest, sequences: list[list[int]]) -> tuple[list[dict], int]:
-        from opd.sampler import sample
+        from opd.samplers.local import sample
 
         stops = stop_ids(body, tokenizer.eos_token_id)
         temperature = 1.0 if body.temperature is None else float(body.temperature)
