@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 # the core modules' functions mutated by `make mutate` (mutmut name patterns; see README, Mutation testing)
 MUTATE := 'opd.losses.*' 'opd.samplers.local.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.teachers.remote.*' \
-	'opd.trainer.x_advantages*' 'opd.trainer.x_policy_loss*' 'opd.trainer.x_update*' \
+	'opd.objective.*' 'opd.trainer.x_update*' \
 	'opd.trainer.x_training_step*' 'opd.trainer.x_step_rollouts*' 'opd.trainer.x_dataset_rollouts*' \
 	'opd.trainer.x_pair_ids*' 'opd.trainer.x_train_examples*' 'opd.trainer.x_midtrain_rollouts*' \
 	'opd.server.api.x_check_sampling*' 'opd.server.api.x_validate_prompt*' 'opd.server.api.x_sampled_choice*' \

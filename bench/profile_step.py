@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from opd.config import load_config
+from opd.objective import TeacherSignal
 from opd.setup import open_session
-from opd.trainer import advantages, step_rollouts, update
+from opd.trainer import step_rollouts, update
 
 PHASES = ("sampling", "teacher scoring", "student forward+backward", "optimizer")
 
@@ -101,7 +102,7 @@ def main() -> None:
                     rollouts.teacher_logprobs, hidden = session.teacher.score_with_hidden(rollouts)
                 else:
                     rollouts.teacher_logprobs = session.teacher.score(rollouts)
-                rollouts.advantages = advantages(session, rollouts)
+                rollouts.advantages = session.objective.advantages(rollouts)
             optimizer_step = session.optimizer.step
             optimizer_seconds: list[float] = []
 
@@ -113,7 +114,8 @@ def main() -> None:
 
             session.optimizer.step = timed_step
             with phase(clock, totals, "student forward+backward"):
-                update(session, rollouts, hidden, rollouts.num_completion_tokens, step)
+                signal = None if hidden is None else TeacherSignal(hidden=hidden, head=session.teacher.head)
+                update(session, rollouts, signal, rollouts.num_completion_tokens, step)
             session.optimizer.step = optimizer_step
             # the optimizer step is all arithmetic: its wall time counts as inside the model
             totals["student forward+backward"]["wall"][-1] -= optimizer_seconds[0]

@@ -137,16 +137,23 @@ def sgd_update(session, rollouts: Rollouts, step_tokens: int) -> float:
     """Score ``rollouts`` with the session's teacher, take their advantages and apply one update by SGD at
     rate 1 (the weight change is then the gradient itself); ``step_tokens`` counts the whole step's
     completion tokens. Returns the loss."""
-    from opd.trainer import advantages, update
+    from opd.trainer import update
 
     hidden = None
     if session.config.kl == "full":
         rollouts.teacher_logprobs, hidden = session.teacher.score_with_hidden(rollouts)
     else:
         rollouts.teacher_logprobs = session.teacher.score(rollouts)
-    rollouts.advantages = advantages(session, rollouts)
+    rollouts.advantages = session.objective.advantages(rollouts)
     use_sgd(session, lr=1.0)
-    return update(session, rollouts, hidden, step_tokens, step=0)[0]
+    return update(session, rollouts, exact_signal(session, hidden), step_tokens, step=0)[0]
+
+
+def exact_signal(session, hidden):
+    """``kl=full``'s teacher signal from the teacher's hidden states (None stays None)."""
+    from opd.objective import TeacherSignal
+
+    return None if hidden is None else TeacherSignal(hidden=hidden, head=session.teacher.head)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -14,7 +14,7 @@ from opd.config import load_config
 from opd.losses import group_centred_rewards, reverse_kl_advantages
 from opd.scoring import head_logprobs
 from opd.setup import open_session
-from opd.trainer import advantages, step_rollouts, training_step
+from opd.trainer import step_rollouts, training_step
 
 
 def one_prompt_session(dirs, tmp_path, **extra):
@@ -73,7 +73,7 @@ def test_opd_plus_rl_adds_the_group_centred_reward_to_the_sampled_kl(peaked_teac
     # each prompt's three samples: mean 1/3 and 2/3
     centred = torch.tensor([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3])
     expected = kl_part + 0.5 * centred[:, None] * mask
-    assert torch.allclose(advantages(session, rollouts), expected, atol=1e-6)
+    assert torch.allclose(session.objective.advantages(rollouts), expected, atol=1e-6)
     assert torch.allclose(group_centred_rewards(rollouts.rewards, rollouts.prompt_index), centred)
     assert torch.allclose(reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs, mask),
                           kl_part)
@@ -84,16 +84,17 @@ def test_with_temperature_and_top_p_the_ratio_is_exactly_one_before_the_update(m
                                                                                method):
     """The policy that samples is the policy being trained: at the first micro-batch of a step the
     learner's log-prob of every sampled token equals the sampler's recorded one."""
+    import opd.objective
     import opd.trainer
 
     seen = {}
-    real = opd.trainer.importance_sampling_loss
+    real = opd.objective.importance_sampling_loss
 
     def spy(learner, sampler, *args, **kwargs):
         seen.setdefault("pairs", []).append((learner.detach().clone(), sampler.clone(), args[1].clone()))
         return real(learner, sampler, *args, **kwargs)
 
-    monkeypatch.setattr(opd.trainer, "importance_sampling_loss", spy)
+    monkeypatch.setattr(opd.objective, "importance_sampling_loss", spy)
     session = open_session(load_config(None, tiny_train_overrides(
         model_dirs, tmp_path / "run", method=method, kl="sampled", temperature=0.7, top_p=0.8, grad_accum=2,
         max_new_tokens=12)))
@@ -148,7 +149,7 @@ def test_one_cross_entropy_step_lowers_the_nll_of_its_tokens(peaked_teacher, tmp
 def test_opd_plus_rl_with_the_exact_kl_adds_the_reward_term(peaked_teacher, tmp_path):
     """kl=full: the loss of opd+rl is the exact-KL loss of opd plus the importance-sampling loss of the
     group-centred reward, whose value at ratio 1 is -(1/N) sum_t A_t."""
-    from opd.trainer import policy_loss
+    from conftest import exact_signal
 
     sessions = {m: one_prompt_session(peaked_teacher, tmp_path / m, method=m, kl="full", reward_coef=0.5,
                                       prompts_per_step=2, samples_per_prompt=3, max_new_tokens=4)
@@ -156,11 +157,11 @@ def test_opd_plus_rl_with_the_exact_kl_adds_the_reward_term(peaked_teacher, tmp_
     rollouts = unequal_batch(sessions["opd+rl"])  # unequal lengths: the reward term does not cancel
     rollouts.rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
     rollouts.teacher_logprobs, hidden = sessions["opd+rl"].teacher.score_with_hidden(rollouts)
-    rollouts.advantages = advantages(sessions["opd+rl"], rollouts)
+    rollouts.advantages = sessions["opd+rl"].objective.advantages(rollouts)
     n = rollouts.num_completion_tokens
     with torch.no_grad():
-        both = policy_loss(sessions["opd+rl"], rollouts, n, hidden)
-        kl_only = policy_loss(sessions["opd"], rollouts, n, hidden)
+        both = sessions["opd+rl"].loss_module(rollouts, n, exact_signal(sessions["opd+rl"], hidden))
+        kl_only = sessions["opd"].loss_module(rollouts, n, exact_signal(sessions["opd"], hidden))
     reward_term = -(rollouts.advantages * rollouts.completion_mask).sum() / n
     assert reward_term.abs() > 0.01
     assert float(both - kl_only) == pytest.approx(float(reward_term), abs=1e-5)
@@ -175,4 +176,5 @@ def test_the_discount_reaches_the_advantages(model_dirs, tmp_path):
     rollouts.teacher_logprobs = session.teacher.score(rollouts)
     mask = rollouts.completion_mask
     per_token = -(rollouts.sampler_logprobs - rollouts.teacher_logprobs)
-    assert torch.allclose(advantages(session, rollouts), discounted_future_sum(per_token, mask, 0.9), atol=1e-6)
+    assert torch.allclose(session.objective.advantages(rollouts), discounted_future_sum(per_token, mask, 0.9),
+                          atol=1e-6)

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from conftest import read_jsonl, tiny_train_overrides, use_sgd
+from conftest import exact_signal, read_jsonl, tiny_train_overrides, use_sgd
 from opd.config import load_config
 from opd.models import OpdError
 from opd.setup import open_session
 from opd.tasks.jsonl import epoch_order
-from opd.trainer import advantages, midtrain_rollouts, pair_ids, train, update
+from opd.trainer import midtrain_rollouts, pair_ids, train, update
 
 
 def mean(values):
@@ -117,10 +117,10 @@ def test_self_distillation_from_an_identical_teacher_is_a_no_op(model_dirs, tmp_
         rollouts.teacher_logprobs, hidden = session.teacher.score_with_hidden(rollouts)
     else:
         rollouts.teacher_logprobs = session.teacher.score(rollouts)
-    rollouts.advantages = advantages(session, rollouts)
+    rollouts.advantages = session.objective.advantages(rollouts)
     assert rollouts.advantages.abs().max() < 1e-5
     use_sgd(session, lr=1.0)
-    loss, grad_norm = update(session, rollouts, hidden, rollouts.num_completion_tokens, 0)
+    loss, grad_norm = update(session, rollouts, exact_signal(session, hidden), rollouts.num_completion_tokens, 0)
     assert abs(loss) < 1e-5 and grad_norm < 1e-4
     moved = max((session.student.state_dict()[k] - v).abs().max().item() for k, v in before.items())
     assert moved < 1e-4

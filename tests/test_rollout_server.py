@@ -221,18 +221,17 @@ def test_the_update_weights_each_tokens_advantage_by_its_importance_weight(model
     token double the gradient, and weights of 0 on one row remove that row's part."""
     from conftest import unequal_batch
     from opd.setup import open_session
-    from opd.trainer import advantages, policy_loss
 
     config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", method=method))
     session = open_session(config)
     rollouts = unequal_batch(session)
     rollouts.teacher_logprobs = session.teacher.score(rollouts)
-    rollouts.advantages = advantages(session, rollouts)
+    rollouts.advantages = session.objective.advantages(rollouts)
 
     def gradient(weights) -> torch.Tensor:
         session.student.zero_grad()
         rollouts.is_weights = weights
-        policy_loss(session, rollouts, rollouts.num_completion_tokens).backward()
+        session.loss_module(rollouts, rollouts.num_completion_tokens).backward()
         return torch.cat([p.grad.flatten() for p in session.trainable])
 
     plain = gradient(None)
@@ -243,7 +242,7 @@ def test_the_update_weights_each_tokens_advantage_by_its_importance_weight(model
     rollouts.is_weights = None
     alone = rollouts.select(slice(0, 1))
     session.student.zero_grad()
-    policy_loss(session, alone, rollouts.num_completion_tokens).backward()
+    session.loss_module(alone, rollouts.num_completion_tokens).backward()
     expected = torch.cat([p.grad.flatten() for p in session.trainable])
     assert torch.allclose(gradient(first_row_only), expected, rtol=1e-5, atol=1e-10)
     assert not torch.allclose(expected, plain, rtol=1e-2)

@@ -127,18 +127,18 @@ def test_existing_run_directory_is_not_overwritten(model_dirs, tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dirs, tmp_path, monkeypatch):
-    import opd.trainer
+    from opd.objective import Objective
 
     out = tmp_path / "run"
-    real = opd.trainer.policy_loss
+    real = Objective.loss
     calls = {"n": 0}
 
-    def exploding(session, rollouts, num_tokens, teacher_hidden=None):
+    def exploding(self, student, rollouts, num_tokens, signal=None):
         calls["n"] += 1
-        loss = real(session, rollouts, num_tokens, teacher_hidden)
+        loss = real(self, student, rollouts, num_tokens, signal)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(opd.trainer, "policy_loss", exploding)
+    monkeypatch.setattr(Objective, "loss", exploding)
     with pytest.raises(OpdError) as stopped:
         train(load_config(None, tiny_train_overrides(model_dirs, out)), progress=False)
     assert str(stopped.value) == (
@@ -148,7 +148,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dirs,
     assert latest["step"] == 2
     kept = load_file(out / "checkpoints" / "step_000002" / "model.safetensors")
     assert not (out / "final").exists()
-    monkeypatch.setattr(opd.trainer, "policy_loss", real)
+    monkeypatch.setattr(Objective, "loss", real)
     train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "two", steps=2)), progress=False)
     good = load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert kept.keys() == good.keys() and all(torch.equal(kept[k], good[k]) for k in good)  # step 2's weights
@@ -157,10 +157,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dirs,
 def test_an_infinite_loss_with_finite_gradients_also_stops_the_run(model_dirs, tmp_path, monkeypatch):
     """The check covers the loss and the gradient norm each: here only the loss is infinite (a constant
     added to it has no gradient), at the first step, before any checkpoint."""
-    import opd.trainer
+    from opd.objective import Objective
 
-    real = opd.trainer.policy_loss
-    monkeypatch.setattr(opd.trainer, "policy_loss", lambda *args: real(*args) + float("inf"))
+    real = Objective.loss
+    monkeypatch.setattr(Objective, "loss", lambda *args: real(*args) + float("inf"))
     with pytest.raises(OpdError) as stopped:
         train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run")), progress=False)
     assert str(stopped.value).startswith("step 0: non-finite loss (inf) or gradient norm (")

@@ -13,7 +13,7 @@ from opd.models import chat_prompt_ids, load_tokenizer, save_model
 from opd.samplers.local import sample
 from opd.setup import open_session
 from opd.tasks.jsonl import epoch_order
-from opd.trainer import advantages, dataset_rollouts, step_rollouts, train_examples, training_step, update
+from opd.trainer import dataset_rollouts, step_rollouts, train_examples, training_step, update
 
 
 def test_the_prompt_is_the_chat_template_with_its_generation_prompt(model_dirs, tmp_path, tokenizer):
@@ -123,7 +123,7 @@ def test_clipping_bounds_the_gradient_the_optimizer_applies(model_dirs, tmp_path
     session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", grad_clip=1e-3)))
     batch = unequal_batch(session)
     batch.teacher_logprobs = session.teacher.score(batch)
-    batch.advantages = advantages(session, batch)
+    batch.advantages = session.objective.advantages(batch)
     applied = []
     session.optimizer.register_step_pre_hook(
         lambda *_: applied.append(torch.cat([p.grad.flatten() for p in session.trainable]).norm().item()))

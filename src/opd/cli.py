@@ -79,8 +79,8 @@ def cmd_midtrain(args: argparse.Namespace) -> int:
 
 
 def other_tokenizer(config: TrainConfig) -> bool:
-    """Whether the in-process teacher's tokenizer differs from the student's."""
-    if config.teacher.startswith(("http://", "https://")):
+    """Whether the teacher's tokenizer differs from the student's (a served teacher's: ``teacher_tokenizer=``)."""
+    if config.teacher.startswith(("http://", "https://")) and not config.teacher_tokenizer:
         return False
     from opd.models import load_tokenizer
     from opd.setup import resolve_model_path
@@ -97,9 +97,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)  # the config's defaults are the demo's settings
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     config = load_config(None, overrides + [f"out={out}"])
-    if not any(item.startswith("kl=") for item in overrides) and other_tokenizer(config):
-        config.kl = "sampled"  # the exact KL needs one vocabulary; the aligned path scores sampled tokens
-        if not any(item.startswith("lr=") for item in overrides):
+    if config.kl == "auto":  # resolved here, as the run would, to pick the estimator's learning rate
+        from opd.objective import resolve_kl
+
+        config.kl = resolve_kl(config.kl, remote=config.teacher.startswith(("http://", "https://")),
+                               several=bool(config.teachers), aligned=other_tokenizer(config))
+        if config.kl == "sampled" and not any(item.startswith("lr=") for item in overrides):
             config.lr = 3e-4  # the sampled estimator's rate (README: the cross-tokenizer demo, both rates)
     print(f"opd demo: on-policy distillation of {config.student} from {config.teacher} "
           f"({config.steps} steps, kl={config.kl}, lr={config.lr})")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from opd.models import OpdError
 
+DISTILLING = ("opd", "opd+rl")  # methods where a teacher grades the student's tokens
+REWARDED = ("rl", "opd+rl")  # methods where the task's reward enters the advantage
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # report_to= (opd.trackers logs to them)
 
 
@@ -121,6 +123,14 @@ class TrainConfig:
                "sampler_sync": ("auto", "lora", "reload", "nccl"),
                "divergence": ("reverse_kl", "forward_kl", "jsd")}
 
+    @property
+    def distils(self) -> bool:
+        return self.method in DISTILLING
+
+    @property
+    def rewarded(self) -> bool:
+        return self.method in REWARDED
+
     def validate(self) -> None:
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
@@ -157,7 +167,7 @@ class TrainConfig:
         self.validate_sampler()
         if not 0 <= self.beta <= 1:
             raise OpdError(f"config field beta={self.beta} must be in [0, 1] (0: forward KL, 1: reverse KL)")
-        if self.divergence != "reverse_kl" and not (self.kl in ("auto", "full", "topk") and "opd" in self.method):
+        if self.divergence != "reverse_kl" and not (self.kl in ("auto", "full", "topk") and self.distils):
             raise OpdError(f"divergence={self.divergence} compares the two distributions over the vocabulary: it needs "
                            f"kl=full or kl=topk and method opd or opd+rl (kl={self.kl}, method={self.method}); "
                            "kl=sampled estimates the reverse KL from the sampled tokens")

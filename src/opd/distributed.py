@@ -115,15 +115,15 @@ def broadcast(obj, state: Dist):
 
 
 class PolicyLoss(torch.nn.Module):
-    """The student, with the policy loss as its forward: what DDP wraps and FSDP2 shards."""
+    """The student, with the run's loss (``Objective.loss``) as its forward: what DDP wraps and FSDP2 shards."""
 
-    def __init__(self, student: torch.nn.Module, loss_fn) -> None:
+    def __init__(self, student: torch.nn.Module, objective) -> None:
         super().__init__()
         self.student = student
-        self.loss_fn = loss_fn
+        self.objective = objective
 
     def forward(self, *args):
-        return self.loss_fn(*args)
+        return self.objective.loss(self.student, *args)
 
 
 def decoder_layers(student: torch.nn.Module) -> list[torch.nn.Module]:
@@ -133,9 +133,9 @@ def decoder_layers(student: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def wrap(student: torch.nn.Module, loss_fn, parallel: str, state: Dist) -> tuple[torch.nn.Module, torch.nn.Module]:
+def wrap(student: torch.nn.Module, objective, parallel: str, state: Dist) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the module whose forward computes the loss, the full model to sample from and save)."""
-    module = PolicyLoss(student, loss_fn)
+    module = PolicyLoss(student, objective)
     if not state.active:
         return module, student
     if parallel == "ddp":

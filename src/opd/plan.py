@@ -38,6 +38,7 @@ import torch
 
 from opd.config import TrainConfig
 from opd.flops import ModelShape, step_flops
+from opd.objective import resolve_kl
 from opd.scoring import LOGITS_BUDGET
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -138,9 +139,10 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
     per_token = student.layers * activation_values(student.hidden, student.kv_dim, student.intermediate) \
         + 2 * student.hidden
     chunk_rows = min(micro_rows * completion, max(1, LOGITS_BUDGET // student.vocab))
-    kl = config.kl if config.kl != "auto" else "topk" if config.teacher.startswith("http") or config.teachers \
-        else "full"  # what open_session resolves auto to (across tokenizers: sampled, which costs less)
-    logit_copies = 5 if kl == "full" and "opd" in config.method else 3
+    # kl=auto as a run resolves it; opd plan's gather resolved it already where it read both tokenizers
+    kl = resolve_kl(config.kl, remote=config.teacher.startswith(("http://", "https://")),
+                    several=bool(config.teachers), aligned=False)
+    logit_copies = 5 if kl == "full" and config.distils else 3
     teacher_hidden = 0 if teacher is None or kl != "full" else rows * completion * teacher.hidden * b
     eval_rows = min(config.eval_examples, config.eval_batch) * max(config.eval_samples, 1)
     eval_models = [student] + ([teacher] if teacher is not None else [])  # step 0 evaluates the teacher too

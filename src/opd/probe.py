@@ -9,6 +9,7 @@ The probe writes only to a temporary directory; a run directory is never touched
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -19,6 +20,7 @@ import torch
 
 from opd.config import TrainConfig
 from opd.models import OpdError, chat_prompt_ids, load_tokenizer
+from opd.objective import resolve_kl
 from opd.plan import ModelFacts, Plan, check_vocab, make_plan
 from opd.setup import check_teacher_path, make_task, resolve_model_path, teacher_tokenizer_for
 
@@ -74,7 +76,7 @@ def gather(config: TrainConfig, processes: list[int], prompt_tokens: int) -> tup
         checks.append(server_check(config))
         checks.append(("note", "a served teacher's size is unknown here: its memory and FLOPs are not counted"))
     lengths = [prompt_tokens] if prompt_tokens else []
-    tokenizer = None
+    tokenizer, kl = None, config.kl  # kl=auto: resolved below once both tokenizers are read
     if Path(student_path).is_dir() and not any((Path(student_path) / f).is_file() for f in TOKENIZER_FILES):
         checks.append(("note", f"no tokenizer in {student_path}: tokenizer, template and data checks skipped"))
     else:
@@ -93,6 +95,7 @@ def gather(config: TrainConfig, processes: list[int], prompt_tokens: int) -> tup
                 if teacher is not None:
                     checks.append(check_vocab(teacher, teacher_tokenizer, "the teacher"))
                 path = check_teacher_path(config, tokenizer, teacher_tokenizer, student_path, teacher_path)
+                kl = resolve_kl(config.kl, remote=remote, several=bool(config.teachers), aligned=path == "aligned")
                 checks.append(("ok", {"shared": "one tokenizer and one chat template: the teacher reads the "
                                                 "student's tokens", "own": "one tokenizer, the teacher's own chat "
                                                 "template (teacher_template=own)", "aligned": "the tokenizers "
@@ -113,7 +116,8 @@ def gather(config: TrainConfig, processes: list[int], prompt_tokens: int) -> tup
             runnable = False
     if not lengths:
         raise OpdError("without the student's tokenizer the prompts cannot be measured: pass --prompt-tokens N")
-    plan = make_plan(config, student, teacher, (statistics.mean(lengths), max(lengths)), processes, checks)
+    plan = make_plan(dataclasses.replace(config, kl=kl), student, teacher, (statistics.mean(lengths), max(lengths)),
+                     processes, checks)
     return plan, runnable
 
 

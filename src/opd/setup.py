@@ -24,6 +24,7 @@ from opd.models import (
     pick_dtype,
     quiet_peft,
 )
+from opd.objective import Objective, resolve_kl
 from opd.tasks import ArithmeticTask, Example, Task
 from opd.tasks.sources import DataOptions, is_dataset_spec
 from opd.teachers.local import LocalTeacher
@@ -131,7 +132,7 @@ def check_teacher_path(config: TrainConfig, student, teacher, student_path: str,
         return path
     differences = "; ".join(tokenizer_differences(student, teacher))
     where = f"the student ({student_path}) and the teacher ({teacher_path or config.teacher})"
-    if config.kl in ("full", "topk") and "opd" in config.method:
+    if config.kl in ("full", "topk") and config.distils:
         raise OpdError(f"the tokenizers of {where} differ ({differences}). kl={config.kl} compares the two models' "
                        "distributions over one vocabulary: use kl=sampled, which aligns the teacher's tokens "
                        "with the student's on the text (teacher_tokenizer and teacher_template say how the "
@@ -173,6 +174,7 @@ class Session:
     teacher_tokenizer: object = None
     rollout_service: object = None  # samplers.service.RolloutService when a rollout server samples
     teacher_shapes: dict | None = None  # teachers=: each teacher's ModelShape by name ("" for teacher=)
+    objective: Objective | None = None  # what the run optimises: the teacher's part, advantages, loss
 
     def trainer_state(self) -> dict:
         """Optimizer (keyed by parameter name, any world size) and scheduler state; every rank calls it."""
@@ -300,29 +302,25 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
     if remote and config.method == "sft":
         raise OpdError("method=sft has the teacher write the completions, which a scoring server cannot: "
                        "load the teacher in-process")
-    if remote and config.kl == "auto":  # a server sends log-probs, not the whole distribution: its top-k
-        config.kl = "topk"
-        config.validate()
-    if remote and config.kl == "full" and "opd" in config.method:
-        raise OpdError("kl=full needs the teacher's whole distribution, which a server does not send: "
-                       "use kl=topk (the teacher's top-k per position, teacher_topk=20) or kl=sampled with a remote "
-                       "teacher, or load the teacher in-process")
     student_path = resolve_model_path(config.student, "student")
     teacher_path = None if midtrain or remote else resolve_model_path(config.teacher, "teacher")
     tokenizer = load_tokenizer(student_path)
     teacher_tokenizer = None if midtrain else teacher_tokenizer_for(config, tokenizer, teacher_path)
-    if config.kl == "auto":  # the exact KL where one vocabulary allows it, else the sampled estimate
-        aligned = teacher_tokenizer is not None and choose_path(tokenizer, teacher_tokenizer,
-                                                                config.teacher_template) == "aligned"
-        config.kl = "sampled" if aligned else "topk" if config.teachers else "full"
-        config.validate()
+    aligned = teacher_tokenizer is not None and choose_path(tokenizer, teacher_tokenizer,
+                                                            config.teacher_template) == "aligned"
+    config.kl = resolve_kl(config.kl, remote=remote, several=bool(config.teachers), aligned=aligned)
+    config.validate()  # what the resolved kl allows (divergence=, lmbda=)
+    if remote and config.kl == "full" and config.distils:
+        raise OpdError("kl=full needs the teacher's whole distribution, which a server does not send: "
+                       "use kl=topk (the teacher's top-k per position, teacher_topk=20) or kl=sampled with a remote "
+                       "teacher, or load the teacher in-process")
     teacher_path_kind = None if teacher_tokenizer is None else check_teacher_path(
         config, tokenizer, teacher_tokenizer, student_path, teacher_path)
     task = make_task(config, task, reward)
     eval_set = task.eval_examples(config.eval_examples)
     if not eval_set:
         raise OpdError(f"task {task.name} has no held-out prompts; pass eval_file=PATH.jsonl")
-    if "rl" in config.method and any(not ex.verifiable for ex in task.train_examples(0, config.prompts_per_step,
+    if config.rewarded and any(not ex.verifiable for ex in task.train_examples(0, config.prompts_per_step,
                                                                                      config.seed)):
         raise OpdError(f"method={config.method} needs a reward: every training prompt of {task.name} needs an "
                        "'answer' or 'constraints' for the verifier")
@@ -387,9 +385,8 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
                                            config.seed)
         opened.append(rollout_sampler)
 
-    from opd.trainer import policy_loss
-
-    loss_module, full_model = distributed.wrap(student, policy_loss, config.parallel, state)
+    objective = Objective.of(config, len(tokenizer))
+    loss_module, full_model = distributed.wrap(student, objective, config.parallel, state)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(config.beta1, config.beta2),
                                   weight_decay=config.weight_decay)
@@ -398,7 +395,7 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
     session = Session(config, run_dir or Path(), device, tokenizer, student, teacher_model,
                       teacher, task, eval_set, optimizer, scheduler,
                       trainable, vocab_size, max_prompt, dist=state, loss_module=loss_module,
-                      full_model=full_model, teacher_tokenizer=teacher_tokenizer)
+                      full_model=full_model, teacher_tokenizer=teacher_tokenizer, objective=objective)
     if teacher is not None:
         session.teacher_view = TeacherView(teacher, tokenizer, teacher_tokenizer, config.teacher_template,
                                            teacher_path_kind)

@@ -1,6 +1,7 @@
 """The training loop: sample, score, advantages, step, evaluate, log, checkpoint.
 
-``train`` reads top to bottom; ``policy_loss`` is the whole on-policy distillation update.
+``train`` reads top to bottom; ``training_step`` is one step: sample, score, advantages, update (the loss is
+``objective.Objective``).
 """
 
 from __future__ import annotations
@@ -16,60 +17,19 @@ from tqdm import tqdm
 
 from opd import distributed, runs
 from opd.config import TrainConfig
-from opd.divergences import divergence_from_logits
 from opd.evaluation import EvalResult, completions_text, evaluate
 from opd.flops import mixed_step_flops, step_flops
-from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.models import OpdError
+from opd.objective import TeacherSignal
 from opd.rollouts import Rollouts, concat_rollouts, pack_pairs
 from opd.samplers.local import sample
 from opd.samplers.service import check_gap, merge_stats, reweight
-from opd.scoring import completion_row_offsets, full_divergence, token_logprobs, topk_divergence
+from opd.scoring import completion_row_offsets
 from opd.setup import Session, open_session
 from opd.tasks import Example
 from opd.tasks.jsonl import epoch_order
 from opd.teachers.routed import per_teacher_kl, routed_step_flops
 from opd.trackers import Trackers
-
-
-def policy_loss(session: Session, rollouts: Rollouts, num_tokens: int,
-                teacher_hidden: torch.Tensor | tuple | None = None) -> torch.Tensor:
-    """The student's loss on one micro-batch, normalised by the step's completion-token count.
-    ``teacher_hidden``: the teacher's signal at this micro-batch's completion positions: its hidden states
-    (``kl=full``) or its top-k ids and log-probs (``kl=topk``)."""
-    config, student, vocab, mask = session.config, session.student, session.vocab_size, rollouts.completion_mask
-    if config.method in ("sft", "midtrain"):  # cross-entropy on the given (or the teacher's) tokens
-        return -masked_token_mean(token_logprobs(student, rollouts, vocab), mask, num_tokens)
-    loss = torch.zeros(())
-    if config.kl in ("full", "topk") and "opd" in config.method:
-        # the exact divergence over the vocabulary at every visited position (reverse KL: lower variance),
-        # or over the teacher's top-k and a tail bucket
-        if config.kl == "full":
-            kl = full_divergence(student, teacher_hidden, session.teacher_view.head, rollouts, vocab,
-                                 divergence_from_logits(config.divergence, config.beta))
-        else:
-            kl = topk_divergence(student, rollouts, vocab, *teacher_hidden, config.divergence, config.beta)
-        loss = config.kl_coef * masked_token_mean(kl, mask, num_tokens)
-        if config.method == "opd":
-            return loss
-    # the learner's log-probs under the sampling distribution: the ratio is 1 before the update
-    learner_logprobs = token_logprobs(student, rollouts, vocab, config.temperature, config.top_p)
-    return loss + importance_sampling_loss(learner_logprobs, rollouts.sampler_logprobs, rollouts.advantages,
-                                           mask, config.ppo_clip, num_tokens, rollouts.is_weights)
-
-
-def advantages(session: Session, rollouts: Rollouts) -> torch.Tensor:
-    """Per-token signal: the negative sampled reverse KL (opd), the group-centred task reward on every
-    completion token (rl), or their sum (opd+rl; with kl=full the KL enters the loss directly)."""
-    config, mask = session.config, rollouts.completion_mask
-    total = torch.zeros_like(mask)
-    if "opd" in config.method and config.kl == "sampled":
-        total = total + reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs, mask,
-                                              config.kl_coef, config.gamma)
-    if "rl" in config.method:
-        centred = group_centred_rewards(rollouts.rewards, rollouts.prompt_index)
-        total = total + config.reward_coef * centred[:, None] * mask
-    return total
 
 
 def train_examples(session: Session, step: int) -> list[Example]:
@@ -219,7 +179,7 @@ def step_rollouts(session: Session, step: int) -> Rollouts:
     return merged
 
 
-def update(session: Session, rollouts: Rollouts, teacher_hidden: torch.Tensor | tuple | None, step_tokens: int,
+def update(session: Session, rollouts: Rollouts, signal: TeacherSignal | None, step_tokens: int,
            step: int) -> tuple[float, float]:
     """One optimizer step on this rank's rollouts; ``step_tokens`` counts the completion tokens of all
     ranks. Returns (this rank's loss, the gradient norm before clipping)."""
@@ -229,16 +189,14 @@ def update(session: Session, rollouts: Rollouts, teacher_hidden: torch.Tensor | 
     rows = rollouts.tokens.shape[0]
     micro = max(rows // config.grad_accum, 1)
     starts = list(range(0, rows, micro))
-    offsets = completion_row_offsets(rollouts) if teacher_hidden is not None else []
+    offsets = completion_row_offsets(rollouts) if signal is not None else []
     per_rank_tokens = step_tokens / session.dist.world  # DDP and FSDP2 average gradients over ranks
     loss_total = 0.0
     for i, start in enumerate(starts):
-        span = slice(offsets[start], offsets[start + micro]) if offsets else None
-        part_hidden = (None if teacher_hidden is None else tuple(x[span] for x in teacher_hidden)
-                       if isinstance(teacher_hidden, tuple) else teacher_hidden[span])
+        part = signal.rows(slice(offsets[start], offsets[start + micro])) if signal is not None else None
         last = i == len(starts) - 1  # DDP all-reduces once, after the last micro-batch
         with nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync():
-            loss = module(session, rollouts.select(slice(start, start + micro)), per_rank_tokens, part_hidden)
+            loss = module(rollouts.select(slice(start, start + micro)), per_rank_tokens, part)
             loss.backward()
         loss_total += loss.item()
     grad_norm = distributed.local_value(torch.nn.utils.clip_grad_norm_(session.trainable, config.grad_clip)).item()
@@ -261,12 +219,14 @@ def training_step(session: Session, step: int) -> dict:
     sampled = time.perf_counter()
     pushed = session.rollout_service.lap() if session.rollout_service else None  # inside step_rollouts
 
-    teacher_hidden, graded = None, None
-    if "opd" in config.method:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
-        graded = session.teacher_view.score(rollouts, rollouts.extras["messages"], hidden=config.kl == "full",
-                                            topk=config.teacher_topk if config.kl == "topk" else 0)
-        rollouts.teacher_logprobs, teacher_hidden = graded.logprobs, graded.topk or graded.hidden
-    rollouts.advantages = advantages(session, rollouts)
+    objective, signal, graded = session.objective, None, None
+    if objective.distils:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
+        needs = objective.teacher_needs
+        graded = session.teacher_view.score(rollouts, rollouts.extras["messages"], hidden=needs == "distribution",
+                                            topk=config.teacher_topk if needs == "topk" else 0)
+        rollouts.teacher_logprobs = graded.logprobs
+        signal = objective.signal(graded, session.teacher_view.head if needs == "distribution" else None)
+    rollouts.advantages = session.objective.advantages(rollouts)
     scored = time.perf_counter()
 
     mask = rollouts.completion_mask
@@ -308,7 +268,7 @@ def training_step(session: Session, step: int) -> dict:
         check_gap(engine, config.engine_gap_limit, step, session.rollout_service.sampler.url)
     num_tokens = sum(merged["completion_lengths"])
     lr = session.scheduler.get_last_lr()[0]  # the rate this step's update uses
-    loss, grad_norm = update(session, rollouts, teacher_hidden, num_tokens, step)
+    loss, grad_norm = update(session, rollouts, signal, num_tokens, step)
     loss = sum(distributed.all_gather(loss, session.dist)) / session.dist.world
     trained = time.perf_counter()
 

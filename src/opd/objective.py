@@ -1,0 +1,150 @@
+"""What a run optimises, decided once from the config before any compute: what it needs from the
+teacher, the per-token advantages, and the loss of one micro-batch (DESIGN.md's table).
+
+| method | the teacher gives | advantage per token | loss |
+| --- | --- | --- | --- |
+| ``opd``, ``kl=sampled`` | its log-prob of each sampled token | ``-kl_coef (lp_student - lp_teacher)`` | IS / PPO |
+| ``opd``, ``kl=full`` | its whole distribution (hidden states + head) | none | the divergence itself |
+| ``opd``, ``kl=topk`` | its top-k ids and log-probs per position | none | the divergence on the top-k + tails |
+| ``rl`` | nothing | the group-centred task reward | IS / PPO |
+| ``opd+rl`` | as ``opd`` | the sum of the two (the KL part only with ``kl=sampled``) | divergence + IS / PPO |
+| ``sft``, ``midtrain`` | nothing | none | cross-entropy on the given tokens |
+
+IS: the importance-sampling policy gradient. Formulas and sources are in ``losses`` and ``divergences``;
+this module only chooses among them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd.config import DISTILLING, REWARDED
+from opd.divergences import divergence_from_logits
+from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
+from opd.rollouts import Rollouts
+from opd.scoring import full_divergence, token_logprobs, topk_divergence
+
+SUPERVISED = ("sft", "midtrain")  # cross-entropy on given tokens
+
+
+def resolve_kl(kl: str, *, remote: bool, several: bool, aligned: bool) -> str:
+    """``kl=auto``: the sampled estimate when the teacher reads another tokenizer (the alignment scores
+    sampled tokens only), the teacher's top-k when a server sends it (a server sends log-probs, not the
+    whole distribution) or several teachers route rows (each row another head), else the exact KL.
+    Any other value is kept. Setup, ``opd plan`` and ``opd demo`` all resolve it here."""
+    if kl != "auto":
+        return kl
+    if aligned:
+        return "sampled"
+    return "topk" if remote or several else "full"
+
+
+@dataclass
+class TeacherSignal:
+    """The teacher's distribution at a batch's completion positions, in ``scoring.completion_hidden``'s
+    order: its final hidden states and its head (``kl=full``), or its top-k ids and log-probs
+    (``kl=topk``). The sampled tokens' log-probs travel in ``Rollouts.teacher_logprobs``."""
+
+    hidden: torch.Tensor | None = None  # (N, H)
+    head: torch.nn.Module | None = None
+    topk_ids: torch.Tensor | None = None  # (N, k)
+    topk_logprobs: torch.Tensor | None = None  # (N, k)
+
+    def rows(self, span: slice) -> TeacherSignal:
+        """The signal at the completion positions ``span`` (a micro-batch's rows)."""
+        def cut(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[span]
+
+        return TeacherSignal(cut(self.hidden), self.head, cut(self.topk_ids), cut(self.topk_logprobs))
+
+
+@dataclass(frozen=True)
+class Objective:
+    method: str
+    kl: str  # resolved: sampled | full | topk
+    divergence: str = "reverse_kl"
+    beta: float = 0.5
+    kl_coef: float = 1.0
+    reward_coef: float = 1.0
+    gamma: float = 0.0
+    temperature: float = 1.0  # the sampling distribution the importance ratio is taken against
+    top_p: float = 1.0
+    ppo_clip: float = 0.0
+    vocab_size: int = 0  # the tokenizer's ids: a padded head's extra rows are never scored
+
+    @classmethod
+    def of(cls, config, vocab_size: int) -> Objective:
+        return cls(config.method, config.kl, config.divergence, config.beta, config.kl_coef, config.reward_coef,
+                   config.gamma, config.temperature, config.top_p, config.ppo_clip, vocab_size)
+
+    @property
+    def distils(self) -> bool:
+        return self.method in DISTILLING
+
+    @property
+    def rewarded(self) -> bool:
+        return self.method in REWARDED
+
+    @property
+    def supervised(self) -> bool:
+        return self.method in SUPERVISED
+
+    @property
+    def exact(self) -> bool:
+        """The divergence over the vocabulary (or its top-k) enters the loss itself."""
+        return self.distils and self.kl in ("full", "topk")
+
+    @property
+    def teacher_needs(self) -> str:
+        """What the teacher must compute for a step: ``nothing``, ``token_logprobs`` (the sampled tokens'),
+        ``distribution`` (its hidden states, for its head) or ``topk`` (ids and log-probs per position)."""
+        if not self.distils:
+            return "nothing"
+        return {"full": "distribution", "topk": "topk"}.get(self.kl, "token_logprobs")
+
+    def signal(self, scored, head: torch.nn.Module | None) -> TeacherSignal | None:
+        """The loss's part of a teacher's ``Scored`` answer (None when the loss needs none)."""
+        if self.teacher_needs == "distribution":
+            return TeacherSignal(hidden=scored.hidden, head=head)
+        if self.teacher_needs == "topk":
+            return TeacherSignal(topk_ids=scored.topk[0], topk_logprobs=scored.topk[1])
+        return None
+
+    def advantages(self, rollouts: Rollouts) -> torch.Tensor:
+        """(B, T) per-token signal: the negative sampled reverse KL (``opd``, ``kl=sampled``), the
+        group-centred task reward on every completion token (``rl``), or their sum (``opd+rl``)."""
+        mask = rollouts.completion_mask
+        total = torch.zeros_like(mask)
+        if self.distils and self.kl == "sampled":
+            total = total + reverse_kl_advantages(rollouts.sampler_logprobs, rollouts.teacher_logprobs, mask,
+                                                  self.kl_coef, self.gamma)
+        if self.rewarded:
+            centred = group_centred_rewards(rollouts.rewards, rollouts.prompt_index)
+            total = total + self.reward_coef * centred[:, None] * mask
+        return total
+
+    def loss(self, student: torch.nn.Module, rollouts: Rollouts, num_tokens: float,
+             signal: TeacherSignal | None = None) -> torch.Tensor:
+        """The student's loss on one micro-batch, normalised by the step's completion-token count."""
+        mask, vocab = rollouts.completion_mask, self.vocab_size
+        if self.supervised:  # cross-entropy on the given (or the teacher's) tokens
+            return -masked_token_mean(token_logprobs(student, rollouts, vocab), mask, num_tokens)
+        loss = torch.zeros(())
+        if self.exact:
+            # the exact divergence over the vocabulary at every visited position (reverse KL: lower variance),
+            # or over the teacher's top-k and a tail bucket
+            if self.kl == "full":
+                kl = full_divergence(student, signal.hidden, signal.head, rollouts, vocab,
+                                     divergence_from_logits(self.divergence, self.beta))
+            else:
+                kl = topk_divergence(student, rollouts, vocab, signal.topk_ids, signal.topk_logprobs,
+                                     self.divergence, self.beta)
+            loss = self.kl_coef * masked_token_mean(kl, mask, num_tokens)
+            if not self.rewarded:
+                return loss
+        # the learner's log-probs under the sampling distribution: the ratio is 1 before the update
+        learner_logprobs = token_logprobs(student, rollouts, vocab, self.temperature, self.top_p)
+        return loss + importance_sampling_loss(learner_logprobs, rollouts.sampler_logprobs, rollouts.advantages,
+                                               mask, self.ppo_clip, num_tokens, rollouts.is_weights)
