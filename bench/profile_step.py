@@ -25,7 +25,7 @@ import torch
 from opd.config import load_config
 from opd.objective import TeacherSignal
 from opd.setup import open_session
-from opd.trainer import step_rollouts, update
+from opd.trainer import update
 
 PHASES = ("sampling", "teacher scoring", "student forward+backward", "optimizer")
 
@@ -95,7 +95,7 @@ def main() -> None:
                 tokens = []
             session.full_model.eval()
             with phase(clock, totals, "sampling"):
-                rollouts = step_rollouts(session, step)
+                rollouts = session.source.rollouts(step)
             with phase(clock, totals, "teacher scoring"):
                 hidden = None
                 if config.kl == "full":

@@ -387,19 +387,18 @@ def test_the_zoo_second_family_differs_in_every_way_the_issue_names(tokenizer, o
 
 def test_sft_has_a_teacher_with_its_own_template_write_from_its_own_rendering(own_template_dir, model_dirs, tmp_path,
                                                                             monkeypatch):
-    import opd.trainer
-    from opd.trainer import step_rollouts
+    import opd.samplers.sources
 
-    real, asked = opd.trainer.sample, []
+    real, asked = opd.samplers.sources.sample, []
 
     def recording(model, prompts, **kwargs):
         asked.append(prompts)
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(opd.trainer, "sample", recording)
+    monkeypatch.setattr(opd.samplers.sources, "sample", recording)
     dirs = {**model_dirs, "teacher": own_template_dir}
     session = open_session(load_config(None, tiny_train_overrides(dirs, tmp_path / "run", method="sft")))
-    rollouts = step_rollouts(session, 0)
+    rollouts = session.source.rollouts(0)
     theirs = load_tokenizer(own_template_dir)
     assert all("You are a careful teacher." in theirs.decode(p) for p in asked[0])  # the teacher read its own
     examples = session.task.train_examples(0, 4, session.config.seed)

@@ -21,7 +21,6 @@ from opd.models import OpdError
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask
 from opd.tasks.arithmetic import is_eval_expression
-from opd.trainer import train_examples
 
 
 def curve(points):
@@ -69,10 +68,10 @@ def test_validation_split_is_held_out_and_disjoint_from_the_reported_prompts():
 def test_train_prompts_reuses_the_first_steps_prompts(model_dirs, tmp_path):
     config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "r", train_prompts=1, prompts_per_step=3))
     session = open_session(config)
-    prompts = {ex.messages[-1]["content"] for step in range(4) for ex in train_examples(session, step)}
+    prompts = {ex.messages[-1]["content"] for step in range(4) for ex in session.source.prompts.all(step)}
     assert len(prompts) == 1
-    session.config.train_prompts = 0
-    assert len({ex.messages[-1]["content"] for ex in train_examples(session, 1)}) > 1
+    fresh = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "f", prompts_per_step=3)))
+    assert len({ex.messages[-1]["content"] for ex in fresh.source.prompts.all(1)}) > 1
 
 
 def test_reasoning_experiment_end_to_end(model_dirs, tmp_path):

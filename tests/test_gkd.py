@@ -17,25 +17,24 @@ from opd.setup import open_session
 
 def counting_sampler(monkeypatch, session) -> list[str]:
     """Record who samples (``student`` or ``teacher``) at every call of the trainer's sampler."""
-    import opd.trainer
+    import opd.samplers.sources
 
-    calls, real = [], opd.trainer.sample
+    calls, real = [], opd.samplers.sources.sample
 
     def counted(model, *args, **kwargs):
         calls.append("teacher" if model is session.teacher_model else "student")
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(opd.trainer, "sample", counted)
+    monkeypatch.setattr(opd.samplers.sources, "sample", counted)
     return calls
 
 
 def test_off_policy_rows_take_the_datas_completions_and_the_teacher_never_samples(model_dirs, tmp_path, monkeypatch):
-    from opd.trainer import step_rollouts
 
     config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", kl="full", lmbda=0.5))
     session = open_session(config)
     calls = counting_sampler(monkeypatch, session)
-    rollouts = step_rollouts(session, 0)
+    rollouts = session.source.rollouts(0)
     assert calls == ["student"]
     examples = session.task.train_examples(0, 4, config.seed)
     on = rollouts.extras["on_policy"].tolist()
@@ -49,19 +48,21 @@ def test_off_policy_rows_take_the_datas_completions_and_the_teacher_never_sample
 
 
 def test_seq_kd_has_the_teacher_write_the_off_policy_rows(model_dirs, tmp_path, monkeypatch):
-    from opd.trainer import step_rollouts
 
     config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", kl="full", lmbda=0.5,
                                                     seq_kd="true"))
     session = open_session(config)
     calls = counting_sampler(monkeypatch, session)
-    rollouts = step_rollouts(session, 0)
+    rollouts = session.source.rollouts(0)
     assert calls == ["student", "teacher"]
     assert rollouts.extras["on_policy"].tolist() == [True] * 4 + [False] * 4
     assert rollouts.extras["offpolicy"] == {"rows_per_prompt": 2, "teacher_sampled": True}
-    calls.clear()
-    config.seq_kd, config.lmbda = True, 1.0  # nothing off-policy: the teacher's samples would be unused
-    step_rollouts(session, 1)
+    monkeypatch.undo()
+    config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "all-on", kl="full", lmbda=1.0,
+                                                    seq_kd="true"))  # nothing off-policy: no teacher samples
+    session = open_session(config)
+    calls = counting_sampler(monkeypatch, session)
+    session.source.rollouts(1)
     assert calls == ["student"]
 
 
@@ -132,12 +133,11 @@ def test_one_sample_per_prompt_from_the_teacher_is_still_counted_as_its_sampling
     sampling (counted in its FLOPs) even though one row per prompt is also what data completions give."""
     import json
 
-    from opd.trainer import step_rollouts
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Compute {i}+1", "answer": str(i + 1)}) + "\n"
                                for i in range(8)))
     config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", kl="full", lmbda=0.5,
                                                     samples_per_prompt=1, task=prompts, eval_file=prompts))
-    rollouts = step_rollouts(open_session(config), 0)
+    rollouts = open_session(config).source.rollouts(0)
     assert rollouts.extras["offpolicy"] == {"rows_per_prompt": 1, "teacher_sampled": True}

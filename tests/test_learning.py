@@ -14,7 +14,7 @@ from opd.config import load_config
 from opd.losses import group_centred_rewards, reverse_kl_advantages
 from opd.scoring import head_logprobs
 from opd.setup import open_session
-from opd.trainer import step_rollouts, training_step
+from opd.trainer import training_step
 
 
 def one_prompt_session(dirs, tmp_path, **extra):
@@ -65,7 +65,7 @@ def test_one_distillation_step_lowers_the_exact_kl_to_the_teacher(peaked_teacher
 def test_opd_plus_rl_adds_the_group_centred_reward_to_the_sampled_kl(peaked_teacher, tmp_path):
     session = one_prompt_session(peaked_teacher, tmp_path, method="opd+rl", kl="sampled", reward_coef=0.5,
                                  prompts_per_step=2, samples_per_prompt=3, max_new_tokens=4)
-    rollouts = step_rollouts(session, 0)
+    rollouts = session.source.rollouts(0)
     rollouts.teacher_logprobs = session.teacher.score(rollouts)
     rollouts.rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # what each completion scored
     mask = rollouts.completion_mask
@@ -99,8 +99,8 @@ def test_with_temperature_and_top_p_the_ratio_is_exactly_one_before_the_update(m
         model_dirs, tmp_path / "run", method=method, kl="sampled", temperature=0.7, top_p=0.8, grad_accum=2,
         max_new_tokens=12)))
     sampled = []
-    real_rollouts = opd.trainer.step_rollouts
-    monkeypatch.setattr(opd.trainer, "step_rollouts", lambda *a: sampled.append(real_rollouts(*a)) or sampled[-1])
+    real_rollouts = session.source.rollouts
+    monkeypatch.setattr(session.source, "rollouts", lambda *a: sampled.append(real_rollouts(*a)) or sampled[-1])
     training_step(session, 0)
     assert len(seen["pairs"]) == 2  # both micro-batches: the update comes after the last one
     masks = torch.cat([mask for _, _, mask in seen["pairs"]])
@@ -116,7 +116,6 @@ def test_one_cross_entropy_step_lowers_the_nll_of_its_tokens(peaked_teacher, tmp
     log-likelihood of exactly the tokens it trained on, measured afterwards on the same batch."""
     import json
 
-    import opd.trainer
     from opd.scoring import token_logprobs
 
     extra = {"method": method, "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 8}
@@ -127,14 +126,11 @@ def test_one_cross_entropy_step_lowers_the_nll_of_its_tokens(peaked_teacher, tmp
         extra.update(docs=str(docs), doc_tokens=8)
     session = one_prompt_session(peaked_teacher, tmp_path, **extra)
     captured = []
-    real = opd.trainer.step_rollouts
-    opd.trainer.step_rollouts = lambda *a: captured.append(real(*a)) or captured[-1]
-    try:
-        params = session.trainable
-        start = torch.cat([p.detach().flatten() for p in params])
-        training_step(session, 0)
-    finally:
-        opd.trainer.step_rollouts = real
+    real = session.source.rollouts
+    session.source.rollouts = lambda *a: captured.append(real(*a)) or captured[-1]
+    params = session.trainable
+    start = torch.cat([p.detach().flatten() for p in params])
+    training_step(session, 0)
     batch = captured[0]
     step = torch.cat([p.detach().flatten() for p in params]) - start
     with torch.no_grad():
@@ -172,7 +168,7 @@ def test_the_discount_reaches_the_advantages(model_dirs, tmp_path):
 
     session = one_prompt_session(model_dirs, tmp_path, kl="sampled", gamma=0.9, samples_per_prompt=4,
                                  max_new_tokens=5)
-    rollouts = step_rollouts(session, 0)
+    rollouts = session.source.rollouts(0)
     rollouts.teacher_logprobs = session.teacher.score(rollouts)
     mask = rollouts.completion_mask
     per_token = -(rollouts.sampler_logprobs - rollouts.teacher_logprobs)

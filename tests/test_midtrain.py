@@ -9,7 +9,7 @@ from opd.config import load_config
 from opd.models import OpdError
 from opd.setup import open_session
 from opd.tasks.jsonl import epoch_order
-from opd.trainer import midtrain_rollouts, pair_ids, train, update
+from opd.trainer import train, update
 
 
 def mean(values):
@@ -49,7 +49,7 @@ def test_the_mix_takes_its_share_of_chat(model_dirs, tmp_path, docs, chat):
                                                     sft_data=str(chat), chat_fraction=0.5, prompts_per_step=4,
                                                     doc_tokens=8))
     session = open_session(config)
-    rollouts = midtrain_rollouts(session, 0)
+    rollouts = session.source.rollouts(0)
     texts = session.tokenizer.batch_decode(rollouts.tokens)
     assert rollouts.tokens.shape[0] == 4 and sum("<|im_start|>" in t for t in texts) == 2
     assert session.teacher is None and session.teacher_model is None
@@ -66,18 +66,19 @@ def test_each_step_trains_on_its_seeded_documents_and_chats(model_dirs, tmp_path
         session = open_session(config)
         seen = []
         for step in range(3):
-            rollouts = midtrain_rollouts(session, step)
+            rollouts = session.source.rollouts(step)
             rows = zip(rollouts.tokens, rollouts.attention_mask, rollouts.completion_mask, strict=True)
             given = [(r[(a > 0) & (m == 0)].tolist(), r[m > 0].tolist()) for r, a, m in rows]
-            chunks = [session.doc_chunks[i] for i in epoch_order(len(session.doc_chunks), step, 2, seed)]
-            pairs = [pair_ids(session, i) for i in epoch_order(len(session.sft_pairs), step, 2, seed + 1)]
+            chunks = [session.source.chunks[i] for i in epoch_order(len(session.source.chunks), step, 2, seed)]
+            chats = session.source.chats
+            pairs = [chats.ids(i) for i in epoch_order(len(chats.pairs), step, 2, seed + 1)]
             assert given == [([c[0]], c[1:]) for c in chunks] + pairs
             trained = [completion for _, completion in given]
             assert all(completion[-1] == session.tokenizer.eos_token_id for _, completion in pairs)
             seen.append(trained)
         orders[seed] = seen
     assert orders[0] != orders[1]  # the seed picks the order
-    assert session.doc_chunks[-1][-1] == session.tokenizer.eos_token_id  # a document ends with EOS
+    assert session.source.chunks[-1][-1] == session.tokenizer.eos_token_id  # a document ends with EOS
 
 
 @pytest.mark.parametrize("values, message", [
@@ -109,9 +110,8 @@ def test_self_distillation_from_an_identical_teacher_is_a_no_op(model_dirs, tmp_
                                                     teacher=str(model_dirs["student"]), grad_clip=1e9))
     session = open_session(config)
     before = {k: v.clone() for k, v in session.student.state_dict().items()}
-    from opd.trainer import step_rollouts
 
-    rollouts = step_rollouts(session, 0)
+    rollouts = session.source.rollouts(0)
     hidden = None
     if kl == "full":
         rollouts.teacher_logprobs, hidden = session.teacher.score_with_hidden(rollouts)

@@ -12,7 +12,6 @@ from conftest import LiveServer, tiny_train_overrides
 from opd.config import load_config
 from opd.evaluation import completions_text
 from opd.setup import open_session
-from opd.trainer import step_rollouts
 
 
 class PairRegistry:
@@ -51,7 +50,7 @@ def test_every_row_is_rewarded_for_its_own_prompt(model_dirs, tmp_path, extra):
     config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", samples_per_prompt=3,
                                                     temperature=1.0, **extra))
     session = open_session(config, reward=registry)
-    rollouts = step_rollouts(session, 1)
+    rollouts = session.source.rollouts(1)
     assert rollouts.tokens.shape[0] >= 6
     assert_each_row_rewarded_for_its_own_prompt(session, rollouts, registry)
 
@@ -62,7 +61,7 @@ def test_a_rollout_servers_rows_are_rewarded_for_their_own_prompts(model_dirs, t
         config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", samples_per_prompt=3,
                                                         method="rl") + [f"sampler={live.url}"])
         session = open_session(config, reward=registry)
-        rollouts = step_rollouts(session, 1)
+        rollouts = session.source.rollouts(1)
     assert rollouts.tokens.shape[0] == 12 and torch.equal(rollouts.prompt_index,
                                                           torch.arange(4).repeat_interleave(3))
     assert_each_row_rewarded_for_its_own_prompt(session, rollouts, registry)

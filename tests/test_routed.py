@@ -16,7 +16,7 @@ from opd.setup import open_session
 from opd.teachers.local import LocalTeacher
 from opd.teachers.routed import parse_teachers
 from opd.teachers.view import TeacherView
-from opd.trainer import step_rollouts, train
+from opd.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def overrides(model_dirs, two_teachers, out, **extra) -> list[str]:
 
 def test_each_row_is_scored_by_the_teacher_its_prompt_names(model_dirs, two_teachers, tmp_path, tokenizer):
     session = open_session(load_config(None, overrides(model_dirs, two_teachers, tmp_path / "run")))
-    rollouts = step_rollouts(session, 0)
+    rollouts = session.source.rollouts(0)
     names = rollouts.extras["teacher"]
     assert set(names) == {"a", "b"}
     routed = session.teacher_view.score(rollouts, rollouts.extras["messages"], topk=20)

@@ -13,7 +13,7 @@ from opd.models import chat_prompt_ids, load_tokenizer, save_model
 from opd.samplers.local import sample
 from opd.setup import open_session
 from opd.tasks.jsonl import epoch_order
-from opd.trainer import dataset_rollouts, step_rollouts, train_examples, training_step, update
+from opd.trainer import training_step, update
 
 
 def test_the_prompt_is_the_chat_template_with_its_generation_prompt(model_dirs, tmp_path, tokenizer):
@@ -24,8 +24,8 @@ def test_the_prompt_is_the_chat_template_with_its_generation_prompt(model_dirs, 
                 "<|im_start|>assistant\n")
     assert session.prompt_ids(messages) == tokenizer.encode(expected, add_special_tokens=False)
     assert tokenizer.decode(chat_prompt_ids(tokenizer, messages)) == expected
-    example = train_examples(session, 0)[0]
-    rollouts = step_rollouts(session, 0)
+    example = session.source.prompts.all(0)[0]
+    rollouts = session.source.rollouts(0)
     first_prompt = rollouts.tokens[0][(rollouts.attention_mask[0] > 0) & (rollouts.completion_mask[0] == 0)]
     assert tokenizer.decode(first_prompt.tolist()).endswith("<|im_start|>assistant\n")
     assert first_prompt.tolist() == session.prompt_ids(example.messages)
@@ -77,10 +77,11 @@ def test_sft_pairs_train_on_eos_and_no_bos_inside(model_dirs, tmp_path, tokenize
     session = open_session(load_config(None, tiny_train_overrides(
         {**model_dirs, "student": tmp_path / "bos-student"}, tmp_path / "run", method="sft", sft_data=data,
         prompts_per_step=2, max_new_tokens=8)))
-    examples, rollouts = dataset_rollouts(session, 0)
+    rollouts = session.source.rollouts(0)
     eos = tokenizer.eos_token_id
-    for example, row, mask in zip(examples, rollouts.tokens, rollouts.completion_mask, strict=True):
-        text = "= 2" if example.messages[-1]["content"] == "Compute 1+1" else long
+    for messages, row, mask in zip(rollouts.extras["messages"], rollouts.tokens, rollouts.completion_mask,
+                                   strict=True):
+        text = "= 2" if messages[-1]["content"] == "Compute 1+1" else long
         assert row[mask > 0].tolist() == tokenizer.encode(text, add_special_tokens=False)[:7] + [eos]
 
 
@@ -94,10 +95,10 @@ def test_sft_data_is_taken_in_its_seeded_epoch_order(model_dirs, tmp_path):
             model_dirs, tmp_path / f"run{seed}", method="sft", sft_data=data, prompts_per_step=2, seed=seed)))
         taken[seed] = []
         for step in range(4):  # over an epoch boundary
-            examples, rollouts = dataset_rollouts(session, step)
-            expected = [session.sft_pairs[i][0] for i in epoch_order(5, step, 2, seed)]
-            assert examples == expected and rollouts.tokens.shape[0] == 2
-            taken[seed] += [ex.messages[-1]["content"] for ex in examples]
+            rollouts = session.source.rollouts(step)
+            expected = [session.source.pairs[i][0].messages for i in epoch_order(5, step, 2, seed)]
+            assert rollouts.extras["messages"] == expected and rollouts.tokens.shape[0] == 2
+            taken[seed] += [messages[-1]["content"] for messages in expected]
     assert taken[0] != taken[1]
 
 
@@ -135,7 +136,6 @@ def test_clipping_bounds_the_gradient_the_optimizer_applies(model_dirs, tmp_path
 def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp_path, monkeypatch):
     """teacher_kl, train_reward, completion_tokens and the FLOPs of a step's record, recomputed from the
     rollouts the step trained on (captured), with the prompt lengths counted independently."""
-    import opd.trainer
     from opd.flops import step_flops
 
     tokenizer = load_tokenizer(model_dirs["student"])
@@ -144,8 +144,8 @@ def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp
                                                                   tmp_path / "run", max_new_tokens=10)))
     monkeypatch.setattr(session.task, "reward", lambda text, example: float(len(text) % 3))  # rewards of 0, 1, 2
     captured = []
-    real = opd.trainer.step_rollouts
-    monkeypatch.setattr(opd.trainer, "step_rollouts", lambda *a: captured.append(real(*a)) or captured[-1])
+    real = session.source.rollouts
+    monkeypatch.setattr(session.source, "rollouts", lambda *a: captured.append(real(*a)) or captured[-1])
     started = time.perf_counter()
     record = training_step(session, 0)
     wall = time.perf_counter() - started
@@ -169,7 +169,6 @@ def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp
 
 
 def test_a_step_on_given_pairs_counts_each_pair_once_and_no_teacher(model_dirs, tmp_path, monkeypatch):
-    import opd.trainer
     from opd.flops import step_flops
 
     data = tmp_path / "sft.jsonl"
@@ -178,8 +177,8 @@ def test_a_step_on_given_pairs_counts_each_pair_once_and_no_teacher(model_dirs, 
     session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", method="sft",
                                                                   sft_data=data)))
     captured = []
-    real = opd.trainer.step_rollouts
-    monkeypatch.setattr(opd.trainer, "step_rollouts", lambda *a: captured.append(real(*a)) or captured[-1])
+    real = session.source.rollouts
+    monkeypatch.setattr(session.source, "rollouts", lambda *a: captured.append(real(*a)) or captured[-1])
     record = training_step(session, 0)
     mask = captured[0].completion_mask
     prompts = [int(((a > 0) & (m == 0)).sum()) for a, m in zip(captured[0].attention_mask, mask, strict=True)]
@@ -192,14 +191,14 @@ def test_training_prompts_follow_the_seed_and_train_prompts_reuses_step_zeros(mo
     texts = {}
     for seed in (0, 1):
         session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / f"s{seed}", seed=seed)))
-        texts[seed] = [ex.messages[-1]["content"] for ex in train_examples(session, 0)]
-        assert train_examples(session, 3) == session.task.train_examples(3, 4, seed)
+        texts[seed] = [ex.messages[-1]["content"] for ex in session.source.prompts.all(0)]
+        assert session.source.prompts.all(3) == session.task.train_examples(3, 4, seed)
     assert texts[0] != texts[1]
     session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "reuse", train_prompts=3,
                                                                   prompts_per_step=2, seed=1)))
     pool = session.task.train_examples(0, 3, 1)
     for step in range(4):  # each epoch of the pool in its seeded order
-        assert train_examples(session, step) == [pool[i] for i in epoch_order(3, step, 2, 1)]
+        assert session.source.prompts.all(step) == [pool[i] for i in epoch_order(3, step, 2, 1)]
 
 
 def test_sft_samples_come_from_the_teacher_and_opd_samples_from_the_student(model_dirs, tmp_path):
@@ -209,7 +208,7 @@ def test_sft_samples_come_from_the_teacher_and_opd_samples_from_the_student(mode
 
     for method, who in (("sft", "teacher"), ("opd", "student")):
         session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / method, method=method)))
-        rollouts = step_rollouts(session, 0)
+        rollouts = session.source.rollouts(0)
         model = session.teacher_model if who == "teacher" else session.full_model
         with torch.no_grad():
             own = token_logprobs(model, rollouts, session.vocab_size)

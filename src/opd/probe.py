@@ -183,8 +183,7 @@ def probe(config: TrainConfig, steps: int = 3, progress: bool = True) -> dict:
         tick = time.perf_counter()
         runs.save_checkpoint(session.run_dir, steps + 1, session.full_model, session.tokenizer, session.trainer_state())
         save_seconds = time.perf_counter() - tick
-        if session.rollout_service is not None:  # the probe's adapter leaves the server (opd train pushes its own)
-            session.rollout_service.sync.release()
+        session.source.release()  # the probe's adapter leaves a rollout server (opd train pushes its own)
         session.close()
         if cuda:
             peak, source = torch.cuda.max_memory_allocated() - base_memory, "torch.cuda.max_memory_allocated"

@@ -17,7 +17,6 @@ from opd.flops import ModelShape
 from opd.models import (
     OpdError,
     add_lora,
-    chat_prompt_ids,
     load_model,
     load_tokenizer,
     pick_device,
@@ -25,6 +24,20 @@ from opd.models import (
     quiet_peft,
 )
 from opd.objective import Objective, resolve_kl
+from opd.samplers.sources import (
+    DataPairs,
+    Documents,
+    Draw,
+    InProcess,
+    Mixed,
+    OffPolicy,
+    Prompter,
+    Rewards,
+    RolloutSource,
+    Sampled,
+    Served,
+    StepPrompts,
+)
 from opd.tasks import ArithmeticTask, Example, Task
 from opd.tasks.sources import DataOptions, is_dataset_spec
 from opd.teachers.local import LocalTeacher
@@ -165,14 +178,13 @@ class Session:
     last_checkpoint: Path | None = None
     student_shape: ModelShape | None = None
     teacher_shape: ModelShape | None = None  # None for a teacher behind a server
-    sft_pairs: list = field(default_factory=list)  # method=sft with sft_data: (Example, completion)
-    doc_chunks: list = field(default_factory=list)  # method=midtrain: token-id chunks of the documents
     dist: distributed.Dist = field(default_factory=distributed.Dist)
     loss_module: torch.nn.Module | None = None  # forward = policy loss; DDP- or FSDP2-wrapped under torchrun
     full_model: torch.nn.Module | None = None  # the whole student to sample from, evaluate and save
     teacher_view: TeacherView | None = None  # how the teacher reads the student's rollouts (its template, tokens)
     teacher_tokenizer: object = None
-    rollout_service: object = None  # samplers.service.RolloutService when a rollout server samples
+    source: RolloutSource | None = None  # where each step's rows come from (samplers.sources)
+    prompter: Prompter | None = None  # a conversation as the student's prompt ids, within the context
     teacher_shapes: dict | None = None  # teachers=: each teacher's ModelShape by name ("" for teacher=)
     objective: Objective | None = None  # what the run optimises: the teacher's part, advantages, loss
 
@@ -185,18 +197,11 @@ class Session:
         """Close the connections to servers (teachers, the rollout server): once, when the run ends."""
         if self.teacher_view is not None:
             self.teacher_view.close()
-        if self.rollout_service is not None:
-            self.rollout_service.close()
+        if self.source is not None:
+            self.source.close()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = chat_prompt_ids(self.tokenizer, messages)
-        if len(ids) > self.max_prompt_tokens:
-            if not self.config.truncate_prompts:
-                raise OpdError(f"a prompt of {len(ids)} tokens exceeds max_prompt_tokens="
-                               f"{self.max_prompt_tokens} (context minus max_new_tokens): shorten it, "
-                               f"lower max_new_tokens, or set truncate_prompts=true to keep its end")
-            ids = ids[-self.max_prompt_tokens:]
-        return ids
+        return self.prompter.ids(messages)
 
 
 def document_chunks(path: str, tokenizer, length: int, options: DataOptions) -> list[list[int]]:
@@ -395,20 +400,22 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
     session = Session(config, run_dir or Path(), device, tokenizer, student, teacher_model,
                       teacher, task, eval_set, optimizer, scheduler,
                       trainable, vocab_size, max_prompt, dist=state, loss_module=loss_module,
-                      full_model=full_model, teacher_tokenizer=teacher_tokenizer, objective=objective)
+                      full_model=full_model, teacher_tokenizer=teacher_tokenizer, objective=objective,
+                      prompter=Prompter(tokenizer, max_prompt, config.truncate_prompts))
     if teacher is not None:
         session.teacher_view = TeacherView(teacher, tokenizer, teacher_tokenizer, config.teacher_template,
                                            teacher_path_kind)
     if config.teachers:
         route_teachers(session, device, dtype, student_path, max_prompt + config.max_new_tokens, opened)
+    pairs, chunks = [], []
     if config.sft_data:
         from opd.tasks.jsonl import load_sft_pairs
 
-        session.sft_pairs = load_sft_pairs(config.sft_data, DataOptions.of(config))
-        for example, _ in session.sft_pairs:
+        pairs = load_sft_pairs(config.sft_data, DataOptions.of(config))
+        for example, _ in pairs:
             session.prompt_ids(example.messages)
     if midtrain:
-        session.doc_chunks = document_chunks(config.docs, tokenizer, config.doc_tokens, DataOptions.of(config))
+        chunks = document_chunks(config.docs, tokenizer, config.doc_tokens, DataOptions.of(config))
     check_off_policy(session)
     session.student_shape = ModelShape.of(full_model)
     session.teacher_shape = ModelShape.of(teacher_model) if teacher_model is not None else None
@@ -418,6 +425,7 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
         session.run_dir = Path(distributed.broadcast(str(runs.new_run_dir(config)) if state.main else None, state))
     else:
         restore(session, checkpoint)
+    service = None
     if rollout_sampler is not None:
         from opd.samplers.service import RolloutService
         from opd.samplers.sync import make_sync
@@ -429,8 +437,46 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
             sync = ColocatedSync(rollout_sampler)
         else:
             sync = make_sync(config.sync_kind, rollout_sampler, directory, f"opd-{session.run_dir.name}")
-        session.rollout_service = RolloutService(rollout_sampler, sync)
+        service = RolloutService(rollout_sampler, sync)
+    session.source = rollout_source(session, service, pairs, chunks)
     return session
+
+
+def rollout_source(session: Session, service, pairs: list, chunks: list[list[int]]) -> RolloutSource:
+    """Where the run's rows come from (``samplers.sources``): documents (midtraining), data pairs
+    (``sft_data``), or samples of the task's prompts, by the student in process or on a rollout server (the
+    teacher for ``method=sft``), mixed with GKD's off-policy rows when ``lmbda < 1``."""
+    config, tokenizer, device, rank = session.config, session.tokenizer, session.device, session.dist.rank
+    rewards = Rewards(tokenizer, session.task)
+    data = DataPairs(pairs, config.prompts_per_step, session.prompter, config.max_new_tokens, config.seed, rewards,
+                     session.dist, device)
+    if config.method == "midtrain":
+        return Documents(chunks, data, config.prompts_per_step, config.chat_fraction, config.seed, session.dist,
+                         device)
+    if pairs:
+        return data
+    draw = Draw(config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p, config.seed)
+    prompts = StepPrompts(session.task, config.prompts_per_step, config.train_prompts, config.seed, session.dist,
+                          config.lmbda if config.method == "opd" else 1.0)
+    view = session.teacher_view
+
+    def teacher(seed_offset: int) -> InProcess:  # the teacher in its own template when its view reads one
+        own = view is not None and view.path == "own"
+        return InProcess(session.teacher_model, session.prompter, draw, session.vocab_size, device, rank, seed_offset,
+                         view.teacher_prompt if own else None)
+
+    if service is not None:
+        on = Served(service, prompts, session.prompter, draw, rewards, session.full_model, session.vocab_size,
+                    config.tis_cap, config.steps, bool(config.async_rollouts), device)
+    elif config.method == "sft":  # the teacher writes the completions
+        on = Sampled(prompts, teacher(0), rewards)
+    else:
+        on = Sampled(prompts, InProcess(session.full_model, session.prompter, draw, session.vocab_size, device, rank),
+                     rewards)
+    if prompts.on_policy_share == 1.0:
+        return on
+    off = OffPolicy(prompts, teacher(104_729), session.prompter, rewards, config.seq_kd)  # not the student's draws
+    return Mixed(on, off, tokenizer.pad_token_id, device)
 
 
 def restore(session: Session, checkpoint: tuple[int, Path] | None) -> None:

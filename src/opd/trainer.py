@@ -17,166 +17,17 @@ from tqdm import tqdm
 
 from opd import distributed, runs
 from opd.config import TrainConfig
-from opd.evaluation import EvalResult, completions_text, evaluate
+from opd.evaluation import EvalResult, evaluate
 from opd.flops import mixed_step_flops, step_flops
 from opd.models import OpdError
 from opd.objective import TeacherSignal
-from opd.rollouts import Rollouts, concat_rollouts, pack_pairs
-from opd.samplers.local import sample
-from opd.samplers.service import check_gap, merge_stats, reweight
+from opd.rollouts import Rollouts
+from opd.samplers.service import check_gap, merge_stats
 from opd.scoring import completion_row_offsets
 from opd.setup import Session, open_session
 from opd.tasks import Example
-from opd.tasks.jsonl import epoch_order
 from opd.teachers.routed import per_teacher_kl, routed_step_flops
 from opd.trackers import Trackers
-
-
-def train_examples(session: Session, step: int) -> list[Example]:
-    """The step's prompts (all ranks'): a fresh draw from the task, or with ``train_prompts=N`` the N
-    prompts of step 0 reused in a reshuffled cycle (the blog's data-reuse experiment uses N=1)."""
-    config, task = session.config, session.task
-    if not config.train_prompts:
-        return task.train_examples(step, config.prompts_per_step, config.seed)
-    pool = task.train_examples(0, config.train_prompts, config.seed)
-    return [pool[i] for i in epoch_order(len(pool), step, config.prompts_per_step, config.seed)]
-
-
-def pair_ids(session: Session, index: int) -> tuple[list[int], list[int]]:
-    """``sft_data`` pair ``index`` as token ids: the chat-rendered prompt, and the completion cut to
-    ``max_new_tokens - 1`` tokens with EOS appended."""
-    example, text = session.sft_pairs[index]
-    return session.prompt_ids(example.messages), completion_ids(session, text)
-
-
-def completion_ids(session: Session, text: str) -> list[int]:
-    """A given completion as token ids: cut to ``max_new_tokens - 1`` tokens, EOS appended."""
-    tokenizer = session.tokenizer
-    return tokenizer.encode(text, add_special_tokens=False)[: session.config.max_new_tokens - 1] + [
-        tokenizer.eos_token_id]
-
-
-def dataset_rollouts(session: Session, step: int) -> tuple[list[Example], Rollouts]:
-    """method=sft with sft_data: this rank's (prompt, completion) pairs of the step."""
-    config = session.config
-    order = epoch_order(len(session.sft_pairs), step, config.prompts_per_step, config.seed)
-    mine = distributed.shard(order, session.dist)
-    pairs = [pair_ids(session, i) for i in mine]
-    rollouts = pack_pairs([p for p, _ in pairs], [c for _, c in pairs], session.tokenizer.pad_token_id)
-    return [session.sft_pairs[i][0] for i in mine], rollouts.to(session.device)
-
-
-def midtrain_rollouts(session: Session, step: int) -> Rollouts:
-    """method=midtrain: this rank's share of the step's document chunks (each chunk's first token is its
-    prompt, the rest is trained on) and, with ``chat_fraction``, chat pairs from ``sft_data``."""
-    config = session.config
-    chats = round(config.prompts_per_step * config.chat_fraction)
-    docs = epoch_order(len(session.doc_chunks), step, config.prompts_per_step - chats, config.seed)
-    pairs = epoch_order(len(session.sft_pairs), step, chats, config.seed + 1) if chats else []
-    # document chunks are token lists, chat pairs indices into sft_data; each rank encodes only its own
-    mine = distributed.shard([session.doc_chunks[i] for i in docs] + pairs, session.dist)
-    rows = [([item[0]], item[1:]) if isinstance(item, list) else pair_ids(session, item) for item in mine]
-    rollouts = pack_pairs([p for p, _ in rows], [c for _, c in rows], session.tokenizer.pad_token_id)
-    rollouts.rewards = torch.zeros(len(rows))
-    return rollouts.to(session.device)
-
-
-def split_on_policy(config, examples: list[Example]) -> tuple[list[Example], list[Example]]:
-    """GKD's ``lmbda``: the first ``round(lmbda * n)`` of this rank's prompts are answered by the student, the
-    rest are off-policy (their completions come from the data or the teacher)."""
-    count = round(config.lmbda * len(examples)) if config.method == "opd" else len(examples)
-    return examples[:count], examples[count:]
-
-
-def sampled_rollouts(session: Session, examples: list[Example], step: int, teacher: bool) -> Rollouts:
-    """This rank's samples for ``examples``, ``samples_per_prompt`` each, drawn in process by the student or
-    the teacher (reading the prompts as it was trained to: its own template, then re-packed after the
-    student's rendering)."""
-    config, tokenizer = session.config, session.tokenizer
-    prompts = [session.prompt_ids(ex.messages) for ex in examples]
-    own = teacher and session.teacher_view.path == "own"
-    seed = config.seed * 1_000_003 + step + session.dist.rank * 7_919_000_003  # rank 0: as one process
-    if teacher and config.method != "sft":
-        seed += 104_729  # the teacher's draws are not the student's
-    rollouts = sample(session.teacher_model if teacher else session.full_model,
-                      [session.teacher_view.teacher_prompt(ex.messages) for ex in examples] if own else prompts,
-                      samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
-                      temperature=config.temperature, top_p=config.top_p, eos_id=tokenizer.eos_token_id,
-                      pad_id=tokenizer.pad_token_id, vocab_size=session.vocab_size,
-                      generator=torch.Generator(session.device).manual_seed(seed))
-    if own:  # the student trains on the teacher's completion after its own rendering of the prompt
-        groups = rollouts.prompt_index
-        rollouts = pack_pairs([p for p in prompts for _ in range(config.samples_per_prompt)],
-                              rollouts.completion_ids(), tokenizer.pad_token_id).to(session.device)
-        rollouts.prompt_index = groups.to(session.device)
-    return rollouts
-
-
-def off_policy_rollouts(session: Session, examples: list[Example], step: int) -> Rollouts:
-    """GKD's off-policy part: each prompt's reference completion from the data (one row), or with
-    ``seq_kd`` (or when a prompt has none) ``samples_per_prompt`` of the teacher's samples, with rewards;
-    ``extras["offpolicy"]`` says which. The teacher samples only here, when these rows need it."""
-    config = session.config
-    teacher = config.seq_kd or any(not ex.completion for ex in examples)
-    if teacher:
-        rollouts, per_prompt = sampled_rollouts(session, examples, step, teacher=True), config.samples_per_prompt
-    else:
-        rollouts = pack_pairs([session.prompt_ids(ex.messages) for ex in examples],
-                              [completion_ids(session, ex.completion) for ex in examples],
-                              session.tokenizer.pad_token_id).to(session.device)
-        per_prompt = 1
-    rollouts = with_rewards(session, rollouts, examples, per_prompt)
-    rollouts.extras["offpolicy"] = {"rows_per_prompt": per_prompt, "teacher_sampled": teacher}
-    return rollouts
-
-
-def with_rewards(session: Session, rollouts: Rollouts, examples: list[Example], per_prompt: int) -> Rollouts:
-    """The conversation each row answers (``extras["messages"]``) and each completion's task reward."""
-    texts = completions_text(session.tokenizer, rollouts.completion_ids())
-    repeated = [ex for ex in examples for _ in range(per_prompt)]
-    rollouts.extras["messages"] = [ex.messages for ex in repeated]
-    rollouts.extras["teacher"] = [ex.teacher or "" for ex in repeated]  # teachers=: who scores each row
-    rollouts.rewards = torch.tensor([session.task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True)],
-                                    device=rollouts.tokens.device)
-    return rollouts
-
-
-def step_rollouts(session: Session, step: int) -> Rollouts:
-    """This rank's share of the step: sampled by the student (the teacher for sft), with rewards; with
-    ``lmbda < 1`` its off-policy rows after the student's (``extras["on_policy"]`` tells them apart)."""
-    config = session.config
-    if config.method == "midtrain":
-        return midtrain_rollouts(session, step)
-    if session.sft_pairs:
-        examples, rollouts = dataset_rollouts(session, step)
-        return with_rewards(session, rollouts, examples, 1)
-
-    def mine(at: int) -> list[Example]:
-        return distributed.shard(train_examples(session, at), session.dist)
-
-    examples, off = split_on_policy(config, mine(step))
-    rollouts = None
-    if not examples:
-        pass  # lmbda=0: every row off-policy
-    elif session.rollout_service is not None:  # a rollout server draws them (vLLM, opd serve)
-        examples, rollouts = session.rollout_service.rollouts(
-            session, step, lambda at: split_on_policy(config, mine(at))[0],
-            lambda chosen: [session.prompt_ids(ex.messages) for ex in chosen])
-        rollouts = rollouts.to(session.device)
-        rollouts.extras["engine"] = reweight(session, rollouts)
-    else:  # the student samples; for sft the teacher
-        rollouts = sampled_rollouts(session, examples, step, teacher=config.method == "sft")
-    if rollouts is not None:
-        rollouts = with_rewards(session, rollouts, examples, config.samples_per_prompt)
-    if not off:
-        return rollouts
-    extra = off_policy_rollouts(session, off, step)
-    if rollouts is None:
-        extra.extras["on_policy"] = torch.zeros(extra.tokens.shape[0], dtype=torch.bool, device=session.device)
-        return extra
-    merged = concat_rollouts(rollouts, extra, session.tokenizer.pad_token_id)
-    merged.extras["on_policy"] = torch.arange(merged.tokens.shape[0], device=session.device) < rollouts.tokens.shape[0]
-    return merged
 
 
 def update(session: Session, rollouts: Rollouts, signal: TeacherSignal | None, step_tokens: int,
@@ -215,9 +66,9 @@ def training_step(session: Session, step: int) -> dict:
     config = session.config
     started = time.perf_counter()
     session.full_model.eval()
-    rollouts = step_rollouts(session, step)
+    rollouts = session.source.rollouts(step)
     sampled = time.perf_counter()
-    pushed = session.rollout_service.lap() if session.rollout_service else None  # inside step_rollouts
+    pushed = session.source.push_seconds()  # a rollout server's weight push, inside the sampling time
 
     objective, signal, graded = session.objective, None, None
     if objective.distils:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
@@ -265,14 +116,14 @@ def training_step(session: Session, step: int) -> dict:
                      "teacher_completion_tokens": sum(teacher_lengths[1])}
     engine = merge_stats([r["engine"] for r in ranks]) if local["engine"] is not None else {}
     if engine:  # before the update: samples from the wrong weights are not trained on
-        check_gap(engine, config.engine_gap_limit, step, session.rollout_service.sampler.url)
+        check_gap(engine, config.engine_gap_limit, step, session.source.where)
     num_tokens = sum(merged["completion_lengths"])
     lr = session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     loss, grad_norm = update(session, rollouts, signal, num_tokens, step)
     loss = sum(distributed.all_gather(loss, session.dist)) / session.dist.world
     trained = time.perf_counter()
 
-    from_data = bool(session.sft_pairs or session.doc_chunks)  # given pairs or documents, not samples
+    from_data = session.source.from_data  # given pairs or documents, not samples
     kl_tokens = sum(r["kl_tokens"] for r in ranks)
     teacher_kl = None if local["kl_sum"] is None or not kl_tokens else sum(r["kl_sum"] for r in ranks) / kl_tokens
     off_rows = len(merged["on_policy"]) - sum(merged["on_policy"])
@@ -399,8 +250,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
             bar.set_postfix(loss=f"{record['loss']:.3f}", kl=_last(records, "teacher_kl"),
                             reward=f"{record['train_reward']:.2f}", acc=_last(records, "accuracy"))
         bar.close()
-        if session.rollout_service is not None:  # the server ends with the trained student
-            session.rollout_service.ensure_weights(session.full_model, config.steps, session.dist)
+        session.source.finish(config.steps)  # a rollout server ends holding the trained student
     except BaseException:  # an error or an interrupt: the trackers' runs are closed, to be resumed
         trackers.abort()
         raise

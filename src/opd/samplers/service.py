@@ -50,31 +50,33 @@ class RolloutService:
         self.pushed = version
         self.sync_seconds += time.perf_counter() - started
 
-    def rollouts(self, session, step: int, examples_of, prompts_of) -> tuple[list, Rollouts]:
-        """This rank's examples and samples of ``step``; ``examples_of(step)`` and ``prompts_of(examples)``
-        are the trainer's."""
-        config = session.config
+    def rollouts(self, step: int, prompts, prompter, draw, model: torch.nn.Module,
+                 lookahead: bool) -> tuple[list, Rollouts]:
+        """This rank's on-policy examples of ``step`` (``prompts``: a ``sources.StepPrompts``) and their
+        samples; with ``lookahead`` the next step's are drawn while this one trains."""
+        dist = prompts.dist
         if self.pending is not None and self.pending[0] == step:
             _, examples, future = self.pending
             rollouts = future.result()
         else:
-            self.ensure_weights(session.full_model, step, session.dist)
-            examples = examples_of(step)
-            rollouts = self.draw(session, prompts_of(examples), step)
+            self.ensure_weights(model, step, dist)
+            examples = prompts.split(step)[0]
+            rollouts = self.draw([prompter.ids(ex.messages) for ex in examples], prompter.tokenizer, draw, step,
+                                 dist.rank)
         self.pending = None
-        if config.async_rollouts and step + 1 < config.steps:
-            self.ensure_weights(session.full_model, step, session.dist)
-            upcoming = examples_of(step + 1)
-            self.pending = (step + 1, upcoming, self.executor.submit(self.draw, session, prompts_of(upcoming),
-                                                                     step + 1))
+        if lookahead:
+            self.ensure_weights(model, step, dist)
+            upcoming = prompts.split(step + 1)[0]
+            self.pending = (step + 1, upcoming, self.executor.submit(
+                self.draw, [prompter.ids(ex.messages) for ex in upcoming], prompter.tokenizer, draw, step + 1,
+                dist.rank))
         return examples, rollouts
 
-    def draw(self, session, prompts: list[list[int]], step: int) -> Rollouts:
-        config, tokenizer = session.config, session.tokenizer
-        return self.sampler.sample(prompts, samples_per_prompt=config.samples_per_prompt,
-                                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                   top_p=config.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                   seed=(config.seed, step, session.dist.rank))
+    def draw(self, prompts: list[list[int]], tokenizer, draw, step: int, rank: int) -> Rollouts:
+        return self.sampler.sample(prompts, samples_per_prompt=draw.samples_per_prompt,
+                                   max_new_tokens=draw.max_new_tokens, temperature=draw.temperature,
+                                   top_p=draw.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   seed=(draw.seed, step, rank))
 
     def lap(self) -> float:
         """Seconds spent pushing weights since the last call."""
@@ -89,22 +91,23 @@ class RolloutService:
 
 
 @torch.no_grad()
-def reweight(session, rollouts: Rollouts) -> dict:
+def reweight(model: torch.nn.Module, rollouts: Rollouts, vocab_size: int, temperature: float, top_p: float,
+             tis_cap: float) -> dict:
     """The trainer's log-probs of the server's samples become ``sampler_logprobs`` (the policy the update
     starts from, and the one the KL advantage is about); ``is_weights`` are the truncated importance
     weights against the server's. Returns this rank's sums for the step's mismatch statistics."""
-    config, mask = session.config, rollouts.completion_mask
-    own = token_logprobs(session.full_model, rollouts, session.vocab_size, config.temperature, config.top_p) * mask
+    mask = rollouts.completion_mask
+    own = token_logprobs(model, rollouts, vocab_size, temperature, top_p) * mask
     engine = rollouts.engine_logprobs * mask
     rollouts.sampler_logprobs = own
-    rollouts.is_weights = truncated_importance_weights(own, engine, mask, config.tis_cap)
+    rollouts.is_weights = truncated_importance_weights(own, engine, mask, tis_cap)
     gap = (own - engine)[mask > 0]
     ratio = torch.exp(gap)
     if len(gap) == 0:
         return {"tokens": 0, "ratio_sum": 0.0, "ratio_max": 1.0, "ratio_min": 1.0, "truncated": 0,
                 "engine_kl_sum": 0.0, "max_abs_gap": 0.0, "abs_gap_sum": 0.0}
     return {"tokens": len(gap), "ratio_sum": float(ratio.sum()), "ratio_max": float(ratio.max()),
-            "ratio_min": float(ratio.min()), "truncated": int((ratio > config.tis_cap).sum()),
+            "ratio_min": float(ratio.min()), "truncated": int((ratio > tis_cap).sum()),
             "engine_kl_sum": float(-gap.sum()), "max_abs_gap": float(gap.abs().max()),
             "abs_gap_sum": float(gap.abs().sum())}
 

@@ -1,0 +1,324 @@
+"""Where a step's rows come from: one interface, ``RolloutSource.rollouts(step)``, that returns this rank's
+``Rollouts`` with their rewards and the conversations they answer (``extras["messages"]``).
+
+The sources, each given plain arguments at setup:
+
+- ``Sampled``: a model's samples of the step's prompts, drawn in process (``InProcess``: the student, or
+  the teacher for ``method=sft``) or by a rollout server (``Served``: vLLM or ``opd serve``, the weights
+  pushed before every draw).
+- ``OffPolicy``: GKD's off-policy rows, each prompt's reference completion or the teacher's samples.
+- ``Mixed``: GKD's ``lmbda``, the student's rows of the step then the off-policy ones.
+- ``DataPairs``: ``sft_data``'s (prompt, completion) pairs; ``Documents``: midtraining's document chunks
+  mixed with chat pairs.
+
+The trainer asks its one source and never tests which kind it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from opd import distributed
+from opd.evaluation import completions_text
+from opd.models import OpdError, chat_prompt_ids
+from opd.rollouts import Rollouts, concat_rollouts, pack_pairs
+from opd.samplers.local import sample
+from opd.samplers.service import RolloutService, reweight
+from opd.tasks import Example, Task
+from opd.tasks.jsonl import epoch_order
+
+
+@dataclass(frozen=True)
+class Prompter:
+    """A conversation as the student's prompt ids: its chat template, within ``max_prompt_tokens`` (the
+    context less ``max_new_tokens``); a longer prompt is refused, or with ``truncate`` keeps its end."""
+
+    tokenizer: object
+    max_prompt_tokens: int
+    truncate: bool = False
+
+    def ids(self, messages: list[dict]) -> list[int]:
+        ids = chat_prompt_ids(self.tokenizer, messages)
+        if len(ids) > self.max_prompt_tokens:
+            if not self.truncate:
+                raise OpdError(f"a prompt of {len(ids)} tokens exceeds max_prompt_tokens="
+                               f"{self.max_prompt_tokens} (context minus max_new_tokens): shorten it, "
+                               f"lower max_new_tokens, or set truncate_prompts=true to keep its end")
+            ids = ids[-self.max_prompt_tokens:]
+        return ids
+
+    def completion(self, text: str, max_new_tokens: int) -> list[int]:
+        """A given completion as token ids: cut to ``max_new_tokens - 1`` tokens, EOS appended."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)[: max_new_tokens - 1]
+        return ids + [self.tokenizer.eos_token_id]
+
+
+@dataclass(frozen=True)
+class Draw:
+    """How rows are sampled: the settings every sampler shares."""
+
+    samples_per_prompt: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+@dataclass
+class StepPrompts:
+    """Each step's prompts, this rank's share, and GKD's split: the first ``round(on_policy_share * n)`` of
+    this rank's prompts are answered by the student, the rest are off-policy."""
+
+    task: Task
+    prompts_per_step: int
+    train_prompts: int  # 0: a fresh draw every step; N: the N prompts of step 0 reused in a reshuffled cycle
+    seed: int
+    dist: distributed.Dist
+    on_policy_share: float = 1.0
+    recent: dict = field(default_factory=dict)  # step -> split: each part of a step (and the next) reads it once
+
+    def all(self, step: int) -> list[Example]:
+        """The step's prompts (all ranks')."""
+        if not self.train_prompts:
+            return self.task.train_examples(step, self.prompts_per_step, self.seed)
+        pool = self.task.train_examples(0, self.train_prompts, self.seed)
+        return [pool[i] for i in epoch_order(len(pool), step, self.prompts_per_step, self.seed)]
+
+    def split(self, step: int) -> tuple[list[Example], list[Example]]:
+        """This rank's (on-policy, off-policy) prompts of ``step``."""
+        if step not in self.recent:
+            mine = distributed.shard(self.all(step), self.dist)
+            count = round(self.on_policy_share * len(mine))
+            self.recent = {k: v for k, v in self.recent.items() if k == step - 1}  # this step, the last, the next
+            self.recent[step] = mine[:count], mine[count:]
+        return self.recent[step]
+
+
+@dataclass(frozen=True)
+class Rewards:
+    """Each row's task reward and the conversation it answers (``extras["messages"]``, ``["teacher"]``)."""
+
+    tokenizer: object
+    task: Task
+
+    def attach(self, rollouts: Rollouts, examples: list[Example], per_prompt: int) -> Rollouts:
+        texts = completions_text(self.tokenizer, rollouts.completion_ids())
+        repeated = [ex for ex in examples for _ in range(per_prompt)]
+        rollouts.extras["messages"] = [ex.messages for ex in repeated]
+        rollouts.extras["teacher"] = [ex.teacher or "" for ex in repeated]  # teachers=: who scores each row
+        rollouts.rewards = torch.tensor([self.task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True)],
+                                        device=rollouts.tokens.device)
+        return rollouts
+
+
+class RolloutSource:
+    """The interface (and its defaults, for sources with no server behind them)."""
+
+    from_data = False  # rows from given pairs or documents, not samples (their FLOPs count no sampling)
+    where = ""  # the rollout server behind it, for messages
+
+    def rollouts(self, step: int) -> Rollouts:
+        raise NotImplementedError
+
+    def push_seconds(self) -> float | None:
+        """Seconds spent pushing weights to a rollout server since the last call (None: no server)."""
+        return None
+
+    def finish(self, steps: int) -> None:
+        """The run's last update is done: a rollout server ends holding the trained student."""
+
+    def release(self) -> None:
+        """The weights pushed to a rollout server leave it (``opd plan``'s probe: not the run's)."""
+
+    def close(self) -> None:
+        """Release what the source holds (a server's connections, a colocated engine)."""
+
+
+class InProcess:
+    """A model in this process samples ``samples_per_prompt`` completions of each prompt. The teacher
+    (``teacher_prompt``: its own rendering) reads the prompt in its own template when its view says so; its
+    completions are then re-packed after the student's rendering, which the student trains on."""
+
+    def __init__(self, model: torch.nn.Module, prompter: Prompter, draw: Draw, vocab_size: int,
+                 device: torch.device, rank: int, seed_offset: int = 0, teacher_prompt=None) -> None:
+        self.model, self.prompter, self.draw, self.vocab_size = model, prompter, draw, vocab_size
+        self.device, self.rank, self.seed_offset, self.teacher_prompt = device, rank, seed_offset, teacher_prompt
+
+    def sample(self, examples: list[Example], step: int) -> Rollouts:
+        draw, tokenizer = self.draw, self.prompter.tokenizer
+        prompts = [self.prompter.ids(ex.messages) for ex in examples]
+        seed = draw.seed * 1_000_003 + step + self.rank * 7_919_000_003 + self.seed_offset  # rank 0: as one process
+        rollouts = sample(self.model, [self.teacher_prompt(ex.messages) for ex in examples] if self.teacher_prompt
+                          else prompts, samples_per_prompt=draw.samples_per_prompt,
+                          max_new_tokens=draw.max_new_tokens, temperature=draw.temperature, top_p=draw.top_p,
+                          eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=self.vocab_size,
+                          generator=torch.Generator(self.device).manual_seed(seed))
+        if self.teacher_prompt:  # the student trains on the teacher's completion after its own rendering
+            groups = rollouts.prompt_index
+            rollouts = pack_pairs([p for p in prompts for _ in range(draw.samples_per_prompt)],
+                                  rollouts.completion_ids(), tokenizer.pad_token_id).to(self.device)
+            rollouts.prompt_index = groups.to(self.device)
+        return rollouts
+
+
+class Sampled(RolloutSource):
+    """A model's samples of the step's (on-policy) prompts, with rewards: drawn ``InProcess``, or by a
+    rollout server (``Served``). A step without on-policy prompts (``lmbda=0``) gives None."""
+
+    def __init__(self, prompts: StepPrompts, sampler: InProcess, rewards: Rewards) -> None:
+        self.prompts, self.sampler, self.rewards = prompts, sampler, rewards
+
+    def rollouts(self, step: int) -> Rollouts | None:
+        examples = self.prompts.split(step)[0]
+        if not examples:
+            return None
+        return self.rewards.attach(self.sampler.sample(examples, step), examples, self.sampler.draw.samples_per_prompt)
+
+
+class Served(RolloutSource):
+    """The student's samples drawn by a rollout server, the weights pushed before every draw; with
+    ``async_rollouts`` the next step's are drawn during this step's update (one update stale). The
+    trainer's own log-probs of the samples become ``sampler_logprobs``, with truncated importance weights
+    against the server's (``extras["engine"]``: the mismatch statistics)."""
+
+    def __init__(self, service: RolloutService, prompts: StepPrompts, prompter: Prompter, draw: Draw,
+                 rewards: Rewards, model: torch.nn.Module, vocab_size: int, tis_cap: float, steps: int,
+                 async_rollouts: bool, device: torch.device) -> None:
+        self.service, self.prompts, self.prompter, self.draw, self.rewards = service, prompts, prompter, draw, rewards
+        self.model, self.vocab_size, self.tis_cap = model, vocab_size, tis_cap
+        self.steps, self.async_rollouts, self.device = steps, async_rollouts, device
+        self.where = service.sampler.url
+
+    def rollouts(self, step: int) -> Rollouts | None:
+        if not self.prompts.split(step)[0]:
+            return None
+        examples, rollouts = self.service.rollouts(step, self.prompts, self.prompter, self.draw, self.model,
+                                                   self.async_rollouts and step + 1 < self.steps)
+        rollouts = rollouts.to(self.device)
+        rollouts.extras["engine"] = reweight(self.model, rollouts, self.vocab_size, self.draw.temperature,
+                                             self.draw.top_p, self.tis_cap)
+        return self.rewards.attach(rollouts, examples, self.draw.samples_per_prompt)
+
+    def push_seconds(self) -> float:
+        return self.service.lap()
+
+    def finish(self, steps: int) -> None:
+        self.service.ensure_weights(self.model, steps, self.prompts.dist)
+
+    def release(self) -> None:
+        self.service.sync.release()
+
+    def close(self) -> None:
+        self.service.close()
+
+
+class OffPolicy(RolloutSource):
+    """GKD's off-policy part: each prompt's reference completion from the data (one row), or with
+    ``seq_kd`` (or when a prompt has none) ``samples_per_prompt`` of the teacher's samples, with rewards;
+    ``extras["offpolicy"]`` says which. The teacher samples only here, when these rows need it."""
+
+    def __init__(self, prompts: StepPrompts, teacher: InProcess, prompter: Prompter, rewards: Rewards,
+                 seq_kd: bool) -> None:
+        self.prompts, self.teacher, self.prompter = prompts, teacher, prompter
+        self.rewards, self.seq_kd = rewards, seq_kd
+
+    def rollouts(self, step: int) -> Rollouts | None:
+        examples = self.prompts.split(step)[1]
+        if not examples:
+            return None
+        sampled = self.seq_kd or any(not ex.completion for ex in examples)
+        if sampled:
+            rollouts, per_prompt = self.teacher.sample(examples, step), self.teacher.draw.samples_per_prompt
+        else:
+            max_new_tokens, pad = self.teacher.draw.max_new_tokens, self.prompter.tokenizer.pad_token_id
+            rollouts = pack_pairs([self.prompter.ids(ex.messages) for ex in examples],
+                                  [self.prompter.completion(ex.completion, max_new_tokens) for ex in examples],
+                                  pad).to(self.teacher.device)
+            per_prompt = 1
+        rollouts = self.rewards.attach(rollouts, examples, per_prompt)
+        rollouts.extras["offpolicy"] = {"rows_per_prompt": per_prompt, "teacher_sampled": sampled}
+        return rollouts
+
+
+class Mixed(RolloutSource):
+    """GKD's ``lmbda``: this rank's on-policy rows, then its off-policy ones (``extras["on_policy"]`` tells
+    them apart); either part may be empty in a step."""
+
+    def __init__(self, on: Sampled | Served, off: OffPolicy, pad_id: int, device: torch.device) -> None:
+        self.on, self.off, self.pad_id, self.device = on, off, pad_id, device
+        self.where = on.where
+
+    def rollouts(self, step: int) -> Rollouts:
+        rollouts, extra = self.on.rollouts(step), self.off.rollouts(step)
+        if extra is None:
+            return rollouts
+        if rollouts is None:
+            extra.extras["on_policy"] = torch.zeros(extra.tokens.shape[0], dtype=torch.bool, device=self.device)
+            return extra
+        merged = concat_rollouts(rollouts, extra, self.pad_id)
+        merged.extras["on_policy"] = torch.arange(merged.tokens.shape[0], device=self.device) < rollouts.tokens.shape[0]
+        return merged
+
+    def push_seconds(self) -> float | None:
+        return self.on.push_seconds()
+
+    def finish(self, steps: int) -> None:
+        self.on.finish(steps)
+
+    def release(self) -> None:
+        self.on.release()
+
+    def close(self) -> None:
+        self.on.close()
+
+
+class DataPairs(RolloutSource):
+    """``sft_data``: this rank's (prompt, completion) pairs of the step, in a seeded order reshuffled every
+    epoch; each completion cut to ``max_new_tokens - 1`` tokens with EOS appended."""
+
+    from_data = True
+
+    def __init__(self, pairs: list[tuple[Example, str]], prompts_per_step: int, prompter: Prompter,
+                 max_new_tokens: int, seed: int, rewards: Rewards, dist: distributed.Dist,
+                 device: torch.device) -> None:
+        self.pairs, self.prompts_per_step, self.prompter, self.max_new_tokens = pairs, prompts_per_step, prompter, \
+            max_new_tokens
+        self.seed, self.rewards, self.dist, self.device = seed, rewards, dist, device
+
+    def ids(self, index: int) -> tuple[list[int], list[int]]:
+        """Pair ``index`` as token ids: the chat-rendered prompt and the completion."""
+        example, text = self.pairs[index]
+        return self.prompter.ids(example.messages), self.prompter.completion(text, self.max_new_tokens)
+
+    def rollouts(self, step: int) -> Rollouts:
+        order = epoch_order(len(self.pairs), step, self.prompts_per_step, self.seed)
+        mine = distributed.shard(order, self.dist)
+        pairs = [self.ids(i) for i in mine]
+        rollouts = pack_pairs([p for p, _ in pairs], [c for _, c in pairs], self.prompter.tokenizer.pad_token_id)
+        return self.rewards.attach(rollouts.to(self.device), [self.pairs[i][0] for i in mine], 1)
+
+
+class Documents(RolloutSource):
+    """``method=midtrain``: this rank's share of the step's document chunks (each chunk's first token is its
+    prompt, the rest is trained on) and, with ``chat_fraction``, chat pairs from ``sft_data``."""
+
+    from_data = True
+
+    def __init__(self, chunks: list[list[int]], chats: DataPairs, prompts_per_step: int, chat_fraction: float,
+                 seed: int, dist: distributed.Dist, device: torch.device) -> None:
+        self.chunks, self.chats, self.prompts_per_step, self.chat_fraction = chunks, chats, prompts_per_step, \
+            chat_fraction
+        self.seed, self.dist, self.device = seed, dist, device
+
+    def rollouts(self, step: int) -> Rollouts:
+        chats = round(self.prompts_per_step * self.chat_fraction)
+        docs = epoch_order(len(self.chunks), step, self.prompts_per_step - chats, self.seed)
+        pairs = epoch_order(len(self.chats.pairs), step, chats, self.seed + 1) if chats else []
+        # document chunks are token lists, chat pairs indices into sft_data; each rank encodes only its own
+        mine = distributed.shard([self.chunks[i] for i in docs] + pairs, self.dist)
+        rows = [([item[0]], item[1:]) if isinstance(item, list) else self.chats.ids(item) for item in mine]
+        rollouts = pack_pairs([p for p, _ in rows], [c for _, c in rows], self.chats.prompter.tokenizer.pad_token_id)
+        rollouts.rewards = torch.zeros(len(rows))
+        return rollouts.to(self.device)
