@@ -18,9 +18,8 @@ import torch
 from opd.config import load_config
 from opd.evaluation import completions_text, evaluate
 from opd.export import export
-from opd.models import chat_prompt_ids, load_model, load_tokenizer, quiet_peft
+from opd.models import chat_prompt_ids, load_model, load_tokenizer, quiet_peft, resolve_model_path
 from opd.samplers.local import sample
-from opd.setup import resolve_model_path
 from opd.tasks import ArithmeticTask
 from opd.trainer import train
 

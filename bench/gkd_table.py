@@ -42,10 +42,9 @@ VARIANTS = {
 @torch.no_grad()
 def bias(prompts: int = 64, samples: int = 4) -> dict:
     from opd.divergences import divergence_from_logits, topk_divergence_from_logits
-    from opd.models import chat_prompt_ids, load_model, load_tokenizer
+    from opd.models import chat_prompt_ids, load_model, load_tokenizer, resolve_model_path
     from opd.samplers.local import sample
     from opd.scoring import completion_hidden, head_logits, head_logprobs
-    from opd.setup import resolve_model_path
     from opd.tasks import ArithmeticTask
 
     student_path, teacher_path = resolve_model_path("embedded:student"), resolve_model_path("embedded:teacher")

@@ -68,8 +68,7 @@ def allocated_peak(name: str, overrides: list[str], root: Path) -> int:
 
 
 def wide_student(root: Path) -> Path:
-    from opd.models import load_tokenizer, save_model
-    from opd.setup import resolve_model_path
+    from opd.models import load_tokenizer, resolve_model_path, save_model
     from opd.zoo import make_model
 
     tokenizer = load_tokenizer(resolve_model_path("embedded:student"))

@@ -84,8 +84,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(None, [f"kl={args.kl}", "warmup_steps=1", *args.overrides, f"out={tmp}/run"])
         session = open_session(config)
+        teacher = session.teacher_view.model
         modules = [session.student, session.student.get_decoder(), session.student.get_output_embeddings(),
-                   session.teacher_model, session.teacher_model.get_decoder(), session.teacher.head]
+                   teacher, teacher.get_decoder(), session.teacher_view.head]
         clock = ModelClock(modules)
         totals = {name: {"wall": [], "inside": []} for name in PHASES}
         tokens = []
@@ -99,9 +100,9 @@ def main() -> None:
             with phase(clock, totals, "teacher scoring"):
                 hidden = None
                 if config.kl == "full":
-                    rollouts.teacher_logprobs, hidden = session.teacher.score_with_hidden(rollouts)
+                    rollouts.teacher_logprobs, hidden = session.teacher_view.teacher.score_with_hidden(rollouts)
                 else:
-                    rollouts.teacher_logprobs = session.teacher.score(rollouts)
+                    rollouts.teacher_logprobs = session.teacher_view.teacher.score(rollouts)
                 rollouts.advantages = session.objective.advantages(rollouts)
             optimizer_step = session.optimizer.step
             optimizer_seconds: list[float] = []
@@ -114,7 +115,7 @@ def main() -> None:
 
             session.optimizer.step = timed_step
             with phase(clock, totals, "student forward+backward"):
-                signal = None if hidden is None else TeacherSignal(hidden=hidden, head=session.teacher.head)
+                signal = None if hidden is None else TeacherSignal(hidden=hidden, head=session.teacher_view.head)
                 update(session, rollouts, signal, rollouts.num_completion_tokens, step)
             session.optimizer.step = optimizer_step
             # the optimizer step is all arithmetic: its wall time counts as inside the model

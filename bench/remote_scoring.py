@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from opd.models import chat_prompt_ids, load_model, load_tokenizer
+from opd.models import chat_prompt_ids, load_model, load_tokenizer, resolve_model_path
 from opd.samplers.local import sample
 from opd.server import BackgroundServer, ServerConfig, create_app
-from opd.setup import resolve_model_path
 from opd.tasks import ArithmeticTask
 from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher

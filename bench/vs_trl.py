@@ -46,8 +46,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def wide_pair(root: Path) -> tuple[str, str]:
-    from opd.models import load_tokenizer, save_model
-    from opd.setup import resolve_model_path
+    from opd.models import load_tokenizer, resolve_model_path, save_model
     from opd.zoo import make_model
 
     tokenizer = load_tokenizer(resolve_model_path("embedded:teacher"))
@@ -193,7 +192,7 @@ def main() -> None:
         print(json.dumps(one(args.one, args)))
         return
 
-    from opd.setup import resolve_model_path
+    from opd.models import resolve_model_path
 
     if args.pair == "wide":
         teacher, student = wide_pair(Path(tempfile.gettempdir()) / "opd-bench-wide-pair")

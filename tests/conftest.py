@@ -141,9 +141,9 @@ def sgd_update(session, rollouts: Rollouts, step_tokens: int) -> float:
 
     hidden = None
     if session.config.kl == "full":
-        rollouts.teacher_logprobs, hidden = session.teacher.score_with_hidden(rollouts)
+        rollouts.teacher_logprobs, hidden = session.teacher_view.teacher.score_with_hidden(rollouts)
     else:
-        rollouts.teacher_logprobs = session.teacher.score(rollouts)
+        rollouts.teacher_logprobs = session.teacher_view.teacher.score(rollouts)
     rollouts.advantages = session.objective.advantages(rollouts)
     use_sgd(session, lr=1.0)
     return update(session, rollouts, exact_signal(session, hidden), step_tokens, step=0)[0]
@@ -153,7 +153,7 @@ def exact_signal(session, hidden):
     """``kl=full``'s teacher signal from the teacher's hidden states (None stays None)."""
     from opd.objective import TeacherSignal
 
-    return None if hidden is None else TeacherSignal(hidden=hidden, head=session.teacher.head)
+    return None if hidden is None else TeacherSignal(hidden=hidden, head=session.teacher_view.teacher.head)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -43,9 +43,10 @@ def teacher(out: Path, overrides: list[str]) -> None:
     mine = batch.select(slice(rows[0], rows[-1] + 1))
     if state.rank == 1:  # unequal work: one row fewer on rank 1, still one forward per call
         mine = mine.select(slice(0, len(rows) - 1))
-    logprobs, hidden = session.teacher.score_with_hidden(mine)
-    local = sum(getattr(p, "_local_tensor", p).numel() for p in session.teacher_model.parameters())
-    layers = sum(getattr(p, "_local_tensor", p).numel() for layer in distributed.decoder_layers(session.teacher_model)
+    logprobs, hidden = session.teacher_view.teacher.score_with_hidden(mine)
+    teacher = session.teacher_view.model
+    local = sum(getattr(p, "_local_tensor", p).numel() for p in teacher.parameters())
+    layers = sum(getattr(p, "_local_tensor", p).numel() for layer in distributed.decoder_layers(teacher)
                  for p in layer.parameters())
     gathered = distributed.all_gather({"rows": rows[: len(mine.tokens)], "logprobs": logprobs, "hidden": hidden,
                                        "local": local, "layers": layers}, state)

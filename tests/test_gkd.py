@@ -22,7 +22,7 @@ def counting_sampler(monkeypatch, session) -> list[str]:
     calls, real = [], opd.samplers.sources.sample
 
     def counted(model, *args, **kwargs):
-        calls.append("teacher" if model is session.teacher_model else "student")
+        calls.append("teacher" if model is session.teacher_view.model else "student")
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(opd.samplers.sources, "sample", counted)

@@ -38,7 +38,7 @@ def first_token_kl(session) -> torch.Tensor:
 
     student = last_logprobs(session.full_model)
     with torch.no_grad():
-        teacher = last_logprobs(session.teacher_model)
+        teacher = last_logprobs(session.teacher_view.model)
     return (student.exp() * (student - teacher)).sum()
 
 
@@ -66,7 +66,7 @@ def test_opd_plus_rl_adds_the_group_centred_reward_to_the_sampled_kl(peaked_teac
     session = one_prompt_session(peaked_teacher, tmp_path, method="opd+rl", kl="sampled", reward_coef=0.5,
                                  prompts_per_step=2, samples_per_prompt=3, max_new_tokens=4)
     rollouts = session.source.rollouts(0)
-    rollouts.teacher_logprobs = session.teacher.score(rollouts)
+    rollouts.teacher_logprobs = session.teacher_view.teacher.score(rollouts)
     rollouts.rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # what each completion scored
     mask = rollouts.completion_mask
     kl_part = -(rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask
@@ -152,7 +152,7 @@ def test_opd_plus_rl_with_the_exact_kl_adds_the_reward_term(peaked_teacher, tmp_
                 for m in ("opd", "opd+rl")}
     rollouts = unequal_batch(sessions["opd+rl"])  # unequal lengths: the reward term does not cancel
     rollouts.rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
-    rollouts.teacher_logprobs, hidden = sessions["opd+rl"].teacher.score_with_hidden(rollouts)
+    rollouts.teacher_logprobs, hidden = sessions["opd+rl"].teacher_view.teacher.score_with_hidden(rollouts)
     rollouts.advantages = sessions["opd+rl"].objective.advantages(rollouts)
     n = rollouts.num_completion_tokens
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_the_discount_reaches_the_advantages(model_dirs, tmp_path):
     session = one_prompt_session(model_dirs, tmp_path, kl="sampled", gamma=0.9, samples_per_prompt=4,
                                  max_new_tokens=5)
     rollouts = session.source.rollouts(0)
-    rollouts.teacher_logprobs = session.teacher.score(rollouts)
+    rollouts.teacher_logprobs = session.teacher_view.teacher.score(rollouts)
     mask = rollouts.completion_mask
     per_token = -(rollouts.sampler_logprobs - rollouts.teacher_logprobs)
     assert torch.allclose(session.objective.advantages(rollouts), discounted_future_sum(per_token, mask, 0.9),

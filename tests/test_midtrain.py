@@ -52,7 +52,7 @@ def test_the_mix_takes_its_share_of_chat(model_dirs, tmp_path, docs, chat):
     rollouts = session.source.rollouts(0)
     texts = session.tokenizer.batch_decode(rollouts.tokens)
     assert rollouts.tokens.shape[0] == 4 and sum("<|im_start|>" in t for t in texts) == 2
-    assert session.teacher is None and session.teacher_model is None
+    assert session.teacher_view is None
 
 
 def test_each_step_trains_on_its_seeded_documents_and_chats(model_dirs, tmp_path, docs, chat):
@@ -114,9 +114,9 @@ def test_self_distillation_from_an_identical_teacher_is_a_no_op(model_dirs, tmp_
     rollouts = session.source.rollouts(0)
     hidden = None
     if kl == "full":
-        rollouts.teacher_logprobs, hidden = session.teacher.score_with_hidden(rollouts)
+        rollouts.teacher_logprobs, hidden = session.teacher_view.teacher.score_with_hidden(rollouts)
     else:
-        rollouts.teacher_logprobs = session.teacher.score(rollouts)
+        rollouts.teacher_logprobs = session.teacher_view.teacher.score(rollouts)
     rollouts.advantages = session.objective.advantages(rollouts)
     assert rollouts.advantages.abs().max() < 1e-5
     use_sgd(session, lr=1.0)

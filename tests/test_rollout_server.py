@@ -225,7 +225,7 @@ def test_the_update_weights_each_tokens_advantage_by_its_importance_weight(model
     config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", method=method))
     session = open_session(config)
     rollouts = unequal_batch(session)
-    rollouts.teacher_logprobs = session.teacher.score(rollouts)
+    rollouts.teacher_logprobs = session.teacher_view.teacher.score(rollouts)
     rollouts.advantages = session.objective.advantages(rollouts)
 
     def gradient(weights) -> torch.Tensor:

@@ -90,7 +90,7 @@ def test_missing_and_empty_files(tmp_path):
 def test_arithmetic_k_sets_the_number_of_operators():
     from opd.config import TrainConfig
     from opd.models import OpdError
-    from opd.setup import make_task
+    from opd.tasks.choose import make_task
 
     task = make_task(TrainConfig(task="arithmetic:5"))
     assert task.operators == 5 and task.name == "arithmetic:5"

@@ -177,5 +177,6 @@ def test_a_prompt_over_the_context_limit_is_refused_or_truncated(model_dirs, tmp
     session = open_session(load_config(None, overrides + ["truncate_prompts=true"]))
     messages = [{"role": "user", "content": "word " * 300}]
     whole = chat_prompt_ids(session.tokenizer, messages)
-    assert len(whole) > session.max_prompt_tokens
-    assert session.prompt_ids(messages) == whole[-session.max_prompt_tokens:]  # its end, which holds the question
+    assert len(whole) > session.prompter.max_prompt_tokens
+    budget = session.prompter.max_prompt_tokens
+    assert session.prompt_ids(messages) == whole[-budget:]  # its end, which holds the question

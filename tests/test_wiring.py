@@ -123,7 +123,7 @@ def test_gradient_accumulation_equals_one_batch_with_unequal_lengths(model_dirs,
 def test_clipping_bounds_the_gradient_the_optimizer_applies(model_dirs, tmp_path):
     session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", grad_clip=1e-3)))
     batch = unequal_batch(session)
-    batch.teacher_logprobs = session.teacher.score(batch)
+    batch.teacher_logprobs = session.teacher_view.teacher.score(batch)
     batch.advantages = session.objective.advantages(batch)
     applied = []
     session.optimizer.register_step_pre_hook(
@@ -162,7 +162,7 @@ def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp
     prompt_lengths = [int(((a > 0) & (m == 0)).sum()) for a, m in zip(rollouts.attention_mask, mask, strict=True)]
     completion_lengths = [int(m.sum()) for m in mask]
     assert len(set(completion_lengths)) > 1  # unequal lengths, so a mix-up shows
-    flops = step_flops(session.student_shape, session.teacher_shape, prompt_lengths, completion_lengths, "opd",
+    flops = step_flops(session.student_shape, session.teacher_view.shape, prompt_lengths, completion_lengths, "opd",
                        group=session.config.samples_per_prompt)
     assert record["student_flops"] == pytest.approx(flops["student_flops"])
     assert record["teacher_flops"] == pytest.approx(flops["teacher_flops"])
@@ -182,7 +182,7 @@ def test_a_step_on_given_pairs_counts_each_pair_once_and_no_teacher(model_dirs, 
     record = training_step(session, 0)
     mask = captured[0].completion_mask
     prompts = [int(((a > 0) & (m == 0)).sum()) for a, m in zip(captured[0].attention_mask, mask, strict=True)]
-    flops = step_flops(session.student_shape, session.teacher_shape, prompts, [int(m.sum()) for m in mask],
+    flops = step_flops(session.student_shape, session.teacher_view.shape, prompts, [int(m.sum()) for m in mask],
                        "sft_data", group=1)
     assert record["student_flops"] == pytest.approx(flops["student_flops"]) and record["teacher_flops"] == 0
 
@@ -209,7 +209,7 @@ def test_sft_samples_come_from_the_teacher_and_opd_samples_from_the_student(mode
     for method, who in (("sft", "teacher"), ("opd", "student")):
         session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / method, method=method)))
         rollouts = session.source.rollouts(0)
-        model = session.teacher_model if who == "teacher" else session.full_model
+        model = session.teacher_view.model if who == "teacher" else session.full_model
         with torch.no_grad():
             own = token_logprobs(model, rollouts, session.vocab_size)
         mask = rollouts.completion_mask > 0

@@ -29,9 +29,8 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opd.http import wait_until_healthy
-from opd.models import load_tokenizer
+from opd.models import load_tokenizer, resolve_model_path
 from opd.server import free_port
-from opd.setup import resolve_model_path
 
 
 def build(path: Path, layers: int, width: int) -> None:

@@ -80,8 +80,8 @@ def evaluate(model: str | Path, task: Task | str = "arithmetic", *, examples: in
     ``data``: the dataset fields of ``TrainConfig`` (``prompt_field``, ``answer_field``, ``split``, ...)."""
     from opd.config import apply_values
     from opd.evaluation import evaluate as run
-    from opd.models import OpdError, load_model, load_tokenizer, pick_device, pick_dtype
-    from opd.setup import is_file_task, make_task, resolve_model_path
+    from opd.models import OpdError, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+    from opd.tasks.choose import is_file_task, make_task
 
     if samples < 0 or temperature <= 0:
         raise OpdError(f"samples={samples} must be 0 or more and temperature={temperature} positive")

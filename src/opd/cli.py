@@ -82,8 +82,7 @@ def other_tokenizer(config: TrainConfig) -> bool:
     """Whether the teacher's tokenizer differs from the student's (a served teacher's: ``teacher_tokenizer=``)."""
     if config.teacher.startswith(("http://", "https://")) and not config.teacher_tokenizer:
         return False
-    from opd.models import load_tokenizer
-    from opd.setup import resolve_model_path
+    from opd.models import load_tokenizer, resolve_model_path
     from opd.teachers.view import tokenizer_differences
 
     student = load_tokenizer(resolve_model_path(config.student, "student"))
@@ -148,9 +147,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from opd.evaluation import completions_text
-    from opd.models import chat_prompt_ids, load_model, load_tokenizer, pick_device, pick_dtype
+    from opd.models import chat_prompt_ids, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
     from opd.samplers.local import sample
-    from opd.setup import resolve_model_path
 
     device = pick_device(args.device)
     path = resolve_model_path(args.model, "model")
@@ -168,8 +166,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from opd.chat import chat
-    from opd.models import load_model, load_tokenizer, pick_device, pick_dtype
-    from opd.setup import resolve_model_path
+    from opd.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise OpdError("--temperature must be at least 0 (0: greedy) and --top-p in (0, 1]")

@@ -63,7 +63,7 @@ def source_at(run_dir: Path, model_dir: Path, step: int | None) -> Source:
 
 def load_source(source: Source, config) -> torch.nn.Module:
     """The run's model in float32 on the CPU: a plain model, or the base student with the adapter applied."""
-    from opd.setup import resolve_model_path
+    from opd.models import resolve_model_path
 
     if not source.is_adapter:
         return load_model(source.model_dir, torch.device("cpu"), torch.float32).eval()
@@ -88,7 +88,7 @@ def log_probs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def export(path: str | Path, out: str | Path, adapter: bool = False, dtype: str = "float32") -> dict:
     """Write the export to ``out`` (which must not exist or be empty); returns what the model card says."""
     from opd import runs
-    from opd.setup import resolve_model_path
+    from opd.models import resolve_model_path
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

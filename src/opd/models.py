@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -155,3 +156,34 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, direc
         tokenizer.save_pretrained(tmp)
 
     save_atomically(directory, write)
+
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_DIR = Path(__file__).parent / "embedded"  # the models opd ships (opd zoo builds them)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve_model_path(name: str, field: str = "model") -> str:
+    """``embedded:NAME`` is a model shipped with opd; a local directory must hold a model (config.json);
+    anything else must look like a hub id (``ORG/NAME``), whose loading then says if the hub lacks it.
+    ``field`` names the setting in errors (``student``, ``teacher``)."""
+    if name.startswith(EMBEDDED_PREFIX):
+        path = EMBEDDED_DIR / name[len(EMBEDDED_PREFIX):]
+        if not (path / "config.json").is_file():
+            raise OpdError(f"the embedded model {name} is missing at {path}; rebuild it with `opd zoo build` "
+                           "(`opd zoo assistant` for the assistant)")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise OpdError(f"{field}={name}: the directory has no config.json, so it is not a Hugging Face model "
+                           "directory (one written by save_pretrained, or an opd run's final/ or checkpoint)")
+        return str(path)
+    if path.exists():
+        raise OpdError(f"{field}={name} is a file; give a model directory or a hub id")
+    if not HUB_ID.fullmatch(name) or name.startswith((".", "~")):
+        raise OpdError(f"{field}={name}: the directory {path} does not exist. Give a Hugging Face model directory "
+                       "or a hub id such as Qwen/Qwen3-1.7B")
+    return name  # a hub id: load_tokenizer and load_model say if the hub does not have it

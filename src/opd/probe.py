@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from opd.config import TrainConfig
-from opd.models import OpdError, chat_prompt_ids, load_tokenizer
+from opd.models import OpdError, chat_prompt_ids, load_tokenizer, resolve_model_path
 from opd.objective import resolve_kl
 from opd.plan import ModelFacts, Plan, check_vocab, make_plan
-from opd.setup import check_teacher_path, make_task, resolve_model_path, teacher_tokenizer_for
+from opd.tasks.choose import make_task
+from opd.teachers.build import check_teacher_path, teacher_tokenizer_for
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 EVAL_PROBE = 32  # held-out prompts the probe evaluates (the time is scaled to eval_examples)
@@ -174,9 +175,10 @@ def probe(config: TrainConfig, steps: int = 3, progress: bool = True) -> dict:
         run_eval(session)
         eval_seconds = (time.perf_counter() - tick) * scale
         teacher_eval = 0.0
-        if session.teacher_model is not None:
+        view = session.teacher_view
+        if view is not None and view.model is not None:
             tick = time.perf_counter()
-            evaluate(session.teacher_model, session.teacher_tokenizer, session.task, session.eval_set,
+            evaluate(view.model, view.teacher_tokenizer, session.task, session.eval_set,
                      max_new_tokens=config.max_new_tokens, seed=config.seed, samples=config.eval_samples,
                      sample_temperature=config.eval_temperature, batch_size=config.eval_batch)
             teacher_eval = (time.perf_counter() - tick) * scale

@@ -18,15 +18,14 @@ from tqdm import tqdm
 from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.evaluation import EvalResult, evaluate
-from opd.flops import mixed_step_flops, step_flops
 from opd.models import OpdError
 from opd.objective import TeacherSignal
 from opd.rollouts import Rollouts
-from opd.samplers.service import check_gap, merge_stats
+from opd.samplers.service import check_gap
 from opd.scoring import completion_row_offsets
 from opd.setup import Session, open_session
+from opd.step_record import engine_stats, joined, rank_figures, step_record
 from opd.tasks import Example
-from opd.teachers.routed import per_teacher_kl, routed_step_flops
 from opd.trackers import Trackers
 
 
@@ -63,98 +62,36 @@ def update(session: Session, rollouts: Rollouts, signal: TeacherSignal | None, s
 
 
 def training_step(session: Session, step: int) -> dict:
-    config = session.config
+    """One step: sample (or read the data), score with the teacher, advantages, update; returns its record."""
+    objective, view = session.objective, session.teacher_view
     started = time.perf_counter()
     session.full_model.eval()
     rollouts = session.source.rollouts(step)
     sampled = time.perf_counter()
-    pushed = session.source.push_seconds()  # a rollout server's weight push, inside the sampling time
-
-    objective, signal, graded = session.objective, None, None
+    graded, signal = None, None
     if objective.distils:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
         needs = objective.teacher_needs
-        graded = session.teacher_view.score(rollouts, rollouts.extras["messages"], hidden=needs == "distribution",
-                                            topk=config.teacher_topk if needs == "topk" else 0)
+        graded = view.score(rollouts, rollouts.extras["messages"], hidden=needs == "distribution",
+                            topk=session.config.teacher_topk if needs == "topk" else 0)
         rollouts.teacher_logprobs = graded.logprobs
-        signal = objective.signal(graded, session.teacher_view.head if needs == "distribution" else None)
-    rollouts.advantages = session.objective.advantages(rollouts)
+        signal = objective.signal(graded, view.head if needs == "distribution" else None)
+    rollouts.advantages = objective.advantages(rollouts)
     scored = time.perf_counter()
 
-    mask = rollouts.completion_mask
-    completion_lengths = [int(n) for n in mask.sum(-1).tolist()]
-    on_policy = rollouts.extras.get("on_policy", torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device))
-    local = {  # what the step's record needs from every rank
-        "completion_lengths": completion_lengths,
-        "prompt_lengths": [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion_lengths,
-                                                      strict=True)],
-        "rewards": rollouts.rewards.tolist(),
-        # GKD's off-policy rows (lmbda < 1) train on the divergence; the logged KL and reward are the student's
-        "on_policy": on_policy.tolist(),
-        "kl_sum": None if rollouts.teacher_logprobs is None or rollouts.sampler_logprobs is None
-        else float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask)[on_policy].sum()),
-        "kl_tokens": float(mask[on_policy].sum()),
-        "teachers": per_teacher_kl(rollouts, on_policy) if session.teacher_shapes else None,
-        "names": rollouts.extras.get("teacher", []),
-        # what the teacher read, when its rendering or tokenizer differs (its FLOPs), and the alignment's chunks
-        "teacher_prompt_lengths": graded and graded.teacher_prompt_lengths,
-        "teacher_completion_lengths": graded and graded.teacher_completion_lengths,
-        "chunks": [graded.chunk_count, graded.single_token_chunks] if graded and graded.chunks is not None else None,
-        "engine": rollouts.extras.get("engine"),
-    }
-    ranks = distributed.all_gather(local, session.dist)
-    merged = {key: [v for r in ranks for v in r[key]]
-              for key in ("completion_lengths", "prompt_lengths", "rewards", "on_policy")}
-    student_rewards = [r for r, on in zip(merged["rewards"], merged["on_policy"], strict=True) if on]
-    teacher_lengths = None
-    if local["teacher_prompt_lengths"] is not None:
-        teacher_lengths = tuple([v for r in ranks for v in r[key]] for key in ("teacher_prompt_lengths",
-                                                                             "teacher_completion_lengths"))
-    alignment = {}
-    if local["chunks"] is not None:
-        chunks, single = (sum(r["chunks"][i] for r in ranks) for i in (0, 1))
-        alignment = {"aligned_chunks": chunks, "single_token_chunk_share": round(single / max(chunks, 1), 4),
-                     "teacher_completion_tokens": sum(teacher_lengths[1])}
-    engine = merge_stats([r["engine"] for r in ranks]) if local["engine"] is not None else {}
+    ranks = distributed.all_gather(rank_figures(rollouts, graded, view is not None and view.several), session.dist)
+    engine = engine_stats(ranks)
     if engine:  # before the update: samples from the wrong weights are not trained on
-        check_gap(engine, config.engine_gap_limit, step, session.source.where)
-    num_tokens = sum(merged["completion_lengths"])
+        check_gap(engine, session.config.engine_gap_limit, step, session.source.where)
+    num_tokens = sum(joined(ranks, "completion_lengths"))
     lr = session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     loss, grad_norm = update(session, rollouts, signal, num_tokens, step)
     loss = sum(distributed.all_gather(loss, session.dist)) / session.dist.world
-    trained = time.perf_counter()
-
-    from_data = session.source.from_data  # given pairs or documents, not samples
-    kl_tokens = sum(r["kl_tokens"] for r in ranks)
-    teacher_kl = None if local["kl_sum"] is None or not kl_tokens else sum(r["kl_sum"] for r in ranks) / kl_tokens
-    off_rows = len(merged["on_policy"]) - sum(merged["on_policy"])
-    if off_rows:  # the off-policy part's compute: its training and scoring, and the teacher's sampling
-        offpolicy = rollouts.extras["offpolicy"]
-        flops = mixed_step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
-                                 merged["completion_lengths"], merged["on_policy"], config.samples_per_prompt,
-                                 offpolicy["rows_per_prompt"], offpolicy["teacher_sampled"])
-    else:
-        flops = step_flops(session.student_shape, session.teacher_shape, merged["prompt_lengths"],
-                           merged["completion_lengths"], "sft_data" if from_data else config.method,
-                           group=1 if from_data else config.samples_per_prompt, teacher_lengths=teacher_lengths)
-    if session.teacher_shapes:  # several teachers: each one's KL and compute
-        flops.update(routed_step_flops(session, ranks, merged))
-    return {
-        "step": step + 1,
-        "loss": loss,
-        "teacher_kl": teacher_kl,
-        "train_reward": sum(student_rewards or merged["rewards"]) / len(student_rewards or merged["rewards"]),
-        **({"offpolicy_rows": off_rows} if off_rows else {}),
-        "completion_tokens": num_tokens,
-        "grad_norm": grad_norm,
-        "lr": lr,
-        **alignment,
-        **engine,
-        **flops,
-        "sample_seconds": round(sampled - started - (pushed or 0.0), 4),
-        "score_seconds": round(scored - sampled, 4),
-        **({"sync_seconds": round(pushed, 4)} if pushed is not None else {}),
-        "train_seconds": round(trained - scored, 4),
-    }
+    seconds = {"sample": sampled - started, "score": scored - sampled, "train": time.perf_counter() - scored}
+    pushed = session.source.push_seconds()  # a rollout server's weight push, inside the sampling time
+    if pushed is not None:
+        seconds["sync"] = pushed
+    return step_record(ranks, session.config, session.student_shape, view, session.source.from_data, step, loss,
+                       grad_norm, lr, engine, seconds)
 
 
 def run_eval(session: Session) -> dict:
@@ -168,7 +105,7 @@ def run_eval(session: Session) -> dict:
                         samples=config.eval_samples, sample_temperature=config.eval_temperature,
                         batch_size=config.eval_batch)
 
-    if not session.teacher_shapes:
+    if session.teacher_view is None or not session.teacher_view.several:
         result = run(session.eval_set, session.teacher_view)
         return {"accuracy": result.accuracy, "sampled_accuracy": result.sampled_accuracy,
                 "eval_teacher_kl": result.teacher_kl}
@@ -207,11 +144,12 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
             probe = [ex.messages[-1]["content"] for ex in session.eval_set[:32]]
             print(f"opd: {session.teacher_view.describe(probe)}", file=sys.stderr)
         # every rank evaluates when the teacher's layers are sharded (its forwards are collectives); rank 0 logs
-        evaluates = main or getattr(session.teacher, "sharded", False)
+        view = session.teacher_view
+        evaluates = main or (view is not None and view.sharded)
         if not records and evaluates:  # a fresh run: measure where the student and teacher start
             teacher = None  # a teacher behind a server only scores; it cannot be asked to answer
-            if session.teacher_model is not None:  # in its own tokens and template
-                teacher = evaluate(session.teacher_model, session.teacher_tokenizer, session.task, session.eval_set,
+            if view is not None and view.model is not None:  # in its own tokens and template
+                teacher = evaluate(view.model, view.teacher_tokenizer, session.task, session.eval_set,
                                    max_new_tokens=config.max_new_tokens, seed=config.seed,
                                    samples=config.eval_samples, sample_temperature=config.eval_temperature,
                       batch_size=config.eval_batch)

@@ -21,15 +21,13 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from opd.evaluation import completions_text, evaluate
 from opd.losses import label_smoothed_nll
-from opd.models import chat_prompt_ids, load_model, load_tokenizer, save_model
+from opd.models import EMBEDDED_DIR, chat_prompt_ids, load_model, load_tokenizer, save_model
 from opd.rollouts import pack_pairs
 from opd.samplers.local import sample
 from opd.scoring import completion_hidden, head_logprobs
 from opd.tasks import ArithmeticTask, step_rng
 from opd.tasks.arithmetic import RETRY, solution_with_retries
 from opd.tasks.arithmetic import reward as arithmetic_reward
-
-EMBEDDED_DIR = Path(__file__).parent / "embedded"
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def on_metric(records: list[dict], metric: str, run: str = "a run") -> list[dict
 def final_accuracy(run_dir: Path, config: TrainConfig, examples: list, name: str, metric: str = "greedy") -> float:
     """Accuracy (``metric``) of a run's final model on ``examples``, cached in ``run_dir/<name>.json``."""
     from opd.evaluation import evaluate
-    from opd.setup import make_task
+    from opd.tasks.choose import make_task
 
     cache = run_dir / f"{name}.json"
     samples = config.eval_samples if metric == "sampled" else 0

@@ -142,7 +142,7 @@ def run_reasoning(plan: ReasoningPlan, progress: bool = True) -> dict:
     """Run the sweep, choose each method's rate, carry RL on to its budget, run the fixed-dataset SFT
     curve, write summary.json, the plots and report.md."""
     from opd.experiments.sft_curve import fit_summary, run_sft_curve
-    from opd.setup import make_task
+    from opd.tasks.choose import make_task
 
     unknown = set(plan.lrs) - set(METHODS)
     if unknown:

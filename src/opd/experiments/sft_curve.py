@@ -89,9 +89,9 @@ def teacher_dataset(config: TrainConfig, sizes: list[int], directory: Path, prog
     the task's verifier accepts. Reused when already there."""
     from opd.evaluation import completions_text
     from opd.flops import ModelShape, sampling_flops
-    from opd.models import chat_prompt_ids, load_model, load_tokenizer, pick_device, pick_dtype
+    from opd.models import chat_prompt_ids, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
     from opd.samplers.local import sample
-    from opd.setup import make_task, resolve_model_path
+    from opd.tasks.choose import make_task
 
     meta_path = directory / "dataset.json"
     if meta_path.is_file():

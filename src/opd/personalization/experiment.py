@@ -62,7 +62,7 @@ def stage_flops(run_dir: Path) -> dict:
 
 
 def run_personalization(plan: PersonalizationPlan, progress: bool = True) -> dict:
-    from opd.setup import resolve_model_path
+    from opd.models import resolve_model_path
 
     started = time.perf_counter()
     assistant = Path(resolve_model_path(plan.assistant))

@@ -322,3 +322,14 @@ class Documents(RolloutSource):
         rollouts = pack_pairs([p for p, _ in rows], [c for _, c in rows], self.chats.prompter.tokenizer.pad_token_id)
         rollouts.rewards = torch.zeros(len(rows))
         return rollouts.to(self.device)
+
+
+def document_chunks(path: str, tokenizer, length: int, options) -> list[list[int]]:
+    """Each document's tokens, EOS appended, cut into pieces of ``length`` (pieces under 2 tokens dropped)."""
+    from opd.tasks.jsonl import load_documents
+
+    chunks = []
+    for text in load_documents(path, options):
+        ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        chunks += [ids[i : i + length] for i in range(0, len(ids), length) if len(ids[i : i + length]) >= 2]
+    return chunks

@@ -232,8 +232,7 @@ def serve(model_dir: str, host: str, port: int, api_key: str | None, name: str |
           dtype: str, max_batch_tokens: int) -> None:
     import uvicorn
 
-    from opd.models import load_model, load_tokenizer, pick_device, pick_dtype
-    from opd.setup import resolve_model_path
+    from opd.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 
     path = resolve_model_path(model_dir)
     chosen_device = pick_device(device)

@@ -32,6 +32,7 @@ class LocalTeacher:
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
         self.head = model.get_output_embeddings()
+        self.local_model = model  # what a run evaluates and samples from (None for a served teacher)
 
     def close(self) -> None:
         """Nothing to release: the model goes with the session."""

@@ -25,7 +25,8 @@ class RemoteTeacher:
         self.http = JsonClient(url, "teacher server", api_key, timeout, retries, backoff, concurrency)
         self.url, self.request = self.http.url, self.http.request
         self.rows_per_request, self.concurrency = rows_per_request, concurrency
-        self.model = model
+        self.model = model  # the served model's name
+        self.local_model, self.sharded = None, False  # nothing of it runs in this process
 
     def close(self) -> None:
         """Close the connection pool (a run closes its teachers when it ends, or when a check refuses)."""

@@ -39,9 +39,32 @@ class RoutedTeacherView:
     def __init__(self, views: dict[str, TeacherView]) -> None:
         self.views = views
 
+    several = True
+
     def close(self) -> None:
         for view in self.views.values():
             view.close()
+
+    @property
+    def default(self) -> TeacherView:
+        """``teacher=``'s view: the one that evaluates in its own tokens and writes samples."""
+        return self.views[DEFAULT]
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self.default.model
+
+    @property
+    def sharded(self) -> bool:
+        return self.default.sharded
+
+    @property
+    def shape(self):
+        return self.default.shape
+
+    @property
+    def teacher_tokenizer(self):
+        return self.default.teacher_tokenizer
 
     def view(self, name: str | None) -> TeacherView:
         key = name or DEFAULT
@@ -106,7 +129,8 @@ def per_teacher_kl(rollouts: Rollouts, on_policy: torch.Tensor) -> dict:
     return out
 
 
-def routed_step_flops(session, ranks: list[dict], merged: dict) -> dict:
+def routed_step_flops(view: RoutedTeacherView, student_shape, samples_per_prompt: int, ranks: list[dict],
+                      merged: dict) -> dict:
     """teachers=: from every rank's ``per_teacher_kl`` and the step's lengths, ``teacher_kl/NAME`` and
     ``teacher_flops/NAME`` (scoring its rows), and the total teacher FLOPs (None when a teacher is behind a
     server: its architecture is unknown)."""
@@ -119,10 +143,10 @@ def routed_step_flops(session, ranks: list[dict], merged: dict) -> dict:
         label = name or "default"
         out[f"teacher_kl/{label}"] = sum(s[0] for s in sums) / tokens if tokens else None
         rows = [i for i, n in enumerate(names) if n == name]
-        shape = session.teacher_shapes[name]
+        shape = view.view(name).shape
         flops = None if shape is None else step_flops(
-            session.student_shape, shape, [merged["prompt_lengths"][i] for i in rows],
-            [merged["completion_lengths"][i] for i in rows], "opd", session.config.samples_per_prompt)["teacher_flops"]
+            student_shape, shape, [merged["prompt_lengths"][i] for i in rows],
+            [merged["completion_lengths"][i] for i in rows], "opd", samples_per_prompt)["teacher_flops"]
         out[f"teacher_flops/{label}"] = flops
         total = None if flops is None or total is None else total + flops
     out["teacher_flops"] = total

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from opd.flops import ModelShape
 from opd.models import OpdError, chat_prompt_ids, chat_prompt_text
 from opd.rollouts import Rollouts, pack_pairs
 from opd.teachers.alignment import Alignment, Events, align, conditional_shares, token_bytes, with_end_of_turn
@@ -93,6 +94,7 @@ class TeacherView:
         """``path`` forces one (``aligned`` works for any pair, e.g. to check it against ``shared``);
         by default ``choose_path`` picks it."""
         self.teacher = teacher
+        self._shape: ModelShape | None = None
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer or student_tokenizer
         self.template = template
@@ -103,12 +105,31 @@ class TeacherView:
             self.events = Events(self.student_bytes, self.teacher_bytes, set(student_tokenizer.added_tokens_decoder),
                                  set(self.teacher_tokenizer.added_tokens_decoder))
 
+    several = False  # one teacher (RoutedTeacherView: several, each row to its own)
+
     def close(self) -> None:
         self.teacher.close()
 
     @property
     def head(self) -> torch.nn.Module:
         return self.teacher.head
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The teacher's model when it runs in this process (it evaluates and samples); None behind a server."""
+        return self.teacher.local_model
+
+    @property
+    def sharded(self) -> bool:
+        """Its layers are sharded across the ranks (every rank runs each of its forwards)."""
+        return self.teacher.sharded
+
+    @property
+    def shape(self) -> ModelShape | None:
+        """Its architecture, for its FLOPs; None behind a server (unknown there)."""
+        if self._shape is None and self.model is not None:
+            self._shape = ModelShape.of(self.model)
+        return self._shape
 
     def teacher_prompt(self, messages: list[dict]) -> list[int]:
         """The prompt as the teacher reads it: its own template's rendering, or (``template=student`` on
