@@ -26,7 +26,8 @@ lint: $(STAMP)
 
 # the core modules' functions mutated by `make mutate` (mutmut name patterns; see README, Mutation testing)
 MUTATE := 'opd.losses.*' 'opd.samplers.local.*' 'opd.scoring.*' 'opd.rollouts.*' 'opd.teachers.remote.*' \
-	'opd.objective.*' 'opd.samplers.sources.*' 'opd.trainer.x_update*' 'opd.trainer.x_training_step*' \
+	'opd.objective.*' 'opd.samplers.sources.*' 'opd.step_record.*' 'opd.trainer.x_update*' \
+	'opd.trainer.x_training_step*' \
 	'opd.server.api.x_check_sampling*' 'opd.server.api.x_validate_prompt*' 'opd.server.api.x_sampled_choice*' \
 	'opd.server.api.x_stop_ids*' 'opd.server.served.*' 'opd.http.*' 'opd.samplers.remote.*' 'opd.samplers.sync.*' \
 	'opd.samplers.service.*' 'opd.divergences.*' 'opd.teachers.routed.*' 'opd.setup.x_restore*' \
