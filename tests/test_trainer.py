@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -180,3 +181,22 @@ def test_a_prompt_over_the_context_limit_is_refused_or_truncated(model_dirs, tmp
     assert len(whole) > session.prompter.max_prompt_tokens
     budget = session.prompter.max_prompt_tokens
     assert session.prompt_ids(messages) == whole[-budget:]  # its end, which holds the question
+
+
+def test_a_run_resumed_mid_schedule_reproduces_the_uninterrupted_rates_and_losses(model_dirs, tmp_path, monkeypatch):
+    # 6 steps: warm-up over 2, then cosine to 0.1 x lr; stopped at step 3 (checkpoint at 2) in the decay
+    extra = {"steps": 6, "warmup_steps": 2, "lr_schedule": "cosine", "min_lr_ratio": 0.1, "save_every": 2}
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(load_config(None, tiny_train_overrides(model_dirs, whole, **extra)), progress=False)
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, tiny_train_overrides(model_dirs, part, **extra)), progress=False)
+    monkeypatch.undo()
+    train(load_config(None, tiny_train_overrides(model_dirs, part, **extra)), resume=part, progress=False)
+    expected, got = read_jsonl(whole / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [r["lr"] for r in got[1:]] == pytest.approx([r["lr"] for r in expected[1:]], rel=1e-12)
+    assert [r["loss"] for r in got[1:]] == pytest.approx([r["loss"] for r in expected[1:]], rel=1e-4, abs=1e-6)
+    # warm-up (k+1)/2, then p = (k-1)/4 for k = 1..5: the factor 0.1 + 0.9 (1 + cos(pi p)) / 2
+    factors = [0.5, 1.0] + [0.1 + 0.9 * (1 + math.cos(math.pi * (k - 1) / 4)) / 2 for k in range(2, 6)]
+    assert [r["lr"] for r in got[1:]] == pytest.approx([1e-2 * f for f in factors], rel=1e-9)
+    assert got[-1]["lr"] == pytest.approx(1e-3)  # the last update at min_lr_ratio x lr

@@ -89,6 +89,8 @@ class TrainConfig:
     # optimisation
     lr: float = 6e-4
     warmup_steps: int = 50
+    lr_schedule: str = "constant"  # after the warm-up: constant | linear | cosine (decay to min_lr_ratio x lr)
+    min_lr_ratio: float = 0.0  # lr_schedule=linear or cosine: the last step's rate as a share of lr
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -121,7 +123,7 @@ class TrainConfig:
                "teacher_template": ("auto", "own", "student"),
                "verifier": ("exact", "math", "ifeval"),
                "sampler_sync": ("auto", "lora", "reload", "nccl"),
-               "divergence": ("reverse_kl", "forward_kl", "jsd")}
+               "divergence": ("reverse_kl", "forward_kl", "jsd"), "lr_schedule": ("constant", "linear", "cosine")}
 
     @property
     def distils(self) -> bool:
@@ -147,6 +149,8 @@ class TrainConfig:
                            "(greedy accuracy is always reported)")
         if self.lr <= 0:
             raise OpdError(f"config field lr={self.lr} must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise OpdError(f"config field min_lr_ratio={self.min_lr_ratio} must be in [0, 1] (a share of lr)")
         if not 0 < self.top_p <= 1:
             raise OpdError(f"config field top_p={self.top_p} must be in (0, 1]")
         if self.temperature <= 0:

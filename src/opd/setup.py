@@ -4,6 +4,7 @@ resuming. All input checks happen here, before any compute; what a refusal leave
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -40,6 +41,7 @@ from opd.samplers.sources import (
     StepPrompts,
     document_chunks,
 )
+from opd.schedule import lr_factor
 from opd.tasks import Example, Task
 from opd.tasks.choose import make_task
 from opd.tasks.sources import DataOptions
@@ -218,12 +220,14 @@ def connect_sampler(config: TrainConfig, tokenizer, student_path: str, dtype: to
 
 
 def build_optimizer(config: TrainConfig, student: torch.nn.Module):
-    """AdamW over the trainable parameters, the learning rate warmed up linearly over ``warmup_steps``."""
+    """AdamW over the trainable parameters; the rate warmed up linearly over ``warmup_steps``, then
+    ``lr_schedule`` (``schedule.lr_factor``)."""
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(config.beta1, config.beta2),
                                   weight_decay=config.weight_decay)
-    warmup = max(config.warmup_steps, 1)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    factor = functools.partial(lr_factor, warmup_steps=config.warmup_steps, steps=config.steps,
+                               schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def build_session(config: TrainConfig, resume: str | Path | None, task: Task | None, reward,
