@@ -96,6 +96,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1  # micro-batches per step (the step's rows are split evenly)
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass instead of keeping
+    # its activations (transformers' own mechanism): the student's training memory no longer grows with depth
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 32.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"

@@ -115,6 +115,28 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> t
         return get_peft_model(model, config)
 
 
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Activation checkpointing of the decoder layers with transformers' own mechanism (non-reentrant: it
+    works under LoRA, whose frozen embeddings give no input that requires grad, and under DDP and FSDP2).
+    It acts in training mode only, so sampling and evaluation keep their KV cache."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise OpdError(f"gradient_checkpointing=true: {type(model).__name__} does not support transformers' "
+                       "gradient checkpointing")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the older name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def recomputes_layers(model: torch.nn.Module) -> bool:
+    """Whether a forward now checkpoints the decoder layers (training mode, gradients on): transformers then
+    drops any KV cache, so a forward must not rely on one."""
+    enabled = getattr(model, "is_activation_checkpointing", None)
+    if enabled is None:
+        enabled = getattr(model, "is_gradient_checkpointing", False)
+    return bool(enabled) and model.training and torch.is_grad_enabled()
+
+
 def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model with any LoRA adapters merged in (a copy), for saving in plain HF format."""
     if hasattr(model, "merge_and_unload"):

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from opd.losses import reverse_kl_from_logits, sampling_logprobs
-from opd.models import cache_kwargs
+from opd.models import cache_kwargs, recomputes_layers
 from opd.rollouts import Rollouts
 
 LOGITS_BUDGET = 1 << 25  # float32 elements per chunk of logits (128 MiB)
@@ -30,9 +30,10 @@ def completion_hidden(model: torch.nn.Module, rollouts: Rollouts,
     the completions attend to them as a cache. The same function of the inputs as one padded
     forward, so also the same gradients (a shared prompt position sums its rows' gradients), at
     G/B of the prompt's cost. ``share_prompts=False``: always one forward (a sharded teacher's ranks must
-    run the same number of forwards whatever their rows)."""
+    run the same number of forwards whatever their rows); so too with the layers checkpointed, which
+    drops the cache the shared prompt lives in."""
     decoder = model.get_decoder()
-    groups = rollouts.prompt_groups() if share_prompts else None
+    groups = rollouts.prompt_groups() if share_prompts and not recomputes_layers(model) else None
     if groups is None:
         hidden = decoder(
             input_ids=rollouts.tokens,

@@ -18,6 +18,7 @@ from opd.flops import ModelShape
 from opd.models import (
     OpdError,
     add_lora,
+    checkpoint_layers,
     load_model,
     load_tokenizer,
     pick_device,
@@ -185,6 +186,8 @@ def build_student(config: TrainConfig, path: str, checkpoint: tuple[int, Path] |
                 student = PeftModel.from_pretrained(student, str(checkpoint[1]), is_trainable=True)
         else:
             student = add_lora(student, config.lora_rank, config.lora_alpha, config.lora_targets)
+    if config.gradient_checkpointing:
+        checkpoint_layers(student)
     return student
 
 
