@@ -387,15 +387,15 @@ def test_the_zoo_second_family_differs_in_every_way_the_issue_names(tokenizer, o
 
 def test_sft_has_a_teacher_with_its_own_template_write_from_its_own_rendering(own_template_dir, model_dirs, tmp_path,
                                                                             monkeypatch):
-    import opd.samplers.sources
+    import opd.samplers.local
 
-    real, asked = opd.samplers.sources.sample, []
+    real, asked = opd.samplers.local.sample, []
 
     def recording(model, prompts, **kwargs):
         asked.append(prompts)
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(opd.samplers.sources, "sample", recording)
+    monkeypatch.setattr(opd.samplers.local, "sample", recording)
     dirs = {**model_dirs, "teacher": own_template_dir}
     session = open_session(load_config(None, tiny_train_overrides(dirs, tmp_path / "run", method="sft")))
     rollouts = session.source.rollouts(0)

@@ -17,15 +17,15 @@ from opd.setup import open_session
 
 def counting_sampler(monkeypatch, session) -> list[str]:
     """Record who samples (``student`` or ``teacher``) at every call of the trainer's sampler."""
-    import opd.samplers.sources
+    import opd.samplers.local
 
-    calls, real = [], opd.samplers.sources.sample
+    calls, real = [], opd.samplers.local.sample
 
     def counted(model, *args, **kwargs):
         calls.append("teacher" if model is session.teacher_view.model else "student")
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(opd.samplers.sources, "sample", counted)
+    monkeypatch.setattr(opd.samplers.local, "sample", counted)
     return calls
 
 

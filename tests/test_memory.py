@@ -66,3 +66,28 @@ def test_gradient_checkpointing_recomputes_the_layers_and_keeps_the_gradient(pea
     assert grads[False].abs().max() > 0
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
     assert forwards == {False: 0, True: 1}  # checkpointed, the layer runs again in the backward pass
+
+
+def test_sampling_a_few_rows_at_a_time_keeps_each_rows_prompt_group_and_log_probs(model_dirs, tmp_path, monkeypatch):
+    import opd.samplers.local
+    from opd.scoring import token_logprobs
+
+    calls = []
+    real = opd.samplers.local.sample
+    monkeypatch.setattr(opd.samplers.local, "sample",
+                        lambda model, prompts, **kw: calls.append(len(prompts) * kw["samples_per_prompt"])
+                        or real(model, prompts, **kw))
+    config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", prompts_per_step=5,
+                                                    samples_per_prompt=3, sample_batch=7, kl="sampled"))
+    session = open_session(config)
+    rollouts = session.source.rollouts(0)
+    assert calls == [6, 6, 3]  # 2 prompts x 3 samples fit in 7 rows; the last call holds the fifth prompt
+    assert torch.equal(rollouts.prompt_index, torch.arange(5).repeat_interleave(3))
+    examples = session.source.prompts.all(0)
+    for row in range(15):  # each row's prompt is its own group's, read off its tokens
+        prompt = rollouts.tokens[row][(rollouts.attention_mask[row] > 0) & (rollouts.completion_mask[row] == 0)]
+        assert prompt.tolist() == session.prompt_ids(examples[row // 3].messages)
+        assert rollouts.extras["messages"][row] == examples[row // 3].messages
+    with torch.no_grad():  # the recorded log-probs are the model's at temperature 1, whatever call drew them
+        own = token_logprobs(session.full_model, rollouts, session.vocab_size)
+    torch.testing.assert_close(own * rollouts.completion_mask, rollouts.sampler_logprobs, atol=1e-5, rtol=1e-5)

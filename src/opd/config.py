@@ -76,6 +76,7 @@ class TrainConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
+    sample_batch: int = 0  # rows (prompts x samples) sampled in process at once, its KV cache sized for them (0: all)
     sampler: str = "local"  # who samples the student's rollouts: local | http://HOST:PORT (vLLM or opd serve) | vllm
     sampler_model: str = ""  # the served student's name (default: the one base model the server lists)
     sampler_sync: str = "auto"  # weights to the server after each step: auto | lora | reload | nccl
@@ -151,6 +152,8 @@ class TrainConfig:
                            "(greedy accuracy is always reported)")
         if self.lr <= 0:
             raise OpdError(f"config field lr={self.lr} must be positive")
+        if self.sample_batch < 0:
+            raise OpdError(f"config field sample_batch={self.sample_batch} must be 0 (all rows at once) or positive")
         if not 0 <= self.min_lr_ratio <= 1:
             raise OpdError(f"config field min_lr_ratio={self.min_lr_ratio} must be in [0, 1] (a share of lr)")
         if not 0 < self.top_p <= 1:

@@ -341,7 +341,8 @@ def rollout_source(session: Session, service, pairs: list, chunks: list[list[int
                          device)
     if pairs:
         return data
-    draw = Draw(config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p, config.seed)
+    draw = Draw(config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p, config.seed,
+                config.sample_batch)
     prompts = StepPrompts(session.task, config.prompts_per_step, config.train_prompts, config.seed, session.dist,
                           config.lmbda if config.method == "opd" else 1.0)
     view = session.teacher_view

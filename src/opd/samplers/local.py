@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer
 
 from opd.losses import sampling_logprobs
 from opd.models import cache_kwargs
-from opd.rollouts import Rollouts
+from opd.rollouts import Rollouts, concat_rollouts
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -199,3 +199,17 @@ def sample(
         prompt_index=rows,
         sampler_logprobs=torch.cat([zeros, completion_lp], dim=1),
     )
+
+
+def sample_in_batches(model: torch.nn.Module, prompts: list[list[int]], *, rows: int, samples_per_prompt: int,
+                      pad_id: int, **kwargs) -> Rollouts:
+    """``sample`` over ``prompts`` a few at a time, at most ``rows`` rows (prompts x samples) per call, so the
+    KV cache is sized for those rows (``rows=0``: all at once, one call). The rows, their order and groups are
+    one call's; the draws differ from one call's (the generator is read in another order)."""
+    per_call = len(prompts) if rows <= 0 else max(1, rows // samples_per_prompt)
+    out = None
+    for start in range(0, len(prompts), per_call):
+        part = sample(model, prompts[start : start + per_call], samples_per_prompt=samples_per_prompt,
+                      pad_id=pad_id, **kwargs)
+        out = part if out is None else concat_rollouts(out, part, pad_id)
+    return out

@@ -24,7 +24,7 @@ from opd import distributed
 from opd.evaluation import completions_text
 from opd.models import OpdError, chat_prompt_ids
 from opd.rollouts import Rollouts, concat_rollouts, pack_pairs
-from opd.samplers.local import sample
+from opd.samplers.local import sample_in_batches
 from opd.samplers.service import RolloutService, reweight
 from opd.tasks import Example, Task
 from opd.tasks.jsonl import epoch_order
@@ -64,6 +64,7 @@ class Draw:
     temperature: float
     top_p: float
     seed: int
+    rows_per_call: int = 0  # sample_batch: rows the in-process sampler draws at once (0: all of them)
 
 
 @dataclass
@@ -150,11 +151,12 @@ class InProcess:
         draw, tokenizer = self.draw, self.prompter.tokenizer
         prompts = [self.prompter.ids(ex.messages) for ex in examples]
         seed = draw.seed * 1_000_003 + step + self.rank * 7_919_000_003 + self.seed_offset  # rank 0: as one process
-        rollouts = sample(self.model, [self.teacher_prompt(ex.messages) for ex in examples] if self.teacher_prompt
-                          else prompts, samples_per_prompt=draw.samples_per_prompt,
-                          max_new_tokens=draw.max_new_tokens, temperature=draw.temperature, top_p=draw.top_p,
-                          eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=self.vocab_size,
-                          generator=torch.Generator(self.device).manual_seed(seed))
+        rollouts = sample_in_batches(
+            self.model, [self.teacher_prompt(ex.messages) for ex in examples] if self.teacher_prompt else prompts,
+            rows=draw.rows_per_call, samples_per_prompt=draw.samples_per_prompt, max_new_tokens=draw.max_new_tokens,
+            temperature=draw.temperature, top_p=draw.top_p, eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id, vocab_size=self.vocab_size,
+            generator=torch.Generator(self.device).manual_seed(seed))
         if self.teacher_prompt:  # the student trains on the teacher's completion after its own rendering
             groups = rollouts.prompt_index
             rollouts = pack_pairs([p for p in prompts for _ in range(draw.samples_per_prompt)],
