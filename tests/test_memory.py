@@ -91,3 +91,62 @@ def test_sampling_a_few_rows_at_a_time_keeps_each_rows_prompt_group_and_log_prob
     with torch.no_grad():  # the recorded log-probs are the model's at temperature 1, whatever call drew them
         own = token_logprobs(session.full_model, rollouts, session.vocab_size)
     torch.testing.assert_close(own * rollouts.completion_mask, rollouts.sampler_logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_token_budget_micro_batches_keep_the_whole_batchs_update(peaked_teacher, tmp_path, name):
+    """Rows regrouped by length into micro-batches of at most 80 positions (one of them holds rows of two
+    prompts out of order), their padding columns cut: the update (SGD at rate 1, so the weight change is
+    the gradient) is the one-batch update."""
+    from conftest import use_sgd
+    from opd.trainer import token_budget, update
+
+    deltas, counts = {}, {}
+    for budget in (0, 80):
+        config = load_config(None, tiny_train_overrides(peaked_teacher, tmp_path / str(budget), samples_per_prompt=3,
+                                                        grad_clip=1e9, max_tokens_per_micro_batch=budget,
+                                                        **OBJECTIVES[name]))
+        session = open_session(config)
+        batch = unequal_batch(session)
+        gradient(session, batch)  # the teacher's part and the advantages, as the step computes them
+        signal = None
+        if session.objective.teacher_needs in ("distribution", "topk"):
+            needs = session.objective.teacher_needs
+            messages = [[{"role": "user", "content": "x"}]] * batch.tokens.shape[0]
+            graded = session.teacher_view.score(batch, messages, hidden=needs == "distribution",
+                                                topk=5 if needs == "topk" else 0)
+            signal = session.objective.signal(graded, session.teacher_view.head if needs == "distribution" else None)
+        before = [p.detach().clone() for p in session.trainable]
+        use_sgd(session, lr=1.0)
+        batches, record = token_budget(session, batch)
+        counts[budget] = len(batches) if batches else 1
+        update(session, batch, signal, batch.num_completion_tokens, 0, batches)
+        deltas[budget] = torch.cat([(p.detach() - b).flatten() for p, b in zip(session.trainable, before, strict=True)])
+        if budget:
+            assert record["micro_batches"] == len(batches) and 0 <= record["padding_share"] < 1
+            assert any(b != list(range(b[0], b[0] + len(b))) for b in batches)  # rows out of their order
+        session.close()
+    assert counts[80] > 2 and deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[80], deltas[0], rtol=1e-5, atol=1e-7)
+
+
+def test_the_plan_holds_the_budget_keeps_prompts_together_and_splits_evenly():
+    from opd.micro_batches import cost, padding_share, plan, split_to
+
+    prompt_index = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    prompts = [5, 5, 5, 9, 9, 9, 2, 2, 2]
+    completions = [1, 7, 3, 2, 2, 2, 12, 1, 1]
+    batches = plan(prompt_index, prompts, completions, budget=30)
+    assert sorted(r for b in batches for r in b) == list(range(9))  # every row once
+    assert all(cost(b, prompts, completions) <= 30 for b in batches if len(b) > 1)
+    flat = [r for b in batches for r in b]
+    for group in (0, 1, 2):  # a prompt's samples stay adjacent (their prompt runs once)
+        where = [i for i, r in enumerate(flat) if prompt_index[r] == group]
+        assert where == list(range(where[0], where[0] + 3))
+    assert [prompt_index[r] for r in flat[:3]] == [2, 2, 2]  # the longest prompt + completion first
+    assert plan([0], [50], [50], budget=10) == [[0]]  # a row over the budget is a micro-batch of its own
+    evened = split_to(batches, len(batches) + 2)
+    assert len(evened) == len(batches) + 2 and sorted(r for b in evened for r in b) == list(range(9))
+    assert padding_share([[0, 1]], prompts, completions) == pytest.approx(1 - (6 + 12) / (2 * (5 + 7)))
+    with pytest.raises(ValueError):
+        split_to([[0], [1]], 3)

@@ -97,6 +97,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1  # micro-batches per step (the step's rows are split evenly)
+    max_tokens_per_micro_batch: int = 0  # micro-batches by token budget instead: rows grouped by length so that
+    # one holds at most N positions, padding included (0: off, grad_accum decides); the same gradient either way
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass instead of keeping
     # its activations (transformers' own mechanism): the student's training memory no longer grows with depth
     lora_rank: int = 0  # 0: full fine-tuning
@@ -152,6 +154,9 @@ class TrainConfig:
                            "(greedy accuracy is always reported)")
         if self.lr <= 0:
             raise OpdError(f"config field lr={self.lr} must be positive")
+        if self.max_tokens_per_micro_batch < 0:
+            raise OpdError(f"config field max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be 0 "
+                           "(off: grad_accum splits the rows) or positive")
         if self.sample_batch < 0:
             raise OpdError(f"config field sample_batch={self.sample_batch} must be 0 (all rows at once) or positive")
         if not 0 <= self.min_lr_ratio <= 1:

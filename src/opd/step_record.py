@@ -50,7 +50,8 @@ def engine_stats(ranks: list[dict]) -> dict:
 
 
 def step_record(ranks: list[dict], config: TrainConfig, student_shape: ModelShape, teacher_view, from_data: bool,
-                step: int, loss: float, grad_norm: float, lr: float, engine: dict, seconds: dict) -> dict:
+                step: int, loss: float, grad_norm: float, lr: float, engine: dict, seconds: dict,
+                micro: dict | None = None) -> dict:
     """The step's line of metrics.jsonl from every rank's ``rank_figures``."""
     completion_lengths, prompt_lengths = joined(ranks, "completion_lengths"), joined(ranks, "prompt_lengths")
     rewards, on_policy = joined(ranks, "rewards"), joined(ranks, "on_policy")
@@ -88,6 +89,7 @@ def step_record(ranks: list[dict], config: TrainConfig, student_shape: ModelShap
         "completion_tokens": sum(completion_lengths),
         "grad_norm": grad_norm,
         "lr": lr,
+        **(micro or {}),  # max_tokens_per_micro_batch: how many, and their padding share
         **alignment,
         **engine,
         **flops,

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.evaluation import EvalResult, evaluate
+from opd.micro_batches import completion_positions, padding_share, plan, rows_tensor, split_to, trimmed
 from opd.models import OpdError
 from opd.objective import TeacherSignal
 from opd.rollouts import Rollouts
@@ -30,23 +31,29 @@ from opd.trackers import Trackers
 
 
 def update(session: Session, rollouts: Rollouts, signal: TeacherSignal | None, step_tokens: int,
-           step: int) -> tuple[float, float]:
+           step: int, batches: list[list[int]] | None = None) -> tuple[float, float]:
     """One optimizer step on this rank's rollouts; ``step_tokens`` counts the completion tokens of all
-    ranks. Returns (this rank's loss, the gradient norm before clipping)."""
+    ranks. ``batches``: the micro-batches' rows (``micro_batches.plan``), else ``grad_accum`` even slices.
+    Returns (this rank's loss, the gradient norm before clipping)."""
     config, module = session.config, session.loss_module
     session.student.train()
     session.optimizer.zero_grad(set_to_none=True)
     rows = rollouts.tokens.shape[0]
-    micro = max(rows // config.grad_accum, 1)
-    starts = list(range(0, rows, micro))
+    if batches is None:
+        micro = max(rows // config.grad_accum, 1)
+        batches = [list(range(start, min(start + micro, rows))) for start in range(0, rows, micro)]
+        parts = [(rollouts.select(slice(b[0], b[-1] + 1)), b) for b in batches]
+    else:  # token-budget micro-batches, each without its all-padding columns
+        parts = [(trimmed(rollouts.select(rows_tensor(b, rollouts.tokens.device))), b) for b in batches]
     offsets = completion_row_offsets(rollouts) if signal is not None else []
     per_rank_tokens = step_tokens / session.dist.world  # DDP and FSDP2 average gradients over ranks
     loss_total = 0.0
-    for i, start in enumerate(starts):
-        part = signal.rows(slice(offsets[start], offsets[start + micro])) if signal is not None else None
-        last = i == len(starts) - 1  # DDP all-reduces once, after the last micro-batch
+    for i, (part, rows_of) in enumerate(parts):
+        part_signal = None if signal is None else signal.rows(completion_positions(offsets, rows_of,
+                                                                                    rollouts.tokens.device))
+        last = i == len(parts) - 1  # DDP all-reduces once, after the last micro-batch
         with nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync():
-            loss = module(rollouts.select(slice(start, start + micro)), per_rank_tokens, part)
+            loss = module(part, per_rank_tokens, part_signal)
             loss.backward()
         loss_total += loss.item()
     grad_norm = distributed.local_value(torch.nn.utils.clip_grad_norm_(session.trainable, config.grad_clip)).item()
@@ -84,14 +91,30 @@ def training_step(session: Session, step: int) -> dict:
         check_gap(engine, session.config.engine_gap_limit, step, session.source.where)
     num_tokens = sum(joined(ranks, "completion_lengths"))
     lr = session.scheduler.get_last_lr()[0]  # the rate this step's update uses
-    loss, grad_norm = update(session, rollouts, signal, num_tokens, step)
+    batches, micro = token_budget(session, rollouts)
+    loss, grad_norm = update(session, rollouts, signal, num_tokens, step, batches)
     loss = sum(distributed.all_gather(loss, session.dist)) / session.dist.world
     seconds = {"sample": sampled - started, "score": scored - sampled, "train": time.perf_counter() - scored}
     pushed = session.source.push_seconds()  # a rollout server's weight push, inside the sampling time
     if pushed is not None:
         seconds["sync"] = pushed
     return step_record(ranks, session.config, session.student_shape, view, session.source.from_data, step, loss,
-                       grad_norm, lr, engine, seconds)
+                       grad_norm, lr, engine, seconds, micro)
+
+
+def token_budget(session: Session, rollouts: Rollouts) -> tuple[list[list[int]] | None, dict]:
+    """``max_tokens_per_micro_batch``: this rank's micro-batches (as many on every rank), and the record's
+    ``micro_batches`` and ``padding_share`` over all ranks; (None, {}) when it is off (``grad_accum``)."""
+    budget = session.config.max_tokens_per_micro_batch
+    if not budget:
+        return None, {}
+    completion = [int(n) for n in rollouts.completion_mask.sum(-1).tolist()]
+    prompt = [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion, strict=True)]
+    batches = plan(rollouts.prompt_index.tolist(), prompt, completion, budget)
+    batches = split_to(batches, max(distributed.all_gather(len(batches), session.dist)))
+    share = padding_share(batches, prompt, completion)
+    shares = distributed.all_gather(share, session.dist)
+    return batches, {"micro_batches": len(batches), "padding_share": round(sum(shares) / len(shares), 4)}
 
 
 def run_eval(session: Session) -> dict:
