@@ -193,3 +193,55 @@ def test_the_planned_flops_are_opd_trains_accounting_per_step_and_for_the_run():
     assert run_flops(student, None, config, 20, 10)["teacher_per_step"] == 0.0  # a served teacher: not counted
     sft = TrainConfig(prompts_per_step=6, samples_per_prompt=3, method="sft", sft_data="pairs.jsonl")
     assert run_flops(student, teacher, sft, 20, 10)["teacher_per_step"] == 0.0  # given data: no teacher compute
+
+
+def test_the_long_sequence_settings_each_change_their_term_by_hand():
+    """The worked example's student and teacher: checkpointing keeps one hidden state per layer and token
+    (and one layer's activations while it is recomputed) and reads each row's prompt; a token budget of
+    70 holds two rows of 20 + 10; sample_batch=8 sizes the cache for 8 rows; teacher_parallel=fsdp shards
+    the teacher's layers (one gathered, the next prefetched) and keeps the rest whole."""
+    from opd.plan import teacher_weights
+
+    student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
+    base = dict(prompts_per_step=16, samples_per_prompt=4, grad_accum=2, max_new_tokens=10, kl="sampled",
+                device="cpu", eval_examples=300, eval_batch=50, eval_samples=2)
+    logits = 16 * 10 * 512 * 4 * 3
+    layer = activation_values(64, 64, 128)
+    checkpointed = memory(student, teacher, TrainConfig(**base, gradient_checkpointing=True), 2, "ddp", 20).parts
+    assert checkpointed["training_activations"] == 16 * 30 * (4 * 64 + layer + 2 * 64) * 4 + logits
+    budget = memory(student, teacher, TrainConfig(**base, max_tokens_per_micro_batch=70), 2, "ddp", 20).parts
+    assert budget["training_activations"] == (1 * 20 + 2 * 10) * (4 * layer + 2 * 64) * 4 + 2 * 10 * 512 * 4 * 3
+    sampled = memory(student, teacher, TrainConfig(**base, sample_batch=9), 2, "ddp", 20).parts
+    assert sampled["sampling_kv_cache"] == 8 * 30 * 4 * 2 * 64 * 4 + 2 * 8 * 512 * 4  # whole prompts: 2 x 4
+    layers = 8 * teacher.layer_params
+    sharded = TrainConfig(**base, teacher_parallel="fsdp")
+    assert teacher_weights(teacher, sharded, 4, 4) == (teacher.params - layers) * 4 + layers * 4 // 4 \
+        + 2 * teacher.layer_params * 4
+    assert teacher_weights(teacher, sharded, 1, 4) == teacher.params * 4 == teacher_weights(
+        teacher, TrainConfig(**base), 4, 4)
+
+
+def test_a_plan_that_does_not_fit_names_the_fewest_settings_that_make_it_fit():
+    from opd.plan import fitting_advice, make_plan
+
+    student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
+    config = TrainConfig(prompts_per_step=64, samples_per_prompt=4, max_new_tokens=400, kl="sampled", device="cpu",
+                         eval_batch=1, eval_samples=1)
+    plan = make_plan(config, student, teacher, (20, 20), [1], [])
+    peak = plan.layouts[0].peak
+    checkpointed = memory(student, teacher, TrainConfig(**{**config.to_dict(), "gradient_checkpointing": True}), 1,
+                          "ddp", 20).peak
+    both = memory(student, teacher, TrainConfig(**{**config.to_dict(), "gradient_checkpointing": True,
+                                                   "max_tokens_per_micro_batch": 420}), 1, "ddp", 20).peak
+    assert peak > checkpointed > both
+    advice = fitting_advice(plan, plan.layouts[0], (checkpointed + both) / 2)  # checkpointing alone is not enough
+    assert advice == f"fits with gradient_checkpointing=true max_tokens_per_micro_batch=420: {gib_of(both)}"
+    assert fitting_advice(plan, plan.layouts[0], checkpointed) == \
+        f"fits with gradient_checkpointing=true: {gib_of(checkpointed)}"
+    assert fitting_advice(plan, plan.layouts[0], 1).startswith("does not fit even with gradient_checkpointing=true")
+
+
+def gib_of(value):
+    from opd.plan import gib
+
+    return gib(value)

@@ -26,6 +26,13 @@ weights, gradients and AdamW's two moments) and 1 under ddp:
   logits of one chunk in float32 (``scoring.LOGITS_BUDGET``; three copies: logits, log-softmax, its
   gradient; five with the teacher's for ``kl=full``).
 
+The settings for long completions change those terms: ``gradient_checkpointing`` keeps per token one
+hidden state per layer plus one layer's activations (the one being recomputed) and reads each row's
+prompt (no shared prompt); ``max_tokens_per_micro_batch=N`` takes ``N // (P + C)`` rows (one at least) per
+micro-batch; ``sample_batch`` sizes the KV cache for that many rows (whole prompts); ``teacher_parallel=fsdp``
+shards the teacher's layers (``+ 2`` layers gathered), its embeddings and head whole. ``fitting_advice``
+adds them, cheapest first, until a layout fits.
+
 Not counted: the CUDA context and the allocator's caching (about 0.5-1 GB on a GPU), the process itself
 on a CPU. ``P`` is the padded prompt length and ``C`` = ``max_new_tokens``.
 """
@@ -132,12 +139,20 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
     b = DTYPE_BYTES[training_dtype(config)]
     shard = processes if parallel == "fsdp" else 1
     rows = config.prompts_per_step * config.samples_per_prompt // processes  # this rank's rows
-    micro_rows = max(rows // config.grad_accum, 1)
     completion = config.max_new_tokens
+    micro_rows = max(rows // config.grad_accum, 1)
+    if config.max_tokens_per_micro_batch:  # as many whole rows as the budget holds (one at least)
+        micro_rows = min(rows, max(1, config.max_tokens_per_micro_batch // (prompt_tokens + completion)))
     prompts = max(micro_rows // config.samples_per_prompt, 1)
     tokens = prompts * prompt_tokens + micro_rows * completion  # a prompt is read once for its samples
-    per_token = student.layers * activation_values(student.hidden, student.kv_dim, student.intermediate) \
-        + 2 * student.hidden
+    layer_values = activation_values(student.hidden, student.kv_dim, student.intermediate)
+    per_token = student.layers * layer_values + 2 * student.hidden
+    if config.gradient_checkpointing:  # each layer's input kept, one layer's activations during its recompute;
+        tokens = micro_rows * (prompt_tokens + completion)  # and no shared prompt (its cache is dropped)
+        per_token = student.layers * student.hidden + layer_values + 2 * student.hidden
+    sample_rows = rows
+    if config.sample_batch:
+        sample_rows = min(rows, max(1, config.sample_batch // config.samples_per_prompt) * config.samples_per_prompt)
     chunk_rows = min(micro_rows * completion, max(1, LOGITS_BUDGET // student.vocab))
     # kl=auto as a run resolves it; opd plan's gather resolved it already where it read both tokenizers
     kl = resolve_kl(config.kl, remote=config.teacher.startswith(("http://", "https://")),
@@ -150,8 +165,9 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
         "student_weights": student.params * b // shard + (2 * student.layer_params * b if shard > 1 else 0),
         "gradients": student.trainable * b // shard,
         "optimizer": 2 * student.trainable * b // shard,
-        "teacher_weights": 0 if teacher is None else teacher.params * b,
-        "sampling_kv_cache": kv_cache(student, rows, prompt_tokens + completion, b) + 2 * rows * student.vocab * 4,
+        "teacher_weights": teacher_weights(teacher, config, processes, b),
+        "sampling_kv_cache": kv_cache(student, sample_rows, prompt_tokens + completion, b)
+        + 2 * sample_rows * student.vocab * 4,
         "evaluation": max(kv_cache(m, eval_rows, prompt_tokens + completion, b) + 2 * eval_rows * m.vocab * 4
                           for m in eval_models),
         "scoring": teacher_hidden,
@@ -159,6 +175,17 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
         + chunk_rows * student.vocab * 4 * logit_copies + teacher_hidden,
     }
     return Memory(parallel, processes, parts)
+
+
+def teacher_weights(teacher: ModelFacts | None, config: TrainConfig, processes: int, b: int) -> int:
+    """The teacher on every rank, or with ``teacher_parallel=fsdp`` its decoder layers sharded (one gathered
+    and the next prefetched at a time) and its embeddings, final norm and head whole."""
+    if teacher is None:
+        return 0
+    if config.teacher_parallel != "fsdp" or processes < 2:
+        return teacher.params * b
+    layers = teacher.layers * teacher.layer_params
+    return (teacher.params - layers) * b + layers * b // processes + 2 * teacher.layer_params * b
 
 
 def kv_cache(model: ModelFacts, rows: int, length: int, b: int) -> int:
@@ -275,6 +302,9 @@ def render(plan: Plan, device_memory: float | None = None) -> str:
     if device_memory:
         fits = ["fits" if m.peak <= device_memory else "too big" for m in plan.layouts]
         lines.append(f"  {f'on {device_memory / GIB:.0f} GiB':22}" + "".join(f"{f:>13}" for f in fits))
+        for layout in plan.layouts:
+            if layout.peak > device_memory:
+                lines.append(f"  {layout.parallel} x{layout.processes}: " + fitting_advice(plan, layout, device_memory))
     f = plan.flops
     lines += ["", f"FLOPs: {f['student_per_step']:.3g} student + {f['teacher_per_step']:.3g} teacher per step "
               f"(at {plan.completion_tokens:.0f} completion tokens per sample); {f['run']:.3g} for "
@@ -289,6 +319,33 @@ def render(plan: Plan, device_memory: float | None = None) -> str:
                   f"{plan.config['steps']} steps, {p['evaluations']} evaluations",
                   f"  measured peak memory in the probe: {gib(p['peak_memory'])} ({p['memory_source']})"]
     return "\n".join(lines)
+
+
+def memory_savers(config: TrainConfig, prompt_tokens: int, processes: int,
+                  has_teacher: bool) -> list[tuple[str, object]]:
+    """The settings that lower the peak, in the order ``opd plan`` adds them: what costs least first."""
+    savers: list[tuple[str, object]] = [("gradient_checkpointing", True),
+                                        ("max_tokens_per_micro_batch", prompt_tokens + config.max_new_tokens),
+                                        ("sample_batch", config.samples_per_prompt), ("eval_batch", 1)]
+    if has_teacher and processes > 1 and not config.teachers:
+        savers.append(("teacher_parallel", "fsdp"))
+    return [(name, value) for name, value in savers if getattr(config, name) != value]
+
+
+def fitting_advice(plan: Plan, layout: Memory, device_memory: float) -> str:
+    """The fewest of ``memory_savers`` (added in order) that bring ``layout`` under ``device_memory``, with
+    the resulting peak; or what all of them leave."""
+    config = TrainConfig(**plan.config)
+    chosen: list[str] = []
+    peak = layout.peak
+    for name, value in memory_savers(config, plan.prompt_tokens, layout.processes, plan.teacher is not None):
+        setattr(config, name, value)
+        chosen.append(f"{name}={str(value).lower() if isinstance(value, bool) else value}")
+        peak = memory(plan.student, plan.teacher, config, layout.processes, layout.parallel, plan.prompt_tokens).peak
+        if peak <= device_memory:
+            return f"fits with {' '.join(chosen)}: {gib(peak)}"
+    tried = f" even with {' '.join(chosen)} ({gib(peak)})" if chosen else ""
+    return f"does not fit{tried}: use more devices, LoRA, or a teacher behind a server"
 
 
 def check_vocab(facts: ModelFacts, tokenizer, who: str) -> tuple[str, str]:
