@@ -102,9 +102,10 @@ def test_token_budget_micro_batches_keep_the_whole_batchs_update(peaked_teacher,
     from opd.trainer import token_budget, update
 
     deltas, counts = {}, {}
-    for budget in (0, 80):
+    for budget, checkpointed in ((0, False), (80, False), (81, True)):  # and both settings at once
         config = load_config(None, tiny_train_overrides(peaked_teacher, tmp_path / str(budget), samples_per_prompt=3,
                                                         grad_clip=1e9, max_tokens_per_micro_batch=budget,
+                                                        gradient_checkpointing=str(checkpointed).lower(),
                                                         **OBJECTIVES[name]))
         session = open_session(config)
         batch = unequal_batch(session)
@@ -128,6 +129,7 @@ def test_token_budget_micro_batches_keep_the_whole_batchs_update(peaked_teacher,
         session.close()
     assert counts[80] > 2 and deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[80], deltas[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(deltas[81], deltas[0], rtol=1e-5, atol=1e-7)
 
 
 def test_the_plan_holds_the_budget_keeps_prompts_together_and_splits_evenly():
