@@ -141,3 +141,17 @@ def test_one_sample_per_prompt_from_the_teacher_is_still_counted_as_its_sampling
                                                     samples_per_prompt=1, task=prompts, eval_file=prompts))
     rollouts = open_session(config).source.rollouts(0)
     assert rollouts.extras["offpolicy"] == {"rows_per_prompt": 1, "teacher_sampled": True}
+
+
+def test_with_lmbda_zero_every_row_is_off_policy_and_no_student_kl_is_logged(model_dirs, tmp_path, monkeypatch):
+    from opd.trainer import training_step
+
+    config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", kl="full", lmbda=0.0))
+    session = open_session(config)
+    calls = counting_sampler(monkeypatch, session)
+    rollouts = session.source.rollouts(0)
+    assert calls == []  # nobody samples: every prompt has a reference completion
+    on = rollouts.extras["on_policy"]
+    assert on.dtype == torch.bool and on.tolist() == [False] * rollouts.tokens.shape[0] == [False] * 4
+    record = training_step(session, 0)
+    assert record["offpolicy_rows"] == 4 and record["teacher_kl"] is None
