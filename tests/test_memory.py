@@ -152,3 +152,15 @@ def test_the_plan_holds_the_budget_keeps_prompts_together_and_splits_evenly():
     assert padding_share([[0, 1]], prompts, completions) == pytest.approx(1 - (6 + 12) / (2 * (5 + 7)))
     with pytest.raises(ValueError):
         split_to([[0], [1]], 3)
+
+
+def test_a_prompt_of_exactly_the_budget_is_kept_whole_and_one_token_more_is_refused(tokenizer):
+    from opd.models import OpdError, chat_prompt_ids
+    from opd.samplers.sources import Prompter
+
+    messages = [{"role": "user", "content": "Compute 1+2"}]
+    ids = chat_prompt_ids(tokenizer, messages)
+    assert Prompter(tokenizer, len(ids)).ids(messages) == ids
+    with pytest.raises(OpdError, match=f"a prompt of {len(ids)} tokens exceeds max_prompt_tokens={len(ids) - 1}"):
+        Prompter(tokenizer, len(ids) - 1).ids(messages)
+    assert Prompter(tokenizer, len(ids) - 1, truncate=True).ids(messages) == ids[1:]
