@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.config import DISTILLING, REWARDED
 from opd.divergences import divergence_from_logits
 from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.rollouts import Rollouts
@@ -62,7 +61,9 @@ class TeacherSignal:
 
 @dataclass(frozen=True)
 class Objective:
-    method: str
+    distils: bool  # a teacher grades the student's tokens (opd, opd+rl)
+    rewarded: bool  # the task's reward enters the advantage (rl, opd+rl)
+    supervised: bool  # cross-entropy on given tokens (sft, midtrain)
     kl: str  # resolved: sampled | full | topk
     divergence: str = "reverse_kl"
     beta: float = 0.5
@@ -76,20 +77,9 @@ class Objective:
 
     @classmethod
     def of(cls, config, vocab_size: int) -> Objective:
-        return cls(config.method, config.kl, config.divergence, config.beta, config.kl_coef, config.reward_coef,
-                   config.gamma, config.temperature, config.top_p, config.ppo_clip, vocab_size)
-
-    @property
-    def distils(self) -> bool:
-        return self.method in DISTILLING
-
-    @property
-    def rewarded(self) -> bool:
-        return self.method in REWARDED
-
-    @property
-    def supervised(self) -> bool:
-        return self.method in SUPERVISED
+        return cls(config.distils, config.rewarded, config.method in SUPERVISED, config.kl, config.divergence,
+                   config.beta, config.kl_coef, config.reward_coef, config.gamma, config.temperature, config.top_p,
+                   config.ppo_clip, vocab_size)
 
     @property
     def exact(self) -> bool:
