@@ -26,7 +26,8 @@ Each (mode, length) is a fresh subprocess using both cores, one at a time. AdamW
 the optimizer's state) + the peak "Total Allocated" of the profiler's memory events during it (torch's CPU
 allocator; on CUDA ``torch.cuda.max_memory_allocated``). The step's peak resident set is recorded beside it.
 ``opd plan``'s estimate for the same config (weights, optimizer, teacher, and the larger of scoring and training)
-is printed beside the opd modes' measured peaks. Results: bench/results/long_sequences.json and .png (peak memory and step time against length).
+is printed beside the opd modes' measured peaks.
+Results: bench/results/long_sequences.json and .png (peak memory and step time against length).
 """
 
 from __future__ import annotations

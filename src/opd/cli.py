@@ -86,7 +86,7 @@ def other_tokenizer(config: TrainConfig) -> bool:
     from opd.teachers.view import tokenizer_differences
 
     student = load_tokenizer(resolve_model_path(config.student, "student"))
-    teacher = load_tokenizer(resolve_model_path(config.teacher_tokenizer or config.teacher, "teacher"))
+    teacher = load_tokenizer(resolve_model_path(config.teacher_tokenizer or config.teacher_spec, "teacher"))
     return bool(tokenizer_differences(student, teacher))
 
 

@@ -8,6 +8,7 @@ Defaults run the embedded demo on a CPU (the settings come from the sweep in the
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,6 +17,7 @@ from opd.models import OpdError
 
 DISTILLING = ("opd", "opd+rl")  # methods where a teacher grades the student's tokens
 REWARDED = ("rl", "opd+rl")  # methods where the task's reward enters the advantage
+TEMPLATE_KWARGS_FIELDS = ("chat_template_kwargs", "teacher_chat_template_kwargs")
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # report_to= (opd.trackers logs to them)
 
 
@@ -32,11 +34,13 @@ def chosen_trackers(report_to: str) -> list[str]:
 class TrainConfig:
     # models and data
     student: str = "embedded:student"  # HF model directory or hub id
-    teacher: str = "embedded:teacher"  # HF model directory, hub id, or http://HOST:PORT of a log-prob server
+    teacher: str = "embedded:teacher"  # HF model directory, hub id, http://HOST:PORT of a log-prob server, or self
     teacher_model: str = ""  # model name on the teacher server (default: the one it serves)
     teachers: str = ""  # several teachers: NAME=DIR_OR_URL,...; a prompt's "teacher" field picks one (else teacher=)
     teacher_tokenizer: str = ""  # the teacher's tokenizer (default: the teacher's directory; a server's: the student's)
     teacher_template: str = "auto"  # auto: the teacher's own chat template when it differs | own | student
+    chat_template_kwargs: str = ""  # JSON object for the student's chat template, e.g. {"enable_thinking": false}
+    teacher_chat_template_kwargs: str = ""  # the same for the teacher's template (its own: not the student's)
     task: str = "arithmetic"  # built-in task; prompts: JSONL, parquet/csv/json, a folder, hf:ORG/NAME; module:Class
     eval_file: str = ""  # held-out prompts when task is a file or dataset (same forms; hf:NAME@test)
     # datasets (task=, eval_file=, sft_data=, docs=): columns, split and subset, streaming
@@ -135,6 +139,13 @@ class TrainConfig:
         return self.method in DISTILLING
 
     @property
+    def teacher_spec(self) -> str:
+        """``teacher``, with ``teacher=self`` read as the student's initial weights: a frozen copy of ``student``
+        (never a checkpoint of the run), so the student distils its own starting point (self-distillation with
+        privileged context: the teacher reads ``teacher_messages``)."""
+        return self.student if self.teacher == "self" else self.teacher
+
+    @property
     def rewarded(self) -> bool:
         return self.method in REWARDED
 
@@ -206,12 +217,28 @@ class TrainConfig:
             raise OpdError("teacher_parallel=fsdp shards an in-process teacher that scores (method opd, rl, opd+rl); "
                            f"method={self.method} with teacher={self.teacher} has none to shard")
         chosen_trackers(self.report_to)
+        for name in TEMPLATE_KWARGS_FIELDS:
+            self.template_kwargs(name)
         if self.dist_timeout <= 0:
             raise OpdError(f"config field dist_timeout={self.dist_timeout} must be positive (seconds)")
         if self.train_prompts < 0:
             raise OpdError(f"config field train_prompts={self.train_prompts} must be 0 (no limit) or positive")
         if (self.prompts_per_step * self.samples_per_prompt) % self.grad_accum:
             raise OpdError(f"grad_accum={self.grad_accum} must divide prompts_per_step * samples_per_prompt")
+
+    def template_kwargs(self, name: str = "chat_template_kwargs") -> dict:
+        """``chat_template_kwargs`` (or ``teacher_chat_template_kwargs``) as the dict the template receives."""
+        text = getattr(self, name)
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise OpdError(f"config field {name}={text!r} is not JSON ({err.msg}); give an object, e.g. "
+                           f"{name}='{{\"enable_thinking\": false}}'") from None
+        if not isinstance(value, dict):
+            raise OpdError(f"config field {name}={text!r} must be a JSON object of template variables")
+        return value
 
     @property
     def remote_sampler(self) -> bool:
@@ -276,6 +303,8 @@ def apply_values(config: TrainConfig, values: dict, source: str) -> TrainConfig:
     for name, value in values.items():
         if name == "teachers" and isinstance(value, dict):  # a TOML table: [teachers] math = "DIR"
             value = ",".join(f"{k}={v}" for k, v in value.items())
+        if name in TEMPLATE_KWARGS_FIELDS and isinstance(value, dict):  # a TOML table
+            value = json.dumps(value)
         if name not in types:
             raise OpdError(f"{source}: unknown config field {name!r}; known fields: {', '.join(types)}")
         kind = types[name]

@@ -77,7 +77,9 @@ def evaluate(
             sampled = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                              generator=generator)
-            teacher_lp = teacher.score(sampled, [ex.messages for ex in chunk]).logprobs
+            privileged = any(ex.teacher_messages for ex in chunk)  # the teacher reads its own context
+            teacher_lp = teacher.score(sampled, [ex.teacher_conversation for ex in chunk],
+                                       privileged=privileged).logprobs
             mask = sampled.completion_mask
             kl_sum += float(((sampled.sampler_logprobs - teacher_lp) * mask).sum())
             kl_tokens += int(mask.sum())

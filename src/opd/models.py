@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -81,12 +82,32 @@ def _cache_argument(decoder_class: type) -> str:
     return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
+TEMPLATE_KWARGS = "opd_chat_template_kwargs"  # the attribute ``with_template_kwargs`` sets on a tokenizer
+
+
+def with_template_kwargs(tokenizer: PreTrainedTokenizerBase, kwargs: dict) -> PreTrainedTokenizerBase:
+    """``tokenizer``, rendering every chat with ``kwargs`` passed to its template (``chat_template_kwargs``,
+    e.g. ``{"enable_thinking": false}``); a copy when it already renders with other ones (one tokenizer object
+    shared by the student and a served teacher)."""
+    if template_kwargs(tokenizer) == kwargs:
+        return tokenizer
+    if hasattr(tokenizer, TEMPLATE_KWARGS):
+        tokenizer = copy.copy(tokenizer)
+    setattr(tokenizer, TEMPLATE_KWARGS, dict(kwargs))
+    return tokenizer
+
+
+def template_kwargs(tokenizer: PreTrainedTokenizerBase) -> dict:
+    return getattr(tokenizer, TEMPLATE_KWARGS, {})
+
+
 def chat_prompt_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, bool]:
-    """``messages`` rendered with the tokenizer's chat template, ready for the reply, and whether its
-    encoding adds the tokenizer's special tokens (only for a base model without a template, which sees
-    the plain text of the last user message)."""
+    """``messages`` rendered with the tokenizer's chat template (and its ``template_kwargs``), ready for the
+    reply, and whether its encoding adds the tokenizer's special tokens (only for a base model without a
+    template, which sees the plain text of the last user message)."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **template_kwargs(tokenizer)), False
     return messages[-1]["content"], True
 
 

@@ -262,7 +262,7 @@ def session_plan(session) -> Plan:
     config = session.config
     student = ModelFacts.of(config.student, None, model=session.student, lora=config)
     view = session.teacher_view
-    teacher = None if view is None or view.model is None else ModelFacts.of(config.teacher, None, model=view.model)
+    teacher = None if view is None or view.model is None else ModelFacts.of(config.teacher_spec, None, model=view.model)
     examples = session.task.train_examples(0, config.prompts_per_step, config.seed) + session.eval_set[:8]
     lengths = [len(session.prompt_ids(ex.messages)) for ex in examples]
     return make_plan(config, student, teacher, (sum(lengths) / len(lengths), max(lengths)),

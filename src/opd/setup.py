@@ -25,6 +25,7 @@ from opd.models import (
     pick_dtype,
     quiet_peft,
     resolve_model_path,
+    with_template_kwargs,
 )
 from opd.objective import Objective, resolve_kl
 from opd.samplers.sources import (
@@ -149,9 +150,10 @@ def read_inputs(config: TrainConfig, task: Task | None, reward) -> Inputs:
         raise OpdError("method=sft has the teacher write the completions, which a scoring server cannot: "
                        "load the teacher in-process")
     student_path = resolve_model_path(config.student, "student")
-    teacher_path = None if midtrain or remote else resolve_model_path(config.teacher, "teacher")
-    tokenizer = load_tokenizer(student_path)
-    teacher_tokenizer = None if midtrain else teacher_tokenizer_for(config, tokenizer, teacher_path)
+    teacher_path = None if midtrain or remote else resolve_model_path(config.teacher_spec, "teacher")
+    tokenizer = with_template_kwargs(load_tokenizer(student_path), config.template_kwargs())
+    teacher_tokenizer = None if midtrain else with_template_kwargs(
+        teacher_tokenizer_for(config, tokenizer, teacher_path), config.template_kwargs("teacher_chat_template_kwargs"))
     aligned = teacher_tokenizer is not None and choose_path(tokenizer, teacher_tokenizer,
                                                             config.teacher_template) == "aligned"
     config.kl = resolve_kl(config.kl, remote=remote, several=bool(config.teachers), aligned=aligned)

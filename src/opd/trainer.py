@@ -27,6 +27,7 @@ from opd.scoring import completion_row_offsets
 from opd.setup import Session, open_session
 from opd.step_record import engine_stats, joined, rank_figures, step_record
 from opd.tasks import Example
+from opd.teachers.view import teacher_conversations
 from opd.trackers import Trackers
 
 
@@ -78,8 +79,9 @@ def training_step(session: Session, step: int) -> dict:
     graded, signal = None, None
     if objective.distils:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
         needs = objective.teacher_needs
-        graded = view.score(rollouts, rollouts.extras["messages"], hidden=needs == "distribution",
-                            topk=session.config.teacher_topk if needs == "topk" else 0)
+        conversations, privileged = teacher_conversations(rollouts.extras)
+        graded = view.score(rollouts, conversations, hidden=needs == "distribution",
+                            topk=session.config.teacher_topk if needs == "topk" else 0, privileged=privileged)
         rollouts.teacher_logprobs = graded.logprobs
         signal = objective.signal(graded, view.head if needs == "distribution" else None)
     rollouts.advantages = objective.advantages(rollouts)

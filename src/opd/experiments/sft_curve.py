@@ -103,7 +103,7 @@ def teacher_dataset(config: TrainConfig, sizes: list[int], directory: Path, prog
                        "scores: give an in-process teacher, or --sft-sizes none")
     directory.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
-    path = resolve_model_path(config.teacher, "teacher")
+    path = resolve_model_path(config.teacher_spec, "teacher")
     tokenizer = load_tokenizer(path)
     teacher = load_model(path, device, pick_dtype(config.dtype, device)).eval()
     shape, task, total = ModelShape.of(teacher), make_task(config), max(sizes)

@@ -99,7 +99,8 @@ class StepPrompts:
 
 @dataclass(frozen=True)
 class Rewards:
-    """Each row's task reward and the conversation it answers (``extras["messages"]``, ``["teacher"]``)."""
+    """Each row's task reward and the conversation it answers (``extras["messages"]``, ``["teacher"]``, and
+    ``["teacher_messages"]``: what the teacher reads, the same objects unless a row has privileged context)."""
 
     tokenizer: object
     task: Task
@@ -109,6 +110,7 @@ class Rewards:
         repeated = [ex for ex in examples for _ in range(per_prompt)]
         rollouts.extras["messages"] = [ex.messages for ex in repeated]
         rollouts.extras["teacher"] = [ex.teacher or "" for ex in repeated]  # teachers=: who scores each row
+        rollouts.extras["teacher_messages"] = [ex.teacher_conversation for ex in repeated]  # privileged context
         rollouts.rewards = torch.tensor([self.task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True)],
                                         device=rollouts.tokens.device)
         return rollouts

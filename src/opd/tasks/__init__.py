@@ -16,6 +16,12 @@ class Example:
     constraints: tuple = ()  # instruction-following constraints (see opd.tasks.ifeval), checked instead of an answer
     completion: str | None = None  # a reference completion, when the data has one (GKD's off-policy part)
     teacher: str | None = None  # the teacher this prompt is distilled from, by its name in teachers= (None: teacher=)
+    teacher_messages: list[dict] | None = None  # privileged context: what the teacher reads in place of messages
+
+    @property
+    def teacher_conversation(self) -> list[dict]:
+        """The conversation the teacher grades the student's reply to: ``teacher_messages``, else ``messages``."""
+        return self.teacher_messages or self.messages
 
     @property
     def verifiable(self) -> bool:

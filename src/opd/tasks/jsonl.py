@@ -100,7 +100,28 @@ def parse_record(obj, where: str, options: DataOptions = DEFAULT_OPTIONS) -> tup
     if teacher is not None and (not isinstance(teacher, str) or not teacher):
         raise OpdError(f"{where}: field 'teacher' must be a teacher's name (a non-empty string) from teachers=")
     return Example(messages, None if answer is None else str(answer), constraints,
-                   completion if isinstance(completion, str) and completion else None, teacher), completion
+                   completion if isinstance(completion, str) and completion else None, teacher,
+                   privileged_context(obj, messages, where)), completion
+
+
+def privileged_context(obj: dict, messages: list[dict], where: str) -> list[dict] | None:
+    """What the teacher reads in place of the student's prompt: ``teacher_messages`` (a conversation, OpenAI or
+    ShareGPT), or ``teacher_prompt`` (a string: the student's messages with the last user turn's text replaced by
+    it); None when the row has neither."""
+    if given(obj, "teacher_messages") is not None and given(obj, "teacher_prompt") is not None:
+        raise OpdError(f"{where}: give 'teacher_messages' or 'teacher_prompt', not both")
+    if given(obj, "teacher_messages") is not None:
+        teacher = parse_messages(obj["teacher_messages"], "teacher_messages", where)
+        if teacher[-1]["role"] == "assistant":
+            raise OpdError(f"{where}: field 'teacher_messages' must end with the turn the student answers (a user "
+                           "turn), not an assistant one")
+        return teacher
+    if given(obj, "teacher_prompt") is not None:
+        if not isinstance(obj["teacher_prompt"], str) or not obj["teacher_prompt"].strip():
+            raise OpdError(f"{where}: field 'teacher_prompt' must be a non-empty string")
+        last = max(i for i, m in enumerate(messages) if m["role"] != "assistant")
+        return [*messages[:last], {**messages[last], "content": obj["teacher_prompt"]}]
+    return None
 
 
 def parse_json(path: Path, lineno: int, line: str):

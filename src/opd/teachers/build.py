@@ -10,7 +10,7 @@ import torch
 
 from opd import distributed
 from opd.config import TrainConfig
-from opd.models import OpdError, load_model, load_tokenizer, resolve_model_path
+from opd.models import OpdError, load_model, load_tokenizer, resolve_model_path, with_template_kwargs
 from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.routed import DEFAULT, RoutedTeacherView, parse_teachers
@@ -79,7 +79,8 @@ def route_teachers(default: TeacherView, config: TrainConfig, tokenizer, student
             views[name] = TeacherView(teacher, tokenizer)
             continue
         path = resolve_model_path(spec, f"teachers={name}")
-        their_tokenizer = load_tokenizer(path)
+        their_tokenizer = with_template_kwargs(load_tokenizer(path),
+                                               config.template_kwargs("teacher_chat_template_kwargs"))
         kind = check_teacher_path(config, tokenizer, their_tokenizer, student_path, path)
         model = load_model(path, device, dtype)
         views[name] = TeacherView(LocalTeacher(model, len(their_tokenizer)), tokenizer, their_tokenizer,

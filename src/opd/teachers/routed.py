@@ -82,7 +82,8 @@ class RoutedTeacherView:
         names = ", ".join(f"{name or 'default'}: {view.describe(texts)}" for name, view in self.views.items())
         return f"{len(self.views)} teachers ({names})"
 
-    def score(self, rollouts: Rollouts, messages: list[list[dict]], hidden: bool = False, topk: int = 0) -> Scored:
+    def score(self, rollouts: Rollouts, messages: list[list[dict]], hidden: bool = False, topk: int = 0,
+              privileged: bool = False) -> Scored:
         if hidden:
             self.head  # noqa: B018 - raises the explanation
         names = rollouts.extras.get("teacher") or [DEFAULT] * rollouts.tokens.shape[0]
@@ -96,7 +97,7 @@ class RoutedTeacherView:
             rows = [i for i, n in enumerate(names) if n == name]
             index = torch.tensor(rows, device=rollouts.tokens.device)
             part = rollouts.select(index)
-            scored = self.view(name).score(part, [messages[i] for i in rows], topk=topk)
+            scored = self.view(name).score(part, [messages[i] for i in rows], topk=topk, privileged=privileged)
             out[index] = scored.logprobs.to(out.dtype)
             if topk:
                 start = 0

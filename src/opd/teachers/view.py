@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from opd.flops import ModelShape
-from opd.models import OpdError, chat_prompt_ids, chat_prompt_text
+from opd.models import OpdError, chat_prompt_ids, chat_prompt_text, template_kwargs
 from opd.rollouts import Rollouts, pack_pairs
 from opd.teachers.alignment import Alignment, Events, align, conditional_shares, token_bytes, with_end_of_turn
 
@@ -60,9 +60,19 @@ def choose_path(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBa
         raise OpdError(f"teacher_template={template!r} must be one of {', '.join(TEMPLATES)}")
     if tokenizer_differences(student, teacher):
         return "aligned"
-    if template != "student" and student.chat_template != teacher.chat_template:
+    differs = (student.chat_template != teacher.chat_template
+               or template_kwargs(student) != template_kwargs(teacher))  # chat_template_kwargs
+    if template != "student" and differs:
         return "own"
     return "shared"
+
+
+def teacher_conversations(extras: dict) -> tuple[list[list[dict]], bool]:
+    """What the teacher reads for each row (``extras["teacher_messages"]``, else the student's messages), and
+    whether any row's differs from the student's (privileged context)."""
+    student = extras["messages"]
+    teacher = extras.get("teacher_messages", student)
+    return teacher, any(t is not s and t != s for t, s in zip(teacher, student, strict=True))
 
 
 @dataclass
@@ -166,15 +176,23 @@ class TeacherView:
         return (f"teacher tokenizer differs: aligning on text, {100 * single / max(chunks, 1):.0f}% of chunks "
                 f"are single tokens on the prompts' text ({self.path} path; per step in metrics.jsonl)")
 
-    def score(self, rollouts: Rollouts, messages: list[list[dict]], hidden: bool = False, topk: int = 0) -> Scored:
-        """The teacher's signal for ``rollouts``, whose row ``b`` answers the conversation ``messages[b]``;
+    def reading(self, privileged: bool) -> str:
+        """The path for one batch: a teacher that reads other messages than the student's (privileged context)
+        cannot read the student's tokens as they are; it reads its prompt rendered, then the completions."""
+        return "own" if privileged and self.path == "shared" else self.path
+
+    def score(self, rollouts: Rollouts, messages: list[list[dict]], hidden: bool = False, topk: int = 0,
+              privileged: bool = False) -> Scored:
+        """The teacher's signal for ``rollouts``, whose row ``b`` answers the conversation ``messages[b]`` (the
+        teacher's: ``teacher_conversations``; ``privileged`` when they are not all the student's prompts);
         with ``topk``, also its ``topk`` most likely tokens at every completion position."""
+        path = self.reading(privileged)
         if (hidden or topk) and self.path == "aligned":
             raise OpdError("kl=full and kl=topk need the teacher's distribution over the student's vocabulary; this "
                            "teacher's tokenizer differs: use kl=sampled")
         if topk:
-            return self.score_topk(rollouts, messages, topk, hidden)
-        if self.path == "shared":
+            return self.score_topk(rollouts, messages, topk, hidden, privileged)
+        if path == "shared":
             if hidden:
                 logprobs, states = self.teacher.score_with_hidden(rollouts)
                 return Scored(logprobs, hidden=states)
@@ -187,7 +205,7 @@ class TeacherView:
                 rendered[id(m)] = self.teacher_prompt(m)
         prompts = [rendered[id(m)] for m in messages]
         completions = rollouts.completion_ids()
-        if self.path == "own":
+        if path == "own":
             translated = [(ids, None) for ids in completions]
         else:
             translated = [self.translate(ids) for ids in completions]
@@ -196,7 +214,7 @@ class TeacherView:
         theirs.prompt_index = rollouts.prompt_index.cpu()  # rows of one prompt share its forward pass
         theirs = theirs.to(rollouts.tokens.device)
         in_process = hasattr(self.teacher, "cover_logprobs")  # a LocalTeacher: its full distribution is here
-        if hidden or (self.path == "aligned" and in_process):
+        if hidden or (path == "aligned" and in_process):
             logprobs, states = self.teacher.score_with_hidden(theirs)
         else:
             logprobs, states = self.teacher.score(theirs), None
@@ -205,7 +223,7 @@ class TeacherView:
                        teacher_completion_lengths=[len(ids) for ids, _ in translated])
         mask = rollouts.completion_mask > 0
         out = torch.zeros(rollouts.tokens.shape, dtype=values.dtype, device=rollouts.tokens.device)
-        if self.path == "own":
+        if path == "own":
             out[mask] = values
             return Scored(out, hidden=states, **lengths)
         alignments = [alignment for _, alignment in translated]
@@ -239,11 +257,12 @@ class TeacherView:
             single += alignment.single_token_chunks()
         return Scored(out, chunks, chunk_count=first, single_token_chunks=single, **lengths)
 
-    def score_topk(self, rollouts: Rollouts, messages: list[list[dict]], k: int, hidden: bool) -> Scored:
+    def score_topk(self, rollouts: Rollouts, messages: list[list[dict]], k: int, hidden: bool,
+                   privileged: bool = False) -> Scored:
         """``score`` with the teacher's top-k at every completion position: from its full distribution in
         process, or through a server's ``prompt_logprobs=k`` (the same tokens and template paths)."""
         theirs, lengths = rollouts, {}
-        if self.path == "own":
+        if self.reading(privileged) == "own":
             prompts = [self.teacher_prompt(m) for m in messages]
             lengths = dict(teacher_prompt_lengths=[len(p) for p in prompts],
                            teacher_completion_lengths=[len(c) for c in rollouts.completion_ids()])
