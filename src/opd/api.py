@@ -41,14 +41,16 @@ def _name(obj) -> str:
 
 
 def train(config: TrainConfig | str | Path | None = None, *, task: Task | None = None, reward: Reward | None = None,
-          resume: str | Path | None = None, progress: bool = True, **fields) -> dict:
+          environment=None, resume: str | Path | None = None, progress: bool = True, **fields) -> dict:
     """Train a student (on-policy distillation by default; any ``method=``) and return the run's summary,
     with ``run_dir`` and ``final`` (the trained student's directory) added.
 
     ``config``: a ``TrainConfig``, a TOML file, or None for the defaults; ``fields`` override any config
     field (``steps=100``, ``teacher="..."``). ``task``: a ``Task`` object in place of ``config.task``.
     ``reward``: ``reward(completion, example) -> float`` in place of the task's verifier, for training
-    (``method=rl`` / ``opd+rl``) and for the reported accuracy. ``resume``: a run directory to continue."""
+    (``method=rl`` / ``opd+rl``) and for the reported accuracy. ``environment``: an object whose
+    ``start(example)`` opens a conversation (``opd.environments``), in place of ``config.environment``.
+    ``resume``: a run directory to continue."""
     from opd.trainer import train as run
 
     if config is None and resume is not None:  # continue with the run's own config, as `opd train --resume`
@@ -62,7 +64,9 @@ def train(config: TrainConfig | str | Path | None = None, *, task: Task | None =
         resolved.task = _name(task)
     if reward is not None:
         resolved.reward = _name(reward)
-    summary = run(resolved, resume, progress=progress, task=task, reward=reward)
+    if environment is not None:
+        resolved.environment = _name(environment)
+    summary = run(resolved, resume, progress=progress, task=task, reward=reward, environment=environment)
     run_dir = Path(resume) if resume is not None else Path(resolved.out) if resolved.out else None
     if summary and run_dir is not None:
         summary = {**summary, "run_dir": str(run_dir), "final": str(run_dir / "final")}

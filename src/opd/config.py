@@ -55,6 +55,11 @@ class TrainConfig:
     streaming: bool = False  # task= read as a stream: nothing downloaded or converted first
     verifier: str = "exact"  # how a prompts file's answers are graded: exact | math (math-verify) | ifeval
     reward: str = ""  # module:function(completion, example) -> float: your reward, in place of the task's
+    # conversations: an environment answers each assistant turn (opd.environments)
+    environment: str = ""  # module:Name of an environment (start(example) -> conversation)
+    tools: str = ""  # module:function,...: the built-in tool-calling environment with these functions
+    max_turns: int = 4  # assistant turns per conversation at most
+    max_trajectory_tokens: int = 0  # a conversation's tokens at most, prompt included (0: the student's context)
     # the method
     method: str = "opd"  # opd | sft (teacher samples; cross-entropy) | rl (task reward) | opd+rl | midtrain
     reward_coef: float = 1.0  # weight of the group-centred task reward (rl, opd+rl)
@@ -221,6 +226,8 @@ class TrainConfig:
             self.template_kwargs(name)
         if self.dist_timeout <= 0:
             raise OpdError(f"config field dist_timeout={self.dist_timeout} must be positive (seconds)")
+        if self.environment or self.tools:
+            self.validate_conversations()
         if self.train_prompts < 0:
             raise OpdError(f"config field train_prompts={self.train_prompts} must be 0 (no limit) or positive")
         if (self.prompts_per_step * self.samples_per_prompt) % self.grad_accum:
@@ -239,6 +246,19 @@ class TrainConfig:
         if not isinstance(value, dict):
             raise OpdError(f"config field {name}={text!r} must be a JSON object of template variables")
         return value
+
+    def validate_conversations(self) -> None:
+        if self.method not in ("opd", "rl", "opd+rl"):
+            raise OpdError(f"environment=/tools=: the student samples the conversations, which method={self.method} "
+                           "does not (use opd, rl or opd+rl)")
+        if self.lmbda < 1 or self.sampler == "vllm" or self.async_rollouts:
+            raise OpdError("environment=/tools= runs with the in-process sampler or a rollout server "
+                           "(sampler=local or http://), lmbda=1 and async_rollouts=0")
+        if self.max_turns < 1:
+            raise OpdError(f"config field max_turns={self.max_turns} must be at least 1")
+        if self.max_trajectory_tokens < 0:
+            raise OpdError(f"config field max_trajectory_tokens={self.max_trajectory_tokens} must be 0 (the "
+                           "student's context) or positive")
 
     @property
     def remote_sampler(self) -> bool:

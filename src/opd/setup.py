@@ -14,6 +14,7 @@ import torch
 
 from opd import distributed, runs
 from opd.config import TrainConfig
+from opd.environments import Dialogue, load_environment
 from opd.flops import ModelShape
 from opd.models import (
     OpdError,
@@ -43,6 +44,7 @@ from opd.samplers.sources import (
     StepPrompts,
     document_chunks,
 )
+from opd.samplers.turns import Conversations
 from opd.schedule import lr_factor
 from opd.tasks import Example, Task
 from opd.tasks.choose import make_task
@@ -70,6 +72,7 @@ class Session:
     eval_set: list[Example]
     teacher_view: TeacherView | None  # the teacher (its model, tokenizer, shape) as it reads the student's rows
     source: RolloutSource | None = None  # where each step's rows come from
+    dialogue: Dialogue | None = None  # conversations: the environment that answers each turn, and its bounds
     start_step: int = 0
     records: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
@@ -104,12 +107,12 @@ class Session:
 
 
 def open_session(config: TrainConfig, resume: str | Path | None = None, task: Task | None = None,
-                 reward=None) -> Session:
+                 reward=None, environment=None) -> Session:
     """Everything a run needs; ``task`` and ``reward`` are a user's Python objects (``opd.train``). The
     caller closes it (``Session.close``); when a check refuses, what was connected is closed here."""
     opened: list = []  # what holds connections (servers' clients), closed if a later check refuses
     try:
-        return build_session(config, resume, task, reward, opened)
+        return build_session(config, resume, task, reward, opened, environment)
     except BaseException:
         for thing in reversed(opened):
             thing.close()
@@ -130,9 +133,10 @@ class Inputs:
     path_kind: str | None  # how the teacher reads the student's rows (teachers.view.choose_path)
     task: Task
     eval_set: list[Example]
+    environment: tuple | None = None  # (the environment, its name): conversations
 
 
-def read_inputs(config: TrainConfig, task: Task | None, reward) -> Inputs:
+def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None) -> Inputs:
     config.validate()
     check_trackers(config.report_to)
     dist = distributed.from_environment(config.dist_timeout, config.device)
@@ -151,9 +155,15 @@ def read_inputs(config: TrainConfig, task: Task | None, reward) -> Inputs:
                        "load the teacher in-process")
     student_path = resolve_model_path(config.student, "student")
     teacher_path = None if midtrain or remote else resolve_model_path(config.teacher_spec, "teacher")
-    tokenizer = with_template_kwargs(load_tokenizer(student_path), config.template_kwargs())
+    talk = (environment, type(environment).__name__) if environment is not None else load_environment(
+        config.environment, config.tools)
+    if talk[0] is not None and not hasattr(talk[0], "start"):
+        raise OpdError(f"environment {talk[1]} has no start(example) method; see opd.environments")
+    tools = {"tools": talk[0].tools} if talk[0] is not None and getattr(talk[0], "tools", None) else {}
+    tokenizer = with_template_kwargs(load_tokenizer(student_path), config.template_kwargs() | tools)
     teacher_tokenizer = None if midtrain else with_template_kwargs(
-        teacher_tokenizer_for(config, tokenizer, teacher_path), config.template_kwargs("teacher_chat_template_kwargs"))
+        teacher_tokenizer_for(config, tokenizer, teacher_path),
+        config.template_kwargs("teacher_chat_template_kwargs") | tools)
     aligned = teacher_tokenizer is not None and choose_path(tokenizer, teacher_tokenizer,
                                                             config.teacher_template) == "aligned"
     config.kl = resolve_kl(config.kl, remote=remote, several=bool(config.teachers), aligned=aligned)
@@ -173,7 +183,7 @@ def read_inputs(config: TrainConfig, task: Task | None, reward) -> Inputs:
         raise OpdError(f"method={config.method} needs a reward: every training prompt of {task.name} needs an "
                        "'answer' or 'constraints' for the verifier")
     return Inputs(dist, device, pick_dtype(config.dtype, device), student_path, teacher_path, tokenizer,
-                  teacher_tokenizer, path_kind, task, eval_set)
+                  teacher_tokenizer, path_kind, task, eval_set, talk if talk[0] is not None else None)
 
 
 def build_student(config: TrainConfig, path: str, checkpoint: tuple[int, Path] | None, device: torch.device,
@@ -236,8 +246,8 @@ def build_optimizer(config: TrainConfig, student: torch.nn.Module):
 
 
 def build_session(config: TrainConfig, resume: str | Path | None, task: Task | None, reward,
-                  opened: list) -> Session:
-    inputs = read_inputs(config, task, reward)
+                  opened: list, environment=None) -> Session:
+    inputs = read_inputs(config, task, reward, environment)
     device, dtype, dist, tokenizer = inputs.device, inputs.dtype, inputs.dist, inputs.tokenizer
     run_dir = None  # created after the checks below pass, so bad input leaves nothing behind
     if resume is not None:
@@ -260,6 +270,8 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
         view = route_teachers(view, config, tokenizer, inputs.student_path, device, dtype, context, opened)
     session = Session(config, run_dir or Path(), device, dist, tokenizer, prompter, student, full_model, loss_module,
                       objective, optimizer, scheduler, inputs.task, inputs.eval_set, view)
+    if inputs.environment is not None:
+        session.dialogue = Dialogue(*inputs.environment, config.max_turns, config.max_trajectory_tokens or context)
     pairs, chunks = [], []
     if config.sft_data:
         from opd.tasks.jsonl import load_sft_pairs
@@ -348,6 +360,11 @@ def rollout_source(session: Session, service, pairs: list, chunks: list[list[int
     prompts = StepPrompts(session.task, config.prompts_per_step, config.train_prompts, config.seed, session.dist,
                           config.lmbda if config.method == "opd" else 1.0)
     view = session.teacher_view
+    if session.dialogue is not None:
+        talk = session.dialogue
+        return Conversations(prompts, session.prompter, draw, talk.environment, talk.name, session.task,
+                             talk.max_turns, talk.max_tokens, session.full_model, session.vocab_size, device, rank,
+                             service, config.tis_cap)
 
     def teacher(seed_offset: int) -> InProcess:  # the teacher in its own template when its view reads one
         own = view is not None and view.path == "own"

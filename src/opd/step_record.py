@@ -36,7 +36,23 @@ def rank_figures(rollouts: Rollouts, graded, several: bool) -> dict:
         "chunks": [graded.chunk_count, graded.single_token_chunks] if graded and graded.chunks is not None else None,
         "engine": rollouts.extras.get("engine"),
         "offpolicy": rollouts.extras.get("offpolicy"),
+        "conversation": rollouts.extras.get("conversation"),  # multi-turn rollouts: turns, tool calls
     }
+
+
+def conversation_figures(ranks: list[dict]) -> dict:
+    """Multi-turn rows: turns per conversation, the share cut short (max_turns, the token budget), tool calls,
+    the share of them that were valid (parsed, a known tool, ran), the share of conversations that used one."""
+    parts = [r["conversation"] for r in ranks if r.get("conversation")]
+    if not parts:
+        return {}
+    total = {key: sum(p[key] for p in parts) for key in parts[0]}
+    conversations = max(total["conversations"], 1)
+    return {"turns_per_conversation": round(total["turns"] / conversations, 4),
+            "cut_share": round(total["cut"] / conversations, 4), "tool_calls": total["tool_calls"],
+            "valid_tool_call_share": round(total["valid_tool_calls"] / total["tool_calls"], 4)
+            if total["tool_calls"] else None,
+            "tool_use_share": round(total["tool_users"] / conversations, 4)}
 
 
 def joined(ranks: list[dict], key: str) -> list:
@@ -91,6 +107,7 @@ def step_record(ranks: list[dict], config: TrainConfig, student_shape: ModelShap
         "lr": lr,
         **(micro or {}),  # max_tokens_per_micro_batch: how many, and their padding share
         **alignment,
+        **conversation_figures(ranks),
         **engine,
         **flops,
         "sample_seconds": round(seconds["sample"] - (pushed or 0.0), 4),

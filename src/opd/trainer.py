@@ -27,7 +27,7 @@ from opd.scoring import completion_row_offsets
 from opd.setup import Session, open_session
 from opd.step_record import engine_stats, joined, rank_figures, step_record
 from opd.tasks import Example
-from opd.teachers.view import teacher_conversations
+from opd.teachers.turns import grade
 from opd.trackers import Trackers
 
 
@@ -79,9 +79,8 @@ def training_step(session: Session, step: int) -> dict:
     graded, signal = None, None
     if objective.distils:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
         needs = objective.teacher_needs
-        conversations, privileged = teacher_conversations(rollouts.extras)
-        graded = view.score(rollouts, conversations, hidden=needs == "distribution",
-                            topk=session.config.teacher_topk if needs == "topk" else 0, privileged=privileged)
+        graded = grade(view, rollouts, hidden=needs == "distribution",
+                       topk=session.config.teacher_topk if needs == "topk" else 0)
         rollouts.teacher_logprobs = graded.logprobs
         signal = objective.signal(graded, view.head if needs == "distribution" else None)
     rollouts.advantages = objective.advantages(rollouts)
@@ -128,12 +127,12 @@ def run_eval(session: Session) -> dict:
         return evaluate(session.full_model, session.tokenizer, session.task, examples,
                         max_new_tokens=config.max_new_tokens, teacher=view, seed=config.seed,
                         samples=config.eval_samples, sample_temperature=config.eval_temperature,
-                        batch_size=config.eval_batch)
+                        batch_size=config.eval_batch, dialogue=session.dialogue)
 
     if session.teacher_view is None or not session.teacher_view.several:
         result = run(session.eval_set, session.teacher_view)
         return {"accuracy": result.accuracy, "sampled_accuracy": result.sampled_accuracy,
-                "eval_teacher_kl": result.teacher_kl}
+                "eval_teacher_kl": result.teacher_kl, **{f"eval_{k}": v for k, v in result.figures.items()}}
     parts = {}
     for name in dict.fromkeys(ex.teacher or "" for ex in session.eval_set):
         examples = [ex for ex in session.eval_set if (ex.teacher or "") == name]
@@ -151,11 +150,11 @@ def run_eval(session: Session) -> dict:
 
 
 def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True, desc: str = "opd",
-          task=None, reward=None) -> dict:
+          task=None, reward=None, environment=None) -> dict:
     """Run (or resume) on-policy distillation; returns the summary written to summary.json. Under
     torchrun every rank trains; rank 0 alone evaluates, logs and writes (the others return {}). ``task``
     and ``reward``: a user's Python objects in place of ``config.task`` and ``config.reward``."""
-    session = open_session(config, resume, task, reward)
+    session = open_session(config, resume, task, reward, environment)
     run_dir, records, main = session.run_dir, session.records, session.dist.main
     purge_from = None if resume is None else session.start_step + 1 if session.start_step else 0
     trackers = Trackers(config.report_to if main else "none", run_dir, config.to_dict(), purge_from,
@@ -177,7 +176,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
                 teacher = evaluate(view.model, view.teacher_tokenizer, session.task, session.eval_set,
                                    max_new_tokens=config.max_new_tokens, seed=config.seed,
                                    samples=config.eval_samples, sample_temperature=config.eval_temperature,
-                      batch_size=config.eval_batch)
+                                   batch_size=config.eval_batch, dialogue=session.dialogue)
             first = {"step": 0, **run_eval(session), "teacher_accuracy": teacher and teacher.accuracy,
                      "teacher_sampled_accuracy": teacher and teacher.sampled_accuracy, "elapsed": 0.0}
             if main:

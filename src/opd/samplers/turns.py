@@ -1,0 +1,248 @@
+"""Rollouts of whole conversations: the student samples every assistant turn, an environment
+(``opd.environments``) answers each, until it says the conversation is over, ``max_turns`` turns were
+sampled, or the row would pass ``max_trajectory_tokens``.
+
+One row per conversation, in the student's tokens as its chat template renders the conversation: the
+prompt, then each sampled turn (its EOS included) followed by the environment's messages
+(``environment_ids``). ``completion_mask`` is 1 on the sampled tokens alone: the environment's tokens are
+read (they are the context of the turns after them) but carry no advantage and no gradient, and the
+teacher grades only sampled tokens. ``extras["turns"]`` holds each row's turn spans (columns) and the
+conversation before each turn, for a teacher that reads the conversation in its own template
+(``teachers.turns``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from opd.environments import Conversation, Environment, final_reward, respond
+from opd.models import OpdError, template_kwargs
+from opd.rollouts import Rollouts, pack_pairs
+from opd.tasks import Example
+
+PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+
+
+def render(tokenizer, messages: list[dict], generation: bool) -> str:
+    """``messages`` as the chat template renders them, with the tokenizer's ``template_kwargs`` (the
+    environment's ``tools`` among them: ``setup`` puts them there, for the student's and the teacher's)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                         **template_kwargs(tokenizer))
+
+
+def environment_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The tokens between an assistant turn's EOS and the next turn's first sampled token: the rest of the
+    assistant's end of turn, ``messages`` (the environment's), and the generation prompt, as the chat template
+    renders them (the difference of two renderings, so any template's format is kept)."""
+    if not tokenizer.chat_template:
+        raise OpdError("a conversation needs the student's chat template (this student has none): give a "
+                       "tokenizer with one")
+    before = render(tokenizer, PROBE, False)
+    after = render(tokenizer, PROBE + messages, True)
+    if not after.startswith(before):
+        raise OpdError("the student's chat template renders a conversation's start differently once it goes on "
+                       "(it does not extend its own rendering), so a turn's tokens cannot be appended")
+    eos = tokenizer.eos_token or ""
+    tail = before[before.rindex(eos) + len(eos):] if eos and eos in before else ""
+    return tokenizer.encode(tail + after[len(before):], add_special_tokens=False)
+
+
+@dataclass
+class Trajectory:
+    """One conversation as it is sampled."""
+
+    example: Example
+    conversation: Conversation
+    prompt: list[int]
+    messages: list[dict]  # the student's conversation so far
+    ids: list[int] = field(default_factory=list)  # every token after the prompt
+    sampled: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # each turn's [start, end) in ids
+    before: list[int] = field(default_factory=list)  # len(messages) before each turn
+    done: bool = False
+    cut: bool = False  # ended by max_turns or the token budget, not by the environment
+    reply: str = ""  # the last assistant turn's text
+
+    def add(self, ids: list[int], logprobs: list[float] | None) -> None:
+        self.ids += ids
+        self.sampled += [logprobs is not None] * len(ids)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+
+
+def row_logprobs(drawn: Rollouts) -> list[list[float]]:
+    """Each row's log-probs of its sampled tokens (a server's: ``engine_logprobs``)."""
+    values = drawn.engine_logprobs if drawn.engine_logprobs is not None else drawn.sampler_logprobs
+    return [[v for v, m in zip(row, mask, strict=True) if m > 0]
+            for row, mask in zip(values.tolist(), drawn.completion_mask.tolist(), strict=True)]
+
+
+DrawTurn = Callable[[list[list[int]], int, int], Rollouts]  # (contexts, max_new_tokens, turn) -> one sample each
+
+
+def roll_out(draw_turn: DrawTurn, tokenizer, environment: Environment, name: str, examples: list[Example],
+             prompts: list[list[int]], samples_per_prompt: int, max_turns: int, max_new_tokens: int,
+             max_tokens: int) -> list[Trajectory]:
+    """``samples_per_prompt`` conversations of each example (``prompts``: their rendered prompt ids), every
+    assistant turn of every open conversation drawn in one ``draw_turn`` call per turn."""
+    eos = tokenizer.eos_token_id
+    rows = []
+    for example, prompt in zip(examples, prompts, strict=True):
+        for _ in range(samples_per_prompt):
+            rows.append(Trajectory(example, start(environment, example, name), prompt, list(example.messages)))
+    for turn in range(max_turns):
+        active = [t for t in rows if not t.done]
+        if not active:
+            break
+        room = [max_tokens - len(t.prompt) - len(t.ids) for t in active]
+        drawn = draw_turn([t.prompt + t.ids for t in active], min(max_new_tokens, max(room)), turn)
+        for t, ids, logprobs, free in zip(active, drawn.completion_ids(), row_logprobs(drawn), room, strict=True):
+            ids, logprobs = ids[:free], logprobs[:free]
+            t.before.append(len(t.messages))
+            t.spans.append((len(t.ids), len(t.ids) + len(ids)))
+            t.add(ids, logprobs)
+            ended = bool(ids) and ids[-1] == eos
+            t.reply = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True)
+            t.messages.append({"role": "assistant", "content": t.reply})
+            if not ended:  # the turn ran out of tokens
+                t.done = t.cut = True
+                continue
+            answer = respond(t.conversation, t.reply, name, t.example)
+            if answer is None:
+                t.done = True
+                continue
+            more = environment_ids(tokenizer, answer)
+            if turn == max_turns - 1 or len(t.prompt) + len(t.ids) + len(more) >= max_tokens:
+                t.done = t.cut = True  # the environment goes on, the trajectory may not
+                continue
+            t.add(more, None)
+            t.messages.extend(answer)
+    return rows
+
+
+def start(environment: Environment, example: Example, name: str) -> Conversation:
+    try:
+        return environment.start(example)
+    except Exception as err:  # noqa: BLE001 - a user's environment: stop, explained
+        raise OpdError(f"environment {name}: start() raised {type(err).__name__}: {err} (prompt "
+                       f"{example.messages[-1]['content'][:60]!r})") from err
+
+
+def pack(rows: list[Trajectory], pad_id: int, device: torch.device, task, name: str) -> Rollouts:
+    """The conversations as one batch (``pack_pairs``' layout: prompts left-padded, the rest after them), the
+    mask on sampled tokens only; rewards from the environment (else the task's verifier on the last reply)."""
+    rollouts = pack_pairs([t.prompt for t in rows], [t.ids for t in rows], pad_id)
+    width = max(len(t.prompt) for t in rows)
+    sampled = torch.zeros(rollouts.tokens.shape)
+    logprobs = torch.zeros(rollouts.tokens.shape)
+    for row, t in enumerate(rows):
+        sampled[row, width:width + len(t.ids)] = torch.tensor(t.sampled, dtype=torch.float32)
+        logprobs[row, width:width + len(t.ids)] = torch.tensor(t.logprobs, dtype=torch.float32)
+    rollouts.completion_mask = sampled
+    rollouts.sampler_logprobs = logprobs
+    groups, index = {}, []
+    for t in rows:  # the samples of one prompt are consecutive
+        index.append(groups.setdefault(id(t.example), len(groups)))
+    rollouts.prompt_index = torch.tensor(index)
+    rewards = []
+    for t in rows:
+        value = final_reward(t.conversation, name)
+        rewards.append(value if value is not None else float(task.reward(t.reply, t.example)))
+    rollouts.rewards = torch.tensor(rewards)
+    rollouts = rollouts.to(device)
+    rollouts.extras.update({
+        "messages": [t.example.messages for t in rows],
+        "teacher": [t.example.teacher or "" for t in rows],
+        "teacher_messages": [t.example.teacher_conversation for t in rows],
+        "turns": [[(width + a, width + b, t.messages[:n]) for (a, b), n in zip(t.spans, t.before, strict=True)]
+                  for t in rows],
+        "conversation": figures(rows),
+    })
+    return rollouts
+
+
+def figures(rows: list[Trajectory]) -> dict:
+    """The step's conversation figures: turns per conversation, the share cut short, tool calls."""
+    out = {"conversations": len(rows), "turns": sum(len(t.spans) for t in rows),
+           "cut": sum(t.cut for t in rows), "tool_calls": 0, "valid_tool_calls": 0, "tool_users": 0}
+    for t in rows:
+        more = t.conversation.figures() if hasattr(t.conversation, "figures") else {}
+        out["tool_calls"] += more.get("tool_calls", 0)
+        out["valid_tool_calls"] += more.get("valid_tool_calls", 0)
+        out["tool_users"] += more.get("valid_tool_calls", 0) > 0
+    return out
+
+
+class Conversations:
+    """The step's conversations as a rollout source (``RolloutSource``'s interface): drawn in process, or with
+    ``service`` by a rollout server, one request per open conversation and turn, the weights pushed first (the
+    trainer's own log-probs then become ``sampler_logprobs``, as for ``Served``)."""
+
+    from_data = False
+
+    def __init__(self, prompts, prompter, draw, environment: Environment, name: str, task, max_turns: int,
+                 max_tokens: int, model: torch.nn.Module, vocab_size: int, device: torch.device, rank: int,
+                 service=None, tis_cap: float = 2.0) -> None:
+        self.prompts, self.prompter, self.draw, self.environment, self.name = prompts, prompter, draw, environment, name
+        self.task, self.max_turns, self.max_tokens = task, max_turns, max_tokens
+        self.model, self.vocab_size, self.device, self.rank = model, vocab_size, device, rank
+        self.service, self.tis_cap = service, tis_cap
+        self.where = service.sampler.url if service is not None else ""
+
+    def draw_turn(self, step: int) -> DrawTurn:
+        from opd.samplers.local import sample_in_batches
+
+        draw, tokenizer = self.draw, self.prompter.tokenizer
+        if self.service is not None:
+            sampler = self.service.sampler
+
+            def served(contexts: list[list[int]], max_new_tokens: int, turn: int) -> Rollouts:
+                return sampler.sample(contexts, samples_per_prompt=1, max_new_tokens=max_new_tokens,
+                                      temperature=draw.temperature, top_p=draw.top_p, eos_id=tokenizer.eos_token_id,
+                                      pad_id=tokenizer.pad_token_id, seed=(draw.seed, step * 1000 + turn, self.rank))
+            return served
+        seed = draw.seed * 1_000_003 + step + self.rank * 7_919_000_003  # as InProcess draws
+        generator = torch.Generator(self.device).manual_seed(seed)
+
+        def local(contexts: list[list[int]], max_new_tokens: int, turn: int) -> Rollouts:
+            return sample_in_batches(self.model, contexts, rows=draw.rows_per_call, samples_per_prompt=1,
+                                     max_new_tokens=max_new_tokens, temperature=draw.temperature, top_p=draw.top_p,
+                                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                     vocab_size=self.vocab_size, generator=generator)
+        return local
+
+    def rollouts(self, step: int) -> Rollouts | None:
+        from opd.samplers.service import reweight
+
+        examples = self.prompts.split(step)[0]
+        if not examples:
+            return None
+        if self.service is not None:
+            self.service.ensure_weights(self.model, step, self.prompts.dist)
+        rows = roll_out(self.draw_turn(step), self.prompter.tokenizer, self.environment, self.name, examples,
+                        [self.prompter.ids(ex.messages) for ex in examples], self.draw.samples_per_prompt,
+                        self.max_turns, self.draw.max_new_tokens, self.max_tokens)
+        rollouts = pack(rows, self.prompter.tokenizer.pad_token_id, self.device, self.task, self.name)
+        if self.service is not None:
+            rollouts.engine_logprobs = rollouts.sampler_logprobs.clone()
+            rollouts.extras["engine"] = reweight(self.model, rollouts, self.vocab_size, self.draw.temperature,
+                                                 self.draw.top_p, self.tis_cap)
+        return rollouts
+
+    def push_seconds(self) -> float | None:
+        return None if self.service is None else self.service.lap()
+
+    def finish(self, steps: int) -> None:
+        if self.service is not None:
+            self.service.ensure_weights(self.model, steps, self.prompts.dist)
+
+    def release(self) -> None:
+        if self.service is not None:
+            self.service.sync.release()
+
+    def close(self) -> None:
+        if self.service is not None:
+            self.service.close()

@@ -1,0 +1,68 @@
+"""The teacher's grades of a step's rows, conversations included (``grade``, what the trainer calls).
+
+A multi-turn row (``samplers.turns``) is read as it is when the teacher reads the student's tokens (one
+tokenizer, one template, the student's prompt): its forward sees the whole conversation before each sampled
+token. Otherwise (its own template, another tokenizer, privileged context, behind a server) each assistant
+turn becomes a row of its own, ``by_turns``: the conversation before the turn as the teacher renders it (its
+context in place of the student's prompt), then the turn's tokens, scored on the view's single-turn path; the
+grades go back to the sampled tokens in order. A turn's prefix is re-read once per later turn, so the
+teacher's compute grows with the square of the turns there (its FLOPs are counted as read).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.rollouts import Rollouts, pack_pairs
+from opd.teachers.view import Scored, teacher_conversations
+
+
+def grade(view, rollouts: Rollouts, hidden: bool = False, topk: int = 0) -> Scored:
+    """The teacher's signal for a step's rows: each row graded after the conversation it answers."""
+    conversations, privileged = teacher_conversations(rollouts.extras)
+    if "turns" in rollouts.extras and (privileged or view.several or view.reading(False) != "shared"):
+        return by_turns(view, rollouts, conversations, hidden, topk)
+    return view.score(rollouts, conversations, hidden=hidden, topk=topk, privileged=privileged)
+
+
+def by_turns(view, rollouts: Rollouts, conversations: list[list[dict]], hidden: bool, topk: int) -> Scored:
+    """Every assistant turn of every row as a (prompt, completion) row of its own: the student's tokens before
+    it and the turn (for the student's layout), the teacher's conversation before it (its context, then the
+    conversation after the student's prompt) for the teacher's rendering."""
+    prompts, completions, messages, owners = [], [], [], []
+    tokens = rollouts.tokens.tolist()
+    firsts = rollouts.attention_mask.argmax(-1).tolist()  # where each row's left padding ends
+    for row, (turns, theirs) in enumerate(zip(rollouts.extras["turns"], conversations, strict=True)):
+        opening = len(rollouts.extras["messages"][row])  # the student's prompt messages
+        for start, end, before in turns:
+            if end <= start:
+                continue
+            prompts.append(tokens[row][firsts[row]:start])
+            completions.append(tokens[row][start:end])
+            messages.append(theirs + before[opening:])
+            owners.append(row)
+    device = rollouts.tokens.device
+    expanded = pack_pairs(prompts, completions, 0).to(device)  # the padding is masked: any id
+    expanded.prompt_index = torch.arange(len(prompts), device=device)
+    names = rollouts.extras.get("teacher")
+    if names:
+        expanded.extras["teacher"] = [names[row] for row in owners]
+    scored = view.score(expanded, messages, hidden=hidden, topk=topk, privileged=True)
+    mask, theirs = rollouts.completion_mask > 0, expanded.completion_mask > 0
+    logprobs = torch.zeros(rollouts.tokens.shape, dtype=scored.logprobs.dtype, device=device)
+    logprobs[mask] = scored.logprobs[theirs]  # both in (row, position) order: the turns are in order
+    chunks = None
+    if scored.chunks is not None:
+        chunks = torch.full(rollouts.tokens.shape, -1, dtype=torch.long, device=device)
+        chunks[mask] = scored.chunks[theirs]
+    lengths = {}
+    for key in ("teacher_prompt_lengths", "teacher_completion_lengths"):
+        per_turn = getattr(scored, key)
+        if per_turn is None:  # the shared path read the student's tokens: as many
+            per_turn = [len(p) for p in prompts] if key == "teacher_prompt_lengths" else [len(c) for c in completions]
+        totals = [0] * rollouts.tokens.shape[0]
+        for row, value in zip(owners, per_turn, strict=True):
+            totals[row] += value
+        lengths[key] = totals
+    return Scored(logprobs, chunks, hidden=scored.hidden, topk=scored.topk, chunk_count=scored.chunk_count,
+                  single_token_chunks=scored.single_token_chunks, **lengths)
