@@ -7,16 +7,16 @@ import copy
 
 import pytest
 import torch
-from conftest import LiveServer, read_jsonl, tiny_train_overrides
 from test_cross_teacher import sequence_logprobs
 
+from conftest import LiveServer, read_jsonl, tiny_train_overrides
 from opd.config import load_config
 from opd.environments import ToolEnvironment, parse_tool_calls
 from opd.models import OpdError, load_model, load_tokenizer, resolve_model_path, save_model
 from opd.samplers.turns import environment_ids, render
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask
-from opd.teachers import LocalTeacher, TeacherView
+from opd.teachers import TeacherView
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.turns import by_turns, grade
 from opd.teachers.view import teacher_conversations
@@ -89,7 +89,8 @@ def test_tool_calls_are_parsed_as_the_hermes_format_defines():
     assert parse_tool_calls("no call here") == []
     assert "not JSON" in parse_tool_calls("<tool_call>{add}</tool_call>")[0].error
     assert "not closed" in parse_tool_calls('<tool_call>{"name": "add"')[0].error
-    assert "arguments must be an object" in parse_tool_calls('<tool_call>{"name": "a", "arguments": 3}</tool_call>')[0].error
+    bad = parse_tool_calls('<tool_call>{"name": "a", "arguments": 3}</tool_call>')
+    assert "arguments must be an object" in bad[0].error
 
 
 def calculate(expression: str) -> str:
