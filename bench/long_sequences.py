@@ -387,7 +387,9 @@ def main() -> None:
                            str(out), "--prompt", str(args.prompt), "--models", str(models)]
                 try:
                     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-                    failure = None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1]
+                    failure = None if done.returncode == 0 else (
+                        f"killed by signal {-done.returncode} (out of memory?)" if done.returncode < 0
+                        else ([line for line in done.stderr.splitlines() if "Error" in line] or ["?"])[-1])
                 except subprocess.TimeoutExpired:
                     failure = f"over {args.timeout} s"
                 result = json.loads(out.read_text()) if failure is None else {"mode": mode, "length": length,

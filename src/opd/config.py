@@ -58,6 +58,7 @@ class TrainConfig:
     # conversations: an environment answers each assistant turn (opd.environments)
     environment: str = ""  # module:Name of an environment (start(example) -> conversation)
     tools: str = ""  # module:function,...: the built-in tool-calling environment with these functions
+    tool_format: str = "hermes"  # tools=: calls as hermes (<tool_call>JSON</tool_call>) | compact ([calc 3*4])
     max_turns: int = 4  # assistant turns per conversation at most
     max_trajectory_tokens: int = 0  # a conversation's tokens at most, prompt included (0: the student's context)
     # the method
@@ -137,7 +138,8 @@ class TrainConfig:
                "teacher_template": ("auto", "own", "student"),
                "verifier": ("exact", "math", "ifeval"),
                "sampler_sync": ("auto", "lora", "reload", "nccl"),
-               "divergence": ("reverse_kl", "forward_kl", "jsd"), "lr_schedule": ("constant", "linear", "cosine")}
+               "divergence": ("reverse_kl", "forward_kl", "jsd"), "tool_format": ("hermes", "compact"),
+               "lr_schedule": ("constant", "linear", "cosine")}
 
     @property
     def distils(self) -> bool:
@@ -248,9 +250,9 @@ class TrainConfig:
         return value
 
     def validate_conversations(self) -> None:
-        if self.method not in ("opd", "rl", "opd+rl"):
-            raise OpdError(f"environment=/tools=: the student samples the conversations, which method={self.method} "
-                           "does not (use opd, rl or opd+rl)")
+        if self.method not in ("opd", "rl", "opd+rl", "sft"):
+            raise OpdError(f"environment=/tools=: conversations are sampled (by the student; by the teacher for sft), "
+                           f"which method={self.method} does not (use opd, rl, opd+rl or sft)")
         if self.lmbda < 1 or self.sampler == "vllm" or self.async_rollouts:
             raise OpdError("environment=/tools= runs with the in-process sampler or a rollout server "
                            "(sampler=local or http://), lmbda=1 and async_rollouts=0")

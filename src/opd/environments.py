@@ -8,8 +8,9 @@ over; ``reward()`` is the conversation's final reward (None: the task's verifier
 
 ``ToolEnvironment`` is the built-in one (``tools=module:fn,module:fn``): Python functions called with the
 arguments of each tool call in the reply, parsed in the Hermes/Qwen format the chat templates of those
-families define (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, any number per reply); a reply
-without a call ends the conversation. The embedded family's template renders tools the same way.
+families define (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, any number per reply), or with
+``tool_format=compact`` the embedded family's own ``[NAME ARGUMENT]``; a reply without a call ends the
+conversation, and every call's result (or what was wrong with it) answers it as a ``tool`` message.
 
 What the environment says is checked as it is said: an exception in it, or a turn that is not a list of
 ``{"role": "user" | "tool" | "system", "content": str}`` messages, stops the run with an ``OpdError`` naming
@@ -29,6 +30,8 @@ from opd.tasks import Example
 
 ROLES = ("user", "tool", "system")
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+COMPACT_CALL = re.compile(r"\[(\w+) ([^\]\n]*)\]")  # the embedded family's: [calc 347*86]
+TOOL_FORMATS = ("hermes", "compact")
 
 
 class Conversation(Protocol):
@@ -53,6 +56,16 @@ class ToolCall:
     name: str
     arguments: dict
     error: str = ""  # why the call is invalid ("" when it is valid and its tool exists)
+    argument: str | None = None  # the compact format's one argument, passed as the first parameter
+
+
+def parse_compact_calls(reply: str) -> list[ToolCall]:
+    """Every ``[NAME ARGUMENT]`` in ``reply`` (the embedded family's format: one string argument); a ``[NAME``
+    that is not closed on its line is an invalid call."""
+    calls = [ToolCall(name, {}, argument=argument.strip()) for name, argument in COMPACT_CALL.findall(reply)]
+    if len(re.findall(r"\[\w+ ", reply)) > len(calls):
+        calls.append(ToolCall("", {}, "a [call is not closed with ] on its line"))
+    return calls
 
 
 def parse_tool_calls(reply: str) -> list[ToolCall]:
@@ -103,7 +116,7 @@ class ToolConversation:
     log: list[str] = field(default_factory=list)
 
     def respond(self, reply: str) -> list[dict] | None:
-        calls = parse_tool_calls(reply)
+        calls = self.environment.parse(reply)
         if not calls:
             return None
         out = []
@@ -116,7 +129,7 @@ class ToolConversation:
                 out.append({"role": "tool", "name": call.name or "error", "content": f"error: {call.error}"})
                 continue
             try:
-                result = function(**call.arguments)
+                result = function(call.argument) if call.argument is not None else function(**call.arguments)
                 self.valid_calls += 1
             except Exception as err:  # noqa: BLE001 - the tool's error is the model's to read
                 result = f"error: {type(err).__name__}: {err}"
@@ -134,11 +147,14 @@ class ToolEnvironment:
     """Tool calling: each reply's calls are run and their results answer it; a reply without one ends the
     conversation (the task's verifier grades it)."""
 
-    def __init__(self, functions: list[Callable]) -> None:
+    def __init__(self, functions: list[Callable], call_format: str = "hermes") -> None:
         if not functions:
             raise OpdError("tools= names no function")
+        if call_format not in TOOL_FORMATS:
+            raise OpdError(f"tool_format={call_format!r} must be one of {', '.join(TOOL_FORMATS)}")
         self.functions = {f.__name__: f for f in functions}
         self.tools = [tool_schema(f) for f in functions]
+        self.parse = parse_tool_calls if call_format == "hermes" else parse_compact_calls
 
     def start(self, example: Example) -> ToolConversation:
         return ToolConversation(self)
@@ -193,7 +209,7 @@ def final_reward(conversation: Conversation, name: str) -> float | None:
     return None if value is None else float(value)
 
 
-def load_environment(spec: str, tools: str) -> tuple[Environment | None, str]:
+def load_environment(spec: str, tools: str, tool_format: str = "hermes") -> tuple[Environment | None, str]:
     """``environment=module:Name`` (a class or factory called with no arguments, or an instance) or
     ``tools=module:fn,...`` (the built-in ``ToolEnvironment``); (None, "") when neither is set."""
     from opd.tasks.custom import load_object
@@ -207,7 +223,7 @@ def load_environment(spec: str, tools: str) -> tuple[Environment | None, str]:
             functions.extend(value if isinstance(value, list | tuple) else [value])
         if not all(callable(f) for f in functions):
             raise OpdError(f"tools={tools!r}: each entry must name a function (or a list of functions)")
-        return ToolEnvironment(functions), f"tools={tools}"
+        return ToolEnvironment(functions, tool_format), f"tools={tools}"
     if not spec:
         return None, ""
     if spec.startswith("python:"):

@@ -156,7 +156,7 @@ def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None
     student_path = resolve_model_path(config.student, "student")
     teacher_path = None if midtrain or remote else resolve_model_path(config.teacher_spec, "teacher")
     talk = (environment, type(environment).__name__) if environment is not None else load_environment(
-        config.environment, config.tools)
+        config.environment, config.tools, config.tool_format)
     if talk[0] is not None and not hasattr(talk[0], "start"):
         raise OpdError(f"environment {talk[1]} has no start(example) method; see opd.environments")
     tools = {"tools": talk[0].tools} if talk[0] is not None and getattr(talk[0], "tools", None) else {}
@@ -360,10 +360,14 @@ def rollout_source(session: Session, service, pairs: list, chunks: list[list[int
     prompts = StepPrompts(session.task, config.prompts_per_step, config.train_prompts, config.seed, session.dist,
                           config.lmbda if config.method == "opd" else 1.0)
     view = session.teacher_view
-    if session.dialogue is not None:
+    if session.dialogue is not None:  # whole conversations: the student's, or for sft the teacher's transcripts
         talk = session.dialogue
+        if config.method == "sft" and (view is None or view.path != "shared"):
+            raise OpdError("method=sft with an environment trains on the teacher's conversations token for token: "
+                           "the teacher must be in process with the student's tokenizer and chat template")
+        model = view.model if config.method == "sft" else session.full_model
         return Conversations(prompts, session.prompter, draw, talk.environment, talk.name, session.task,
-                             talk.max_turns, talk.max_tokens, session.full_model, session.vocab_size, device, rank,
+                             talk.max_turns, talk.max_tokens, model, session.vocab_size, device, rank,
                              service, config.tis_cap)
 
     def teacher(seed_offset: int) -> InProcess:  # the teacher in its own template when its view reads one

@@ -49,6 +49,10 @@ def builtin_task(config: TrainConfig) -> Task:
                        "(opd.train(..., task=...)) or give its import path, task=module:Class")
     if config.task == "arithmetic":
         return ArithmeticTask()
+    if config.task == "tools":
+        from opd.tasks.tools import ToolTask
+
+        return ToolTask()
     if config.task.startswith("arithmetic:"):  # arithmetic:K, K operators: a longer horizon
         operators = config.task.partition(":")[2]
         if not operators.isdigit() or not 1 <= int(operators) <= 12:
