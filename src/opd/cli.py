@@ -223,6 +223,15 @@ def cmd_zoo_assistant(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_tools(args: argparse.Namespace) -> int:
+    from opd.zoo import EMBEDDED_DIR
+    from opd.zoo_tools import ToolZooConfig, build_tool_teacher
+
+    config = with_overrides(ToolZooConfig(), args.overrides, "zoo tools")
+    print(json.dumps(build_tool_teacher(Path(args.out) if args.out else EMBEDDED_DIR, config), indent=2))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from opd.server import serve
 
@@ -429,6 +438,10 @@ def parser() -> argparse.ArgumentParser:
                            help="AssistantConfig overrides, e.g. steps=2000")
     assistant.add_argument("--out", help="zoo directory (default: the package's embedded/)")
     assistant.set_defaults(func=cmd_zoo_assistant)
+    tools = zoo_sub.add_parser("tools", help="build embedded:tool-teacher, the teacher taught to use a calculator")
+    tools.add_argument("overrides", nargs="*", metavar="key=value", help="ToolZooConfig overrides, e.g. steps=400")
+    tools.add_argument("--out", help="zoo directory (default: the package's embedded/)")
+    tools.set_defaults(func=cmd_zoo_tools)
     return root
 
 

@@ -216,7 +216,7 @@ def resolve_model_path(name: str, field: str = "model") -> str:
         path = EMBEDDED_DIR / name[len(EMBEDDED_PREFIX):]
         if not (path / "config.json").is_file():
             raise OpdError(f"the embedded model {name} is missing at {path}; rebuild it with `opd zoo build` "
-                           "(`opd zoo assistant` for the assistant)")
+                           "(`opd zoo assistant` for the assistant, `opd zoo tools` for the tool teacher)")
         return str(path)
     path = Path(name).expanduser()
     if path.is_dir():

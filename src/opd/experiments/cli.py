@@ -53,6 +53,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
         summary = run_data_reuse(DataReusePlan(out, args.steps, args.samples, args.lr, args.warmup_steps,
                                                args.eval_every, args.overrides, args.metric), progress)
+    elif args.experiment == "tools":
+        from opd.experiments.tools import ToolsPlan, run_tools
+
+        summary = run_tools(ToolsPlan(out, args.steps, args.prompts, args.samples, args.lr_opd, args.lr_sft,
+                                      args.eval_every, args.eval_examples, args.overrides), progress)
     elif args.experiment == "personalization":
         from opd.personalization.experiment import PersonalizationPlan, run_personalization
 
@@ -141,6 +146,19 @@ def add_experiment_parser(sub, fmt, epilog: str) -> None:
                     "read at LoRA's best")
     lo.add_argument("--eval-every", type=int, default=25)
     lo.set_defaults(func=cmd_experiment)
+    tl = ex_sub.add_parser("tools", parents=[common], formatter_class=fmt, epilog=epilog,
+                           help="tool use: on-policy distillation vs SFT on the teacher's transcripts, equal compute",
+                           description="The embedded student learns to use a calculator (task=tools) from "
+                           "embedded:tool-teacher: on-policy distillation against SFT on the teacher's "
+                           "conversations; accuracy, valid tool calls and tool use at equal FLOPs.")
+    tl.add_argument("--steps", type=int, default=200, help="gradient steps per arm (default 200)")
+    tl.add_argument("--prompts", type=int, default=16, help="prompts per step (default 16)")
+    tl.add_argument("--samples", type=int, default=2, help="conversations per prompt (default 2)")
+    tl.add_argument("--lr-opd", type=float, default=2e-3, help="on-policy distillation's rate (default 2e-3)")
+    tl.add_argument("--lr-sft", type=float, default=1e-3, help="SFT's rate (default 1e-3)")
+    tl.add_argument("--eval-every", type=int, default=25)
+    tl.add_argument("--eval-examples", type=int, default=256)
+    tl.set_defaults(func=cmd_experiment)
     pe = ex_sub.add_parser("personalization", parents=[common], formatter_class=fmt, epilog=epilog,
                            help="midtrain the assistant on documents, then restore its instruction following by "
                            "distilling from its earlier self")
