@@ -136,8 +136,9 @@ def use_sgd(session, lr: float) -> None:
 def sgd_update(session, rollouts: Rollouts, step_tokens: int) -> float:
     """Score ``rollouts`` with the session's teacher, take their advantages and apply one update by SGD at
     rate 1 (the weight change is then the gradient itself); ``step_tokens`` counts the whole step's
-    completion tokens. Returns the loss."""
-    from opd.trainer import update
+    completion tokens; with ``max_tokens_per_micro_batch`` the micro-batches are the trainer's
+    (``token_budget``: as many on every rank). Returns the loss."""
+    from opd.trainer import token_budget, update
 
     hidden = None
     if session.config.kl == "full":
@@ -146,7 +147,8 @@ def sgd_update(session, rollouts: Rollouts, step_tokens: int) -> float:
         rollouts.teacher_logprobs = session.teacher_view.teacher.score(rollouts)
     rollouts.advantages = session.objective.advantages(rollouts)
     use_sgd(session, lr=1.0)
-    return update(session, rollouts, exact_signal(session, hidden), step_tokens, step=0)[0]
+    batches, _ = token_budget(session, rollouts)
+    return update(session, rollouts, exact_signal(session, hidden), step_tokens, step=0, batches=batches)[0]
 
 
 def exact_signal(session, hidden):

@@ -28,10 +28,12 @@ def equivalence_overrides(model_dirs, tmp_path, **extra) -> list[str]:
             if not o.startswith("out=")]
 
 
-@pytest.mark.parametrize("parallel,kl,grad_accum", [("ddp", "sampled", 1), ("ddp", "full", 2), ("fsdp", "sampled", 1),
-                                                    ("fsdp", "full", 1)])
-def test_two_ranks_update_like_one_process_on_the_whole_batch(model_dirs, tmp_path, parallel, kl, grad_accum):
-    overrides = equivalence_overrides(model_dirs, tmp_path, kl=kl, parallel=parallel, grad_accum=grad_accum)
+@pytest.mark.parametrize("parallel,kl,grad_accum,budget", [
+    ("ddp", "sampled", 1, 0), ("ddp", "full", 2, 0), ("fsdp", "sampled", 1, 0), ("fsdp", "full", 1, 0),
+    ("ddp", "sampled", 1, 40), ("fsdp", "full", 1, 40)])  # budget: max_tokens_per_micro_batch, unequal per rank
+def test_two_ranks_update_like_one_process_on_the_whole_batch(model_dirs, tmp_path, parallel, kl, grad_accum, budget):
+    overrides = equivalence_overrides(model_dirs, tmp_path, kl=kl, parallel=parallel, grad_accum=grad_accum,
+                                      max_tokens_per_micro_batch=budget)
     single, double = tmp_path / "one", tmp_path / "two"
     single.mkdir(), double.mkdir()
     subprocess.run([sys.executable, str(WORKER), "equivalence", str(single), *overrides], check=True,

@@ -9,7 +9,7 @@ import pytest
 
 from opd.environments import Dialogue, ToolEnvironment, parse_compact_calls
 from opd.evaluation import evaluate
-from opd.models import load_model, load_tokenizer, resolve_model_path
+from opd.models import OpdError, load_model, load_tokenizer, resolve_model_path
 from opd.tasks.tools import ToolTask, calc, held_out
 from opd.zoo_tools import transcript_ids
 
@@ -74,11 +74,16 @@ def test_the_experiment_runs_both_arms_at_equal_compute(tmp_path):
     from opd.experiments.tools import ToolsPlan, run_tools
 
     summary = run_tools(ToolsPlan(tmp_path / "exp", steps=2, prompts_per_step=2, samples_per_prompt=1, eval_every=1,
-                                  eval_examples=4), progress=False)
-    for arm in ("opd", "sft"):
+                                  eval_examples=4, sft_start=1), progress=False)
+    assert [p[0] for p in summary["sft+opd"]["curve"]] == [0, 1, 2]  # the chain's steps run on
+    assert summary["sft+opd"]["curve"][2][1] > summary["sft+opd"]["curve"][1][1]  # and its compute adds up
+    for arm in ("opd", "sft", "sft+opd"):
         assert summary[arm]["flops"] >= summary["budget_flops"] > 0
         assert 0 <= summary[arm]["accuracy_at_budget"] <= 1
         assert summary[arm]["teacher_accuracy"] == 1.0
     report = (tmp_path / "exp" / "report.md").read_text()
     assert "| on-policy distillation |" in report and "| SFT on the teacher's transcripts |" in report
+    assert "| SFT, then on-policy distillation |" in report
+    with pytest.raises(OpdError, match="--sft-start 2 must be between 0 and --steps 2"):
+        run_tools(ToolsPlan(tmp_path / "bad", steps=2, sft_start=2), progress=False)
     assert (tmp_path / "exp" / "tools.png").is_file()

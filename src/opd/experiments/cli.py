@@ -57,7 +57,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from opd.experiments.tools import ToolsPlan, run_tools
 
         summary = run_tools(ToolsPlan(out, args.steps, args.prompts, args.samples, args.lr_opd, args.lr_sft,
-                                      args.eval_every, args.eval_examples, args.overrides), progress)
+                                      args.eval_every, args.eval_examples, args.overrides, args.sft_start), progress)
     elif args.experiment == "personalization":
         from opd.personalization.experiment import PersonalizationPlan, run_personalization
 
@@ -158,6 +158,7 @@ def add_experiment_parser(sub, fmt, epilog: str) -> None:
     tl.add_argument("--lr-sft", type=float, default=1e-3, help="SFT's rate (default 1e-3)")
     tl.add_argument("--eval-every", type=int, default=25)
     tl.add_argument("--eval-examples", type=int, default=256)
+    tl.add_argument("--sft-start", type=int, default=25, help="the sft+opd arm's SFT steps (default 25)")
     tl.set_defaults(func=cmd_experiment)
     pe = ex_sub.add_parser("personalization", parents=[common], formatter_class=fmt, epilog=epilog,
                            help="midtrain the assistant on documents, then restore its instruction following by "

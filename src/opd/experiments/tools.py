@@ -8,7 +8,9 @@ prompts and converse with the same calculator (``tools=opd.tasks.tools:calc``, `
 
 - ``opd``: the student converses, the teacher grades every token it wrote (``kl=full``);
 - ``sft``: the teacher converses, the student trains on the teacher's turns (cross-entropy; the
-  calculator's messages are context, as in the ``opd`` arm).
+  calculator's messages are context, as in the ``opd`` arm);
+- ``sft+opd``: ``sft`` for the first ``sft_start`` steps, then on-policy distillation from there (the blog's
+  recipe: a student that already writes the format), the same steps in all.
 
 Held-out figures (greedy, the calculator in the loop): accuracy, the share of conversations with a valid
 call, the share of calls that were valid; each arm's at the largest compute both reached (student and teacher
@@ -24,11 +26,13 @@ from pathlib import Path
 
 from opd import runs
 from opd.experiments import evals, run_config, run_once, total_flops
+from opd.models import OpdError
 from opd.report import plt, save_figure
 
 TOOLS = {"task": "tools", "tools": "opd.tasks.tools:calc", "tool_format": "compact", "teacher": "embedded:tool-teacher",
-         "max_turns": 3, "max_new_tokens": 32, "eval_samples": 0, "kl": "full"}
-ARMS = {"opd": "on-policy distillation", "sft": "SFT on the teacher's transcripts"}
+         "max_turns": 3, "max_new_tokens": 32, "eval_samples": 0, "kl": "full", "warmup_steps": 10}
+ARMS = {"opd": "on-policy distillation", "sft": "SFT on the teacher's transcripts",
+        "sft+opd": "SFT, then on-policy distillation"}
 
 
 @dataclass
@@ -42,6 +46,7 @@ class ToolsPlan:
     eval_every: int = 25
     eval_examples: int = 256
     overrides: list[str] = field(default_factory=list)
+    sft_start: int = 25  # sft+opd: SFT steps before on-policy distillation takes over
 
 
 def ensure_teacher() -> None:
@@ -62,6 +67,15 @@ def share(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.0f}%"
 
 
+def shifted(point: dict, before: dict) -> dict:
+    """A point of the second run of a chain, in the chain's steps and compute."""
+    out = {**point, "step": point["step"] + before["step"]}
+    for key in ("student_flops_total", "teacher_flops_total"):
+        if out.get(key) is not None and before.get(key) is not None:
+            out[key] = out[key] + before[key]
+    return out
+
+
 def at_budget(points: list[dict], budget: float) -> dict:
     """The last evaluation whose total compute is within ``budget`` (step 0 counts none)."""
     within = [p for p in points if (total_flops(p) or 0.0) <= budget * (1 + 1e-9)]
@@ -69,15 +83,21 @@ def at_budget(points: list[dict], budget: float) -> dict:
 
 
 def run_tools(plan: ToolsPlan, progress: bool = True) -> dict:
+    if not 0 < plan.sft_start < plan.steps:
+        raise OpdError(f"--sft-start {plan.sft_start} must be between 0 and --steps {plan.steps}, exclusive")
     started = time.time()
     ensure_teacher()
-    curves = {}
-    for i, (key, method) in enumerate((("opd", "opd"), ("sft", "sft")), start=1):
-        values = {**TOOLS, "method": method, "steps": plan.steps, "prompts_per_step": plan.prompts_per_step,
-                  "samples_per_prompt": plan.samples_per_prompt, "lr": plan.lr_opd if key == "opd" else plan.lr_sft,
-                  "eval_every": plan.eval_every, "save_every": plan.steps, "eval_examples": plan.eval_examples}
-        config = run_config(plan.overrides, plan.out / "runs" / key, **values)
-        curves[key] = evals(run_once(config, progress, f"[{i}/2] {key}"))
+    def arm(key: str, method: str, steps: int, desc: str, **extra) -> list[dict]:
+        values = {**TOOLS, "method": method, "steps": steps, "prompts_per_step": plan.prompts_per_step,
+                  "samples_per_prompt": plan.samples_per_prompt, "lr": plan.lr_opd if method == "opd" else plan.lr_sft,
+                  "eval_every": plan.eval_every, "save_every": steps, "eval_examples": plan.eval_examples, **extra}
+        return evals(run_once(run_config(plan.overrides, plan.out / "runs" / key, **values), progress, desc))
+
+    curves = {"opd": arm("opd", "opd", plan.steps, "[1/4] opd"), "sft": arm("sft", "sft", plan.steps, "[2/4] sft")}
+    start = arm("sft-start", "sft", plan.sft_start, "[3/4] sft+opd: sft")
+    then = arm("sft-then-opd", "opd", plan.steps - plan.sft_start, "[4/4] sft+opd: opd",
+               student=plan.out / "runs" / "sft-start" / "final")
+    curves["sft+opd"] = start + [shifted(p, start[-1]) for p in then[1:]]
     n = plan.eval_examples
     budget = min(total_flops(points[-1]) or 0.0 for points in curves.values())
     summary = {"eval_examples": n, "budget_flops": budget, "plan": {k: str(v) for k, v in vars(plan).items()}}
