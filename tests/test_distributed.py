@@ -30,7 +30,7 @@ def equivalence_overrides(model_dirs, tmp_path, **extra) -> list[str]:
 
 @pytest.mark.parametrize("parallel,kl,grad_accum,budget", [
     ("ddp", "sampled", 1, 0), ("ddp", "full", 2, 0), ("fsdp", "sampled", 1, 0), ("fsdp", "full", 1, 0),
-    ("ddp", "sampled", 1, 40), ("fsdp", "full", 1, 40)])  # budget: max_tokens_per_micro_batch, unequal per rank
+    ("ddp", "sampled", 1, 45), ("fsdp", "full", 1, 45)])  # budget: max_tokens_per_micro_batch: 3 and 4 on the ranks
 def test_two_ranks_update_like_one_process_on_the_whole_batch(model_dirs, tmp_path, parallel, kl, grad_accum, budget):
     overrides = equivalence_overrides(model_dirs, tmp_path, kl=kl, parallel=parallel, grad_accum=grad_accum,
                                       max_tokens_per_micro_batch=budget)
