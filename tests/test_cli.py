@@ -60,3 +60,12 @@ def test_overrides_may_follow_options_after_a_positional(capsys):
     with pytest.raises(SystemExit):
         parse(["eval", "m", "steps=3"])  # eval takes no overrides
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given,used", [([], "cosine"), (["lr_schedule=constant"], "constant")])
+def test_the_demo_decays_its_rate_unless_told_otherwise(tmp_path, given, used):
+    """The demo's cosine schedule was chosen by measurement (README: 78.9% against constant's 69.5%)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "steps=2", "prompts_per_step=2", "samples_per_prompt=2", "eval_examples=2", "eval_samples=0",
+                 "warmup_steps=0", *given, "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["lr_schedule"] == used

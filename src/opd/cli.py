@@ -103,8 +103,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                several=bool(config.teachers), aligned=other_tokenizer(config))
         if config.kl == "sampled" and not any(item.startswith("lr=") for item in overrides):
             config.lr = 3e-4  # the sampled estimator's rate (README: the cross-tokenizer demo, both rates)
+    if not any(item.startswith("lr_schedule=") for item in overrides):
+        config.lr_schedule = "cosine"  # measured on the demo: 78.9% greedy at step 800 against constant's 69.5%
     print(f"opd demo: on-policy distillation of {config.student} from {config.teacher} "
-          f"({config.steps} steps, kl={config.kl}, lr={config.lr})")
+          f"({config.steps} steps, kl={config.kl}, lr={config.lr}, lr_schedule={config.lr_schedule})")
     started = time.time()
     summary = train(config, progress=not args.quiet)
     rows = [
