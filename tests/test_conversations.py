@@ -184,3 +184,28 @@ def test_an_example_without_context_is_read_as_the_students(tokenizer, tiny_mode
     assert teacher_conversations(extras) == (extras["messages"], False)
     view = TeacherView(LocalTeacher(tiny_model, len(tokenizer)), tokenizer)
     assert view.reading(False) == "shared" and view.reading(True) == "own"
+
+
+def test_sft_with_privileged_context_has_the_teacher_write_from_its_own(tmp_path):
+    from opd.samplers.local import sample_in_batches
+
+    examples = ArithmeticTask().train_examples(0, 8, 0)
+    path = write_prompts(tmp_path / "hinted.jsonl", [
+        {"prompt": ex.messages[-1]["content"], "answer": ex.answer,
+         "teacher_prompt": f"{ex.messages[-1]['content']} The answer is {ex.answer}."} for ex in examples])
+    dirs = {"student": "embedded:student", "teacher": "embedded:student"}
+    overrides = tiny_train_overrides(dirs, tmp_path / "run", method="sft", teacher="self", task=str(path),
+                                     eval_file=str(path), max_new_tokens=32)
+    session = open_session(load_config(None, overrides))
+    rollouts = session.source.rollouts(0)
+    chosen = session.source.prompts.split(0)[0]
+    tokenizer, config = session.tokenizer, session.config
+    hinted = [chat_prompt_ids(tokenizer, ex.teacher_conversation) for ex in chosen]
+    want = sample_in_batches(session.teacher_view.model, hinted, rows=0, samples_per_prompt=config.samples_per_prompt,
+                             max_new_tokens=config.max_new_tokens, temperature=1.0, top_p=1.0,
+                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                             generator=torch.Generator().manual_seed(0))
+    assert rollouts.completion_ids() == want.completion_ids()  # drawn after the teacher's context
+    first = rollouts.tokens[0][rollouts.attention_mask[0] > 0]
+    assert "The answer is" not in tokenizer.decode(first)  # trained on after the student's prompt
+    session.close()

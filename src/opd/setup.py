@@ -370,10 +370,9 @@ def rollout_source(session: Session, service, pairs: list, chunks: list[list[int
                              talk.max_turns, talk.max_tokens, model, session.vocab_size, device, rank,
                              service, config.tis_cap)
 
-    def teacher(seed_offset: int) -> InProcess:  # the teacher in its own template when its view reads one
-        own = view is not None and view.path == "own"
+    def teacher(seed_offset: int) -> InProcess:  # the teacher in its own template and context when it has them
         return InProcess(view.model, session.prompter, draw, session.vocab_size, device, rank, seed_offset,
-                         view.teacher_prompt if own else None)
+                         getattr(view, "teacher_prompt", None), own=view.path == "own")  # routed: the default's model
 
     if service is not None:
         on = Served(service, prompts, session.prompter, draw, rewards, session.full_model, session.vocab_size,

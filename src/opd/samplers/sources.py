@@ -141,25 +141,28 @@ class RolloutSource:
 
 class InProcess:
     """A model in this process samples ``samples_per_prompt`` completions of each prompt. The teacher
-    (``teacher_prompt``: its own rendering) reads the prompt in its own template when its view says so; its
-    completions are then re-packed after the student's rendering, which the student trains on."""
+    (``teacher_prompt``: its own rendering) reads the prompt in its own template when its view says so
+    (``own``), and its own context when a prompt has one (``teacher_messages``); its completions are then
+    re-packed after the student's rendering, which the student trains on."""
 
     def __init__(self, model: torch.nn.Module, prompter: Prompter, draw: Draw, vocab_size: int,
-                 device: torch.device, rank: int, seed_offset: int = 0, teacher_prompt=None) -> None:
+                 device: torch.device, rank: int, seed_offset: int = 0, teacher_prompt=None, own: bool = False) -> None:
         self.model, self.prompter, self.draw, self.vocab_size = model, prompter, draw, vocab_size
         self.device, self.rank, self.seed_offset, self.teacher_prompt = device, rank, seed_offset, teacher_prompt
+        self.own = own
 
     def sample(self, examples: list[Example], step: int) -> Rollouts:
         draw, tokenizer = self.draw, self.prompter.tokenizer
         prompts = [self.prompter.ids(ex.messages) for ex in examples]
         seed = draw.seed * 1_000_003 + step + self.rank * 7_919_000_003 + self.seed_offset  # rank 0: as one process
+        reads_own = self.teacher_prompt is not None and (self.own or any(ex.teacher_messages for ex in examples))
         rollouts = sample_in_batches(
-            self.model, [self.teacher_prompt(ex.messages) for ex in examples] if self.teacher_prompt else prompts,
+            self.model, [self.teacher_prompt(ex.teacher_conversation) for ex in examples] if reads_own else prompts,
             rows=draw.rows_per_call, samples_per_prompt=draw.samples_per_prompt, max_new_tokens=draw.max_new_tokens,
             temperature=draw.temperature, top_p=draw.top_p, eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id, vocab_size=self.vocab_size,
             generator=torch.Generator(self.device).manual_seed(seed))
-        if self.teacher_prompt:  # the student trains on the teacher's completion after its own rendering
+        if reads_own:  # the student trains on the teacher's completion after its own rendering
             groups = rollouts.prompt_index
             rollouts = pack_pairs([p for p in prompts for _ in range(draw.samples_per_prompt)],
                                   rollouts.completion_ids(), tokenizer.pad_token_id).to(self.device)
