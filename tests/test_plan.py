@@ -221,6 +221,18 @@ def test_the_long_sequence_settings_each_change_their_term_by_hand():
         teacher, TrainConfig(**base), 4, 4)
 
 
+def test_a_conversation_is_planned_as_a_row_of_max_trajectory_tokens():
+    student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
+    base = dict(prompts_per_step=16, samples_per_prompt=4, kl="sampled", device="cpu", eval_examples=300,
+                eval_batch=50, eval_samples=2)
+    talk = memory(student, teacher, TrainConfig(**base, max_new_tokens=10, tools="m:f", max_trajectory_tokens=60),
+                  2, "ddp", 20).parts
+    assert talk == memory(student, teacher, TrainConfig(**base, max_new_tokens=40), 2, "ddp", 20).parts
+    whole = memory(student, teacher, TrainConfig(**base, max_new_tokens=10, environment="m:E"), 2, "ddp", 20).parts
+    assert whole == memory(student, teacher, TrainConfig(**base, max_new_tokens=student.context - 20), 2, "ddp",
+                           20).parts
+
+
 def test_a_plan_that_does_not_fit_names_the_fewest_settings_that_make_it_fit():
     from opd.plan import fitting_advice, make_plan
 

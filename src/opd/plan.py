@@ -34,7 +34,9 @@ shards the teacher's layers (``+ 2`` layers gathered), its embeddings and head w
 adds them, cheapest first, until a layout fits.
 
 Not counted: the CUDA context and the allocator's caching (about 0.5-1 GB on a GPU), the process itself
-on a CPU. ``P`` is the padded prompt length and ``C`` = ``max_new_tokens``.
+on a CPU. ``P`` is the padded prompt length and ``C`` = ``max_new_tokens``; with an environment (``environment=``,
+``tools=``) a row is a whole conversation, ``C`` = ``max_trajectory_tokens`` (or the student's context) - ``P``,
+the most it may hold (a teacher that reads it turn by turn re-reads each turn's prefix: not counted).
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
     shard = processes if parallel == "fsdp" else 1
     rows = config.prompts_per_step * config.samples_per_prompt // processes  # this rank's rows
     completion = config.max_new_tokens
+    if config.environment or config.tools:  # a conversation: every turn and the environment's messages in one row
+        completion = max(1, (config.max_trajectory_tokens or student.context) - prompt_tokens)
     micro_rows = max(rows // config.grad_accum, 1)
     if config.max_tokens_per_micro_batch:  # as many whole rows as the budget holds (one at least)
         micro_rows = min(rows, max(1, config.max_tokens_per_micro_batch // (prompt_tokens + completion)))
