@@ -353,3 +353,10 @@ def test_tools_reach_the_template_of_each_side(tmp_path):
     session.close()
     with pytest.raises(OpdError, match="give environment= or tools=, not both"):
         session_named(tmp_path / "both", tools=tools, environment="test_environments:GoOn")
+
+
+def test_sft_with_an_environment_needs_the_students_tokens_and_is_refused_before_the_run_directory(tmp_path):
+    dirs = {"student": "embedded:student", "teacher": str(own_template_teacher(tmp_path))}
+    with pytest.raises(OpdError, match="method=sft with an environment trains on the teacher's conversations"):
+        session_with(GoOn(2), tmp_path, dirs=dirs, method="sft")
+    assert not (tmp_path / "run").exists()

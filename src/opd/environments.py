@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from opd.models import OpdError
@@ -113,7 +113,6 @@ class ToolConversation:
     environment: ToolEnvironment
     calls: int = 0
     valid_calls: int = 0
-    log: list[str] = field(default_factory=list)
 
     def respond(self, reply: str) -> list[dict] | None:
         calls = self.environment.parse(reply)
@@ -209,11 +208,15 @@ def final_reward(conversation: Conversation, name: str) -> float | None:
     return None if value is None else float(value)
 
 
-def load_environment(spec: str, tools: str, tool_format: str = "hermes") -> tuple[Environment | None, str]:
-    """``environment=module:Name`` (a class or factory called with no arguments, or an instance) or
-    ``tools=module:fn,...`` (the built-in ``ToolEnvironment``); (None, "") when neither is set."""
+def load_environment(spec: str, tools: str, tool_format: str = "hermes",
+                     given=None) -> tuple[Environment | None, str]:
+    """``given`` (a Python object, ``opd.train(..., environment=)``), else ``environment=module:Name`` (a class or
+    factory called with no arguments, or an instance) or ``tools=module:fn,...`` (the built-in
+    ``ToolEnvironment``); (None, "") when none is set."""
     from opd.tasks.custom import load_object
 
+    if given is not None:
+        return checked_environment(given, type(given).__name__)
     if spec and tools:
         raise OpdError("give environment= or tools=, not both (an environment of your own runs its own tools)")
     if tools:
@@ -230,7 +233,11 @@ def load_environment(spec: str, tools: str, tool_format: str = "hermes") -> tupl
         raise OpdError(f"environment={spec}: this run's environment was a Python object; pass it again "
                        "(opd.train(..., environment=...)) or give its import path, environment=module:Name")
     value = load_object(spec, "environment")
-    environment = value() if isinstance(value, type) or (callable(value) and not hasattr(value, "start")) else value
+    return checked_environment(value() if isinstance(value, type) or (callable(value) and not hasattr(value, "start"))
+                               else value, spec)
+
+
+def checked_environment(environment, name: str) -> tuple[Environment, str]:
     if not hasattr(environment, "start"):
-        raise OpdError(f"environment={spec!r} has no start(example) method; see opd.environments")
-    return environment, spec
+        raise OpdError(f"environment {name} has no start(example) method; see opd.environments")
+    return environment, name

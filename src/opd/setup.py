@@ -155,10 +155,7 @@ def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None
                        "load the teacher in-process")
     student_path = resolve_model_path(config.student, "student")
     teacher_path = None if midtrain or remote else resolve_model_path(config.teacher_spec, "teacher")
-    talk = (environment, type(environment).__name__) if environment is not None else load_environment(
-        config.environment, config.tools, config.tool_format)
-    if talk[0] is not None and not hasattr(talk[0], "start"):
-        raise OpdError(f"environment {talk[1]} has no start(example) method; see opd.environments")
+    talk = load_environment(config.environment, config.tools, config.tool_format, given=environment)
     tools = {"tools": talk[0].tools} if talk[0] is not None and getattr(talk[0], "tools", None) else {}
     tokenizer = with_template_kwargs(load_tokenizer(student_path), config.template_kwargs() | tools)
     teacher_tokenizer = None if midtrain else with_template_kwargs(
@@ -174,6 +171,9 @@ def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None
                        "teacher, or load the teacher in-process")
     path_kind = None if teacher_tokenizer is None else check_teacher_path(
         config, tokenizer, teacher_tokenizer, student_path, teacher_path)
+    if talk[0] is not None and config.method == "sft" and path_kind != "shared":
+        raise OpdError("method=sft with an environment trains on the teacher's conversations token for token: "
+                       "the teacher must be in process with the student's tokenizer and chat template")
     task = make_task(config, task, reward)
     eval_set = task.eval_examples(config.eval_examples)
     if not eval_set:
@@ -362,9 +362,6 @@ def rollout_source(session: Session, service, pairs: list, chunks: list[list[int
     view = session.teacher_view
     if session.dialogue is not None:  # whole conversations: the student's, or for sft the teacher's transcripts
         talk = session.dialogue
-        if config.method == "sft" and (view is None or view.path != "shared"):
-            raise OpdError("method=sft with an environment trains on the teacher's conversations token for token: "
-                           "the teacher must be in process with the student's tokenizer and chat template")
         model = view.model if config.method == "sft" else session.full_model
         return Conversations(prompts, session.prompter, draw, talk.environment, talk.name, session.task,
                              talk.max_turns, talk.max_tokens, model, session.vocab_size, device, rank,

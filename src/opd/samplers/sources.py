@@ -66,6 +66,10 @@ class Draw:
     seed: int
     rows_per_call: int = 0  # sample_batch: rows the in-process sampler draws at once (0: all of them)
 
+    def stream(self, step: int, rank: int, offset: int = 0) -> int:
+        """The seed of a step's draws on ``rank`` (rank 0: as one process; ``offset``: another stream)."""
+        return self.seed * 1_000_003 + step + rank * 7_919_000_003 + offset
+
 
 @dataclass
 class StepPrompts:
@@ -154,7 +158,7 @@ class InProcess:
     def sample(self, examples: list[Example], step: int) -> Rollouts:
         draw, tokenizer = self.draw, self.prompter.tokenizer
         prompts = [self.prompter.ids(ex.messages) for ex in examples]
-        seed = draw.seed * 1_000_003 + step + self.rank * 7_919_000_003 + self.seed_offset  # rank 0: as one process
+        seed = draw.stream(step, self.rank, self.seed_offset)
         reads_own = self.teacher_prompt is not None and (self.own or any(ex.teacher_messages for ex in examples))
         rollouts = sample_in_batches(
             self.model, [self.teacher_prompt(ex.teacher_conversation) for ex in examples] if reads_own else prompts,

@@ -204,8 +204,7 @@ class Conversations:
                                       temperature=draw.temperature, top_p=draw.top_p, eos_id=tokenizer.eos_token_id,
                                       pad_id=tokenizer.pad_token_id, seed=(draw.seed, step * 1000 + turn, self.rank))
             return served
-        seed = draw.seed * 1_000_003 + step + self.rank * 7_919_000_003  # as InProcess draws
-        generator = torch.Generator(self.device).manual_seed(seed)
+        generator = torch.Generator(self.device).manual_seed(draw.stream(step, self.rank))  # as InProcess draws
 
         def local(contexts: list[list[int]], max_new_tokens: int, turn: int) -> Rollouts:
             return sample_in_batches(self.model, contexts, rows=draw.rows_per_call, samples_per_prompt=1,

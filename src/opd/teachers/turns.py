@@ -56,12 +56,9 @@ def by_turns(view, rollouts: Rollouts, conversations: list[list[dict]], hidden: 
         chunks = torch.full(rollouts.tokens.shape, -1, dtype=torch.long, device=device)
         chunks[mask] = scored.chunks[theirs]
     lengths = {}
-    for key in ("teacher_prompt_lengths", "teacher_completion_lengths"):
-        per_turn = getattr(scored, key)
-        if per_turn is None:  # the shared path read the student's tokens: as many
-            per_turn = [len(p) for p in prompts] if key == "teacher_prompt_lengths" else [len(c) for c in completions]
+    for key in ("teacher_prompt_lengths", "teacher_completion_lengths"):  # what the teacher read, per turn
         totals = [0] * rollouts.tokens.shape[0]
-        for row, value in zip(owners, per_turn, strict=True):
+        for row, value in zip(owners, getattr(scored, key), strict=True):
             totals[row] += value
         lengths[key] = totals
     return Scored(logprobs, chunks, hidden=scored.hidden, topk=scored.topk, chunk_count=scored.chunk_count,
