@@ -5,6 +5,8 @@ update on its share, and save the student's weights after the step to OUT/weight
 ``fail RANK MODE key=value...``: train, with rank RANK raising ("raise") or hanging ("hang") at step 1.
 ``teacher OUT key=value...``: score one fixed batch with the session's teacher, each rank its share of the
 rows; rank 0 saves every rank's log-probs, hidden states and local parameter counts to OUT/teacher.pt.
+``placement OUT key=value...``: open a session and save (rank 0) the FSDP2 offload policy of each of the
+student's and the teacher's sharded modules, and where their shards are, to OUT/placement.pt.
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ def teacher(out: Path, overrides: list[str]) -> None:
         torch.save(gathered, out / "teacher.pt")
 
 
+def placement(out: Path, overrides: list[str]) -> None:
+    session = open_session(load_config(None, overrides + [f"out={out / 'run'}"]))
+
+    def policies(model: torch.nn.Module) -> list[str]:
+        groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+        return [type(g.offload_policy).__name__ for g in groups if g is not None]
+
+    teacher = session.teacher_view.model
+    shards = [p.to_local().device.type for p in teacher.parameters() if hasattr(p, "to_local")]
+    if session.dist.main:
+        torch.save({"student": policies(session.loss_module), "teacher": policies(teacher), "shards": shards},
+                   out / "placement.pt")
+
+
 def fail(rank: int, mode: str, overrides: list[str]) -> None:
     import opd.trainer
 
@@ -76,6 +92,8 @@ if __name__ == "__main__":
         equivalence(Path(args[0]), args[1:])
     elif command == "teacher":
         teacher(Path(args[0]), args[1:])
+    elif command == "placement":
+        placement(Path(args[0]), args[1:])
     else:
         fail(int(args[0]), args[1], args[2:])
     distributed.exit_rank(0)

@@ -129,3 +129,53 @@ def test_training_with_a_sharded_teacher_equals_training_with_whole_ones(model_d
         for key in ("loss", "teacher_kl", "accuracy", "eval_teacher_kl", "teacher_accuracy"):
             if a.get(key) is not None:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("offload", ["", "optimizer,teacher"])
+def test_offload_puts_fsdp2s_cpu_policy_on_the_named_shards(model_dirs, tmp_path, offload):
+    """offload=optimizer,teacher: every FSDP2 group of the student and of the teacher carries PyTorch's
+    CPUOffloadPolicy (without it, the default policy); the teacher's shards stay in CPU memory."""
+    overrides = equivalence_overrides(model_dirs, tmp_path, kl="full", parallel="fsdp", teacher_parallel="fsdp",
+                                      offload=offload)
+    result = torchrun([str(WORKER), "placement", str(tmp_path), *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / "placement.pt")
+    want = "CPUOffloadPolicy" if offload else "OffloadPolicy"
+    layers = 1  # conftest's tiny models: one decoder layer each; the student's root group holds the rest
+    assert got["student"] == [want] * (layers + 1) and got["teacher"] == [want] * layers
+    assert set(got["shards"]) == {"cpu"}
+
+
+def test_training_with_offload_equals_training_without(model_dirs, tmp_path):
+    """Two ranks, FSDP2 student and teacher, kl=full, a checkpoint and evaluations: with the shards, gradients
+    and AdamW's state in CPU memory (offload=optimizer,teacher) the metrics and the final weights equal those
+    without offload."""
+    from safetensors.torch import load_file
+
+    runs, weights = {}, {}
+    for offload in ("", "optimizer,teacher"):
+        out = tmp_path / (offload or "none")
+        overrides = tiny_train_overrides(model_dirs, out, kl="full", parallel="fsdp", teacher_parallel="fsdp",
+                                         offload=offload, steps=3, eval_every=2, save_every=2)
+        command = [sys.executable, "-m", "opd", "train", "--nproc", "2", "--quiet", *overrides]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=ONE_THREAD)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[offload] = read_jsonl(out / "metrics.jsonl")
+        weights[offload] = load_file(out / "final" / "model.safetensors")
+    for a, b in zip(runs[""], runs["optimizer,teacher"], strict=True):
+        for key in ("loss", "teacher_kl", "grad_norm", "accuracy", "eval_teacher_kl"):
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert max((weights[""][k] - v).abs().max().item() for k, v in weights["optimizer,teacher"].items()) < 1e-6
+
+
+def test_offload_names_what_it_needs():
+    from opd.config import TrainConfig
+    from opd.models import OpdError
+
+    for fields, needs in [({"offload": "optimizer"}, "parallel=fsdp"),
+                          ({"offload": "teacher", "parallel": "fsdp"}, "teacher_parallel=fsdp"),
+                          ({"offload": "weights"}, "optimizer and teacher")]:
+        with pytest.raises(OpdError, match=needs):
+            TrainConfig(**fields).validate()
+    TrainConfig(offload="optimizer, teacher", parallel="fsdp", teacher_parallel="fsdp").validate()

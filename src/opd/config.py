@@ -117,6 +117,9 @@ class TrainConfig:
     # several processes (torchrun --nproc_per_node=N -m opd train ..., or opd train --nproc N)
     parallel: str = "ddp"  # ddp: weights replicated on every rank | fsdp: FSDP2, weights and optimizer sharded
     teacher_parallel: str = "none"  # none: the whole teacher on every rank | fsdp: its layers sharded (FSDP2)
+    offload: str = ""  # a comma list, FSDP2's CPUOffloadPolicy (several processes): optimizer (parallel=fsdp: the
+    # student's shards, gradients and AdamW moments in CPU memory, the step run there) | teacher (teacher_parallel=
+    # fsdp: its layer shards in CPU memory, each copied to the device for its forward)
     dist_timeout: float = 600.0  # seconds a rank waits for the others (e.g. rank 0 evaluating) before failing
     # evaluation, logging, checkpoints
     eval_every: int = 100
@@ -223,6 +226,7 @@ class TrainConfig:
                                                 or self.teacher.startswith(("http://", "https://"))):
             raise OpdError("teacher_parallel=fsdp shards an in-process teacher that scores (method opd, rl, opd+rl); "
                            f"method={self.method} with teacher={self.teacher} has none to shard")
+        self.offloaded()
         chosen_trackers(self.report_to)
         for name in TEMPLATE_KWARGS_FIELDS:
             self.template_kwargs(name)
@@ -234,6 +238,19 @@ class TrainConfig:
             raise OpdError(f"config field train_prompts={self.train_prompts} must be 0 (no limit) or positive")
         if (self.prompts_per_step * self.samples_per_prompt) % self.grad_accum:
             raise OpdError(f"grad_accum={self.grad_accum} must divide prompts_per_step * samples_per_prompt")
+
+    def offloaded(self) -> set[str]:
+        """``offload``'s names, each checked against the sharding it rides on."""
+        names = {name.strip() for name in self.offload.split(",") if name.strip()}
+        if names - {"optimizer", "teacher"}:
+            raise OpdError(f"offload={self.offload!r}: the names are optimizer and teacher (a comma list, or empty)")
+        if "optimizer" in names and self.parallel != "fsdp":
+            raise OpdError("offload=optimizer keeps the student's FSDP2 shards and AdamW's state in CPU memory: it "
+                           f"needs parallel=fsdp (parallel is {self.parallel})")
+        if "teacher" in names and self.teacher_parallel != "fsdp":
+            raise OpdError("offload=teacher keeps the teacher's FSDP2 layer shards in CPU memory: it needs "
+                           f"teacher_parallel=fsdp (teacher_parallel is {self.teacher_parallel})")
+        return names
 
     def template_kwargs(self, name: str = "chat_template_kwargs") -> dict:
         """``chat_template_kwargs`` (or ``teacher_chat_template_kwargs``) as the dict the template receives."""

@@ -47,9 +47,10 @@ class Dist:
         return self.world > 1
 
 
-def from_environment(timeout_seconds: float, device: str) -> Dist:
-    """Join the process group ``torchrun`` describes in the environment (gloo on CPU, NCCL on GPU); a
-    plain process is rank 0 of 1. A collective that waits longer than ``timeout_seconds`` raises."""
+def from_environment(timeout_seconds: float, device: str, cpu_collectives: bool = False) -> Dist:
+    """Join the process group ``torchrun`` describes in the environment (gloo on CPU, NCCL on GPU, and gloo
+    beside it for CPU tensors with ``cpu_collectives``: CPU-offloaded shards' gradient norm); a plain process
+    is rank 0 of 1. A collective that waits longer than ``timeout_seconds`` raises."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
@@ -58,7 +59,8 @@ def from_environment(timeout_seconds: float, device: str) -> Dist:
         gpu = device != "cpu" and torch.cuda.is_available()
         if gpu:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout_seconds))
+        backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if gpu else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
     return Dist(rank, world, local_rank)
 
 
@@ -133,8 +135,19 @@ def decoder_layers(student: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def wrap(student: torch.nn.Module, objective, parallel: str, state: Dist) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(the module whose forward computes the loss, the full model to sample from and save)."""
+def offload_policy(offload: bool):
+    """FSDP2's own placement: with ``offload``, ``CPUOffloadPolicy`` (the sharded parameters and their
+    gradients in CPU memory, pinned where a GPU copies them; each module's shards copied to the device for
+    its all-gather, the optimizer step run on the CPU), else the default (everything on the device)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    return CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+
+
+def wrap(student: torch.nn.Module, objective, parallel: str, state: Dist,
+         offload: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the module whose forward computes the loss, the full model to sample from and save); ``offload``
+    (``offload=optimizer``): the FSDP2 shards, gradients and AdamW's state in CPU memory."""
     module = PolicyLoss(student, objective)
     if not state.active:
         return module, student
@@ -146,23 +159,30 @@ def wrap(student: torch.nn.Module, objective, parallel: str, state: Dist) -> tup
 
     full_copy = copy.deepcopy(student).requires_grad_(False)
     for layer in decoder_layers(student):
-        fully_shard(layer)
-    fully_shard(module)
+        fully_shard(layer, offload_policy=offload_policy(offload))
+    fully_shard(module, offload_policy=offload_policy(offload))
     return module, full_copy
 
 
-def shard_teacher(teacher: torch.nn.Module, state: Dist) -> None:
+def shard_teacher(teacher: torch.nn.Module, state: Dist, device: torch.device, offload: bool = False) -> None:
     """``teacher_parallel=fsdp``: each decoder layer of the teacher sharded across the ranks with FSDP2,
     forward only, its weights gathered for its forward and freed after it (``reshard_after_forward``).
     The embeddings, the final norm and the output head stay whole on every rank: the exact-KL loss reads
     the teacher's head outside any forward. Every rank must then run the teacher the same number of times,
-    on any rows (the scorer runs one forward per call; evaluation runs on every rank)."""
+    on any rows (the scorer runs one forward per call; evaluation runs on every rank). The teacher comes in
+    on the CPU and leaves on ``device``; with ``offload`` (``offload=teacher``) its layer shards stay in CPU
+    memory and FSDP2 copies each layer's to the device for its forward."""
     if not state.active:
         return
     from torch.distributed.fsdp import fully_shard
 
-    for layer in decoder_layers(teacher):
-        fully_shard(layer, reshard_after_forward=True)
+    layers = decoder_layers(teacher)
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True, offload_policy=offload_policy(offload))
+    decoder = teacher.get_decoder()
+    decoder.layers = torch.nn.ModuleList()  # the rest to the device; the layers stay where FSDP2 put them
+    teacher.to(device)
+    decoder.layers = torch.nn.ModuleList(layers)
 
 
 def refresh_full_copy(student: torch.nn.Module, full_copy: torch.nn.Module, parallel: str, state: Dist) -> None:

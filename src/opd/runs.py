@@ -18,8 +18,9 @@ from opd.config import TrainConfig
 from opd.models import OpdError, plain_model, save_atomically
 
 # fields that may differ between a run and its resumption without changing its results
-RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device", "parallel", "dist_timeout", "report_to",
-                     "tracker_project", "run_name", "sampler", "sampler_model", "sampler_sync_dir", "async_rollouts"}
+RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device", "parallel", "offload", "dist_timeout",
+                     "report_to", "tracker_project", "run_name", "sampler", "sampler_model", "sampler_sync_dir",
+                     "async_rollouts"}
 
 
 def new_run_dir(config: TrainConfig) -> Path:

@@ -139,7 +139,7 @@ class Inputs:
 def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None) -> Inputs:
     config.validate()
     check_trackers(config.report_to)
-    dist = distributed.from_environment(config.dist_timeout, config.device)
+    dist = distributed.from_environment(config.dist_timeout, config.device, cpu_collectives=bool(config.offloaded()))
     device = pick_device(config.device)
     if dist.active:
         if config.prompts_per_step % dist.world:
@@ -264,7 +264,8 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
         context, opened)
     rollout_sampler = connect_sampler(config, tokenizer, inputs.student_path, dtype, context, opened)
     objective = Objective.of(config, len(tokenizer))
-    loss_module, full_model = distributed.wrap(student, objective, config.parallel, dist)
+    loss_module, full_model = distributed.wrap(student, objective, config.parallel, dist,
+                                               offload="optimizer" in config.offloaded())
     optimizer, scheduler = build_optimizer(config, student)
     if config.teachers:
         view = route_teachers(view, config, tokenizer, inputs.student_path, device, dtype, context, opened)

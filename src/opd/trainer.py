@@ -164,6 +164,9 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
             from opd.plan import session_plan, short_form
 
             print(f"opd: {short_form(session_plan(session))}", file=sys.stderr)
+            if config.offloaded() and not session.dist.active:
+                print(f"opd: offload={config.offload} does nothing on one process: it moves FSDP2's shards, and "
+                      "FSDP2 shards across several (opd train --nproc N)", file=sys.stderr)
         if main and session.teacher_view is not None:
             probe = [ex.messages[-1]["content"] for ex in session.eval_set[:32]]
             print(f"opd: {session.teacher_view.describe(probe)}", file=sys.stderr)

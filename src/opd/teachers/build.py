@@ -59,9 +59,8 @@ def build_teacher(config: TrainConfig, tokenizer, teacher_tokenizer, teacher_pat
     else:
         sharded = config.teacher_parallel == "fsdp" and dist.active
         model = load_model(teacher_path, torch.device("cpu") if sharded else device, dtype)
-        if sharded:  # shard on the CPU, then only this rank's layer shards go to the device
-            distributed.shard_teacher(model, dist)
-            model.to(device)
+        if sharded:  # shard on the CPU, then only this rank's layer shards go to the device (or stay: offload)
+            distributed.shard_teacher(model, dist, device, "teacher" in config.offloaded())
         teacher = LocalTeacher(model, len(teacher_tokenizer), sharded)
     return TeacherView(teacher, tokenizer, teacher_tokenizer, config.teacher_template, path_kind)
 
