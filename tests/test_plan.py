@@ -127,7 +127,10 @@ def test_fsdp_shards_weights_gradients_and_moments_and_ddp_does_not():
     one, ddp, fsdp = (memory(facts, facts, config, n, p, 20) for n, p in ((1, "ddp"), (4, "ddp"), (4, "fsdp")))
     for name in ("gradients", "optimizer"):
         assert ddp.parts[name] == one.parts[name] == 4 * fsdp.parts[name]
-    assert fsdp.parts["student_weights"] == one.parts["student_weights"] // 4 + 2 * facts.layer_params * 4
+    # the shards and the full copy that samples; in a step the root group and two layers unsharded, and grads
+    assert fsdp.parts["student_weights"] == one.parts["student_weights"] // 4 + one.parts["student_weights"]
+    root = facts.params - 3 * facts.layer_params
+    assert fsdp.parts["fsdp_gathered"] == 2 * (root + 2 * facts.layer_params) * 4 and one.parts["fsdp_gathered"] == 0
     assert fsdp.parts["teacher_weights"] == one.parts["teacher_weights"]  # the teacher is whole on every rank
     assert ddp.parts["sampling_kv_cache"] * 4 == one.parts["sampling_kv_cache"]  # a quarter of the rows each
     assert ddp.parts["evaluation"] == one.parts["evaluation"]  # rank 0 evaluates the whole held-out set
@@ -221,6 +224,28 @@ def test_the_long_sequence_settings_each_change_their_term_by_hand():
         teacher, TrainConfig(**base), 4, 4)
 
 
+def test_offload_moves_the_named_shards_out_of_the_device_peak_by_hand():
+    """offload=optimizer,teacher under fsdp x4: the student's weight shards, gradients and AdamW's moments and
+    the teacher's layer shards leave the device (the sampling copy, the gathered layers and the teacher's
+    embeddings and head stay) and are counted in CPU memory instead; one process offloads nothing."""
+    student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
+    base = dict(prompts_per_step=8, device="cpu", parallel="fsdp", teacher_parallel="fsdp", eval_examples=8,
+                eval_batch=1)  # training, not evaluation, peaks
+    plain = memory(student, teacher, TrainConfig(**base), 4, "fsdp", 20)
+    off = memory(student, teacher, TrainConfig(**base, offload="optimizer,teacher"), 4, "fsdp", 20)
+    layers = 8 * teacher.layer_params
+    assert off.parts["gradients"] == off.parts["optimizer"] == 0 and off.parts["student_weights"] == student.params * 4
+    assert off.parts["teacher_weights"] == (teacher.params - layers + 2 * teacher.layer_params) * 4
+    moved = (student.params + 3 * student.trainable) * 4 // 4 + layers * 4 // 4
+    assert off.parts["host_offload"] == moved and plain.parts["host_offload"] == 0
+    assert plain.peak - off.peak == pytest.approx(moved, abs=4)  # integer division per term
+    only_teacher = memory(student, teacher, TrainConfig(**base, offload="teacher"), 4, "fsdp", 20).parts
+    assert only_teacher["host_offload"] == layers and only_teacher["optimizer"] == plain.parts["optimizer"]
+    for processes, parallel in ((1, "ddp"), (4, "ddp")):  # nothing sharded, nothing offloaded
+        one = memory(student, teacher, TrainConfig(**base, offload="optimizer"), processes, parallel, 20).parts
+        assert one["host_offload"] == 0 and one["optimizer"] > 0
+
+
 def test_a_conversation_is_planned_as_a_row_of_max_trajectory_tokens():
     student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
     base = dict(prompts_per_step=16, samples_per_prompt=4, kl="sampled", device="cpu", eval_examples=300,
@@ -257,3 +282,23 @@ def gib_of(value):
     from opd.plan import gib
 
     return gib(value)
+
+
+def test_the_advice_offloads_last_and_names_offload_once():
+    from opd.plan import fitting_advice, make_plan
+
+    student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
+    config = TrainConfig(prompts_per_step=64, samples_per_prompt=4, max_new_tokens=400, kl="sampled", device="cpu",
+                         eval_batch=1, eval_samples=1, parallel="fsdp")
+    plan = make_plan(config, student, teacher, (20, 20), [4], [])
+    layout = next(m for m in plan.layouts if m.parallel == "fsdp")
+    savers = {**config.to_dict(), "gradient_checkpointing": True, "max_tokens_per_micro_batch": 420,
+              "sample_batch": 4, "teacher_parallel": "fsdp"}
+    peaks = [memory(student, teacher, TrainConfig(**{**savers, "offload": offload}), 4, "fsdp", 20).peak
+             for offload in ("", "teacher", "optimizer,teacher")]
+    assert peaks[0] > peaks[1] > peaks[2]
+    named = "gradient_checkpointing=true max_tokens_per_micro_batch=420 sample_batch=4 teacher_parallel=fsdp offload="
+    assert fitting_advice(plan, layout, peaks[2]) == f"fits with {named}optimizer,teacher: {gib_of(peaks[2])}"
+    assert fitting_advice(plan, layout, peaks[1]) == f"fits with {named}teacher: {gib_of(peaks[1])}"
+    ddp = next(m for m in plan.layouts if m.parallel == "ddp" and m.processes == 4)  # nothing to offload there
+    assert "optimizer" not in fitting_advice(plan, ddp, 1)

@@ -7,10 +7,14 @@ Memory per device, in bytes, with ``b`` the bytes of the training dtype, ``N`` t
 trainable parameters (the adapters under LoRA) and ``S`` = N under ``parallel=fsdp`` (FSDP2 shards
 weights, gradients and AdamW's two moments) and 1 under ddp:
 
-- weights ``P_student b / S`` (fsdp also gathers a layer and prefetches the next: ``+ 2 P_layer b``),
-  the teacher's ``P_teacher b`` on every rank (it is not sharded);
+- weights ``P_student b / S``, and under fsdp the full copy that samples, evaluates and saves
+  (``+ P_student b``); the teacher's ``P_teacher b`` on every rank (unless ``teacher_parallel=fsdp``);
 - gradients ``T b / S`` and AdamW's moments ``2 T b / S`` (torch's AdamW keeps them in the
   parameters' dtype);
+- under fsdp, during a training step, what FSDP2 holds unsharded (``fsdp_gathered``): the root group
+  (embeddings, final norm, head: gathered at the loss's forward, kept to the end of its backward) and two
+  decoder layers (the one running, the next prefetched), and as much again in gradients before their
+  reduce-scatter: ``2 (P_student - layers P_layer + 2 P_layer) b``;
 - the largest of four phases:
   sampling, the KV cache ``rows (P + C) layers 2 d_kv b`` of the rank's rows at once (and their last
   logits, twice in float32);
@@ -30,8 +34,10 @@ The settings for long completions change those terms: ``gradient_checkpointing``
 hidden state per layer plus one layer's activations (the one being recomputed) and reads each row's
 prompt (no shared prompt); ``max_tokens_per_micro_batch=N`` takes ``N // (P + C)`` rows (one at least) per
 micro-batch; ``sample_batch`` sizes the KV cache for that many rows (whole prompts); ``teacher_parallel=fsdp``
-shards the teacher's layers (``+ 2`` layers gathered), its embeddings and head whole. ``fitting_advice``
-adds them, cheapest first, until a layout fits.
+shards the teacher's layers (``+ 2`` layers gathered), its embeddings and head whole; ``offload=teacher``
+keeps those layer shards in CPU memory and ``offload=optimizer`` (fsdp) the student's weight shards,
+gradients and AdamW's moments (FSDP2's ``CPUOffloadPolicy``: ``host_offload``, per process, not in the
+device's peak). ``fitting_advice`` adds them, cheapest first (offload last), until a layout fits.
 
 Not counted: the CUDA context and the allocator's caching (about 0.5-1 GB on a GPU), the process itself
 on a CPU. ``P`` is the padded prompt length and ``C`` = ``max_new_tokens``; with an environment (``environment=``,
@@ -130,9 +136,9 @@ class Memory:
     @property
     def peak(self) -> int:
         p = self.parts
-        phases = max(p["sampling_kv_cache"], p["scoring"], p["training_activations"] + p["gradients"],
-                     p["evaluation"])
-        return p["student_weights"] + p["optimizer"] + p["teacher_weights"] + phases
+        phases = max(p["sampling_kv_cache"], p["scoring"],
+                     p["training_activations"] + p["gradients"] + p["fsdp_gathered"], p["evaluation"])
+        return p["student_weights"] + p["optimizer"] + p["teacher_weights"] + phases  # not host_offload: CPU memory
 
 
 def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig, processes: int, parallel: str,
@@ -140,6 +146,8 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
     """The estimate above for ``processes`` ranks under ``parallel``."""
     b = DTYPE_BYTES[training_dtype(config)]
     shard = processes if parallel == "fsdp" else 1
+    offload = {name.strip() for name in config.offload.split(",")} if processes > 1 else set()
+    student_host = shard > 1 and "optimizer" in offload  # FSDP2's CPUOffloadPolicy: shards, gradients, moments
     rows = config.prompts_per_step * config.samples_per_prompt // processes  # this rank's rows
     completion = config.max_new_tokens
     if config.environment or config.tools:  # a conversation: every turn and the environment's messages in one row
@@ -165,10 +173,12 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
     teacher_hidden = 0 if teacher is None or kl != "full" else rows * completion * teacher.hidden * b
     eval_rows = min(config.eval_examples, config.eval_batch) * max(config.eval_samples, 1)
     eval_models = [student] + ([teacher] if teacher is not None else [])  # step 0 evaluates the teacher too
+    sharded = (student.params + 3 * student.trainable) * b // shard  # weights, gradients, AdamW's two moments
     parts = {
-        "student_weights": student.params * b // shard + (2 * student.layer_params * b if shard > 1 else 0),
-        "gradients": student.trainable * b // shard,
-        "optimizer": 2 * student.trainable * b // shard,
+        "student_weights": (0 if student_host else student.params * b // shard)
+        + (student.params * b if shard > 1 else 0),  # fsdp: the full copy that samples, evaluates and saves
+        "gradients": 0 if student_host else student.trainable * b // shard,
+        "optimizer": 0 if student_host else 2 * student.trainable * b // shard,
         "teacher_weights": teacher_weights(teacher, config, processes, b),
         "sampling_kv_cache": kv_cache(student, sample_rows, prompt_tokens + completion, b)
         + 2 * sample_rows * student.vocab * 4,
@@ -177,19 +187,38 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
         "scoring": teacher_hidden,
         "training_activations": tokens * per_token * b
         + chunk_rows * student.vocab * 4 * logit_copies + teacher_hidden,
+        "fsdp_gathered": 2 * fsdp_gathered(student) * b if shard > 1 else 0,  # weights, and their gradients
+        "host_offload": (sharded if student_host else 0) + teacher_host(teacher, config, processes, b),
     }
     return Memory(parallel, processes, parts)
 
 
+def fsdp_gathered(model: ModelFacts) -> int:
+    """Parameters FSDP2 holds unsharded during a training step: the root group (embeddings, final norm,
+    head: gathered at the loss's forward, kept to the end of the backward) and two decoder layers (the one
+    running and the next prefetched); their gradients are as large before the reduce-scatter."""
+    return model.params - model.layers * model.layer_params + 2 * model.layer_params
+
+
 def teacher_weights(teacher: ModelFacts | None, config: TrainConfig, processes: int, b: int) -> int:
     """The teacher on every rank, or with ``teacher_parallel=fsdp`` its decoder layers sharded (one gathered
-    and the next prefetched at a time) and its embeddings, final norm and head whole."""
+    and the next prefetched at a time; with ``offload=teacher`` the shards in CPU memory) and its embeddings,
+    final norm and head whole."""
     if teacher is None:
         return 0
     if config.teacher_parallel != "fsdp" or processes < 2:
         return teacher.params * b
     layers = teacher.layers * teacher.layer_params
-    return (teacher.params - layers) * b + layers * b // processes + 2 * teacher.layer_params * b
+    return (teacher.params - layers) * b + 2 * teacher.layer_params * b + layers * b // processes \
+        - teacher_host(teacher, config, processes, b)
+
+
+def teacher_host(teacher: ModelFacts | None, config: TrainConfig, processes: int, b: int) -> int:
+    """``offload=teacher``: this rank's shards of the teacher's layers, in CPU memory."""
+    offloaded = "teacher" in {name.strip() for name in config.offload.split(",")}
+    if teacher is None or not offloaded or config.teacher_parallel != "fsdp" or processes < 2:
+        return 0
+    return teacher.layers * teacher.layer_params * b // processes
 
 
 def kv_cache(model: ModelFacts, rows: int, length: int, b: int) -> int:
@@ -297,12 +326,15 @@ def render(plan: Plan, device_memory: float | None = None) -> str:
                      f"{t.hidden}, vocabulary {t.vocab}")
     lines += ["", f"memory per device ({plan.dtype}; prompts of {plan.prompt_tokens} tokens, completions of "
               f"{plan.completion_tokens:.0f}):"]
-    names = list(plan.layouts[0].parts)
+    names = [name for name in plan.layouts[0].parts if name != "host_offload"]
     header = f"  {'':22}" + "".join(f"{f'{m.parallel} x{m.processes}':>13}" for m in plan.layouts)
     lines.append(header)
     for name in names:
         lines.append(f"  {name:22}" + "".join(f"{gib(m.parts[name]):>13}" for m in plan.layouts))
     lines.append(f"  {'peak':22}" + "".join(f"{gib(m.peak):>13}" for m in plan.layouts))
+    if any(m.parts["host_offload"] for m in plan.layouts):
+        lines.append(f"  {'CPU memory (offload)':22}" + "".join(f"{gib(m.parts['host_offload']):>13}"
+                                                               for m in plan.layouts))
     if device_memory:
         fits = ["fits" if m.peak <= device_memory else "too big" for m in plan.layouts]
         lines.append(f"  {f'on {device_memory / GIB:.0f} GiB':22}" + "".join(f"{f:>13}" for f in fits))
@@ -325,14 +357,21 @@ def render(plan: Plan, device_memory: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def memory_savers(config: TrainConfig, prompt_tokens: int, processes: int,
-                  has_teacher: bool) -> list[tuple[str, object]]:
-    """The settings that lower the peak, in the order ``opd plan`` adds them: what costs least first."""
+def memory_savers(config: TrainConfig, prompt_tokens: int, processes: int, has_teacher: bool,
+                  parallel: str = "ddp") -> list[tuple[str, object]]:
+    """The settings that lower the peak, in the order ``opd plan`` adds them: what costs least first
+    (offload last: it moves every step's weights over the host link)."""
     savers: list[tuple[str, object]] = [("gradient_checkpointing", True),
                                         ("max_tokens_per_micro_batch", prompt_tokens + config.max_new_tokens),
                                         ("sample_batch", config.samples_per_prompt), ("eval_batch", 1)]
+    offload = {name.strip() for name in config.offload.split(",") if name.strip()}
     if has_teacher and processes > 1 and not config.teachers:
         savers.append(("teacher_parallel", "fsdp"))
+        offload.add("teacher")
+        savers.append(("offload", ",".join(sorted(offload))))
+    if parallel == "fsdp" and processes > 1:
+        offload.add("optimizer")
+        savers.append(("offload", ",".join(sorted(offload))))
     return [(name, value) for name, value in savers if getattr(config, name) != value]
 
 
@@ -340,16 +379,23 @@ def fitting_advice(plan: Plan, layout: Memory, device_memory: float) -> str:
     """The fewest of ``memory_savers`` (added in order) that bring ``layout`` under ``device_memory``, with
     the resulting peak; or what all of them leave."""
     config = TrainConfig(**plan.config)
-    chosen: list[str] = []
+    chosen: dict[str, str] = {}  # a setting added twice (offload) keeps its place and its last value
     peak = layout.peak
-    for name, value in memory_savers(config, plan.prompt_tokens, layout.processes, plan.teacher is not None):
+    for name, value in memory_savers(config, plan.prompt_tokens, layout.processes, plan.teacher is not None,
+                                     layout.parallel):
+        if getattr(config, name) == value:
+            continue
         setattr(config, name, value)
-        chosen.append(f"{name}={str(value).lower() if isinstance(value, bool) else value}")
+        chosen[name] = str(value).lower() if isinstance(value, bool) else str(value)
         peak = memory(plan.student, plan.teacher, config, layout.processes, layout.parallel, plan.prompt_tokens).peak
         if peak <= device_memory:
-            return f"fits with {' '.join(chosen)}: {gib(peak)}"
-    tried = f" even with {' '.join(chosen)} ({gib(peak)})" if chosen else ""
+            return f"fits with {settings(chosen)}: {gib(peak)}"
+    tried = f" even with {settings(chosen)} ({gib(peak)})" if chosen else ""
     return f"does not fit{tried}: use more devices, LoRA, or a teacher behind a server"
+
+
+def settings(chosen: dict[str, str]) -> str:
+    return " ".join(f"{name}={value}" for name, value in chosen.items())
 
 
 def check_vocab(facts: ModelFacts, tokenizer, who: str) -> tuple[str, str]:
