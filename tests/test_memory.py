@@ -164,3 +164,49 @@ def test_a_prompt_of_exactly_the_budget_is_kept_whole_and_one_token_more_is_refu
     with pytest.raises(OpdError, match=f"a prompt of {len(ids)} tokens exceeds max_prompt_tokens={len(ids) - 1}"):
         Prompter(tokenizer, len(ids) - 1).ids(messages)
     assert Prompter(tokenizer, len(ids) - 1, truncate=True).ids(messages) == ids[1:]
+
+
+@pytest.mark.parametrize("name,extra", [("full", {"kl": "full"}), ("topk", {"kl": "topk", "teacher_topk": 5}),
+                                        ("aligned", {"kl": "sampled"})])
+def test_the_teacher_grades_a_few_rows_at_a_time_as_it_grades_them_all(model_dirs, cross_dirs, tmp_path, name,
+                                                                     extra):
+    """sample_batch=3 rows: the teacher's forwards hold 3 rows' activations; the log-probs, hidden states, top-k
+    and (another tokenizer: the aligned path) the chunks numbered across the batch equal one whole grading."""
+    from opd.teachers.turns import grade
+
+    dirs = cross_dirs if name == "aligned" else model_dirs
+    config = load_config(None, tiny_train_overrides(dirs, tmp_path / "run", prompts_per_step=4, samples_per_prompt=2,
+                                                    **extra))
+    session = open_session(config)
+    batch = unequal_batch(session)
+    examples = session.task.train_examples(0, 4, 0)
+    batch.extras["messages"] = [ex.messages for ex in examples for _ in range(2)]
+    kind = dict(hidden=name == "full", topk=5 if name == "topk" else 0)
+    calls = []
+    real = session.teacher_view.teacher.score_with_hidden
+    session.teacher_view.teacher.score_with_hidden = lambda r: calls.append(r.tokens.shape[0]) or real(r)
+    whole, parts = grade(session.teacher_view, batch, **kind), grade(session.teacher_view, batch, **kind, rows=3)
+    assert calls[1:] == [3, 3, 2]  # 8 rows: one forward of 8, then three of at most 3
+    torch.testing.assert_close(parts.logprobs, whole.logprobs, atol=1e-5, rtol=1e-5)
+    for field in ("hidden", "chunks"):
+        if getattr(whole, field) is not None:
+            torch.testing.assert_close(getattr(parts, field), getattr(whole, field), atol=1e-5, rtol=1e-5)
+    if whole.topk is not None:
+        assert torch.equal(parts.topk[0], whole.topk[0])
+        torch.testing.assert_close(parts.topk[1], whole.topk[1], atol=1e-5, rtol=1e-5)
+    assert (parts.chunk_count, parts.teacher_prompt_lengths) == (whole.chunk_count, whole.teacher_prompt_lengths)
+    if name == "aligned":
+        assert whole.chunks is not None and int(whole.chunks.max()) + 1 == whole.chunk_count > 8
+
+
+def test_a_training_step_grades_its_rows_sample_batch_at_a_time(model_dirs, tmp_path):
+    from opd.trainer import training_step
+
+    config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", prompts_per_step=4,
+                                                    samples_per_prompt=2, sample_batch=5, kl="full"))
+    session = open_session(config)
+    calls = []
+    real = session.teacher_view.teacher.score_with_hidden
+    session.teacher_view.teacher.score_with_hidden = lambda r: calls.append(r.tokens.shape[0]) or real(r)
+    training_step(session, 0)
+    assert calls == [4, 4]  # whole prompts: 2 x 2 samples in 5 rows

@@ -78,9 +78,10 @@ def training_step(session: Session, step: int) -> dict:
     sampled = time.perf_counter()
     graded, signal = None, None
     if objective.distils:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
-        needs = objective.teacher_needs
-        graded = grade(view, rollouts, hidden=needs == "distribution",
-                       topk=session.config.teacher_topk if needs == "topk" else 0)
+        needs, config = objective.teacher_needs, session.config
+        whole = max(1, config.sample_batch // config.samples_per_prompt) * config.samples_per_prompt  # prompts
+        graded = grade(view, rollouts, hidden=needs == "distribution", topk=config.teacher_topk if needs == "topk"
+                       else 0, rows=whole if config.sample_batch else 0)
         rollouts.teacher_logprobs = graded.logprobs
         signal = objective.signal(graded, view.head if needs == "distribution" else None)
     rollouts.advantages = objective.advantages(rollouts)

@@ -7,6 +7,9 @@ turn becomes a row of its own, ``by_turns``: the conversation before the turn as
 context in place of the student's prompt), then the turn's tokens, scored on the view's single-turn path; the
 grades go back to the sampled tokens in order. A turn's prefix is re-read once per later turn, so the
 teacher's compute grows with the square of the turns there (its FLOPs are counted as read).
+
+``rows`` (``sample_batch``): the rows are graded that many at a time, so that the teacher's forward holds
+its activations (and a padded batch's attention mask) for those rows only; the grades are the same.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ from opd.rollouts import Rollouts, pack_pairs
 from opd.teachers.view import Scored, teacher_conversations
 
 
-def grade(view, rollouts: Rollouts, hidden: bool = False, topk: int = 0) -> Scored:
-    """The teacher's signal for a step's rows: each row graded after the conversation it answers."""
+def grade(view, rollouts: Rollouts, hidden: bool = False, topk: int = 0, rows: int = 0) -> Scored:
+    """The teacher's signal for a step's rows: each row graded after the conversation it answers; ``rows``
+    at a time when given (every rank grades as many parts: a sharded teacher's forwards are collectives)."""
+    count = rollouts.tokens.shape[0]
+    if 0 < rows < count:
+        return joined([grade(view, part_of(rollouts, slice(start, start + rows)), hidden, topk)
+                       for start in range(0, count, rows)])
     conversations, privileged = teacher_conversations(rollouts.extras)
     if "turns" in rollouts.extras and (privileged or view.several or view.reading(False) != "shared"):
         return by_turns(view, rollouts, conversations, hidden, topk)
@@ -63,3 +71,30 @@ def by_turns(view, rollouts: Rollouts, conversations: list[list[dict]], hidden: 
         lengths[key] = totals
     return Scored(logprobs, chunks, hidden=scored.hidden, topk=scored.topk, chunk_count=scored.chunk_count,
                   single_token_chunks=scored.single_token_chunks, **lengths)
+
+
+def part_of(rollouts: Rollouts, part: slice) -> Rollouts:
+    """Rows ``part`` of a step's rollouts, with their per-row extras (the lists and row tensors)."""
+    count = rollouts.tokens.shape[0]
+    sub = rollouts.select(part)
+    sub.extras = {key: value[part] if isinstance(value, list | torch.Tensor) and len(value) == count else value
+                  for key, value in rollouts.extras.items()}
+    return sub
+
+
+def joined(parts: list[Scored]) -> Scored:
+    """The grades of consecutive row parts as one: rows concatenated, the aligned path's chunks renumbered
+    across the batch."""
+    def cat(values: list) -> torch.Tensor | None:
+        return None if values[0] is None else torch.cat(values)
+
+    chunks, offset = [], 0
+    for part in parts:
+        if part.chunks is not None:
+            chunks.append(torch.where(part.chunks >= 0, part.chunks + offset, part.chunks))
+        offset += part.chunk_count
+    topk = None if parts[0].topk is None else (cat([p.topk[0] for p in parts]), cat([p.topk[1] for p in parts]))
+    lengths = {key: None if getattr(parts[0], key) is None else [n for p in parts for n in getattr(p, key)]
+               for key in ("teacher_prompt_lengths", "teacher_completion_lengths")}
+    return Scored(cat([p.logprobs for p in parts]), cat(chunks) if chunks else None, cat([p.hidden for p in parts]),
+                  topk, chunk_count=offset, single_token_chunks=sum(p.single_token_chunks for p in parts), **lengths)
