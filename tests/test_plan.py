@@ -15,7 +15,7 @@ from conftest import tiny_train_overrides
 from opd.cli import main
 from opd.config import TrainConfig, load_config
 from opd.models import add_lora
-from opd.plan import ModelFacts, activation_values, kv_cache, memory
+from opd.plan import ModelFacts, activation_values, kv_cache, memory, no_grad_forward
 from opd.trainer import train
 
 
@@ -72,18 +72,27 @@ def test_every_memory_term_in_a_worked_example():
     assert parts["student_weights"] == 4 * student.params and parts["teacher_weights"] == 4 * teacher.params
     assert parts["gradients"] == 4 * student.params and parts["optimizer"] == 8 * student.params
     rows = 32  # this rank's: 16 x 4 / 2
-    assert parts["sampling_kv_cache"] == rows * 30 * 4 * 2 * 64 * 4 + 2 * rows * 512 * 4
-    assert parts["scoring"] == rows * 10 * 128 * 4  # the teacher's hidden states at completion positions
+    # sampling: the cache of 30 positions and two float32 logit rows, or reading the prompts: the cache of 20,
+    # per token 3 I + 7 h values, and the padded prompts' mask (booleans and one float32 conversion)
+    decoding = rows * 30 * 4 * 2 * 64 * 4 + 2 * rows * 512 * 4
+    prompts = rows * 20 * 4 * 2 * 64 * 4 + rows * 20 * (3 * 128 + 7 * 64) * 4 + rows * 20 * 20 * (1 + 4)
+    assert parts["sampling_kv_cache"] == max(decoding, prompts)
+    # scoring: the teacher's hidden states at completion positions, its forward over the 32 rows of 30 tokens and
+    # their mask, and one chunk of its logits (twice: logits, log-softmax)
+    kept_hidden = rows * 10 * 128 * 4
+    assert parts["scoring"] == kept_hidden + rows * 30 * (3 * 256 + 7 * 128) * 4 + rows * 30 * 30 * 5 \
+        + rows * 10 * 512 * 4 * 2
     # a micro-batch: 16 rows, 4 prompts read once; per token 4 layers x (10 h + 4 d_kv + 4 I) + 2 h values
     tokens = 4 * 20 + 16 * 10
     values = 4 * (10 * 64 + 4 * 64 + 4 * 128) + 2 * 64
     logits = 16 * 10 * 512 * 4 * 5  # one chunk (all 160 rows fit), five float32 copies under kl=full
-    assert parts["training_activations"] == tokens * values * 4 + logits + parts["scoring"]
+    mask = 16 * 30 * 30 * (1 + (4 + 1) * 4)  # booleans, and a float32 copy kept by each of the 4 layers (+1)
+    assert parts["training_activations"] == tokens * values * 4 + logits + kept_hidden + mask
     # evaluation: 50 prompts x 2 samples of the teacher (the larger cache) at step 0
     assert parts["evaluation"] == 100 * 30 * 8 * 2 * 128 * 4 + 2 * 100 * 512 * 4
     sampled = TrainConfig(**{**config.to_dict(), "kl": "sampled"})
     assert memory(student, teacher, sampled, 2, "ddp", 20).parts["training_activations"] == \
-        tokens * values * 4 + 16 * 10 * 512 * 4 * 3
+        tokens * values * 4 + 16 * 10 * 512 * 4 * 3 + mask
     alone = memory(student, None, config, 2, "ddp", 20).parts
     assert alone["teacher_weights"] == alone["scoring"] == 0
 
@@ -118,7 +127,8 @@ def test_the_kv_cache_term_is_the_cache_a_forward_builds():
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert kv_cache(facts, 6, 30, 4) == held
     parts = memory(facts, None, train_config, 1, "ddp", 20).parts
-    assert parts["sampling_kv_cache"] == held + 2 * 6 * 512 * 4  # and the last position's logits, twice
+    decoding = held + 2 * 6 * 512 * 4  # and the last position's logits, twice
+    assert parts["sampling_kv_cache"] == max(decoding, kv_cache(facts, 6, 20, 4) + no_grad_forward(facts, 6, 20, 4))
 
 
 def test_fsdp_shards_weights_gradients_and_moments_and_ddp_does_not():
@@ -211,11 +221,19 @@ def test_the_long_sequence_settings_each_change_their_term_by_hand():
     logits = 16 * 10 * 512 * 4 * 3
     layer = activation_values(64, 64, 128)
     checkpointed = memory(student, teacher, TrainConfig(**base, gradient_checkpointing=True), 2, "ddp", 20).parts
-    assert checkpointed["training_activations"] == 16 * 30 * (4 * 64 + layer + 2 * 64) * 4 + logits
+    mask = 30 * 30 * (1 + 2 * 4)  # per row: booleans, one layer's float32 copy kept and one converting
+    assert checkpointed["training_activations"] == 16 * 30 * (4 * 64 + layer + 2 * 64) * 4 + logits + 16 * mask
     budget = memory(student, teacher, TrainConfig(**base, max_tokens_per_micro_batch=70), 2, "ddp", 20).parts
-    assert budget["training_activations"] == (1 * 20 + 2 * 10) * (4 * layer + 2 * 64) * 4 + 2 * 10 * 512 * 4 * 3
+    assert budget["training_activations"] == (1 * 20 + 2 * 10) * (4 * layer + 2 * 64) * 4 + 2 * 10 * 512 * 4 * 3 \
+        + 2 * 30 * 30 * (1 + 5 * 4)
+    one_row = memory(student, teacher, TrainConfig(**base, max_tokens_per_micro_batch=30), 2, "ddp", 20).parts
+    assert one_row["training_activations"] == 30 * (4 * layer + 2 * 64) * 4 + 10 * 512 * 4 * 3  # no mask
     sampled = memory(student, teacher, TrainConfig(**base, sample_batch=9), 2, "ddp", 20).parts
-    assert sampled["sampling_kv_cache"] == 8 * 30 * 4 * 2 * 64 * 4 + 2 * 8 * 512 * 4  # whole prompts: 2 x 4
+    assert sampled["sampling_kv_cache"] == max(8 * 30 * 4 * 2 * 64 * 4 + 2 * 8 * 512 * 4,  # whole prompts: 2 x 4
+                                               8 * 20 * 4 * 2 * 64 * 4 + 8 * 20 * 832 * 4 + 8 * 20 * 20 * 5)
+    # the teacher grades 8 rows at a time: its forward and mask for 8 rows, the hidden states of all 32 (none:
+    # kl=sampled) and one chunk of its logits
+    assert sampled["scoring"] == 8 * 30 * (3 * 256 + 7 * 128) * 4 + 8 * 30 * 30 * 5 + 8 * 10 * 512 * 4 * 2
     layers = 8 * teacher.layer_params
     sharded = TrainConfig(**base, teacher_parallel="fsdp")
     assert teacher_weights(teacher, sharded, 4, 4) == (teacher.params - layers) * 4 + layers * 4 // 4 \
@@ -302,3 +320,55 @@ def test_the_advice_offloads_last_and_names_offload_once():
     assert fitting_advice(plan, layout, peaks[1]) == f"fits with {named}teacher: {gib_of(peaks[1])}"
     ddp = next(m for m in plan.layouts if m.parallel == "ddp" and m.processes == 4)  # nothing to offload there
     assert "optimizer" not in fitting_advice(plan, ddp, 1)
+
+
+def test_a_padded_batch_keeps_a_float_mask_per_layer_as_the_plan_counts():
+    """What autograd saves beyond an unpadded batch's activations, once a row is padded: the (rows, 1, T, T)
+    additive mask in float32, once per layer (torch's SDPA with a mask), as ``attention_mask`` counts it
+    (its booleans and the copy being converted are not saved: the rest of the term)."""
+    from opd.plan import attention_mask
+
+    layers, rows, length = 2, 2, 256
+    model = AutoModelForCausalLM.from_config(qwen3(128, 256, 4, 4, layers))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+    for padded in (False, True):
+        held: dict[int, int] = {}
+
+        def keep(tensor: torch.Tensor, held=held) -> torch.Tensor:
+            held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        mask = torch.ones(rows, length, dtype=torch.long)
+        mask[1, :10] = 0 if padded else 1
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model.model(input_ids=torch.randint(0, 512, (rows, length)), attention_mask=mask)
+        saved.append(sum(size for ptr, size in held.items() if ptr not in params))
+    assert saved[1] - saved[0] == pytest.approx(attention_mask(rows, length, 4, layers)
+                                                - attention_mask(rows, length, 4, 0), rel=0.02)
+    assert attention_mask(1, length, 4, layers) == 0  # one row: no padding, no mask
+
+
+def test_a_forward_without_gradients_peaks_near_the_planned_bytes():
+    """The teacher's grading and the sampler's prompt reading: torch's CPU allocator's peak during a no-grad
+    forward (rows of 512 tokens, one padded) is within 20% of ``no_grad_forward``."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    config = qwen3(128, 384, 4, 4, 2)
+    model, facts = AutoModelForCausalLM.from_config(config), ModelFacts.of("m", config)
+    rows, length = 2, 512
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[1, :100] = 0
+    ids = torch.randint(0, 512, (rows, length))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model.model(input_ids=ids, attention_mask=mask)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp, "trace.json")
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    peak = max(e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]")
+    assert no_grad_forward(facts, rows, length, 4) == pytest.approx(peak, rel=0.2)

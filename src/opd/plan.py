@@ -162,7 +162,8 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
     if config.gradient_checkpointing:  # each layer's input kept, one layer's activations during its recompute;
         tokens = micro_rows * (prompt_tokens + completion)  # and no shared prompt (its cache is dropped)
         per_token = student.layers * student.hidden + layer_values + 2 * student.hidden
-    sample_rows = rows
+    sample_rows = rows  # the rows sampled, and graded by the teacher, at once
+    width = prompt_tokens + completion
     if config.sample_batch:
         sample_rows = min(rows, max(1, config.sample_batch // config.samples_per_prompt) * config.samples_per_prompt)
     chunk_rows = min(micro_rows * completion, max(1, LOGITS_BUDGET // student.vocab))
@@ -180,13 +181,17 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
         "gradients": 0 if student_host else student.trainable * b // shard,
         "optimizer": 0 if student_host else 2 * student.trainable * b // shard,
         "teacher_weights": teacher_weights(teacher, config, processes, b),
-        "sampling_kv_cache": kv_cache(student, sample_rows, prompt_tokens + completion, b)
-        + 2 * sample_rows * student.vocab * 4,
+        "sampling_kv_cache": max(kv_cache(student, sample_rows, prompt_tokens + completion, b)
+                                 + 2 * sample_rows * student.vocab * 4,  # decoding, the cache full
+                                 kv_cache(student, sample_rows, prompt_tokens, b)  # or reading the prompts
+                                 + no_grad_forward(student, sample_rows, prompt_tokens, b)),
         "evaluation": max(kv_cache(m, eval_rows, prompt_tokens + completion, b) + 2 * eval_rows * m.vocab * 4
                           for m in eval_models),
-        "scoring": teacher_hidden,
+        "scoring": 0 if teacher is None else teacher_hidden + no_grad_forward(teacher, sample_rows, width, b)
+        + min(sample_rows * completion, max(1, LOGITS_BUDGET // teacher.vocab)) * teacher.vocab * 4 * 2,
         "training_activations": tokens * per_token * b
-        + chunk_rows * student.vocab * 4 * logit_copies + teacher_hidden,
+        + chunk_rows * student.vocab * 4 * logit_copies + teacher_hidden
+        + attention_mask(micro_rows, width, b, 1 if config.gradient_checkpointing else student.layers),
         "fsdp_gathered": 2 * fsdp_gathered(student) * b if shard > 1 else 0,  # weights, and their gradients
         "host_offload": (sharded if student_host else 0) + teacher_host(teacher, config, processes, b),
     }
@@ -219,6 +224,23 @@ def teacher_host(teacher: ModelFacts | None, config: TrainConfig, processes: int
     if teacher is None or not offloaded or config.teacher_parallel != "fsdp" or processes < 2:
         return 0
     return teacher.layers * teacher.layer_params * b // processes
+
+
+def no_grad_forward(model: ModelFacts, rows: int, length: int, b: int) -> int:
+    """A forward without gradients (the teacher's grading, the sampler reading its prompts) over ``rows`` x
+    ``length`` tokens: per token the residual stream and one layer's intermediates, ``(3 I + 7 h) b``
+    (on this project's CPU, for the Qwen3 models of ``bench/long_sequences.py``: 0.94x and 1.07x what
+    torch's allocator peaked at), plus a padded batch's attention mask."""
+    return rows * length * (3 * model.intermediate + 7 * model.hidden) * b + attention_mask(rows, length, b, 0)
+
+
+def attention_mask(rows: int, length: int, b: int, kept: int) -> int:
+    """A padded batch's attention mask: transformers builds ``(rows, 1, length, length)`` booleans and torch's
+    SDPA turns them into an additive mask in the compute dtype, which autograd keeps for each of ``kept``
+    layers (and one more while it converts the next): ``rows length^2 (1 + (kept + 1) b)``. One row has no
+    padding and no mask (SDPA's causal kernel). Quadratic in the length: one reason long rows go one per
+    micro-batch (``max_tokens_per_micro_batch``)."""
+    return 0 if rows < 2 else rows * length * length * (1 + (kept + 1) * b)
 
 
 def kv_cache(model: ModelFacts, rows: int, length: int, b: int) -> int:
