@@ -77,20 +77,27 @@ def build_models(root: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def rows(prompt: int, length: int, seed: int = 0):
-    """(prompt ids, [completion ids of L tokens, of L/2 tokens]): random ids past the special tokens."""
+def rows(prompt: int, length: int, check: bool = False, seed: int = 0):
+    """([each row's prompt ids], [each row's completion ids]): random ids past the special tokens. The timed
+    step: one prompt, completions of L and L/2 tokens. ``check`` (``--plan-check``): the rows ``opd plan``
+    sizes for, two prompts (of ``prompt`` and 3/4 of it: one row left-padded) each with L tokens."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (prompt + length + length // 2,), generator=generator).tolist()
-    return ids[:prompt], [ids[prompt:prompt + length], ids[prompt + length:]]
+    ids = torch.randint(3, VOCAB, (4 * (prompt + length),), generator=generator).tolist()
+    if check:
+        short = prompt * 3 // 4
+        return ([ids[:prompt], ids[prompt:prompt + short]],
+                [ids[2 * prompt:2 * prompt + length], ids[2 * prompt + length:2 * prompt + 2 * length]])
+    return [ids[:prompt]] * 2, [ids[prompt:prompt + length], ids[prompt + length:prompt + length + length // 2]]
 
 
-def opd_config(mode: str, student: Path, teacher: Path, out: Path, prompt: int, length: int):
+def opd_config(mode: str, student: Path, teacher: Path, out: Path, prompt: int, length: int, prompts: int = 1):
     from opd.config import load_config
 
     overrides = [f"student={student}", f"teacher={teacher}", f"out={out}", "method=opd", "kl=full",
-                 "prompts_per_step=1", "samples_per_prompt=2", f"max_new_tokens={length}", "steps=3",
+                 f"prompts_per_step={prompts}", f"samples_per_prompt={2 // prompts}", f"max_new_tokens={length}",
+                 "steps=3",
                  "dtype=float32", "eval_examples=1", "eval_every=1000", "save_every=1000", "warmup_steps=0",
                  "lr=1e-5"]
     if mode in ("checkpointing", "token-budget"):
@@ -101,30 +108,30 @@ def opd_config(mode: str, student: Path, teacher: Path, out: Path, prompt: int, 
 
 
 class GivenRows:
-    """A rollout source with fixed rows: the same two completions every step (what the savers change is the
-    step after sampling)."""
+    """A rollout source with fixed rows: the same completions every step (what the savers change is the
+    step after sampling), in the sampler's layout: [left padding] prompt completion [right padding]."""
 
     from_data, where = False, ""
 
-    def __init__(self, prompt_ids: list[int], completions: list[list[int]], device) -> None:
-        self.prompt_ids, self.completions, self.device = prompt_ids, completions, device
+    def __init__(self, prompts: list[list[int]], completions: list[list[int]], device) -> None:
+        self.prompts, self.completions, self.device = prompts, completions, device
 
     def rollouts(self, step: int):
         import torch
 
         from opd.rollouts import Rollouts
 
-        width = len(self.prompt_ids) + max(map(len, self.completions))
-        tokens = torch.zeros(len(self.completions), width, dtype=torch.long)
+        start = max(map(len, self.prompts))
+        tokens = torch.zeros(len(self.completions), start + max(map(len, self.completions)), dtype=torch.long)
         attention = torch.zeros_like(tokens)
         completion = torch.zeros(tokens.shape)
-        for i, ids in enumerate(self.completions):
-            row = self.prompt_ids + ids
-            tokens[i, :len(row)] = torch.tensor(row)
-            attention[i, :len(row)] = 1
-            completion[i, len(self.prompt_ids):len(row)] = 1
+        for i, (prompt, ids) in enumerate(zip(self.prompts, self.completions, strict=True)):
+            tokens[i, start - len(prompt):start + len(ids)] = torch.tensor(prompt + ids)
+            attention[i, start - len(prompt):start + len(ids)] = 1
+            completion[i, start:start + len(ids)] = 1
+        index = [self.prompts.index(prompt) for prompt in self.prompts]  # rows of one prompt share its index
         rollouts = Rollouts(tokens=tokens, attention_mask=attention, completion_mask=completion,
-                            prompt_index=torch.zeros(len(self.completions), dtype=torch.long),
+                            prompt_index=torch.tensor(index),
                             sampler_logprobs=-completion, rewards=torch.zeros(len(self.completions)),
                             extras={"messages": [[{"role": "user", "content": "w1"}]] * len(self.completions)})
         return rollouts.to(self.device) if hasattr(rollouts, "to") else rollouts
@@ -152,16 +159,16 @@ def planned(config, student: Path, teacher: Path, prompt: int) -> int:
             + max(p["scoring"], p["training_activations"] + p["gradients"]))
 
 
-def measure(mode: str, length: int, prompt: int, student: Path, teacher: Path) -> dict:
+def measure(mode: str, length: int, prompt: int, student: Path, teacher: Path, check: bool = False) -> dict:
     """In this (fresh) process: the optimizer's state created, then one step, timed and profiled."""
     import torch
 
     from opd.probe import reset_peak, rss_bytes
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prompt_ids, completions = rows(prompt, length)
+    prompts, completions = rows(prompt, length, check)
     maker = trl_step if mode == "trl" else opd_step
-    step, model, optimizer, cleanup, plan = maker(mode, student, teacher, prompt_ids, completions, device)
+    step, model, optimizer, cleanup, plan = maker(mode, student, teacher, prompts, completions, device)
     create_state(model, optimizer)
     held = live_tensor_bytes()  # both models' weights and the optimizer's state: what the step starts from
     if device.type == "cuda":
@@ -227,7 +234,7 @@ def profiled_peak(step) -> int:
     return max(e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]")
 
 
-def opd_step(mode, student, teacher, prompt_ids, completions, device):
+def opd_step(mode, student, teacher, prompts, completions, device):
     from opd import scoring
     from opd.setup import open_session
     from opd.trainer import training_step
@@ -237,10 +244,11 @@ def opd_step(mode, student, teacher, prompt_ids, completions, device):
 
         scoring.LOGITS_BUDGET = opd.plan.LOGITS_BUDGET = 1 << 40
     tmp = tempfile.TemporaryDirectory()
-    config = opd_config(mode, student, teacher, Path(tmp.name) / "run", len(prompt_ids), len(completions[0]))
-    plan = planned(config, student, teacher, len(prompt_ids))
+    longest, distinct = max(map(len, prompts)), len({tuple(p) for p in prompts})
+    config = opd_config(mode, student, teacher, Path(tmp.name) / "run", longest, len(completions[0]), distinct)
+    plan = planned(config, student, teacher, longest)
     session = open_session(config)
-    session.source = GivenRows(prompt_ids, completions, session.device)
+    session.source = GivenRows(prompts, completions, session.device)
     counter = iter(range(10**6))
 
     def step():
@@ -253,7 +261,7 @@ def opd_step(mode, student, teacher, prompt_ids, completions, device):
     return step, session.student, session.optimizer, cleanup, plan
 
 
-def trl_step(mode, student, teacher, prompt_ids, completions, device):
+def trl_step(mode, student, teacher, prompts, completions, device):
     import torch
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer
@@ -284,8 +292,7 @@ def trl_step(mode, student, teacher, prompt_ids, completions, device):
     for i, ids in enumerate(completions):
         completion_ids[i, :len(ids)] = torch.tensor(ids)
         completion_mask[i, :len(ids)] = 1
-    inputs = {"prompt_ids": torch.tensor([prompt_ids] * 2), "prompt_mask": torch.ones(2, len(prompt_ids),
-                                                                                      dtype=torch.long),
+    inputs = {"prompt_ids": torch.tensor(prompts), "prompt_mask": torch.ones(2, len(prompts[0]), dtype=torch.long),
               "completion_ids": completion_ids, "completion_mask": completion_mask,
               "num_items_in_batch": completion_mask.sum().float()}
     inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -302,7 +309,7 @@ def trl_step(mode, student, teacher, prompt_ids, completions, device):
 
 def child(args) -> None:
     result = measure(args.child, args.child_length, args.prompt, Path(args.models) / "student",
-                     Path(args.models) / "teacher")
+                     Path(args.models) / "teacher", args.plan_check)
     Path(args.child_out).write_text(json.dumps(result))
 
 
@@ -367,7 +374,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--models", default=None, help="where the random models are built (default: a temp dir)")
-    parser.add_argument("--out", default=str(RESULTS / "long_sequences.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/long_sequences.json (with --plan-check: "
+                        "long_sequences_plan.json)")
+    parser.add_argument("--plan-check", action="store_true",
+                        help="memory at the rows opd plan sizes for (two prompts, one left-padded, each with L "
+                        "tokens): opd's modes only, the plan's estimate against the measured peak")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one (mode, length) may take")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-length", type=int, help=argparse.SUPPRESS)
@@ -375,6 +386,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.plan_check and "trl" in args.modes:
+        args.modes = [m for m in args.modes if m != "trl"]  # TRL has no plan
+    args.out = args.out or str(RESULTS / ("long_sequences_plan.json" if args.plan_check else "long_sequences.json"))
     holder = None if args.models else tempfile.TemporaryDirectory()
     models = Path(args.models or holder.name)
     build_models(models)
@@ -385,6 +399,7 @@ def main() -> None:
                 out = Path(tmp, "result.json")
                 command = [sys.executable, __file__, "--child", mode, "--child-length", str(length), "--child-out",
                            str(out), "--prompt", str(args.prompt), "--models", str(models)]
+                command += ["--plan-check"] if args.plan_check else []
                 try:
                     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
                     failure = None if done.returncode == 0 else (

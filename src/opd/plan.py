@@ -17,10 +17,13 @@ weights, gradients and AdamW's two moments) and 1 under ddp:
   reduce-scatter: ``2 (P_student - layers P_layer + 2 P_layer) b``;
 - the largest of four phases:
   sampling, the KV cache ``rows (P + C) layers 2 d_kv b`` of the rank's rows at once (and their last
-  logits, twice in float32);
+  logits, twice in float32), or while it reads the prompts their cache and a forward over them
+  (``no_grad_forward``), whichever is larger;
   evaluation (rank 0), the same for ``min(eval_examples, eval_batch) x eval_samples`` rows, the student's or
   at step 0 the teacher's, whichever is larger;
-  scoring, the teacher's hidden states at completion positions (kept for ``kl=full``);
+  scoring, the teacher's hidden states at completion positions (kept for ``kl=full``), its forward over the
+  rows it grades at once (``no_grad_forward``: ``(3 I + 7 h) b`` per token and the attention mask) and one
+  chunk of its logits;
   training, the activations autograd saves for one micro-batch: per token and layer
   ``(10 h + 4 d_kv + 4 I) b`` and per token ``2 h b`` (the embedding's output, the final norm) for a
   Llama/Qwen layer (RMSNorms that keep their input and output, q/k norms, rotary embeddings, a fused
@@ -28,12 +31,14 @@ weights, gradients and AdamW's two moments) and 1 under ddp:
   al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4, done for this
   layer; ``tests/test_plan.py`` checks it against what autograd saves), plus the gradients and the
   logits of one chunk in float32 (``scoring.LOGITS_BUDGET``; three copies: logits, log-softmax, its
-  gradient; five with the teacher's for ``kl=full``).
+  gradient; five with the teacher's for ``kl=full``), plus a padded micro-batch's attention mask
+  (``attention_mask``: ``rows (P + C)^2`` booleans, and the float copy torch's SDPA keeps in every layer).
 
 The settings for long completions change those terms: ``gradient_checkpointing`` keeps per token one
 hidden state per layer plus one layer's activations (the one being recomputed) and reads each row's
 prompt (no shared prompt); ``max_tokens_per_micro_batch=N`` takes ``N // (P + C)`` rows (one at least) per
-micro-batch; ``sample_batch`` sizes the KV cache for that many rows (whole prompts); ``teacher_parallel=fsdp``
+micro-batch (one row: no padding, no mask); ``sample_batch`` sizes the KV cache and the teacher's grading
+for that many rows (whole prompts); ``teacher_parallel=fsdp``
 shards the teacher's layers (``+ 2`` layers gathered), its embeddings and head whole; ``offload=teacher``
 keeps those layer shards in CPU memory and ``offload=optimizer`` (fsdp) the student's weight shards,
 gradients and AdamW's moments (FSDP2's ``CPUOffloadPolicy``: ``host_offload``, per process, not in the
