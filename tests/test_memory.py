@@ -210,3 +210,22 @@ def test_a_training_step_grades_its_rows_sample_batch_at_a_time(model_dirs, tmp_
     session.teacher_view.teacher.score_with_hidden = lambda r: calls.append(r.tokens.shape[0]) or real(r)
     training_step(session, 0)
     assert calls == [4, 4]  # whole prompts: 2 x 2 samples in 5 rows
+
+
+def test_the_trainers_own_log_probs_of_served_rows_are_the_same_a_few_rows_at_a_time(model_dirs, tmp_path):
+    """With a rollout server the trainer re-reads the rows without gradients (``reweight``); sample_batch rows
+    at a time gives the same log-probs, importance weights and mismatch sums."""
+    from opd.samplers.service import reweight
+
+    session = open_session(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", prompts_per_step=4,
+                                                                   samples_per_prompt=2)))
+    results = []
+    for rows in (0, 3):
+        batch = unequal_batch(session)
+        batch.engine_logprobs = (batch.sampler_logprobs + 0.1 * torch.linspace(-1, 1, batch.tokens.shape[1])) \
+            * batch.completion_mask
+        results.append((reweight(session.full_model, batch, session.vocab_size, 1.0, 1.0, 2.0, rows), batch))
+    (whole, a), (parts, b) = results
+    torch.testing.assert_close(b.sampler_logprobs, a.sampler_logprobs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b.is_weights, a.is_weights, atol=1e-6, rtol=1e-6)
+    assert parts == pytest.approx(whole, rel=1e-5)

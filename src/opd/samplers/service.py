@@ -92,12 +92,16 @@ class RolloutService:
 
 @torch.no_grad()
 def reweight(model: torch.nn.Module, rollouts: Rollouts, vocab_size: int, temperature: float, top_p: float,
-             tis_cap: float) -> dict:
+             tis_cap: float, rows: int = 0) -> dict:
     """The trainer's log-probs of the server's samples become ``sampler_logprobs`` (the policy the update
     starts from, and the one the KL advantage is about); ``is_weights`` are the truncated importance
-    weights against the server's. Returns this rank's sums for the step's mismatch statistics."""
+    weights against the server's. Returns this rank's sums for the step's mismatch statistics. ``rows``
+    (``sample_batch``): the forward reads that many rows at a time (the same log-probs)."""
     mask = rollouts.completion_mask
-    own = token_logprobs(model, rollouts, vocab_size, temperature, top_p) * mask
+    count = rollouts.tokens.shape[0]
+    parts = [rollouts.select(slice(start, start + rows)) for start in range(0, count, rows)] \
+        if 0 < rows < count else [rollouts]
+    own = torch.cat([token_logprobs(model, part, vocab_size, temperature, top_p) for part in parts]) * mask
     engine = rollouts.engine_logprobs * mask
     rollouts.sampler_logprobs = own
     rollouts.is_weights = truncated_importance_weights(own, engine, mask, tis_cap)

@@ -209,7 +209,7 @@ class Served(RolloutSource):
                                                    self.async_rollouts and step + 1 < self.steps)
         rollouts = rollouts.to(self.device)
         rollouts.extras["engine"] = reweight(self.model, rollouts, self.vocab_size, self.draw.temperature,
-                                             self.draw.top_p, self.tis_cap)
+                                             self.draw.top_p, self.tis_cap, self.draw.rows_per_call)
         return self.rewards.attach(rollouts, examples, self.draw.samples_per_prompt)
 
     def push_seconds(self) -> float:

@@ -228,7 +228,7 @@ class Conversations:
         if self.service is not None:
             rollouts.engine_logprobs = rollouts.sampler_logprobs.clone()
             rollouts.extras["engine"] = reweight(self.model, rollouts, self.vocab_size, self.draw.temperature,
-                                                 self.draw.top_p, self.tis_cap)
+                                                 self.draw.top_p, self.tis_cap, self.draw.rows_per_call)
         return rollouts
 
     def push_seconds(self) -> float | None:
