@@ -326,8 +326,7 @@ def test_a_served_teacher_with_another_tokenizer_scores_as_in_process(cross_dirs
     rollouts = batch(tokenizer, canonical(tokenizer), messages)
     local = TeacherView(LocalTeacher(load_model(cross_dirs["teacher"], CPU, torch.float32), len(other_tokenizer)),
                         tokenizer, other_tokenizer).score(rollouts, messages)
-    with LiveServer(cross_dirs["teacher"]) as server:
-        remote = RemoteTeacher(server.url, model="teacher")
+    with LiveServer(cross_dirs["teacher"]) as server, RemoteTeacher(server.url, model="teacher") as remote:
         with pytest.raises(OpdError, match="give it as teacher_tokenizer=DIR"):
             remote.connect(tokenizer, 10)
         with pytest.raises(OpdError, match=r"differs from the teacher_tokenizer's: a probe text .* here\. "

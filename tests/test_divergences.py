@@ -160,9 +160,9 @@ def test_topk_through_a_server_equals_topk_in_process(model_dirs, tokenizer):
     rollouts = rollouts_of(tokenizer)
     messages = [[{"role": "user", "content": "x"}]] * rollouts.tokens.shape[0]
     with LiveServer(model_dirs["teacher"]) as live:
-        remote = RemoteTeacher(live.url, rows_per_request=2)
-        remote.connect(tokenizer, 200)
-        served = TeacherView(remote, tokenizer).score(rollouts, messages, topk=20)
+        with RemoteTeacher(live.url, rows_per_request=2) as remote:
+            remote.connect(tokenizer, 200)
+            served = TeacherView(remote, tokenizer).score(rollouts, messages, topk=20)
         local = TeacherView(LocalTeacher(live.model, len(tokenizer)), tokenizer).score(rollouts, messages, topk=20)
     assert torch.equal(served.topk[0], local.topk[0])
     assert (served.topk[1] - local.topk[1]).abs().max() <= 1e-5

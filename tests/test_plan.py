@@ -221,8 +221,16 @@ def test_the_long_sequence_settings_each_change_their_term_by_hand():
     logits = 16 * 10 * 512 * 4 * 3
     layer = activation_values(64, 64, 128)
     checkpointed = memory(student, teacher, TrainConfig(**base, gradient_checkpointing=True), 2, "ddp", 20).parts
-    mask = 30 * 30 * (1 + 2 * 4)  # per row: booleans, one layer's float32 copy kept and one converting
-    assert checkpointed["training_activations"] == 16 * 30 * (4 * 64 + layer + 2 * 64) * 4 + logits + 16 * mask
+    # the layer inputs and the mask's booleans kept; then the loss's chunk of logits, or one layer recomputed with
+    # its float32 mask (here the larger), not both at once
+    recompute = 16 * 30 * layer * 4 + 16 * 30 * 30 * 4
+    assert recompute > logits
+    assert checkpointed["training_activations"] == 16 * 30 * (4 * 64 + 2 * 64) * 4 + 16 * 30 * 30 + recompute
+    wide = memory(student, teacher, TrainConfig(**{**base, "max_new_tokens": 10, "kl": "full"},
+                                                gradient_checkpointing=True), 2, "ddp", 20).parts
+    hidden = 32 * 10 * 128 * 4  # the teacher's hidden states of the rank's 32 rows (kl=full), kept
+    assert wide["training_activations"] == 16 * 30 * (4 * 64 + 2 * 64) * 4 + hidden + 16 * 30 * 30 \
+        + max(logits * 5 // 3, recompute)
     budget = memory(student, teacher, TrainConfig(**base, max_tokens_per_micro_batch=70), 2, "ddp", 20).parts
     assert budget["training_activations"] == (1 * 20 + 2 * 10) * (4 * layer + 2 * 64) * 4 + 2 * 10 * 512 * 4 * 3 \
         + 2 * 30 * 30 * (1 + 5 * 4)
@@ -281,7 +289,7 @@ def test_a_plan_that_does_not_fit_names_the_fewest_settings_that_make_it_fit():
 
     student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
     config = TrainConfig(prompts_per_step=64, samples_per_prompt=4, max_new_tokens=400, kl="sampled", device="cpu",
-                         eval_batch=1, eval_samples=1)
+                         eval_batch=1, eval_samples=1, sample_batch=4)  # the teacher grades 4 rows at a time
     plan = make_plan(config, student, teacher, (20, 20), [1], [])
     peak = plan.layouts[0].peak
     checkpointed = memory(student, teacher, TrainConfig(**{**config.to_dict(), "gradient_checkpointing": True}), 1,

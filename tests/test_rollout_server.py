@@ -74,10 +74,13 @@ def test_stop_token_ids_end_a_sample_and_are_reported(student_server):
 
 def test_the_rollouts_of_a_server_equal_the_trainers_layout(student_server, tokenizer):
     sampler = RemoteSampler(student_server.url, rows_per_request=4)
-    sampler.connect(tokenizer, 64)
-    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    rollouts = sampler.sample(prompts, samples_per_prompt=2, max_new_tokens=8, temperature=1.0, top_p=1.0,
-                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=(0, 0, 0))
+    try:
+        sampler.connect(tokenizer, 64)
+        prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+        rollouts = sampler.sample(prompts, samples_per_prompt=2, max_new_tokens=8, temperature=1.0, top_p=1.0,
+                                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=(0, 0, 0))
+    finally:
+        sampler.close()
     assert rollouts.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
     own = token_logprobs(student_server.model, rollouts, len(tokenizer)).detach()
     assert (own - rollouts.engine_logprobs).mul(rollouts.completion_mask).abs().max() <= 1e-5

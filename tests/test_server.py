@@ -28,18 +28,19 @@ def server(model_dirs):
 def test_remote_scoring_equals_in_process_scoring(server, tokenizer):
     rollouts = rollouts_of(tokenizer)
     local = LocalTeacher(server.model, len(tokenizer)).score(rollouts)
-    remote = RemoteTeacher(server.url, rows_per_request=2)
-    remote.connect(tokenizer, 200)
-    assert remote.model == "teacher"
-    assert (remote.score(rollouts) - local).abs().max() <= 1e-5
+    with RemoteTeacher(server.url, rows_per_request=2) as remote:
+        remote.connect(tokenizer, 200)
+        assert remote.model == "teacher"
+        assert (remote.score(rollouts) - local).abs().max() <= 1e-5
 
 
 def test_the_openai_client_reads_the_log_probs(server, tokenizer):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
-    ids = tokenizer.encode("Compute 1+2", add_special_tokens=False)
-    result = client.completions.create(model="teacher", prompt=ids, max_tokens=1, echo=True, logprobs=2,
-                                       temperature=0, extra_body={"prompt_logprobs": 1})
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30) as client:
+        ids = tokenizer.encode("Compute 1+2", add_special_tokens=False)
+        result = client.completions.create(model="teacher", prompt=ids, max_tokens=1, echo=True, logprobs=2,
+                                           temperature=0, extra_body={"prompt_logprobs": 1})
+        listed = [m.id for m in client.models.list().data]
     choice = result.choices[0]
     assert len(choice.logprobs.token_logprobs) == len(ids) + 1 and choice.logprobs.token_logprobs[0] is None
     prompt_logprobs = choice.model_extra["prompt_logprobs"]
@@ -48,7 +49,7 @@ def test_the_openai_client_reads_the_log_probs(server, tokenizer):
     with torch.no_grad():
         expected = server.model(torch.tensor([ids])).logits.log_softmax(-1)[0, 0, ids[1]].item()
     assert choice.logprobs.token_logprobs[1] == pytest.approx(expected, abs=1e-5)
-    assert [m.id for m in client.models.list().data] == ["teacher"]
+    assert listed == ["teacher"]
 
 
 def test_many_concurrent_clients_all_get_correct_answers(server, tokenizer):
@@ -193,23 +194,24 @@ def test_api_key_is_required_when_set(model_dirs):
         assert httpx.post(f"{live.url}/v1/completions", json=body, headers=wrong, timeout=30).status_code == 401
         right = {"Authorization": f"Bearer {API_KEY}"}
         assert httpx.post(f"{live.url}/v1/completions", json=body, headers=right, timeout=30).status_code == 200
-        with pytest.raises(OpdError, match="HTTP 401"):
-            RemoteTeacher(live.url).connect(live.tokenizer, 10)
-        RemoteTeacher(live.url, api_key=API_KEY).connect(live.tokenizer, 10)
+        with RemoteTeacher(live.url) as anonymous, pytest.raises(OpdError, match="HTTP 401"):
+            anonymous.connect(live.tokenizer, 10)
+        with RemoteTeacher(live.url, api_key=API_KEY) as keyed:
+            keyed.connect(live.tokenizer, 10)
 
 
 def test_a_server_that_is_down_or_dies_gives_a_clear_error(model_dirs, tokenizer):
     port = free_port()
-    down = RemoteTeacher(f"http://127.0.0.1:{port}", model="teacher", retries=2, backoff=0.01)
-    with pytest.raises(OpdError, match=rf"127.0.0.1:{port} did not answer .* after 3 tries; last failure: Connect"):
+    with RemoteTeacher(f"http://127.0.0.1:{port}", model="teacher", retries=2, backoff=0.01) as down, \
+            pytest.raises(OpdError, match=rf"127.0.0.1:{port} did not answer .* after 3 tries; last failure: Connect"):
         down.score(rollouts_of(tokenizer))
     live = LiveServer(model_dirs["teacher"])
-    with live:
-        teacher = RemoteTeacher(live.url, retries=1, backoff=0.01)
-        teacher.connect(tokenizer, 10)
-        teacher.score(rollouts_of(tokenizer))
-    with pytest.raises(OpdError, match="did not answer"):
-        teacher.score(rollouts_of(tokenizer))
+    with RemoteTeacher(live.url, retries=1, backoff=0.01) as teacher:
+        with live:
+            teacher.connect(tokenizer, 10)
+            teacher.score(rollouts_of(tokenizer))
+        with pytest.raises(OpdError, match="did not answer"):  # the server has stopped
+            teacher.score(rollouts_of(tokenizer))
 
 
 def test_training_against_the_server_matches_the_in_process_teacher(server, model_dirs, tmp_path):

@@ -34,15 +34,16 @@ weights, gradients and AdamW's two moments) and 1 under ddp:
   gradient; five with the teacher's for ``kl=full``), plus a padded micro-batch's attention mask
   (``attention_mask``: ``rows (P + C)^2`` booleans, and the float copy torch's SDPA keeps in every layer).
 
-The settings for long completions change those terms: ``gradient_checkpointing`` keeps per token one
-hidden state per layer plus one layer's activations (the one being recomputed) and reads each row's
-prompt (no shared prompt); ``max_tokens_per_micro_batch=N`` takes ``N // (P + C)`` rows (one at least) per
-micro-batch (one row: no padding, no mask); ``sample_batch`` sizes the KV cache and the teacher's grading
-for that many rows (whole prompts); ``teacher_parallel=fsdp``
-shards the teacher's layers (``+ 2`` layers gathered), its embeddings and head whole; ``offload=teacher``
-keeps those layer shards in CPU memory and ``offload=optimizer`` (fsdp) the student's weight shards,
-gradients and AdamW's moments (FSDP2's ``CPUOffloadPolicy``: ``host_offload``, per process, not in the
-device's peak). ``fitting_advice`` adds them, cheapest first (offload last), until a layout fits.
+The settings for long completions change those terms: ``gradient_checkpointing`` keeps per token one hidden
+state per layer, plus the larger of the loss's chunk of logits and one layer's activations (the one being
+recomputed, with its float mask: ``recomputed``), and reads each row's prompt (no shared prompt);
+``max_tokens_per_micro_batch=N`` takes ``N // (P + C)`` rows (one at least) per micro-batch (one row: no
+padding, no mask); ``sample_batch`` sizes the KV cache and the teacher's grading for that many rows (whole
+prompts); ``teacher_parallel=fsdp`` shards the teacher's layers (``+ 2`` layers gathered), its embeddings and
+head whole; ``offload=teacher`` keeps those layer shards in CPU memory and ``offload=optimizer`` (fsdp) the
+student's weight shards, gradients and AdamW's moments (FSDP2's ``CPUOffloadPolicy``: ``host_offload``, per
+process, not in the device's peak). ``fitting_advice`` adds them, cheapest first (offload last), until a
+layout fits.
 
 Not counted: the CUDA context and the allocator's caching (about 0.5-1 GB on a GPU), the process itself
 on a CPU. ``P`` is the padded prompt length and ``C`` = ``max_new_tokens``; with an environment (``environment=``,
@@ -164,9 +165,9 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
     tokens = prompts * prompt_tokens + micro_rows * completion  # a prompt is read once for its samples
     layer_values = activation_values(student.hidden, student.kv_dim, student.intermediate)
     per_token = student.layers * layer_values + 2 * student.hidden
-    if config.gradient_checkpointing:  # each layer's input kept, one layer's activations during its recompute;
-        tokens = micro_rows * (prompt_tokens + completion)  # and no shared prompt (its cache is dropped)
-        per_token = student.layers * student.hidden + layer_values + 2 * student.hidden
+    if config.gradient_checkpointing:  # each layer's input kept (one layer's activations during its recompute,
+        tokens = micro_rows * (prompt_tokens + completion)  # below); no shared prompt (its cache is dropped)
+        per_token = student.layers * student.hidden + 2 * student.hidden
     sample_rows = rows  # the rows sampled, and graded by the teacher, at once
     width = prompt_tokens + completion
     if config.sample_batch:
@@ -194,9 +195,10 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
                           for m in eval_models),
         "scoring": 0 if teacher is None else teacher_hidden + no_grad_forward(teacher, sample_rows, width, b)
         + min(sample_rows * completion, max(1, LOGITS_BUDGET // teacher.vocab)) * teacher.vocab * 4 * 2,
-        "training_activations": tokens * per_token * b
-        + chunk_rows * student.vocab * 4 * logit_copies + teacher_hidden
-        + attention_mask(micro_rows, width, b, 1 if config.gradient_checkpointing else student.layers),
+        "training_activations": tokens * per_token * b + teacher_hidden
+        + (recomputed(tokens * layer_values * b, chunk_rows * student.vocab * 4 * logit_copies, micro_rows, width, b)
+           if config.gradient_checkpointing else
+           chunk_rows * student.vocab * 4 * logit_copies + attention_mask(micro_rows, width, b, student.layers)),
         "fsdp_gathered": 2 * fsdp_gathered(student) * b if shard > 1 else 0,  # weights, and their gradients
         "host_offload": (sharded if student_host else 0) + teacher_host(teacher, config, processes, b),
     }
@@ -237,6 +239,16 @@ def no_grad_forward(model: ModelFacts, rows: int, length: int, b: int) -> int:
     (on this project's CPU, for the Qwen3 models of ``bench/long_sequences.py``: 0.94x and 1.07x what
     torch's allocator peaked at), plus a padded batch's attention mask."""
     return rows * length * (3 * model.intermediate + 7 * model.hidden) * b + attention_mask(rows, length, b, 0)
+
+
+def recomputed(layer: int, logits: int, rows: int, length: int, b: int) -> int:
+    """Under ``gradient_checkpointing``, what the backward holds beyond the kept layer inputs: the loss's chunk
+    of logits (its backward runs first) or one decoder layer's recomputed activations ``layer`` and its float
+    mask, never both at once; the mask's booleans (an input of every layer) throughout. At 8k-token rows
+    (two, one padded) the layer's recompute is the larger: counting both overstated the peak by 40%
+    (``bench/long_sequences.py --plan-check``)."""
+    booleans = rows * length * length if rows > 1 else 0
+    return booleans + max(logits, layer + attention_mask(rows, length, b, 0) - booleans)
 
 
 def attention_mask(rows: int, length: int, b: int, kept: int) -> int:
