@@ -177,6 +177,7 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
     kl = resolve_kl(config.kl, remote=config.teacher.startswith(("http://", "https://")),
                     several=bool(config.teachers), aligned=False)
     logit_copies = 5 if kl == "full" and config.distils else 3
+    logits = chunk_rows * student.vocab * 4 * logit_copies  # one chunk of the loss's logits, float32
     teacher_hidden = 0 if teacher is None or kl != "full" else rows * completion * teacher.hidden * b
     eval_rows = min(config.eval_examples, config.eval_batch) * max(config.eval_samples, 1)
     eval_models = [student] + ([teacher] if teacher is not None else [])  # step 0 evaluates the teacher too
@@ -196,9 +197,8 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
         "scoring": 0 if teacher is None else teacher_hidden + no_grad_forward(teacher, sample_rows, width, b)
         + min(sample_rows * completion, max(1, LOGITS_BUDGET // teacher.vocab)) * teacher.vocab * 4 * 2,
         "training_activations": tokens * per_token * b + teacher_hidden
-        + (recomputed(tokens * layer_values * b, chunk_rows * student.vocab * 4 * logit_copies, micro_rows, width, b)
-           if config.gradient_checkpointing else
-           chunk_rows * student.vocab * 4 * logit_copies + attention_mask(micro_rows, width, b, student.layers)),
+        + (recomputed(tokens * layer_values * b, logits, micro_rows, width, b) if config.gradient_checkpointing
+           else logits + attention_mask(micro_rows, width, b, student.layers)),
         "fsdp_gathered": 2 * fsdp_gathered(student) * b if shard > 1 else 0,  # weights, and their gradients
         "host_offload": (sharded if student_host else 0) + teacher_host(teacher, config, processes, b),
     }
@@ -247,8 +247,8 @@ def recomputed(layer: int, logits: int, rows: int, length: int, b: int) -> int:
     mask, never both at once; the mask's booleans (an input of every layer) throughout. At 8k-token rows
     (two, one padded) the layer's recompute is the larger: counting both overstated the peak by 40%
     (``bench/long_sequences.py --plan-check``)."""
-    booleans = rows * length * length if rows > 1 else 0
-    return booleans + max(logits, layer + attention_mask(rows, length, b, 0) - booleans)
+    booleans = rows * length * length if rows > 1 else 0  # one row: no padding, no mask
+    return booleans + max(logits, layer + booleans * b)
 
 
 def attention_mask(rows: int, length: int, b: int, kept: int) -> int:
