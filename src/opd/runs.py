@@ -23,30 +23,84 @@ RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device", "para
                      "async_rollouts"}
 
 
-def new_run_dir(config: TrainConfig) -> Path:
+# fields a run resolves when it starts (``auto``, or what the models imply): config.json keeps what was asked for,
+# its "resolved" object what each became; a resumed run must resolve those that change results the same way
+RESOLVED = ("kl", "teacher_template", "dtype", "device", "sampler_sync")
+SAME_RESOLUTION = ("kl", "teacher_template", "dtype")  # device and sampler_sync may change, as device and sampler
+TEMPLATE_REQUEST = {"own": "own", "shared": "student"}  # teacher_template= that keeps a resolved path (aligned: none)
+
+
+def new_run_dir(config: TrainConfig, requested: dict | None = None, resolved: dict | None = None) -> Path:
+    """A new run directory with its config.json: the fields as asked for (``requested``, else ``config``'s) and,
+    under ``"resolved"``, what the run resolved them to (``RESOLVED``)."""
     path = Path(config.out) if config.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}"
     if path.exists() and any(path.iterdir()):
         raise OpdError(f"run directory {path} already exists and is not empty; "
                        f"choose another with --out, or continue it with --resume {path}")
     path.mkdir(parents=True, exist_ok=True)
-    write_json(path / "config.json", config.to_dict())
+    write_json(path / "config.json", {**(requested or config.to_dict()), "resolved": resolved or {}})
     return path
 
 
-def check_resumable(run_dir: Path, config: TrainConfig) -> None:
-    """Refuse to resume a directory that is not a run, or whose config disagrees with ``config``."""
+def read_saved(run_dir: Path) -> dict:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise OpdError(f"{run_dir} is not an opd run directory (no config.json)")
-    saved = json.loads(config_path.read_text())
+    try:
+        saved = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise OpdError(f"{config_path} is not valid JSON (line {err.lineno}: {err.msg}); it is not a config opd "
+                       "wrote, or it was edited: restore it, or start a new run") from None
+    if not isinstance(saved, dict):
+        raise OpdError(f"{config_path} is not a JSON object of config fields")
+    return saved
+
+
+def saved_resolution(saved: dict) -> dict:
+    """What a run resolved its fields to: its "resolved" object; a run written before there was one recorded
+    ``kl`` as resolved in its place (and left the others as asked)."""
+    if "resolved" in saved:
+        return saved["resolved"]
+    return {"kl": saved["kl"]} if "kl" in saved else {}
+
+
+def check_resumable(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to resume a directory that is not a run, or whose config, as asked for, disagrees with ``config``
+    (as asked for: before resolution). A field in ``RESOLVED`` that either side leaves to the run (``auto``) is
+    compared once resolved, by ``check_resolution``."""
+    saved = read_saved(run_dir)
+    resolved = saved_resolution(saved)
+    saved = {k: v for k, v in saved.items() if k != "resolved"}
     current = config.to_dict()
     defaults = type(config)().to_dict()  # a field newer than the run: the run had its default
-    differing = sorted(k for k in set(saved) | set(current)
-                       if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k))
+
+    def agree(key: str) -> bool:
+        then, now = saved.get(key, defaults.get(key)), current.get(key)
+        if key in RESOLVED and (then == now or "auto" in (then, now) or resolved.get(key) == now):
+            return True  # an auto (or the value it became) is checked once this run has resolved it
+        return key in RESUMABLE_CHANGES or then == now
+
+    differing = sorted(k for k in set(saved) | set(current) if not agree(k))
     if differing:
         details = ", ".join(f"{k}: run has {saved.get(k)!r}, now {current.get(k)!r}" for k in differing)
         raise OpdError(f"cannot resume {run_dir}: its config disagrees ({details}). "
                        "Resume with the run's own config, or start a new run.")
+
+
+def check_resolution(run_dir: Path, resolved: dict, reasons: dict | None = None) -> None:
+    """Refuse to resume a run whose ``SAME_RESOLUTION`` fields resolve now to other values than when it started
+    (the models or the machine changed under an ``auto``), naming each with the value to pass to keep it."""
+    then = saved_resolution(read_saved(run_dir))
+    differing = [k for k in SAME_RESOLUTION if k in then and k in resolved and then[k] != resolved[k]]
+    if differing:
+        reasons = reasons or {}
+        details = "; ".join(f"{k} resolved to {then[k]!r} when the run started and resolves to {resolved[k]!r} now"
+                            + (f" ({reasons[k]})" if reasons.get(k) else "") for k in differing)
+        values = {k: TEMPLATE_REQUEST.get(then[k]) if k == "teacher_template" else then[k] for k in differing}
+        fix = " ".join(f"{k}={v}" for k, v in values.items() if v)
+        raise OpdError(f"cannot resume {run_dir}: {details}. "
+                       + (f"Pass {fix} to resume it as it ran, or start a new run." if fix else
+                          "Resume with the models it started with, or start a new run."))
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -117,8 +171,5 @@ def save_final(run_dir: Path, model, tokenizer) -> Path:
 
 def saved_config(run_dir: str | Path) -> TrainConfig:
     """The config a run directory was started with (fields newer than the run read as their defaults)."""
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.is_file():
-        raise OpdError(f"{run_dir} is not an opd run directory (no config.json)")
-    saved = json.loads(config_path.read_text())
+    saved = read_saved(Path(run_dir))
     return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})

@@ -186,6 +186,21 @@ def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None
                   teacher_tokenizer, path_kind, task, eval_set, talk if talk[0] is not None else None)
 
 
+def resolution(config: TrainConfig, inputs: Inputs) -> tuple[dict, dict]:
+    """What this run resolved each of ``runs.RESOLVED`` to (config.json's "resolved"), and why, in words."""
+    remote = config.teacher.startswith(("http://", "https://"))
+    kl_why = ("the teacher reads another tokenizer" if inputs.path_kind == "aligned" else
+              "the teacher is behind a server" if remote else "several teachers" if config.teachers else
+              "one teacher in process" if inputs.path_kind else "no teacher")
+    template_why = {"aligned": "the teacher's tokenizer differs from the student's",
+                    "own": "the teacher's chat template differs from the student's",
+                    "shared": "the teacher reads the student's rendering"}.get(inputs.path_kind or "", "")
+    resolved = {"kl": config.kl, "teacher_template": inputs.path_kind or "", "dtype": str(inputs.dtype).removeprefix(
+        "torch."), "device": inputs.device.type, "sampler_sync": config.sync_kind if config.remote_sampler else ""}
+    reasons = {"kl": kl_why, "teacher_template": template_why, "dtype": f"on {inputs.device.type}"}
+    return resolved, reasons
+
+
 def build_student(config: TrainConfig, path: str, checkpoint: tuple[int, Path] | None, device: torch.device,
                   dtype: torch.dtype) -> torch.nn.Module:
     """The student from its directory (or the checkpoint it resumes from), with LoRA adapters when asked."""
@@ -247,12 +262,15 @@ def build_optimizer(config: TrainConfig, student: torch.nn.Module):
 
 def build_session(config: TrainConfig, resume: str | Path | None, task: Task | None, reward,
                   opened: list, environment=None) -> Session:
+    requested = config.to_dict()  # config.json keeps what was asked for; read_inputs resolves kl in place
     inputs = read_inputs(config, task, reward, environment)
     device, dtype, dist, tokenizer = inputs.device, inputs.dtype, inputs.dist, inputs.tokenizer
+    resolved, reasons = resolution(config, inputs)
     run_dir = None  # created after the checks below pass, so bad input leaves nothing behind
     if resume is not None:
         run_dir = Path(resume)
-        runs.check_resumable(run_dir, config)
+        runs.check_resumable(run_dir, TrainConfig(**requested))
+        runs.check_resolution(run_dir, resolved, reasons)
     checkpoint = runs.latest_checkpoint(run_dir) if run_dir else None
 
     torch.manual_seed(config.seed)
@@ -286,7 +304,8 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
     check_prompts(session)
 
     if run_dir is None:  # rank 0 alone writes the run directory; the others learn its path
-        session.run_dir = Path(distributed.broadcast(str(runs.new_run_dir(config)) if dist.main else None, dist))
+        made = str(runs.new_run_dir(config, requested, resolved)) if dist.main else None
+        session.run_dir = Path(distributed.broadcast(made, dist))
     else:
         restore(session, checkpoint)
     session.source = rollout_source(session, rollout_service(config, rollout_sampler, session.run_dir), pairs,
