@@ -5,6 +5,8 @@ update on its share, and save the student's weights after the step to OUT/weight
 ``fail RANK MODE key=value...``: train, with rank RANK raising ("raise") or hanging ("hang") at step 1.
 ``teacher OUT key=value...``: score one fixed batch with the session's teacher, each rank its share of the
 rows; rank 0 saves every rank's log-probs, hidden states and local parameter counts to OUT/teacher.pt.
+``nonfinite RANK WHAT key=value...``: train, with rank RANK's step 3 made non-finite by a planted hook (WHAT:
+"sampling": NaN in its sampling copy of the student, on that rank only; "loss": its loss times NaN).
 ``placement OUT key=value...``: open a session and save (rank 0) the FSDP2 offload policy of each of the
 student's and the teacher's sharded modules, and where their shards are, to OUT/placement.pt.
 """
@@ -86,6 +88,13 @@ def fail(rank: int, mode: str, overrides: list[str]) -> None:
     train(load_config(None, overrides), progress=False)
 
 
+def nonfinite(rank: int, what: str, overrides: list[str]) -> None:
+    from test_nonfinite import plant
+
+    plant(what, at=2, rank=rank)
+    train(load_config(None, overrides), progress=False)
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "equivalence":
@@ -94,6 +103,8 @@ if __name__ == "__main__":
         teacher(Path(args[0]), args[1:])
     elif command == "placement":
         placement(Path(args[0]), args[1:])
+    elif command == "nonfinite":
+        nonfinite(int(args[0]), args[1], args[2:])
     else:
         fail(int(args[0]), args[1], args[2:])
     distributed.exit_rank(0)

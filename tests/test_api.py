@@ -186,8 +186,9 @@ def test_opd_evaluate_is_the_evaluation_of_a_run_with_its_defaults(model_dirs, t
     assert opd.evaluate(model_dirs["student"], str(prompts), verifier="math").examples == 3
     assert opd.evaluate(model_dirs["student"], ShortSums(), examples=4, reward=lambda c, e: 1.0).accuracy == 1.0
     assert opd.evaluate(model_dirs["student"], "arithmetic", eval_file=str(prompts), examples=2).examples == 2
-    for bad in ({"samples": -1}, {"temperature": 0.0}):
-        with pytest.raises(opd.OpdError, match=r"samples=.* must be 0 or more and temperature=.* positive"):
+    for bad in ({"samples": -1}, {"temperature": 0.0}, {"temperature": float("nan")}, {"examples": 0}):
+        (name, value), = bad.items()
+        with pytest.raises(opd.OpdError, match=rf"^opd.evaluate argument {name}={value!r} must be "):
             opd.evaluate(model_dirs["student"], **bad)
 
 

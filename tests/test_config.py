@@ -17,7 +17,7 @@ def test_defaults_then_toml_then_overrides(tmp_path):
     (["nope=1"], "unknown config field 'nope'"),
     (["steps=many"], "command line: config field steps='many' must be an integer"),
     (["kl=exact"], "kl='exact' must be one of auto, sampled, full, topk"),
-    (["lr=0"], "lr=0.0 must be positive"),
+    (["lr=0"], r"config field lr=0.0 must be a finite number > 0"),
     (["steps"], "must look like key=value"),
     (["grad_accum=3"], "grad_accum=3 must divide"),
     (["truncate_prompts=maybe"], "must be true or false"),

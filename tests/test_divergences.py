@@ -125,7 +125,7 @@ def test_divergences_other_than_the_reverse_kl_need_the_whole_distribution():
 
     with pytest.raises(OpdError, match="divergence=forward_kl compares the two distributions .* needs kl=full"):
         load_config(None, ["divergence=forward_kl", "kl=sampled"])
-    with pytest.raises(OpdError, match=r"beta=1.5 must be in \[0, 1\]"):
+    with pytest.raises(OpdError, match=r"beta=1.5 must be a finite number in \[0, 1\]"):
         load_config(None, ["divergence=jsd", "beta=1.5"])
 
 

@@ -84,7 +84,8 @@ def test_each_step_trains_on_its_seeded_documents_and_chats(model_dirs, tmp_path
 @pytest.mark.parametrize("values, message", [
     ({"method": "midtrain"}, "needs docs="),
     ({"method": "midtrain", "docs": "d.jsonl", "chat_fraction": 0.3}, "needs the chat data"),
-    ({"method": "midtrain", "docs": "d.jsonl", "chat_fraction": 1.0}, r"must be in \[0, 1\)"),
+    ({"method": "midtrain", "docs": "d.jsonl", "chat_fraction": 1.0},
+     r"chat_fraction=1.0 must be a finite number in \[0, 1\)"),
     ({"method": "opd", "docs": "d.jsonl"}, "only read by method=midtrain"),
 ])
 def test_midtrain_config_errors(values, message):
@@ -120,7 +121,7 @@ def test_self_distillation_from_an_identical_teacher_is_a_no_op(model_dirs, tmp_
     rollouts.advantages = session.objective.advantages(rollouts)
     assert rollouts.advantages.abs().max() < 1e-5
     use_sgd(session, lr=1.0)
-    loss, grad_norm = update(session, rollouts, exact_signal(session, hidden), rollouts.num_completion_tokens, 0)
+    loss, grad_norm, _ = update(session, rollouts, exact_signal(session, hidden), rollouts.num_completion_tokens, 0)
     assert abs(loss) < 1e-5 and grad_norm < 1e-4
     moved = max((session.student.state_dict()[k] - v).abs().max().item() for k, v in before.items())
     assert moved < 1e-4

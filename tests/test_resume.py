@@ -114,7 +114,7 @@ def test_a_dtype_that_would_resolve_differently_is_refused(model_dirs, tmp_path)
 
 
 @pytest.mark.parametrize(("change", "match"), [({"kl": "sampled"}, "kl resolved to 'full' .* 'sampled' now"),
-                                               ({"lr": 0.5}, r"its config disagrees \(lr: run has 0.01, now 0.5\)"),
+                                               ({"temperature": 0.5}, r"config disagrees \(temperature: run has 1.0"),
                                                ({"teacher_template": "student", "kl": "topk"}, "kl resolved")])
 def test_a_changed_field_is_still_refused(model_dirs, tmp_path, change, match):
     out = tmp_path / "run"

@@ -35,7 +35,7 @@ def test_no_warm_up_and_a_one_step_decay_stay_finite():
 
 
 @pytest.mark.parametrize("override, message", [("lr_schedule=exponential", "lr_schedule='exponential' must be one of"),
-                                                ("min_lr_ratio=1.5", "min_lr_ratio=1.5 must be in")])
+                                                ("min_lr_ratio=1.5", "min_lr_ratio=1.5 must be a finite number in")])
 def test_a_bad_schedule_is_refused(override, message):
     with pytest.raises(OpdError, match=message):
         load_config(None, [override])

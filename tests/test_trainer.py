@@ -113,8 +113,8 @@ def test_resume_refuses_a_directory_that_is_not_a_run(model_dirs, tmp_path):
 def test_resume_refuses_a_disagreeing_config(model_dirs, tmp_path):
     out = tmp_path / "run"
     train(load_config(None, tiny_train_overrides(model_dirs, out, steps=2)), progress=False)
-    changed = load_config(None, tiny_train_overrides(model_dirs, out, lr=0.5))
-    with pytest.raises(OpdError, match="lr: run has 0.01, now 0.5"):
+    changed = load_config(None, tiny_train_overrides(model_dirs, out, kl_coef=0.5))
+    with pytest.raises(OpdError, match="kl_coef: run has 1.0, now 0.5"):
         train(changed, resume=out, progress=False)
 
 
@@ -143,8 +143,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dirs,
     with pytest.raises(OpdError) as stopped:
         train(load_config(None, tiny_train_overrides(model_dirs, out)), progress=False)
     assert str(stopped.value) == (
-        f"step 2: non-finite loss (nan) or gradient norm (nan); the run stopped before applying it. The last good "
-        f"checkpoint is {out / 'checkpoints' / 'step_000002'}. Lower lr or raise warmup_steps, then --resume.")
+        f"step 3: the loss and gradient norm are not finite (loss nan, gradient norm nan); the run stopped before "
+        f"applying it. The last good checkpoint is {out / 'checkpoints' / 'step_000002'}. Resume from it with a lower "
+        f"rate: opd train --resume {out} lr=0.001 (or raise warmup_steps, or lower grad_clip). on_nonfinite=skip "
+        "skips such steps instead.")
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 2
     kept = load_file(out / "checkpoints" / "step_000002" / "model.safetensors")
@@ -164,8 +166,9 @@ def test_an_infinite_loss_with_finite_gradients_also_stops_the_run(model_dirs, t
     monkeypatch.setattr(Objective, "loss", lambda *args: real(*args) + float("inf"))
     with pytest.raises(OpdError) as stopped:
         train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run")), progress=False)
-    assert str(stopped.value).startswith("step 0: non-finite loss (inf) or gradient norm (")
-    assert "The last good checkpoint is none (no checkpoint was written yet). Lower lr" in str(stopped.value)
+    assert str(stopped.value).startswith("step 1: the loss is not finite (loss inf, gradient norm ")
+    assert "The last good checkpoint is none. No checkpoint was written yet: start again with a lower lr" in \
+        str(stopped.value)
 
 
 def test_a_prompt_over_the_context_limit_is_refused_or_truncated(model_dirs, tmp_path):

@@ -128,7 +128,7 @@ def test_clipping_bounds_the_gradient_the_optimizer_applies(model_dirs, tmp_path
     applied = []
     session.optimizer.register_step_pre_hook(
         lambda *_: applied.append(torch.cat([p.grad.flatten() for p in session.trainable]).norm().item()))
-    _, grad_norm = update(session, batch, None, int(batch.completion_mask.sum()), step=0)
+    _, grad_norm, _ = update(session, batch, None, int(batch.completion_mask.sum()), step=0)
     assert grad_norm > 0.01  # the norm before clipping, as logged
     assert applied == [pytest.approx(1e-3, rel=1e-4)]
 

@@ -83,12 +83,17 @@ def evaluate(model: str | Path, task: Task | str = "arithmetic", *, examples: in
     or dataset (then ``eval_file`` holds the held-out prompts, or the file itself is used, its ``eval_split``);
     ``data``: the dataset fields of ``TrainConfig`` (``prompt_field``, ``answer_field``, ``split``, ...)."""
     from opd.config import apply_values
+    from opd.domains import COUNT, POSITIVE, SEED, Number, check
     from opd.evaluation import evaluate as run
     from opd.models import OpdError, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
     from opd.tasks.choose import is_file_task, make_task
 
-    if samples < 0 or temperature <= 0:
-        raise OpdError(f"samples={samples} must be 0 or more and temperature={temperature} positive")
+    for name, value, domain in (("samples", samples, Number(0, integer=True)), ("temperature", temperature, POSITIVE),
+                                ("examples", examples, COUNT), ("max_new_tokens", max_new_tokens, COUNT),
+                                ("seed", seed, SEED)):
+        problem = check(domain, name, value, "opd.evaluate argument")
+        if problem:
+            raise OpdError(problem)
     device_ = pick_device(device)
     dtype = pick_dtype("auto", device_)
     path = resolve_model_path(str(model), "model")

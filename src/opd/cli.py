@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import re
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from opd.config import TrainConfig, load_config
+from opd.domains import COUNT, HALF_OPEN_SHARE, POSITIVE, SEED, SHARE, Choice, Number, argtype, check
 from opd.experiments.cli import add_experiment_parser
 from opd.models import OpdError
 
 
 def config_help() -> str:
-    """The config fields with defaults and the comments written beside them in config.py."""
-    import opd.config
+    """The config fields, grouped, with their defaults, help and allowed values: each field's own declaration."""
+    import dataclasses
 
-    source = inspect.getsource(opd.config.TrainConfig)
-    lines = ["config fields (key=value):"]
-    for match in re.finditer(r"^    (\w+): [\w |]+ = ([^#\n]+?)\s*(?:#\s*(.*))?$", source, re.M):
-        name, default, comment = match.groups()
-        lines.append(f"  {name}={default.strip()}" + (f"  {comment}" if comment else ""))
+    lines, group = ["config fields (key=value):"], None
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines.append(f" {group}:")
+        domain = f.metadata.get("domain")
+        allowed = f" [{domain.describe()}]" if domain is not None and not isinstance(domain, Choice) else ""
+        lines.append(f"  {f.name}={json.dumps(f.default)}  {f.metadata['help']}{allowed}")
     return "\n".join(lines)
 
 
@@ -187,11 +189,16 @@ def with_overrides(config, items: list[str], what: str):
         if not sep or not hasattr(config, name):
             raise OpdError(f"{what} override {item!r}: expected key=value with key one of "
                            f"{', '.join(config.__dataclass_fields__)}")
+        kind, default = type(getattr(config, name)), getattr(config, name)
         try:
-            setattr(config, name, type(getattr(config, name))(value))
+            parsed = kind(value)
         except ValueError:
-            raise OpdError(f"{what} override {item!r}: {value!r} is not a valid "
-                           f"{type(getattr(config, name)).__name__}") from None
+            raise OpdError(f"{what} override {item!r}: {value!r} is not a valid {kind.__name__}") from None
+        if kind in (int, float):  # a size, a count, a rate or a seed: finite, and positive where its default is
+            problem = check(Number(0, low_open=default > 0, integer=kind is int), name, parsed, f"{what} override")
+            if problem:
+                raise OpdError(problem)
+        setattr(config, name, parsed)
     return config
 
 
@@ -447,10 +454,35 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+# the values each numeric option may take (opd.domains), by the option's name; "COMMAND.name" for one command's
+# option where it differs. Any other integer option is a count (>= 1), any other number positive and finite.
+OPTION_DOMAINS = {
+    "seed": SEED, "temperature": Number(0, note="0: greedy"), "eval.temperature": POSITIVE,
+    "top_p": Number(0, 1, low_open=True), "eval.samples": Number(0, integer=True, note="0: greedy only"),
+    "port": Number(0, 65535, integer=True), "chat_fraction": HALF_OPEN_SHARE, "target": SHARE,
+    "warmup_steps": Number(0, integer=True), "opd_warmup": Number(0, integer=True),
+}
+
+
+def apply_domains(root: argparse.ArgumentParser) -> None:
+    """Every ``type=int`` / ``type=float`` option of ``root`` and its subcommands checked against its domain
+    (``OPTION_DOMAINS``): ``--temperature nan`` or ``-n -2`` end in argparse's one-line error, exit 2."""
+    for action in root._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                apply_domains(sub)
+        elif action.type in (int, float):
+            command = root.prog.split()[-1]
+            domain = OPTION_DOMAINS.get(f"{command}.{action.dest}") or OPTION_DOMAINS.get(action.dest) or (
+                COUNT if action.type is int else POSITIVE)
+            action.type = argtype(domain, action.type)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Like ``parse_args``, but ``key=value`` overrides may also come after options that follow a
     positional argument (``opd midtrain MODEL --docs F steps=100``), which argparse leaves unparsed."""
     root = parser()
+    apply_domains(root)
     args, extra = root.parse_known_args(argv)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
     if extra and (stray or not hasattr(args, "overrides")):

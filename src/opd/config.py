@@ -1,6 +1,8 @@
 """The one typed config of ``opd train``: a dataclass, loadable from TOML, overridable as key=value.
 
-Defaults run the embedded demo on a CPU (the settings come from the sweep in the README).
+Defaults run the embedded demo on a CPU (the settings come from the sweep in the README). Every field is declared
+once, with ``opt(default, help, domain)``: its help text (``opd train --help``, the docs' reference) and the values
+it may take (``opd.domains``), checked by ``validate`` before anything is loaded.
 ``embedded:teacher`` and ``embedded:student`` name the models shipped in the package (built by
 ``opd zoo build``).
 """
@@ -13,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from opd.domains import COUNT, HALF_OPEN_SHARE, NON_NEGATIVE, POSITIVE, SEED, SHARE, Choice, Number, check
 from opd.models import OpdError
 
 DISTILLING = ("opd", "opd+rl")  # methods where a teacher grades the student's tokens
@@ -30,119 +33,169 @@ def chosen_trackers(report_to: str) -> list[str]:
     return names
 
 
+_GROUP = ["models and data"]  # the section the fields declared next belong to
+
+
+def section(title: str) -> None:
+    """Start a group of fields (in the class body): the help and the docs list fields under it."""
+    _GROUP[0] = title
+
+
+def opt(default, help: str, domain=None):
+    """A config field: its default, its help text and the values it may take (``opd.domains``; None: any)."""
+    return dataclasses.field(default=default, metadata={"help": help, "domain": domain, "group": _GROUP[0]})
+
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
 @dataclass
 class TrainConfig:
-    # models and data
-    student: str = "embedded:student"  # HF model directory or hub id
-    teacher: str = "embedded:teacher"  # HF model directory, hub id, http://HOST:PORT of a log-prob server, or self
-    teacher_model: str = ""  # model name on the teacher server (default: the one it serves)
-    teachers: str = ""  # several teachers: NAME=DIR_OR_URL,...; a prompt's "teacher" field picks one (else teacher=)
-    teacher_tokenizer: str = ""  # the teacher's tokenizer (default: the teacher's directory; a server's: the student's)
-    teacher_template: str = "auto"  # auto: the teacher's own chat template when it differs | own | student
-    chat_template_kwargs: str = ""  # JSON object for the student's chat template, e.g. {"enable_thinking": false}
-    teacher_chat_template_kwargs: str = ""  # the same for the teacher's template (its own: not the student's)
-    task: str = "arithmetic"  # built-in task; prompts: JSONL, parquet/csv/json, a folder, hf:ORG/NAME; module:Class
-    eval_file: str = ""  # held-out prompts when task is a file or dataset (same forms; hf:NAME@test)
-    # datasets (task=, eval_file=, sft_data=, docs=): columns, split and subset, streaming
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    messages_field: str = "messages"  # OpenAI messages; ShareGPT "conversations" is found by itself
-    completion_field: str = "completion"  # sft_data (else a messages row's last assistant turn)
-    text_field: str = "text"  # docs
-    split: str = "train"  # the split of a hub dataset or folder (hf:NAME@SPLIT overrides)
-    eval_split: str = "test"  # eval_file's split
-    subset: str = ""  # a hub dataset's configuration (hf:NAME:SUBSET overrides)
-    streaming: bool = False  # task= read as a stream: nothing downloaded or converted first
-    verifier: str = "exact"  # how a prompts file's answers are graded: exact | math (math-verify) | ifeval
-    reward: str = ""  # module:function(completion, example) -> float: your reward, in place of the task's
-    # conversations: an environment answers each assistant turn (opd.environments)
-    environment: str = ""  # module:Name of an environment (start(example) -> conversation)
-    tools: str = ""  # module:function,...: the built-in tool-calling environment with these functions
-    tool_format: str = "hermes"  # tools=: calls as hermes (<tool_call>JSON</tool_call>) | compact ([calc 3*4])
-    max_turns: int = 4  # assistant turns per conversation at most
-    max_trajectory_tokens: int = 0  # a conversation's tokens at most, prompt included (0: the student's context)
-    # the method
-    method: str = "opd"  # opd | sft (teacher samples; cross-entropy) | rl (task reward) | opd+rl | midtrain
-    reward_coef: float = 1.0  # weight of the group-centred task reward (rl, opd+rl)
-    sft_data: str = ""  # method=sft: JSONL of prompt + completion instead of teacher samples; midtrain: the chat
-    docs: str = ""  # method=midtrain: JSONL of {"text": ...} documents (next-token cross-entropy on all tokens)
-    chat_fraction: float = 0.0  # method=midtrain: share of each step's sequences taken from sft_data
-    doc_tokens: int = 128  # method=midtrain: tokens per document chunk
-    kl: str = "auto"  # auto: full, topk for a teacher behind a server (or several), sampled across tokenizers
-    # "sampled": per-token reverse-KL advantage; "full": exact KL over the vocabulary; "topk": the teacher's top-k
-    teacher_topk: int = 20  # kl=topk: the teacher's K most likely tokens per position (+ a tail bucket)
-    divergence: str = "reverse_kl"  # kl=full: reverse_kl | forward_kl | jsd (GKD's generalized JSD at beta)
-    beta: float = 0.5  # divergence=jsd: 0 is the forward KL, 1 the reverse KL (TRL's and ms-swift's convention)
-    lmbda: float = 1.0  # GKD's on-policy share: the student answers this share of each step's prompts, the rest
-    seq_kd: bool = False  # the off-policy rows are the teacher's samples even when the data has completions
-    kl_coef: float = 1.0
-    gamma: float = 0.0  # discount of the per-token advantage (0: no future terms, as in the reference)
-    ppo_clip: float = 0.0  # PPO clip epsilon; 0 turns clipping off
-    # sampling
-    steps: int = 800
-    train_prompts: int = 0  # 0: fresh training prompts every step; N: reuse only the N prompts step 0 draws
-    prompts_per_step: int = 32
-    samples_per_prompt: int = 4
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    sample_batch: int = 0  # rows (prompts x samples) sampled in process at once, its KV cache sized for them (0: all)
-    sampler: str = "local"  # who samples the student's rollouts: local | http://HOST:PORT (vLLM or opd serve) | vllm
-    sampler_model: str = ""  # the served student's name (default: the one base model the server lists)
-    sampler_sync: str = "auto"  # weights to the server after each step: auto | lora | reload | nccl
-    sampler_sync_dir: str = ""  # where weights are written for the server to read (default: RUN_DIR/sampler)
-    tis_cap: float = 2.0  # truncated importance sampling: cap C of the trainer / engine ratio (remote sampler)
-    async_rollouts: int = 0  # 1: the server samples step k+1 while the trainer updates on step k
-    engine_gap_limit: float = 0.5  # stop when the server's log-probs differ from the trainer's by more (nats/token)
-    vllm_memory: float = 0.3  # sampler=vllm: the share of GPU memory the in-process engine may take
-    max_prompt_tokens: int = 0  # 0: the model's context length minus max_new_tokens
-    truncate_prompts: bool = False  # cut over-long prompts from the left instead of refusing them
-    # optimisation
-    lr: float = 6e-4
-    warmup_steps: int = 50
-    lr_schedule: str = "constant"  # after the warm-up: constant | linear | cosine (decay to min_lr_ratio x lr)
-    min_lr_ratio: float = 0.0  # lr_schedule=linear or cosine: the last step's rate as a share of lr
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    grad_accum: int = 1  # micro-batches per step (the step's rows are split evenly)
-    max_tokens_per_micro_batch: int = 0  # micro-batches by token budget instead: rows grouped by length so that
-    # one holds at most N positions, padding included (0: off, grad_accum decides); the same gradient either way
-    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass instead of keeping
-    # its activations (transformers' own mechanism): the student's training memory no longer grows with depth
-    lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float = 32.0
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    # several processes (torchrun --nproc_per_node=N -m opd train ..., or opd train --nproc N)
-    parallel: str = "ddp"  # ddp: weights replicated on every rank | fsdp: FSDP2, weights and optimizer sharded
-    teacher_parallel: str = "none"  # none: the whole teacher on every rank | fsdp: its layers sharded (FSDP2)
-    offload: str = ""  # a comma list, FSDP2's CPUOffloadPolicy (several processes): optimizer (parallel=fsdp: the
-    # student's shards, gradients and AdamW moments in CPU memory, the step run there) | teacher (teacher_parallel=
-    # fsdp: its layer shards in CPU memory, each copied to the device for its forward)
-    dist_timeout: float = 600.0  # seconds a rank waits for the others (e.g. rank 0 evaluating) before failing
-    # evaluation, logging, checkpoints
-    eval_every: int = 100
-    eval_examples: int = 256
-    eval_samples: int = 4  # sampled accuracy: completions drawn per held-out prompt (0: greedy accuracy only)
-    eval_temperature: float = 1.0  # the sampled accuracy's temperature
-    eval_batch: int = 256  # held-out prompts sampled at once (x eval_samples rows): lower it for big models
-    save_every: int = 100
-    report_to: str = "none"  # trackers, a comma list: none | tensorboard | wandb | trackio | mlflow
-    tracker_project: str = "opd"  # the wandb / trackio project
-    run_name: str = ""  # the tracker run's name (default: the run directory's)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    out: str = ""  # run directory; default runs/<time>-<method>
-
-    CHOICES = {"method": ("opd", "sft", "rl", "opd+rl", "midtrain"), "kl": ("auto", "sampled", "full", "topk"),
-               "parallel": ("ddp", "fsdp"), "teacher_parallel": ("none", "fsdp"),
-               "teacher_template": ("auto", "own", "student"),
-               "verifier": ("exact", "math", "ifeval"),
-               "sampler_sync": ("auto", "lora", "reload", "nccl"),
-               "divergence": ("reverse_kl", "forward_kl", "jsd"), "tool_format": ("hermes", "compact"),
-               "lr_schedule": ("constant", "linear", "cosine")}
+    section("models and data")
+    student: str = opt("embedded:student", "HF model directory or hub id")
+    teacher: str = opt("embedded:teacher", "HF model directory, hub id, http://HOST:PORT of a log-prob server, or self")
+    teacher_model: str = opt("", "model name on the teacher server (default: the one it serves)")
+    teachers: str = opt("", "several teachers: NAME=DIR_OR_URL,...; a prompt's \"teacher\" field picks one (else "
+                            "teacher=)")
+    teacher_tokenizer: str = opt("", "the teacher's tokenizer (default: the teacher's directory; a server's: the "
+                                     "student's)")
+    teacher_template: str = opt("auto", "auto: the teacher's own chat template when it differs | own | student",
+                                        Choice(("auto", "own", "student")))
+    chat_template_kwargs: str = opt("", "JSON object for the student's chat template, e.g. {\"enable_thinking\": "
+                                        "false}")
+    teacher_chat_template_kwargs: str = opt("", "the same for the teacher's template (its own: not the student's)")
+    task: str = opt("arithmetic", "built-in task; prompts: JSONL, parquet/csv/json, a folder, hf:ORG/NAME; "
+                                  "module:Class")
+    eval_file: str = opt("", "held-out prompts when task is a file or dataset (same forms; hf:NAME@test)")
+    section("datasets (task=, eval_file=, sft_data=, docs=): columns, split and subset, streaming")
+    prompt_field: str = opt("prompt", "the prompt's column (a string, or OpenAI messages)")
+    answer_field: str = opt("answer", "the reference answer's column (what the verifier checks)")
+    messages_field: str = opt("messages", "OpenAI messages; ShareGPT \"conversations\" is found by itself")
+    completion_field: str = opt("completion", "sft_data (else a messages row's last assistant turn)")
+    text_field: str = opt("text", "docs")
+    split: str = opt("train", "the split of a hub dataset or folder (hf:NAME@SPLIT overrides)")
+    eval_split: str = opt("test", "eval_file's split")
+    subset: str = opt("", "a hub dataset's configuration (hf:NAME:SUBSET overrides)")
+    streaming: bool = opt(False, "task= read as a stream: nothing downloaded or converted first")
+    verifier: str = opt("exact", "how a prompts file's answers are graded: exact | math (math-verify) | ifeval",
+                                 Choice(("exact", "math", "ifeval")))
+    reward: str = opt("", "module:function(completion, example) -> float: your reward, in place of the task's")
+    section("conversations: an environment answers each assistant turn (opd.environments)")
+    environment: str = opt("", "module:Name of an environment (start(example) -> conversation)")
+    tools: str = opt("", "module:function,...: the built-in tool-calling environment with these functions")
+    tool_format: str = opt("hermes", "tools=: calls as hermes (<tool_call>JSON</tool_call>) | compact ([calc 3*4])",
+                                     Choice(("hermes", "compact")))
+    max_turns: int = opt(4, "assistant turns per conversation at most", COUNT)
+    max_trajectory_tokens: int = opt(0, "a conversation's tokens at most, prompt included (0: the student's context)",
+                                        Number(0, integer=True, note="0: the student's context"))
+    section("the method")
+    method: str = opt("opd", "opd | sft (teacher samples; cross-entropy) | rl (task reward) | opd+rl | midtrain",
+                             Choice(("opd", "sft", "rl", "opd+rl", "midtrain")))
+    reward_coef: float = opt(1.0, "weight of the group-centred task reward (rl, opd+rl)", NON_NEGATIVE)
+    sft_data: str = opt("", "method=sft: JSONL of prompt + completion instead of teacher samples; midtrain: the chat")
+    docs: str = opt("", "method=midtrain: JSONL of {\"text\": ...} documents (next-token cross-entropy on all tokens)")
+    chat_fraction: float = opt(0.0, "method=midtrain: share of each step's sequences taken from sft_data",
+                                    HALF_OPEN_SHARE)
+    doc_tokens: int = opt(128, "method=midtrain: tokens per document chunk", Number(2, integer=True))
+    kl: str = opt("auto", "auto: full, topk for a teacher behind a server (or several), sampled across tokenizers; "
+                          "\"sampled\": per-token reverse-KL advantage; \"full\": exact KL over the vocabulary; "
+                          "\"topk\": the teacher's top-k", Choice(("auto", "sampled", "full", "topk")))
+    teacher_topk: int = opt(20, "kl=topk: the teacher's K most likely tokens per position (+ a tail bucket)", COUNT)
+    divergence: str = opt("reverse_kl", "kl=full: reverse_kl | forward_kl | jsd (GKD's generalized JSD at beta)",
+                                        Choice(("reverse_kl", "forward_kl", "jsd")))
+    beta: float = opt(0.5, "divergence=jsd: 0 is the forward KL, 1 the reverse KL (TRL's and ms-swift's convention)",
+                           SHARE)
+    lmbda: float = opt(1.0, "GKD's on-policy share: the student answers this share of each step's prompts, the rest",
+                            SHARE)
+    seq_kd: bool = opt(False, "the off-policy rows are the teacher's samples even when the data has completions")
+    kl_coef: float = opt(1.0, "weight of the teacher's per-token signal in the advantage (the reference used 1)",
+                              NON_NEGATIVE)
+    gamma: float = opt(0.0, "discount of the per-token advantage (0: no future terms, as in the reference)", SHARE)
+    ppo_clip: float = opt(0.0, "PPO clip epsilon; 0 turns clipping off", Number(0, note="0: off"))
+    section("sampling")
+    steps: int = opt(800, "gradient steps (a resumed run may be given more)", COUNT)
+    train_prompts: int = opt(0, "0: fresh training prompts every step; N: reuse only the N prompts step 0 draws",
+                                Number(0, integer=True, note="0: fresh prompts every step"))
+    prompts_per_step: int = opt(32, "prompts drawn per step (across all ranks)", COUNT)
+    samples_per_prompt: int = opt(4, "completions sampled per prompt (G)", COUNT)
+    max_new_tokens: int = opt(48, "a completion's tokens at most (a conversation's: per assistant turn)", COUNT)
+    temperature: float = opt(1.0, "the sampling temperature of training rollouts", POSITIVE)
+    top_p: float = opt(1.0, "nucleus sampling for training rollouts (1: off)", Number(0, 1, low_open=True))
+    sample_batch: int = opt(0, "rows (prompts x samples) sampled in process at once, its KV cache sized for them (0: "
+                               "all)", Number(0, integer=True, note="0: all rows at once"))
+    sampler: str = opt("local", "who samples the student's rollouts: local | http://HOST:PORT (vLLM or opd serve) | "
+                                "vllm")
+    sampler_model: str = opt("", "the served student's name (default: the one base model the server lists)")
+    sampler_sync: str = opt("auto", "weights to the server after each step: auto | lora | reload | nccl",
+                                    Choice(("auto", "lora", "reload", "nccl")))
+    sampler_sync_dir: str = opt("", "where weights are written for the server to read (default: RUN_DIR/sampler)")
+    tis_cap: float = opt(2.0, "truncated importance sampling: cap C of the trainer / engine ratio (remote sampler)",
+                              Number(1))
+    async_rollouts: int = opt(0, "1: the server samples step k+1 while the trainer updates on step k",
+                                 Number(0, 1, integer=True))
+    engine_gap_limit: float = opt(0.5, "stop when the server's log-probs differ from the trainer's by more "
+                                       "(nats/token)", Number(0, note="0: off"))
+    vllm_memory: float = opt(0.3, "sampler=vllm: the share of GPU memory the in-process engine may take",
+                                  Number(0, 1, low_open=True, high_open=True))
+    max_prompt_tokens: int = opt(0, "0: the model's context length minus max_new_tokens",
+                                    Number(0, integer=True, note="0: the context less max_new_tokens"))
+    truncate_prompts: bool = opt(False, "cut over-long prompts from the left instead of refusing them")
+    section("optimisation")
+    lr: float = opt(6e-4, "AdamW's peak learning rate", POSITIVE)
+    warmup_steps: int = opt(50, "steps of linear warm-up from 0 to lr", Number(0, integer=True))
+    lr_schedule: str = opt("constant", "after the warm-up: constant | linear | cosine (decay to min_lr_ratio x lr)",
+                                       Choice(("constant", "linear", "cosine")))
+    min_lr_ratio: float = opt(0.0, "lr_schedule=linear or cosine: the last step's rate as a share of lr", SHARE)
+    weight_decay: float = opt(0.0, "AdamW's decoupled weight decay", NON_NEGATIVE)
+    beta1: float = opt(0.9, "AdamW's first-moment decay", HALF_OPEN_SHARE)
+    beta2: float = opt(0.95, "AdamW's second-moment decay (0.95, as the reference)", HALF_OPEN_SHARE)
+    grad_clip: float = opt(1.0, "clip the gradient's global norm to this (inf: no clipping)",
+                                Number(0, low_open=True, inf_ok=True, note="inf: no clipping"))
+    grad_accum: int = opt(1, "micro-batches per step (the step's rows are split evenly)", COUNT)
+    max_tokens_per_micro_batch: int = opt(0, "micro-batches by token budget instead: rows grouped by length so that "
+                                             "one holds at most N positions, padding included (0: off, grad_accum "
+                                             "decides); the same gradient either way",
+                                             Number(0, integer=True, note="0: off"))
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer in the backward pass instead of keeping "
+                                              "its activations (transformers' own mechanism): the student's training "
+                                              "memory no longer grows with depth")
+    lora_rank: int = opt(0, "0: full fine-tuning", Number(0, integer=True, note="0: full fine-tuning"))
+    lora_alpha: float = opt(32.0, "LoRA's scale numerator (the update is scaled by lora_alpha / lora_rank)", POSITIVE)
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "the module names LoRA adapts, "
+                                                                                       "a comma list")
+    section("several processes (torchrun --nproc_per_node=N -m opd train ..., or opd train --nproc N)")
+    parallel: str = opt("ddp", "ddp: weights replicated on every rank | fsdp: FSDP2, weights and optimizer sharded",
+                               Choice(("ddp", "fsdp")))
+    teacher_parallel: str = opt("none", "none: the whole teacher on every rank | fsdp: its layers sharded (FSDP2)",
+                                        Choice(("none", "fsdp")))
+    offload: str = opt("", "a comma list, FSDP2's CPUOffloadPolicy (several processes): optimizer (parallel=fsdp: the "
+                           "student's shards, gradients and AdamW moments in CPU memory, the step run there) | teacher"
+                           " (teacher_parallel=fsdp: its layer shards in CPU memory, each copied to the device for its"
+                           " forward)")
+    dist_timeout: float = opt(600.0, "seconds a rank waits for the others (e.g. rank 0 evaluating) before failing",
+                                     POSITIVE)
+    section("evaluation, logging, checkpoints")
+    eval_every: int = opt(100, "held-out evaluation every N steps (and at the last)", COUNT)
+    eval_examples: int = opt(256, "held-out prompts evaluated (the accuracies' N)", COUNT)
+    eval_samples: int = opt(4, "sampled accuracy: completions drawn per held-out prompt (0: greedy accuracy only)",
+                               Number(0, integer=True, note="0: greedy accuracy only"))
+    eval_temperature: float = opt(1.0, "the sampled accuracy's temperature", POSITIVE)
+    eval_batch: int = opt(256, "held-out prompts sampled at once (x eval_samples rows): lower it for big models", COUNT)
+    save_every: int = opt(100, "a checkpoint every N steps (and at the last); only the newest is kept", COUNT)
+    report_to: str = opt("none", "trackers, a comma list: none | tensorboard | wandb | trackio | mlflow")
+    tracker_project: str = opt("opd", "the wandb / trackio project")
+    run_name: str = opt("", "the tracker run's name (default: the run directory's)")
+    seed: int = opt(0, "seeds sampling, prompt order and initialisation (a resumed run continues the same streams)",
+                       SEED)
+    device: str = opt("auto", "auto (cuda when there is one, else cpu) | cpu | cuda | cuda:N")
+    dtype: str = opt("auto", "auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 | float16",
+                     Choice(DTYPES))
+    on_nonfinite: str = opt("stop", "a step whose loss, gradient or sampling distribution is not finite: stop (the run"
+                            " ends naming the step; the last checkpoint is good) | skip (the update is not applied, "
+                            "counted as nonfinite_skipped in metrics.jsonl)", Choice(("stop", "skip")))
+    check_memory: bool = opt(True, "refuse, before loading the models, a run whose planned memory (opd plan, from the "
+                                   "models' configs) exceeds the device's (the host's RAM on a CPU)")
+    out: str = opt("", "run directory; default runs/<time>-<method>")
 
     @property
     def distils(self) -> bool:
@@ -160,48 +213,21 @@ class TrainConfig:
         return self.method in REWARDED
 
     def validate(self) -> None:
-        for name, allowed in self.CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise OpdError(f"config field {name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
-        positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "grad_accum",
-                    "eval_every", "eval_examples", "save_every", "eval_batch")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise OpdError(f"config field {name}={getattr(self, name)} must be at least 1")
-        if self.eval_samples < 0:
-            raise OpdError(f"config field eval_samples={self.eval_samples} must be 0 (greedy only) or positive")
-        if self.eval_temperature <= 0:
-            raise OpdError(f"config field eval_temperature={self.eval_temperature} must be positive "
-                           "(greedy accuracy is always reported)")
-        if self.lr <= 0:
-            raise OpdError(f"config field lr={self.lr} must be positive")
-        if self.max_tokens_per_micro_batch < 0:
-            raise OpdError(f"config field max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be 0 "
-                           "(off: grad_accum splits the rows) or positive")
-        if self.sample_batch < 0:
-            raise OpdError(f"config field sample_batch={self.sample_batch} must be 0 (all rows at once) or positive")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise OpdError(f"config field min_lr_ratio={self.min_lr_ratio} must be in [0, 1] (a share of lr)")
-        if not 0 < self.top_p <= 1:
-            raise OpdError(f"config field top_p={self.top_p} must be in (0, 1]")
-        if self.temperature <= 0:
-            raise OpdError(f"config field temperature={self.temperature} must be positive for training")
+        """Each field against its declared domain, then what fields mean together; raises ``OpdError``."""
+        for f in fields(self):
+            problem = check(f.metadata.get("domain"), f.name, getattr(self, f.name))
+            if problem:
+                raise OpdError(problem)
         if self.sft_data and self.method not in ("sft", "midtrain"):
             raise OpdError(f"sft_data is only read by method=sft or midtrain (method is {self.method!r})")
         if self.method == "midtrain":
             if not self.docs:
                 raise OpdError("method=midtrain needs docs=FILE.jsonl (one {\"text\": ...} document per line)")
-            if not 0 <= self.chat_fraction < 1:
-                raise OpdError(f"config field chat_fraction={self.chat_fraction} must be in [0, 1)")
             if self.chat_fraction > 0 and not self.sft_data:
                 raise OpdError("chat_fraction > 0 needs the chat data: sft_data=FILE.jsonl (prompt + completion)")
-            if self.doc_tokens < 2:
-                raise OpdError(f"config field doc_tokens={self.doc_tokens} must be at least 2")
         elif self.docs or self.chat_fraction:
             raise OpdError(f"docs and chat_fraction are only read by method=midtrain (method is {self.method!r})")
         self.validate_sampler()
-        if not 0 <= self.beta <= 1:
-            raise OpdError(f"config field beta={self.beta} must be in [0, 1] (0: forward KL, 1: reverse KL)")
         if self.divergence != "reverse_kl" and not (self.kl in ("auto", "full", "topk") and self.distils):
             raise OpdError(f"divergence={self.divergence} compares the two distributions over the vocabulary: it needs "
                            f"kl=full or kl=topk and method opd or opd+rl (kl={self.kl}, method={self.method}); "
@@ -214,14 +240,10 @@ class TrainConfig:
                 raise OpdError("teachers= (several teachers) works with kl=sampled or kl=topk (exact when teacher_topk "
                                "covers the vocabulary), method opd, opd+rl or rl, and whole teachers "
                                f"(kl={self.kl}, method={self.method}, teacher_parallel={self.teacher_parallel})")
-        if not 0 <= self.lmbda <= 1:
-            raise OpdError(f"config field lmbda={self.lmbda} must be in [0, 1] (the share of on-policy prompts)")
         if self.lmbda < 1 and not (self.method == "opd" and self.kl in ("auto", "full", "topk")):
             raise OpdError(f"lmbda={self.lmbda}: the off-policy rows train on the teacher's distribution at each "
                            f"position, which needs method=opd with kl=full or kl=topk (method={self.method}, "
                            f"kl={self.kl})")
-        if self.teacher_topk < 1:
-            raise OpdError(f"config field teacher_topk={self.teacher_topk} must be at least 1")
         if self.teacher_parallel == "fsdp" and (self.method in ("sft", "midtrain")
                                                 or self.teacher.startswith(("http://", "https://"))):
             raise OpdError("teacher_parallel=fsdp shards an in-process teacher that scores (method opd, rl, opd+rl); "
@@ -230,12 +252,8 @@ class TrainConfig:
         chosen_trackers(self.report_to)
         for name in TEMPLATE_KWARGS_FIELDS:
             self.template_kwargs(name)
-        if self.dist_timeout <= 0:
-            raise OpdError(f"config field dist_timeout={self.dist_timeout} must be positive (seconds)")
         if self.environment or self.tools:
             self.validate_conversations()
-        if self.train_prompts < 0:
-            raise OpdError(f"config field train_prompts={self.train_prompts} must be 0 (no limit) or positive")
         if (self.prompts_per_step * self.samples_per_prompt) % self.grad_accum:
             raise OpdError(f"grad_accum={self.grad_accum} must divide prompts_per_step * samples_per_prompt")
 
@@ -273,11 +291,6 @@ class TrainConfig:
         if self.lmbda < 1 or self.sampler == "vllm" or self.async_rollouts:
             raise OpdError("environment=/tools= runs with the in-process sampler or a rollout server "
                            "(sampler=local or http://), lmbda=1 and async_rollouts=0")
-        if self.max_turns < 1:
-            raise OpdError(f"config field max_turns={self.max_turns} must be at least 1")
-        if self.max_trajectory_tokens < 0:
-            raise OpdError(f"config field max_trajectory_tokens={self.max_trajectory_tokens} must be 0 (the "
-                           "student's context) or positive")
 
     @property
     def remote_sampler(self) -> bool:
@@ -290,17 +303,9 @@ class TrainConfig:
         if self.sampler != "local" and self.method in ("sft", "midtrain"):
             raise OpdError(f"sampler={self.sampler}: method={self.method} trains on given or teacher-written "
                            "completions; a rollout server samples the student (opd, rl, opd+rl)")
-        if self.async_rollouts not in (0, 1):
-            raise OpdError(f"config field async_rollouts={self.async_rollouts} must be 0 or 1 (steps of staleness)")
-        if not 0 < self.vllm_memory < 1:
-            raise OpdError(f"config field vllm_memory={self.vllm_memory} must be in (0, 1)")
         if self.async_rollouts and not self.remote_sampler:
             raise OpdError("async_rollouts=1 needs a rollout server (sampler=http://HOST:PORT): the in-process "
                            "sampler and the update share one model")
-        if self.engine_gap_limit < 0:
-            raise OpdError(f"config field engine_gap_limit={self.engine_gap_limit} must be 0 (off) or positive")
-        if self.tis_cap < 1:
-            raise OpdError(f"config field tis_cap={self.tis_cap} must be at least 1")
         if self.sampler_sync == "lora" and self.lora_rank == 0:
             raise OpdError("sampler_sync=lora needs a LoRA run (lora_rank > 0); full fine-tuning uses "
                            "sampler_sync=reload (opd serve) or nccl (vLLM on GPUs)")

@@ -100,7 +100,10 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: flo
     importance ratio compares one policy with itself. ``T = 1, top_p = 1`` is the plain log-softmax.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logprobs = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+    if temperature != 1.0:  # the row's maximum first, kept at 0: a tiny T (even one that is 0 in float32) sends
+        shifted = logits - logits.amax(-1, keepdim=True)  # the others to -inf, never the maximum to NaN
+        logits = torch.where(shifted == 0, shifted, shifted / temperature)
+    logprobs = torch.log_softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_lp, order = logprobs.sort(dim=-1, descending=True)
         mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()

@@ -21,6 +21,15 @@ class OpdError(Exception):
     """A user-facing error: the message says what is wrong and what to do."""
 
 
+class NonFiniteError(OpdError):
+    """A quantity of a step that is not a finite number (a NaN, an infinity): ``quantity`` names it (``"loss"``,
+    ``"gradient norm"``, ``"sampling distribution"``, ``"weights"``), the message says where it came from."""
+
+    def __init__(self, quantity: str, message: str):
+        super().__init__(message)
+        self.quantity = quantity
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested != "auto":
         return torch.device(requested)

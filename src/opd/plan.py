@@ -53,12 +53,15 @@ the most it may hold (a teacher that reads it turn by turn re-reads each turn's 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from opd.config import TrainConfig
 from opd.flops import ModelShape, step_flops
+from opd.models import OpdError
 from opd.objective import resolve_kl
 from opd.scoring import LOGITS_BUDGET
 
@@ -447,3 +450,38 @@ def check_vocab(facts: ModelFacts, tokenizer, who: str) -> tuple[str, str]:
     return "ok", f"{who}'s vocabulary: {facts.vocab} ids, as its tokenizer"
 
 
+
+
+def available_memory(device: torch.device) -> tuple[float, str]:
+    """What a run may use on ``device``, in bytes, and its name: a GPU's total memory, or on a CPU the host's
+    available RAM (``MemAvailable`` of /proc/meminfo, else the physical RAM)."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory), f"{device}'s memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024, "the host's available RAM"
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "the host's RAM"
+
+
+def check_fits(config: TrainConfig, student: ModelFacts, teacher: ModelFacts | None, lengths: list[int],
+               processes: int, device: torch.device) -> None:
+    """Refuse, before the models are loaded, a run whose plan (from the models' configs) exceeds the memory of
+    ``device`` (on a CPU, what all ``processes`` of this host need together against its RAM); the error gives the
+    estimate, what would fit (``fitting_advice``) and the override, ``check_memory=false``."""
+    if not config.check_memory:
+        return
+    plan = make_plan(config, student, teacher, (sum(lengths) / len(lengths), max(lengths)), [processes], [])
+    layout = next((m for m in plan.layouts if m.parallel == config.parallel), plan.layouts[0])
+    available, what = available_memory(device)
+    sharing = processes if device.type == "cpu" else 1  # the ranks of one host share its RAM
+    if layout.peak * sharing <= available:
+        return
+    each = f" ({gib(layout.peak)} per process x {sharing})" if sharing > 1 else ""
+    raise OpdError(f"this run needs about {gib(layout.peak * sharing)}{each} by opd plan's estimate from the models' "
+                   f"configs, more than {what} ({gib(available)}): it "
+                   f"{fitting_advice(plan, layout, available / sharing)}. Lower what sizes it (lora_rank, eval_batch x "
+                   "eval_samples, prompts_per_step x samples_per_prompt, max_new_tokens), or pass check_memory=false "
+                   "to run it anyway (`opd plan` shows the whole estimate)")

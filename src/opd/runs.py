@@ -20,7 +20,8 @@ from opd.models import OpdError, plain_model, save_atomically
 # fields that may differ between a run and its resumption without changing its results
 RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device", "parallel", "offload", "dist_timeout",
                      "report_to", "tracker_project", "run_name", "sampler", "sampler_model", "sampler_sync_dir",
-                     "async_rollouts"}
+                     "async_rollouts", "lr", "warmup_steps", "grad_clip", "on_nonfinite", "check_memory"}
+# (lr, warmup_steps and grad_clip: a run that diverged resumes from its last good checkpoint with a lower rate)
 
 
 # fields a run resolves when it starts (``auto``, or what the models imply): config.json keeps what was asked for,

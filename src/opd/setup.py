@@ -19,6 +19,7 @@ from opd.flops import ModelShape
 from opd.models import (
     OpdError,
     add_lora,
+    chat_prompt_ids,
     checkpoint_layers,
     load_model,
     load_tokenizer,
@@ -76,6 +77,7 @@ class Session:
     start_step: int = 0
     records: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
+    warned_collapse: bool = False  # the collapse warning (gradient norm 0 for steps on end) is given once
 
     @property
     def vocab_size(self) -> int:
@@ -186,6 +188,24 @@ def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None
                   teacher_tokenizer, path_kind, task, eval_set, talk if talk[0] is not None else None)
 
 
+def check_memory(config: TrainConfig, inputs: Inputs) -> None:
+    """``check_memory``: the run's plan from the models' configs (no weights loaded) against the device's memory,
+    or the host's RAM on a CPU (``plan.check_fits``); the prompts' lengths from the first step's and the held-out
+    prompts."""
+    if not config.check_memory:
+        return
+    from transformers import AutoConfig
+
+    from opd.plan import ModelFacts, check_fits
+
+    student = ModelFacts.of(config.student, AutoConfig.from_pretrained(inputs.student_path), lora=config)
+    teacher = None if inputs.teacher_path is None else ModelFacts.of(
+        config.teacher_spec, AutoConfig.from_pretrained(inputs.teacher_path))
+    examples = inputs.task.train_examples(0, config.prompts_per_step, config.seed) + inputs.eval_set[:8]
+    lengths = [len(chat_prompt_ids(inputs.tokenizer, ex.messages)) for ex in examples]
+    check_fits(config, student, teacher, lengths, inputs.dist.world if inputs.dist.active else 1, inputs.device)
+
+
 def resolution(config: TrainConfig, inputs: Inputs) -> tuple[dict, dict]:
     """What this run resolved each of ``runs.RESOLVED`` to (config.json's "resolved"), and why, in words."""
     remote = config.teacher.startswith(("http://", "https://"))
@@ -266,6 +286,7 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
     inputs = read_inputs(config, task, reward, environment)
     device, dtype, dist, tokenizer = inputs.device, inputs.dtype, inputs.dist, inputs.tokenizer
     resolved, reasons = resolution(config, inputs)
+    check_memory(config, inputs)  # before anything is loaded
     run_dir = None  # created after the checks below pass, so bad input leaves nothing behind
     if resume is not None:
         run_dir = Path(resume)

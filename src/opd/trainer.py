@@ -19,7 +19,7 @@ from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.evaluation import EvalResult, evaluate
 from opd.micro_batches import completion_positions, padding_share, plan, rows_tensor, split_to, trimmed
-from opd.models import OpdError
+from opd.models import NonFiniteError
 from opd.objective import TeacherSignal
 from opd.rollouts import Rollouts
 from opd.samplers.service import check_gap
@@ -30,12 +30,19 @@ from opd.tasks import Example
 from opd.teachers.turns import grade
 from opd.trackers import Trackers
 
+COLLAPSE_STEPS = 10  # a gradient norm of exactly 0 this many steps in a row gets one warning
+
 
 def update(session: Session, rollouts: Rollouts, signal: TeacherSignal | None, step_tokens: int,
-           step: int, batches: list[list[int]] | None = None) -> tuple[float, float]:
+           step: int, batches: list[list[int]] | None = None) -> tuple[float, float, bool]:
     """One optimizer step on this rank's rollouts; ``step_tokens`` counts the completion tokens of all
     ranks. ``batches``: the micro-batches' rows (``micro_batches.plan``), else ``grad_accum`` even slices.
-    Returns (this rank's loss, the gradient norm before clipping)."""
+    Returns (this rank's loss, the gradient norm before clipping, whether the step was skipped).
+
+    A non-finite loss or gradient norm on any rank stops the run on every rank before the update
+    (``NonFiniteError``), or with ``on_nonfinite=skip`` skips it: no optimizer step, no scheduler step (AdamW's
+    moments and the schedule stay as they were; the step still counts toward ``steps``). Weights that the update
+    itself made non-finite always stop the run, before any save, so the last checkpoint is a good one."""
     config, module = session.config, session.loss_module
     session.student.train()
     session.optimizer.zero_grad(set_to_none=True)
@@ -58,15 +65,33 @@ def update(session: Session, rollouts: Rollouts, signal: TeacherSignal | None, s
             loss.backward()
         loss_total += loss.item()
     grad_norm = distributed.local_value(torch.nn.utils.clip_grad_norm_(session.trainable, config.grad_clip)).item()
-    if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
-        raise OpdError(f"step {step}: non-finite loss ({loss_total}) or gradient norm ({grad_norm}); "
-                       f"the run stopped before applying it. The last good checkpoint is "
-                       f"{session.last_checkpoint or 'none (no checkpoint was written yet)'}. "
-                       "Lower lr or raise warmup_steps, then --resume.")
+    bad = [q for q, value in (("loss", loss_total), ("gradient norm", grad_norm)) if not math.isfinite(value)]
+    ranks = distributed.all_gather(bad, session.dist)  # every rank takes the same decision
+    bad = [q for q in ("loss", "gradient norm") if any(q in rank for rank in ranks)]
+    if bad:
+        if config.on_nonfinite == "skip":  # as DeepSpeed's and Megatron's overflowed steps: no update at all
+            session.optimizer.zero_grad(set_to_none=True)
+            return loss_total, grad_norm, True
+        raise diverged(session, step, " and ".join(bad), f"loss {loss_total}, gradient norm {grad_norm}",
+                       "the run stopped before applying it")
     session.optimizer.step()
     session.scheduler.step()
+    weights_ok = all(bool(torch.isfinite(distributed.local_value(p)).all()) for p in session.trainable)
+    if not all(distributed.all_gather(weights_ok, session.dist)):  # overflow in the update itself: never saved
+        raise diverged(session, step, "weights", "the update made them NaN or inf", "the run stopped before saving")
     distributed.refresh_full_copy(session.student, session.full_model, session.config.parallel, session.dist)
-    return loss_total, grad_norm
+    return loss_total, grad_norm, False
+
+
+def diverged(session: Session, step: int, quantity: str, detail: str, what: str) -> NonFiniteError:
+    """The error that stops a run whose ``quantity`` is not finite at ``step`` (0-based: the record's is +1)."""
+    last = session.last_checkpoint
+    resume = (f"Resume from it with a lower rate: opd train --resume {session.run_dir} lr={session.config.lr / 10:g} "
+              "(or raise warmup_steps, or lower grad_clip)" if last else
+              "No checkpoint was written yet: start again with a lower lr (or raise warmup_steps)")
+    verb = "are" if " and " in quantity or quantity == "weights" else "is"
+    return NonFiniteError(quantity, f"step {step + 1}: the {quantity} {verb} not finite ({detail}); {what}. The last "
+                          f"good checkpoint is {last or 'none'}. {resume}. on_nonfinite=skip skips such steps instead.")
 
 
 def training_step(session: Session, step: int) -> dict:
@@ -74,7 +99,13 @@ def training_step(session: Session, step: int) -> dict:
     objective, view = session.objective, session.teacher_view
     started = time.perf_counter()
     session.full_model.eval()
-    rollouts = session.source.rollouts(step)
+    try:
+        rollouts, failed = session.source.rollouts(step), None
+    except NonFiniteError as err:
+        rollouts, failed = None, err
+    if any(distributed.all_gather(failed is not None, session.dist)):  # every rank stops, none left waiting
+        raise diverged(session, step, "sampling distribution", "NaN or inf logits: the student's weights are not "
+                       "finite, or a temperature or top_p the logits overflow at", "nothing was sampled") from failed
     sampled = time.perf_counter()
     graded, signal = None, None
     if objective.distils:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
@@ -94,14 +125,19 @@ def training_step(session: Session, step: int) -> dict:
     num_tokens = sum(joined(ranks, "completion_lengths"))
     lr = session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     batches, micro = token_budget(session, rollouts)
-    loss, grad_norm = update(session, rollouts, signal, num_tokens, step, batches)
+    loss, grad_norm, skipped = update(session, rollouts, signal, num_tokens, step, batches)
     loss = sum(distributed.all_gather(loss, session.dist)) / session.dist.world
     seconds = {"sample": sampled - started, "score": scored - sampled, "train": time.perf_counter() - scored}
     pushed = session.source.push_seconds()  # a rollout server's weight push, inside the sampling time
     if pushed is not None:
         seconds["sync"] = pushed
-    return step_record(ranks, session.config, session.student_shape, view, session.source.from_data, step, loss,
-                       grad_norm, lr, engine, seconds, micro)
+    record = step_record(ranks, session.config, session.student_shape, view, session.source.from_data, step, loss,
+                         grad_norm, lr, engine, seconds, micro)
+    if session.config.on_nonfinite == "skip":
+        record["nonfinite_skipped"] = int(skipped)
+        if skipped:  # a NaN is not JSON: the record says which were not finite
+            record.update({k: None if not math.isfinite(record[k]) else record[k] for k in ("loss", "grad_norm")})
+    return record
 
 
 def token_budget(session: Session, rollouts: Rollouts) -> tuple[list[list[int]] | None, dict]:
@@ -192,9 +228,17 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
                   for key in ("student_flops", "teacher_flops")}
         bar = tqdm(range(session.start_step, config.steps), desc=desc, disable=not (progress and main),
                    initial=session.start_step, total=config.steps, dynamic_ncols=True)
+        flat = 0  # steps in a row whose gradient norm was exactly 0
         for step in bar:
             tick = time.perf_counter()
             record = training_step(session, step)
+            flat = flat + 1 if record["grad_norm"] == 0 else 0
+            if flat == COLLAPSE_STEPS and main and not session.warned_collapse:
+                session.warned_collapse = True
+                print(f"opd: warning: the gradient norm has been exactly 0 for {COLLAPSE_STEPS} steps in a row (to "
+                      f"step {record['step']}): the policy has likely collapsed onto tokens it no longer moves from "
+                      f"(a rate too high for it: lr={config.lr:g}); check teacher_kl and accuracy, and lower lr",
+                      file=sys.stderr)
             done = record["step"] == config.steps
             if evaluates and (record["step"] % config.eval_every == 0 or done):
                 record.update(run_eval(session))
@@ -213,7 +257,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
                 if main:
                     runs.save_checkpoint(run_dir, record["step"], session.full_model, session.tokenizer, trainer_state)
             records.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", kl=_last(records, "teacher_kl"),
+            bar.set_postfix(loss=_last(records, "loss"), kl=_last(records, "teacher_kl"),
                             reward=f"{record['train_reward']:.2f}", acc=_last(records, "accuracy"))
         bar.close()
         session.source.finish(config.steps)  # a rollout server ends holding the trained student

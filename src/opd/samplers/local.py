@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from opd.losses import sampling_logprobs
-from opd.models import cache_kwargs
+from opd.models import NonFiniteError, cache_kwargs
 from opd.rollouts import Rollouts, concat_rollouts
 
 
@@ -83,10 +83,14 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     with ``c`` the running sum of the row and ``u ~ U[0, 1)``, return the first ``i`` with
     ``c_i > u * c_V``. One uniform per row instead of ``torch.multinomial``'s V exponentials. The sum
     runs in float64; ``u * c_V`` is held strictly below ``c_V``, so a zero-probability entry (whose
-    ``c_i`` equals ``c_{i-1}``) is never returned.
+    ``c_i`` equals ``c_{i-1}``) is never returned. A row whose mass is not a positive finite number (NaN or
+    inf probabilities) raises ``NonFiniteError``: there is nothing to draw from.
     """
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):  # NaN or inf logits: no index is drawn past V
+        raise NonFiniteError("sampling distribution", "the sampling distribution is not finite (the model's logits "
+                             "hold NaN or inf, e.g. its weights diverged): nothing can be drawn from it")
     u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device)
     point = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, point, right=True)[:, 0]

@@ -5,14 +5,16 @@ honour."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from typing import Annotated
+
+from pydantic import AllowInfNan, BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from opd.server.served import ApiError
 
 MAX_TOP_K = 20
 
 
-Number = StrictFloat | StrictInt
+Number = Annotated[StrictFloat, AllowInfNan(False)] | StrictInt  # NaN and the infinities: a 400 naming the field
 
 
 class CompletionRequest(BaseModel):
