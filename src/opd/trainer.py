@@ -13,7 +13,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from opd import distributed, runs
 from opd.config import TrainConfig
@@ -21,6 +20,7 @@ from opd.evaluation import EvalResult, evaluate
 from opd.micro_batches import completion_positions, padding_share, plan, rows_tensor, split_to, trimmed
 from opd.models import NonFiniteError
 from opd.objective import TeacherSignal
+from opd.progress import progress as bar_over
 from opd.rollouts import Rollouts
 from opd.samplers.service import check_gap
 from opd.scoring import completion_row_offsets
@@ -226,8 +226,8 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         elapsed = records[-1]["elapsed"] if records else 0.0
         totals = {key: records[-1].get(f"{key}_total", 0.0) if records else 0.0
                   for key in ("student_flops", "teacher_flops")}
-        bar = tqdm(range(session.start_step, config.steps), desc=desc, disable=not (progress and main),
-                   initial=session.start_step, total=config.steps, dynamic_ncols=True)
+        bar = bar_over(range(session.start_step, config.steps), desc=desc, disable=not (progress and main),
+                       initial=session.start_step, total=config.steps, unit="step")
         flat = 0  # steps in a row whose gradient norm was exactly 0
         for step in bar:
             tick = time.perf_counter()

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from opd.evaluation import completions_text, evaluate
 from opd.losses import label_smoothed_nll
 from opd.models import EMBEDDED_DIR, chat_prompt_ids, load_model, load_tokenizer, save_model
+from opd.progress import progress
 from opd.rollouts import pack_pairs
 from opd.samplers.local import sample
 from opd.scoring import completion_hidden, head_logprobs
@@ -160,7 +160,7 @@ def train_sft(model, tokenizer, batches, steps: int, lr: float, smoothing: float
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
     model.train()
-    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    bar = progress(range(steps), desc=desc, unit="step")
     for step in bar:
         prompts, completions, *weights = batches(step)
         loss = sft_loss(model, tokenizer, prompts, completions, weights[0] if weights else None, smoothing)
@@ -220,7 +220,7 @@ def build_student(tokenizer: PreTrainedTokenizerFast, teacher: torch.nn.Module,
     prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
     generator = torch.Generator().manual_seed(config.seed)
     completions: list[list[int]] = []
-    for start in tqdm(range(0, len(prompts), 256), desc="zoo: teacher samples", dynamic_ncols=True):
+    for start in progress(range(0, len(prompts), 256), desc="zoo: teacher samples"):
         rollouts = sample(teacher, prompts[start : start + 256], max_new_tokens=config.max_new_tokens,
                           temperature=config.sample_temperature, eos_id=tokenizer.eos_token_id,
                           pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), generator=generator)

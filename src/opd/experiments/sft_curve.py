@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from opd import runs
 from opd.config import TrainConfig
 from opd.models import OpdError
+from opd.progress import progress as bar_over
 
 
 @dataclass
@@ -109,8 +109,7 @@ def teacher_dataset(config: TrainConfig, sizes: list[int], directory: Path, prog
     shape, task, total = ModelShape.of(teacher), make_task(config), max(sizes)
     generator = torch.Generator(device).manual_seed(config.seed + 424_242)
     lines, flops, correct, batch = [], [], 0.0, 512
-    for index in tqdm(range(math.ceil(total / batch)), desc="SFT data: teacher samples", disable=not progress,
-                      dynamic_ncols=True):
+    for index in bar_over(range(math.ceil(total / batch)), desc="SFT data: teacher samples", disable=not progress):
         examples = task.train_examples(index, min(batch, total - index * batch), config.seed + 424_242)
         prompts = [chat_prompt_ids(tokenizer, ex.messages) for ex in examples]
         with torch.no_grad():

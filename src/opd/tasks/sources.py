@@ -136,12 +136,12 @@ class TableRows:
 
     def check(self, progress: bool = True) -> None:
         """Every row parsed once (and thrown away): a bad row stops the run before any compute."""
-        from tqdm import tqdm
+        from opd.progress import progress as bar_over
 
         total = len(self.dataset)
         if not total:
             raise OpdError(f"{self.name} holds no rows")
-        bar = tqdm(total=total, desc=f"checking {self.name}", unit="row", disable=not progress or total < 50_000)
+        bar = bar_over(total=total, desc=f"checking {self.name}", unit="row", disable=not progress or total < 50_000)
         for start in range(0, total, 1000):
             batch = self.dataset[start : start + 1000]  # columnar: {column: [values]}
             for offset in range(len(next(iter(batch.values())))):
