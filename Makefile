@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint zoo mutate clean
+.PHONY: demo test lint docs zoo mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench tools examples
+	$(MAKE) docs
 	$(BIN)/pytest -q
+
+# the docs site in site/ (open site/index.html): the references generated from the code, then a strict build
+# (a broken link, a missing page or a warning fails)
+docs: $(STAMP)
+	COLUMNS=100 $(BIN)/python tools/gen_docs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools examples
@@ -46,4 +53,4 @@ zoo: $(STAMP)
 	$(BIN)/opd zoo build
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache mutants mutation-report.md
+	rm -rf $(VENV) site runs .pytest_cache .ruff_cache mutants mutation-report.md

@@ -1,4 +1,4 @@
-"""opd as a library: the README's Python example as written, a user's task and reward from Python and by
+"""opd as a library: the docs' Python example as written, a user's task and reward from Python and by
 import path (also under torchrun), their errors, and the math verifier."""
 
 import json
@@ -22,12 +22,11 @@ from examples.custom_task import ShortSums  # noqa: E402
 from examples.rewards import brevity  # noqa: E402
 
 
-def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## opd from Python", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_the_docs_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    page = (ROOT / "docs" / "python-api.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, "docs/python-api.md", "exec"), {"__name__": "__docs__"})
     printed = capsys.readouterr().out
     assert "brevity on held-out prompts:" in printed and "arithmetic: greedy " in printed
     assert (tmp_path / "runs" / "python-rl" / "final" / "config.json").is_file()

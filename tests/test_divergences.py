@@ -223,11 +223,11 @@ def test_kl_auto_is_the_exact_kl_in_process_the_top_k_from_a_server_and_sampled_
 
 def test_the_readmes_real_model_command_says_what_kl_auto_would_choose():
     # Qwen3-1.7B and Qwen3-8B share one tokenizer and the teacher is in process: what the test above
-    # resolves for model_dirs ("full"); the README must say so next to the command that names kl=sampled
+    # resolves for model_dirs ("full"); the docs must say so next to the command that names kl=sampled
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Running on real models"):readme.index("## Datasets, trackers")]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "getting-started.md").read_text()
+    section = page[page.index("## Running on real models"):page.index("## The embedded default")]
     assert "student=Qwen/Qwen3-1.7B teacher=Qwen/Qwen3-8B" in section and "kl=sampled" in section
     assert "Left out, `kl` is `auto`, which for\nthis pair (one tokenizer, the teacher in process) resolves to " \
            "`kl=full`" in section
