@@ -55,8 +55,8 @@ def cli_reference() -> str:
              "[config reference](config.md).", ""]
     for name, command in commands(root):
         text = command.format_help()
-        if name == "opd train" or name == "opd midtrain":  # the config fields' list: the config reference's
-            text = text.split("config fields (key=value):")[0].rstrip() + "\n\n(config fields: see the config reference)"
+        if name in ("opd train", "opd midtrain"):  # the config fields' list: the config reference's
+            text = text.split("config fields (key=value):")[0].rstrip() + "\n\n(config fields: the config reference)"
         lines += [f"## `{name}`", "", "```text", text.rstrip(), "```", ""]
     return "\n".join(lines)
 
