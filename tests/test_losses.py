@@ -157,3 +157,15 @@ def test_group_centred_rewards():
     assert doubles.dtype == torch.float64 and torch.allclose(doubles, expected.double())
     fine = torch.tensor([1 + 1e-12, 1.0], dtype=torch.float64)  # a difference only float64 holds
     assert group_centred_rewards(fine, torch.tensor([0, 0]))[0].item() == pytest.approx(5e-13, rel=1e-3)
+
+
+def test_the_discount_counts_a_conversations_environment_tokens_as_steps():
+    """``gamma > 0`` across a tool result: the exponent is the distance in positions, so the environment's
+    (masked) tokens between two turns discount the later turn's terms like positions of its own (documented
+    in docs/conversations.md); they add nothing themselves."""
+    from opd.losses import discounted_future_sum
+
+    values = torch.tensor([[1.0, 2.0, 7.0, 7.0, 7.0, 3.0]])  # a turn (2 tokens), a tool result (3), a turn (1)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 1.0]])
+    out = discounted_future_sum(values, mask, 0.5)
+    assert out[0].tolist() == pytest.approx([1 + 0.5 * 2 + 0.5**5 * 3, 2 + 0.5**4 * 3, 0, 0, 0, 3])

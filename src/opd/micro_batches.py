@@ -17,6 +17,17 @@ import torch
 from opd.rollouts import Rollouts
 
 
+def row_lengths(rollouts: Rollouts) -> tuple[list[int], list[int]]:
+    """Each row's positions left of the completion column (its prompt) and from it on (its completion: every
+    position a row occupies there, a conversation's environment tokens included, not only the sampled ones):
+    what a micro-batch of the row costs in the layout's two padded parts."""
+    sampled = (rollouts.completion_mask > 0).any(0).nonzero()
+    start = int(sampled[0]) if len(sampled) else rollouts.tokens.shape[1]  # where every completion begins
+    attended = rollouts.attention_mask > 0
+    prompt = attended[:, :start].sum(-1).tolist()
+    return [int(n) for n in prompt], [int(n) for n in attended[:, start:].sum(-1).tolist()]
+
+
 def cost(rows: list[int], prompt_lengths: list[int], completion_lengths: list[int]) -> int:
     """Positions of a micro-batch of ``rows`` once its all-padding columns are cut."""
     if not rows:

@@ -17,7 +17,15 @@ import torch
 from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.evaluation import EvalResult, evaluate
-from opd.micro_batches import completion_positions, padding_share, plan, rows_tensor, split_to, trimmed
+from opd.micro_batches import (
+    completion_positions,
+    padding_share,
+    plan,
+    row_lengths,
+    rows_tensor,
+    split_to,
+    trimmed,
+)
 from opd.models import NonFiniteError
 from opd.objective import TeacherSignal
 from opd.progress import progress as bar_over
@@ -146,8 +154,7 @@ def token_budget(session: Session, rollouts: Rollouts) -> tuple[list[list[int]] 
     budget = session.config.max_tokens_per_micro_batch
     if not budget:
         return None, {}
-    completion = [int(n) for n in rollouts.completion_mask.sum(-1).tolist()]
-    prompt = [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion, strict=True)]
+    prompt, completion = row_lengths(rollouts)  # a conversation's environment tokens are in its completion part
     batches = plan(rollouts.prompt_index.tolist(), prompt, completion, budget)
     batches = split_to(batches, max(distributed.all_gather(len(batches), session.dist)))
     share = padding_share(batches, prompt, completion)
