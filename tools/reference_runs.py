@@ -10,8 +10,9 @@ depend on the thread count), two at a time. ``record`` keeps, per run, the numbe
 
 The set covers every source of a step's rows and every objective: the demo's config for 30 steps,
 kl=sampled, kl=topk, jsd with GKD's mix and seq_kd, two teachers, a rollout server (``opd serve``, full
-weights and LoRA), the other-tokenizer teacher, sft, rl, opd+rl, midtraining, a resumed run, and two
-ranks under torchrun.
+weights and LoRA), the other-tokenizer teacher, sft, rl, opd+rl, midtraining, a resumed run, two
+ranks under torchrun, a tool conversation (in process and through a rollout server), ``teacher=self`` with
+privileged context (``teacher_prompt``), and a teacher behind a server (``opd serve embedded:teacher``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import httpx
 EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "opd" / "embedded" / "personalization"
 SHORT = ["steps=6", "eval_every=3", "save_every=3", "eval_examples=32", "prompts_per_step=8", "samples_per_prompt=4",
          "warmup_steps=2"]
+TOOLS = ["task=tools", "tools=opd.tasks.tools:calc", "tool_format=compact", "teacher=embedded:tool-teacher",
+         "max_turns=3", "max_new_tokens=32", "kl=full"]
 RUNS: dict[str, list[str]] = {
     "demo-30": ["steps=30", "eval_every=15", "save_every=15", "eval_examples=64"],
     "sampled": SHORT + ["kl=sampled"],
@@ -50,6 +53,11 @@ RUNS: dict[str, list[str]] = {
                          "chat_fraction=0.25", "doc_tokens=32"],
     "resumed": SHORT + ["kl=sampled"],  # stopped after step 3's checkpoint, then resumed to step 6
     "torchrun-2": SHORT + ["kl=sampled", "--nproc", "2"],
+    "conversation": SHORT + TOOLS,
+    "conversation-server": SHORT + TOOLS + ["sampler={server}"],
+    "self-privileged": SHORT + ["teacher=self", "task={work}/privileged.jsonl",
+                                "eval_file={work}/privileged_eval.jsonl", "kl=full"],
+    "teacher-server": SHORT + ["teacher={teacher_server}", "kl=topk", "teacher_topk=8"],
 }
 TIMING = ("elapsed", "wall_")
 
@@ -76,12 +84,13 @@ def opd(args: list[str], env: dict, log: Path) -> None:
 
 
 class Server:
-    """``opd serve embedded:student`` on a free port, for the runs that sample through a server."""
+    """``opd serve MODEL`` on a free port: the student for the runs that sample through a server, the teacher
+    for the one that scores through a server."""
 
-    def __init__(self, env: dict, log: Path) -> None:
+    def __init__(self, env: dict, log: Path, model: str = "embedded:student") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "opd", "serve", "embedded:student", "--port",
+        self.process = subprocess.Popen([sys.executable, "-m", "opd", "serve", model, "--port",
                                          str(self.port)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         for _ in range(600):
             try:
@@ -96,10 +105,25 @@ class Server:
         self.process.wait(30)
 
 
+def privileged_prompts(work: Path) -> None:
+    """Sums whose teacher prompt holds the answer (privileged context for ``teacher=self``), training and
+    held-out, disjoint."""
+    for name, numbers in (("privileged", range(0, 64)), ("privileged_eval", range(64, 96))):
+        rows = [{"prompt": f"Compute {n % 10}+{n // 10 % 10}", "answer": str(n % 10 + n // 10 % 10),
+                 "teacher_prompt": f"Compute {n % 10}+{n // 10 % 10}. The answer is {n % 10 + n // 10 % 10}."}
+                for n in numbers]
+        (work / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def run_one(name: str, work: Path, env: dict) -> dict:
     run_dir, log = work / name, work / f"{name}.log"
-    server = Server(env, work / f"{name}.serve.log") if name.startswith("server-") else None
-    args = [a.format(server=server.url) if server else a for a in RUNS[name]]
+    joined = " ".join(RUNS[name])
+    servers = {key: Server(env, work / f"{name}.{key}.log", model)
+               for key, model in (("server", "embedded:student"), ("teacher_server", "embedded:teacher"))
+               if "{" + key + "}" in joined}
+    if "{work}" in joined:
+        privileged_prompts(work)
+    args = [a.format(work=work, **{key: s.url for key, s in servers.items()}) for a in RUNS[name]]
     try:
         if name == "resumed":  # the same run in two processes: steps 1-3, then resumed to 6
             first = [a if not a.startswith("steps=") else "steps=3" for a in args]
@@ -108,7 +132,7 @@ def run_one(name: str, work: Path, env: dict) -> dict:
         else:
             opd(["train", *args, "--out", str(run_dir), "--quiet"], env, log)
     finally:
-        if server:
+        for server in servers.values():
             server.close()
     metrics = [numbers(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = numbers(json.loads((run_dir / "summary.json").read_text()))
