@@ -13,6 +13,9 @@ kl=sampled, kl=topk, jsd with GKD's mix and seq_kd, two teachers, a rollout serv
 weights and LoRA), the other-tokenizer teacher, sft, rl, opd+rl, midtraining, a resumed run, two
 ranks under torchrun, a tool conversation (in process and through a rollout server), ``teacher=self`` with
 privileged context (``teacher_prompt``), and a teacher behind a server (``opd serve embedded:teacher``).
+
+``bench/results/reference_runs/`` holds the numbers recorded on main before #40's restructuring (x86_64, torch
+2.13.0 CPU, one thread per process): ``compare bench/results/reference_runs AFTER``.
 """
 
 from __future__ import annotations
@@ -87,11 +90,11 @@ class Server:
     """``opd serve MODEL`` on a free port: the student for the runs that sample through a server, the teacher
     for the one that scores through a server."""
 
-    def __init__(self, env: dict, log: Path, model: str = "embedded:student") -> None:
+    def __init__(self, env: dict, log: Path, model: str = "embedded:student", extra: tuple = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "opd", "serve", model, "--port",
-                                         str(self.port)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen([sys.executable, "-m", "opd", "serve", model, "--port", str(self.port),
+                                         *extra], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         for _ in range(600):
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
@@ -118,8 +121,11 @@ def privileged_prompts(work: Path) -> None:
 def run_one(name: str, work: Path, env: dict) -> dict:
     run_dir, log = work / name, work / f"{name}.log"
     joined = " ".join(RUNS[name])
-    servers = {key: Server(env, work / f"{name}.{key}.log", model)
-               for key, model in (("server", "embedded:student"), ("teacher_server", "embedded:teacher"))
+    # the teacher's server scores each request alone (--max-batch-tokens 1): requests batched as they happen to
+    # arrive would pad differently from run to run, and its log-probs with them (at 1e-7)
+    servers = {key: Server(env, work / f"{name}.{key}.log", model, extra)
+               for key, model, extra in (("server", "embedded:student", ()),
+                                         ("teacher_server", "embedded:teacher", ("--max-batch-tokens", "1")))
                if "{" + key + "}" in joined}
     if "{work}" in joined:
         privileged_prompts(work)
