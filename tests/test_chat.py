@@ -6,7 +6,8 @@ import pytest
 
 from opd.chat import Conversation, chat
 from opd.cli import main
-from opd.models import OpdError, chat_prompt_ids
+from opd.errors import OpdError
+from opd.models import chat_prompt_ids
 
 
 def drive(model, tokenizer, lines, **kwargs):

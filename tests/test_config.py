@@ -1,7 +1,7 @@
 import pytest
 
 from opd.config import TrainConfig, load_config
-from opd.models import OpdError
+from opd.errors import OpdError
 
 
 def test_defaults_then_toml_then_overrides(tmp_path):

@@ -11,7 +11,8 @@ from test_cross_teacher import sequence_logprobs
 
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
-from opd.models import OpdError, chat_prompt_ids, chat_prompt_text, load_model, save_model, with_template_kwargs
+from opd.errors import OpdError
+from opd.models import chat_prompt_ids, chat_prompt_text, load_model, save_model, with_template_kwargs
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask, Example
 from opd.tasks.jsonl import load_examples

@@ -8,8 +8,9 @@ import torch
 
 from conftest import LiveServer, read_jsonl, tiny_train_overrides
 from opd.config import load_config
+from opd.errors import OpdError
 from opd.losses import reverse_kl_advantages
-from opd.models import OpdError, chat_prompt_ids, load_model, load_tokenizer, save_model
+from opd.models import chat_prompt_ids, load_model, load_tokenizer, save_model
 from opd.rollouts import pack_pairs
 from opd.samplers.local import sample
 from opd.scoring import head_logprobs

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.tasks import ArithmeticTask
 from opd.tasks.choose import make_task
 from opd.tasks.jsonl import JsonlTask, load_documents, load_sft_pairs, parse_record

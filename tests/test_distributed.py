@@ -171,7 +171,7 @@ def test_training_with_offload_equals_training_without(model_dirs, tmp_path):
 
 def test_offload_names_what_it_needs():
     from opd.config import TrainConfig
-    from opd.models import OpdError
+    from opd.errors import OpdError
 
     for fields, needs in [({"offload": "optimizer"}, "parallel=fsdp"),
                           ({"offload": "teacher", "parallel": "fsdp"}, "teacher_parallel=fsdp"),

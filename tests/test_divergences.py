@@ -121,7 +121,7 @@ def test_jsd_at_beta_one_trains_exactly_like_todays_exact_reverse_kl(model_dirs,
 
 def test_divergences_other_than_the_reverse_kl_need_the_whole_distribution():
     from opd.config import load_config
-    from opd.models import OpdError
+    from opd.errors import OpdError
 
     with pytest.raises(OpdError, match="divergence=forward_kl compares the two distributions .* needs kl=full"):
         load_config(None, ["divergence=forward_kl", "kl=sampled"])

@@ -12,7 +12,7 @@ import pytest
 from opd.cli import config_help
 from opd.config import TrainConfig, apply_values
 from opd.domains import check
-from opd.models import OpdError
+from opd.errors import OpdError
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # reference/: generated from the code

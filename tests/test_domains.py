@@ -16,7 +16,7 @@ from conftest import tiny_train_overrides
 from opd.cli import main
 from opd.config import TrainConfig, load_config
 from opd.domains import COUNT, SHARE, Choice, Number, argtype
-from opd.models import OpdError
+from opd.errors import OpdError
 
 NUMERIC = [f for f in fields(TrainConfig) if f.type in ("int", "float")]
 BAD = ("nan", "inf", "-inf", "-1")

@@ -12,7 +12,8 @@ from test_cross_teacher import sequence_logprobs
 from conftest import LiveServer, read_jsonl, tiny_train_overrides
 from opd.config import load_config
 from opd.environments import ToolEnvironment, parse_tool_calls
-from opd.models import OpdError, load_model, load_tokenizer, resolve_model_path, save_model
+from opd.errors import OpdError
+from opd.models import load_model, load_tokenizer, resolve_model_path, save_model
 from opd.samplers.turns import environment_ids, render
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import tiny_train_overrides
 from opd.config import load_config
+from opd.errors import OpdError
 from opd.experiments import evals, on_metric, run_config, run_once
 from opd.experiments.dense_sparse import DenseSparsePlan, gain_levels, level_rows, run_dense_vs_sparse
 from opd.experiments.reasoning import (
@@ -17,7 +18,6 @@ from opd.experiments.reasoning import (
     run_reasoning,
 )
 from opd.experiments.variants import DataReusePlan, LoraPlan, reuse_reading, run_data_reuse, run_lora
-from opd.models import OpdError
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask
 from opd.tasks.arithmetic import is_eval_expression

@@ -8,8 +8,8 @@ import torch
 
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
+from opd.errors import OpdError
 from opd.flops import ModelShape, mixed_step_flops, step_flops
-from opd.models import OpdError
 from opd.rollouts import concat_rollouts, pack_pairs
 from opd.scoring import token_logprobs
 from opd.setup import open_session

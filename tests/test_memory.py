@@ -155,7 +155,8 @@ def test_the_plan_holds_the_budget_keeps_prompts_together_and_splits_evenly():
 
 
 def test_a_prompt_of_exactly_the_budget_is_kept_whole_and_one_token_more_is_refused(tokenizer):
-    from opd.models import OpdError, chat_prompt_ids
+    from opd.errors import OpdError
+    from opd.models import chat_prompt_ids
     from opd.samplers.sources import Prompter
 
     messages = [{"role": "user", "content": "Compute 1+2"}]

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.tasks import ArithmeticTask
 from opd.trainer import train
 

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import exact_signal, read_jsonl, tiny_train_overrides, use_sgd
 from opd.config import load_config
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.setup import open_session
 from opd.tasks.jsonl import epoch_order
 from opd.trainer import train, update

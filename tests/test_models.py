@@ -11,7 +11,8 @@ import torch
 
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
-from opd.models import OpdError, chat_prompt_ids, load_tokenizer, pick_dtype, save_model
+from opd.errors import OpdError
+from opd.models import chat_prompt_ids, load_tokenizer, pick_dtype, save_model
 from opd.trainer import train
 from opd.zoo import make_model
 

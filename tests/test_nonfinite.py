@@ -17,7 +17,7 @@ import opd.trainer
 from conftest import tiny_train_overrides
 from opd.config import load_config
 from opd.distributed import PolicyLoss
-from opd.models import NonFiniteError
+from opd.errors import NonFiniteError
 from opd.samplers.local import draw
 from opd.trainer import train
 

@@ -9,8 +9,8 @@ import torch
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from conftest import LiveServer, rollouts_of, with_bos
+from opd.errors import OpdError
 from opd.http import PROBE_TEXT
-from opd.models import OpdError
 from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher
 from opd.zoo import build_tokenizer

@@ -14,7 +14,7 @@ import opd
 from conftest import save_peaked, tiny_train_overrides
 from opd.cli import main
 from opd.config import load_config
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.runs import saved_config
 from opd.trainer import train
 

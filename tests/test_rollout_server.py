@@ -10,8 +10,8 @@ import torch
 
 from conftest import LiveServer, read_jsonl, tiny_train_overrides
 from opd.config import load_config
+from opd.errors import OpdError
 from opd.losses import importance_sampling_loss, sampling_logprobs, truncated_importance_weights
-from opd.models import OpdError
 from opd.samplers.remote import RemoteSampler, choice_tokens
 from opd.scoring import token_logprobs
 from opd.server.served import ApiError, ServedModel

@@ -11,7 +11,8 @@ import torch
 
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
-from opd.models import OpdError, load_model
+from opd.errors import OpdError
+from opd.models import load_model
 from opd.setup import open_session
 from opd.teachers.local import LocalTeacher
 from opd.teachers.routed import parse_teachers

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from opd.config import load_config
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.schedule import lr_factor
 
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import LiveServer, read_jsonl, rollouts_of, tiny_train_overrides
 from opd.config import load_config
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.server import free_port
 from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher

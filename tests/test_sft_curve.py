@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from opd.errors import OpdError
 from opd.experiments.sft_curve import LogLinearFit, extrapolate, fit_summary, log_linear_fit, sft_steps
-from opd.models import OpdError
 
 SIZES = [4096, 8192, 16384, 32768]
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.tasks import ArithmeticTask, arithmetic
 from opd.tasks.jsonl import JsonlTask, load_examples
 
@@ -89,7 +89,7 @@ def test_missing_and_empty_files(tmp_path):
 
 def test_arithmetic_k_sets_the_number_of_operators():
     from opd.config import TrainConfig
-    from opd.models import OpdError
+    from opd.errors import OpdError
     from opd.tasks.choose import make_task
 
     task = make_task(TrainConfig(task="arithmetic:5"))

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from opd.environments import Dialogue, ToolEnvironment, parse_compact_calls
+from opd.errors import OpdError
 from opd.evaluation import evaluate
-from opd.models import OpdError, load_model, load_tokenizer, resolve_model_path
+from opd.models import load_model, load_tokenizer, resolve_model_path
 from opd.tasks.tools import ToolTask, calc, held_out
 from opd.zoo_tools import transcript_ids
 

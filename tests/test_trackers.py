@@ -16,7 +16,7 @@ from test_trainer import interrupt_at
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import chosen_trackers as chosen
 from opd.config import load_config
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.trackers import series
 from opd.trainer import train
 

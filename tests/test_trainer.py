@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
-from opd.models import OpdError, chat_prompt_ids, save_model
+from opd.errors import OpdError
+from opd.models import chat_prompt_ids, save_model
 from opd.setup import open_session
 from opd.trainer import train
 from opd.zoo import make_model

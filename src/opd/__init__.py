@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "train": "opd.api", "evaluate": "opd.api", "TrainConfig": "opd.config", "Task": "opd.tasks",
-    "Example": "opd.tasks", "ArithmeticTask": "opd.tasks", "JsonlTask": "opd.tasks.jsonl", "OpdError": "opd.models",
+    "Example": "opd.tasks", "ArithmeticTask": "opd.tasks", "JsonlTask": "opd.tasks.jsonl", "OpdError": "opd.errors",
     "EvalResult": "opd.evaluation",
 }
 __all__ = sorted(_PUBLIC)

@@ -30,7 +30,7 @@ def _config(config: TrainConfig | str | Path | None, fields: dict) -> TrainConfi
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        from opd.models import OpdError
+        from opd.errors import OpdError
 
         raise OpdError(f"unknown config field(s) {', '.join(unknown)}; `opd train --help` lists them all")
     return dataclasses.replace(base, **fields)
@@ -84,8 +84,9 @@ def evaluate(model: str | Path, task: Task | str = "arithmetic", *, examples: in
     ``data``: the dataset fields of ``TrainConfig`` (``prompt_field``, ``answer_field``, ``split``, ...)."""
     from opd.config import apply_values
     from opd.domains import COUNT, POSITIVE, SEED, Number, check
+    from opd.errors import OpdError
     from opd.evaluation import evaluate as run
-    from opd.models import OpdError, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+    from opd.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
     from opd.tasks.choose import is_file_task, make_task
 
     for name, value, domain in (("samples", samples, Number(0, integer=True)), ("temperature", temperature, POSITIVE),

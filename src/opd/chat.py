@@ -15,8 +15,9 @@ from typing import TextIO
 
 import torch
 
+from opd.errors import OpdError
 from opd.evaluation import completions_text
-from opd.models import OpdError, chat_prompt_ids
+from opd.models import chat_prompt_ids
 from opd.samplers.local import sample
 
 DEFAULT_REPLY_TOKENS = 256

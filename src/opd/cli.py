@@ -11,8 +11,8 @@ from pathlib import Path
 
 from opd.config import TrainConfig, load_config
 from opd.domains import COUNT, HALF_OPEN_SHARE, POSITIVE, SEED, SHARE, Choice, Number, argtype, check
+from opd.errors import OpdError
 from opd.experiments.cli import add_experiment_parser
-from opd.models import OpdError
 
 
 def config_help() -> str:
@@ -82,7 +82,7 @@ def cmd_midtrain(args: argparse.Namespace) -> int:
 
 def other_tokenizer(config: TrainConfig) -> bool:
     """Whether the teacher's tokenizer differs from the student's (a served teacher's: ``teacher_tokenizer=``)."""
-    if config.teacher.startswith(("http://", "https://")) and not config.teacher_tokenizer:
+    if config.remote_teacher and not config.teacher_tokenizer:
         return False
     from opd.models import load_tokenizer, resolve_model_path
     from opd.teachers.view import tokenizer_differences
@@ -101,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if config.kl == "auto":  # resolved here, as the run would, to pick the estimator's learning rate
         from opd.objective import resolve_kl
 
-        config.kl = resolve_kl(config.kl, remote=config.teacher.startswith(("http://", "https://")),
+        config.kl = resolve_kl(config.kl, remote=config.remote_teacher,
                                several=bool(config.teachers), aligned=other_tokenizer(config))
         if config.kl == "sampled" and not any(item.startswith("lr=") for item in overrides):
             config.lr = 3e-4  # the sampled estimator's rate (README: the cross-tokenizer demo, both rates)

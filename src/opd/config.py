@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from opd.domains import COUNT, HALF_OPEN_SHARE, NON_NEGATIVE, POSITIVE, SEED, SHARE, Choice, Number, check
-from opd.models import OpdError
+from opd.errors import OpdError
 
 DISTILLING = ("opd", "opd+rl")  # methods where a teacher grades the student's tokens
 REWARDED = ("rl", "opd+rl")  # methods where the task's reward enters the advantage
@@ -245,7 +245,7 @@ class TrainConfig:
                            f"position, which needs method=opd with kl=full or kl=topk (method={self.method}, "
                            f"kl={self.kl})")
         if self.teacher_parallel == "fsdp" and (self.method in ("sft", "midtrain")
-                                                or self.teacher.startswith(("http://", "https://"))):
+                                                or self.remote_teacher):
             raise OpdError("teacher_parallel=fsdp shards an in-process teacher that scores (method opd, rl, opd+rl); "
                            f"method={self.method} with teacher={self.teacher} has none to shard")
         self.offloaded()
@@ -291,6 +291,11 @@ class TrainConfig:
         if self.lmbda < 1 or self.sampler == "vllm" or self.async_rollouts:
             raise OpdError("environment=/tools= runs with the in-process sampler or a rollout server "
                            "(sampler=local or http://), lmbda=1 and async_rollouts=0")
+
+    @property
+    def remote_teacher(self) -> bool:
+        """The teacher is behind a server (``teacher=http(s)://HOST:PORT``): it scores; it is not loaded here."""
+        return self.teacher.startswith(("http://", "https://"))
 
     @property
     def remote_sampler(self) -> bool:

@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from opd.models import OpdError
+from opd.errors import OpdError
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.tasks import Example
 
 ROLES = ("user", "tool", "system")

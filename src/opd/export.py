@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from opd.models import OpdError, load_model, load_tokenizer, pick_dtype, quiet_peft, save_atomically
+from opd.errors import OpdError
+from opd.models import load_model, load_tokenizer, pick_dtype, quiet_peft, save_atomically
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PROBE_SEQUENCES, PROBE_TOKENS = 4, 64

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from opd.models import OpdError
+from opd.errors import OpdError
 
 
 class JsonClient:

@@ -10,24 +10,12 @@ import os
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-
-class OpdError(Exception):
-    """A user-facing error: the message says what is wrong and what to do."""
-
-
-class NonFiniteError(OpdError):
-    """A quantity of a step that is not a finite number (a NaN, an infinity): ``quantity`` names it (``"loss"``,
-    ``"gradient norm"``, ``"sampling distribution"``, ``"weights"``), the message says where it came from."""
-
-    def __init__(self, quantity: str, message: str):
-        super().__init__(message)
-        self.quantity = quantity
+from opd.errors import OpdError
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -174,12 +162,6 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
 
         return copy.deepcopy(model).merge_and_unload()
     return model
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    step: int
 
 
 def save_atomically(directory: Path, write: callable) -> None:

@@ -60,8 +60,8 @@ from pathlib import Path
 import torch
 
 from opd.config import TrainConfig
+from opd.errors import OpdError
 from opd.flops import ModelShape, step_flops
-from opd.models import OpdError
 from opd.objective import resolve_kl
 from opd.scoring import LOGITS_BUDGET
 
@@ -177,7 +177,7 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
         sample_rows = min(rows, max(1, config.sample_batch // config.samples_per_prompt) * config.samples_per_prompt)
     chunk_rows = min(micro_rows * completion, max(1, LOGITS_BUDGET // student.vocab))
     # kl=auto as a run resolves it; opd plan's gather resolved it already where it read both tokenizers
-    kl = resolve_kl(config.kl, remote=config.teacher.startswith(("http://", "https://")),
+    kl = resolve_kl(config.kl, remote=config.remote_teacher,
                     several=bool(config.teachers), aligned=False)
     logit_copies = 5 if kl == "full" and config.distils else 3
     logits = chunk_rows * student.vocab * 4 * logit_copies  # one chunk of the loss's logits, float32

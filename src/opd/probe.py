@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from opd.config import TrainConfig
-from opd.models import OpdError, chat_prompt_ids, load_tokenizer, resolve_model_path
+from opd.errors import OpdError
+from opd.models import chat_prompt_ids, load_tokenizer, resolve_model_path
 from opd.objective import resolve_kl
 from opd.plan import ModelFacts, Plan, check_vocab, make_plan
 from opd.tasks.choose import make_task
@@ -67,7 +68,7 @@ def gather(config: TrainConfig, processes: list[int], prompt_tokens: int) -> tup
     config.validate()
     checks: list[tuple[str, str]] = []
     student, student_path = model_facts(config.student, "student", config)
-    remote = config.teacher.startswith(("http://", "https://"))
+    remote = config.remote_teacher
     midtrain = config.method == "midtrain"
     teacher, teacher_path = (None, None) if remote or midtrain else model_facts(config.teacher_spec, "teacher", config)
     runnable = has_weights(student_path) and (teacher_path is None or has_weights(teacher_path))

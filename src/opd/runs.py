@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from opd.config import TrainConfig
-from opd.models import OpdError, plain_model, save_atomically
+from opd.errors import OpdError
+from opd.models import plain_model, save_atomically
 
 # fields that may differ between a run and its resumption without changing its results
 RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device", "parallel", "offload", "dist_timeout",

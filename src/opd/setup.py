@@ -15,9 +15,9 @@ import torch
 from opd import distributed, runs
 from opd.config import TrainConfig
 from opd.environments import Dialogue, load_environment
+from opd.errors import OpdError
 from opd.flops import ModelShape
 from opd.models import (
-    OpdError,
     add_lora,
     chat_prompt_ids,
     checkpoint_layers,
@@ -151,7 +151,7 @@ def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None
             raise OpdError("parallel=fsdp with LoRA: the adapters and their optimizer state are small, so there is "
                            "nothing worth sharding; use parallel=ddp")
     midtrain = config.method == "midtrain"  # no teacher: next-token cross-entropy on documents
-    remote = not midtrain and config.teacher.startswith(("http://", "https://"))
+    remote = not midtrain and config.remote_teacher
     if remote and config.method == "sft":
         raise OpdError("method=sft has the teacher write the completions, which a scoring server cannot: "
                        "load the teacher in-process")
@@ -208,7 +208,7 @@ def check_memory(config: TrainConfig, inputs: Inputs) -> None:
 
 def resolution(config: TrainConfig, inputs: Inputs) -> tuple[dict, dict]:
     """What this run resolved each of ``runs.RESOLVED`` to (config.json's "resolved"), and why, in words."""
-    remote = config.teacher.startswith(("http://", "https://"))
+    remote = config.remote_teacher
     kl_why = ("the teacher reads another tokenizer" if inputs.path_kind == "aligned" else
               "the teacher is behind a server" if remote else "several teachers" if config.teachers else
               "one teacher in process" if inputs.path_kind else "no teacher")

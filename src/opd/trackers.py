@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from opd.config import chosen_trackers
-from opd.models import OpdError
+from opd.errors import OpdError
 
 MLFLOW_PARAM_CHARS = 6000  # mlflow refuses a longer parameter value
 STATE_FILE = "trackers.json"

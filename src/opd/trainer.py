@@ -16,6 +16,7 @@ import torch
 
 from opd import distributed, runs
 from opd.config import TrainConfig
+from opd.errors import NonFiniteError
 from opd.evaluation import EvalResult, evaluate
 from opd.micro_batches import (
     completion_positions,
@@ -26,7 +27,6 @@ from opd.micro_batches import (
     split_to,
     trimmed,
 )
-from opd.models import NonFiniteError
 from opd.objective import TeacherSignal
 from opd.progress import progress as bar_over
 from opd.rollouts import Rollouts

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from opd import runs
 from opd.config import TrainConfig, load_config
-from opd.models import OpdError, load_model, load_tokenizer, pick_device, pick_dtype
+from opd.errors import OpdError
+from opd.models import load_model, load_tokenizer, pick_device, pick_dtype
 
 
 def run_config(overrides: list[str], out: Path, **values) -> TrainConfig:

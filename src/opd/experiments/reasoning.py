@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd import runs
+from opd.errors import OpdError
 from opd.experiments import check_metric, evals, final_accuracy, on_metric, run_config, run_once, total_flops
 from opd.experiments.reasoning_report import METHODS, write_reasoning_report
-from opd.models import OpdError
 
 # 1e-3 (sft, opd) and 3e-4 (rl) were the worst of every measured sweep on the embedded default
 DEFAULT_LRS = {"sft": (3e-4, 6e-4), "rl": (3e-5, 1e-4), "opd": (3e-4, 6e-4)}

@@ -19,7 +19,7 @@ import torch
 
 from opd import runs
 from opd.config import TrainConfig
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.progress import progress as bar_over
 
 
@@ -98,7 +98,7 @@ def teacher_dataset(config: TrainConfig, sizes: list[int], directory: Path, prog
         meta = json.loads(meta_path.read_text())
         if meta["sizes"] == sorted(sizes) and meta["teacher"] == config.teacher:
             return meta
-    if config.teacher.startswith(("http://", "https://")):
+    if config.remote_teacher:
         raise OpdError("the fixed-dataset SFT curve samples the teacher, and a teacher behind a server only "
                        "scores: give an in-process teacher, or --sft-sizes none")
     directory.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd import runs
+from opd.errors import OpdError
 from opd.experiments import evals, run_config, run_once, total_flops
-from opd.models import OpdError
 from opd.report import plt, save_figure
 
 TOOLS = {"task": "tools", "tools": "opd.tasks.tools:calc", "tool_format": "compact", "teacher": "embedded:tool-teacher",

@@ -18,7 +18,8 @@ import os
 
 import torch
 
-from opd.models import OpdError, plain_model
+from opd.errors import OpdError
+from opd.models import plain_model
 from opd.rollouts import Rollouts, pack_pairs
 from opd.samplers.remote import request_seed
 

@@ -17,8 +17,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from opd.errors import NonFiniteError
 from opd.losses import sampling_logprobs
-from opd.models import NonFiniteError, cache_kwargs
+from opd.models import cache_kwargs
 from opd.rollouts import Rollouts, concat_rollouts
 
 

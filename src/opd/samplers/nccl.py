@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from opd.models import OpdError, plain_model
+from opd.errors import OpdError
+from opd.models import plain_model
 from opd.samplers.remote import RemoteSampler
 
 

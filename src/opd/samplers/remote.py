@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from opd.errors import OpdError
 from opd.http import JsonClient, check_served
-from opd.models import OpdError
 from opd.rollouts import Rollouts, pack_pairs
 
 

@@ -16,8 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from opd import distributed
+from opd.errors import OpdError
 from opd.losses import truncated_importance_weights
-from opd.models import OpdError
 from opd.rollouts import Rollouts
 from opd.scoring import token_logprobs
 

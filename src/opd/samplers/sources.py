@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from opd import distributed
+from opd.errors import OpdError
 from opd.evaluation import completions_text
-from opd.models import OpdError, chat_prompt_ids
+from opd.models import chat_prompt_ids
 from opd.rollouts import Rollouts, concat_rollouts, pack_pairs
 from opd.samplers.local import sample_in_batches
 from opd.samplers.service import RolloutService, reweight

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from opd.environments import Conversation, Environment, final_reward, respond
-from opd.models import OpdError, template_kwargs
+from opd.errors import OpdError
+from opd.models import template_kwargs
 from opd.rollouts import Rollouts, pack_pairs
 from opd.tasks import Example
 

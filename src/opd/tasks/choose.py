@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from opd.config import TrainConfig
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.tasks import ArithmeticTask, Task
 from opd.tasks.sources import DataOptions, is_dataset_spec
 

@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.tasks import Example, Task
 
 IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 
-from opd.models import OpdError
+from opd.errors import OpdError
 
 WORD_RE = re.compile(r"[A-Za-z0-9']+")
 RELATIONS = ("exactly", "at_least", "at_most")

@@ -16,7 +16,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from opd.models import OpdError
+from opd.errors import OpdError
 from opd.tasks import Example
 from opd.tasks.ifeval import follows, parse_constraints
 from opd.tasks.sources import DataOptions, StreamRows, is_dataset_spec, open_rows

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from opd.models import OpdError
+from opd.errors import OpdError
 
 
 @functools.cache

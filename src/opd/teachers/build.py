@@ -10,7 +10,8 @@ import torch
 
 from opd import distributed
 from opd.config import TrainConfig
-from opd.models import OpdError, load_model, load_tokenizer, resolve_model_path, with_template_kwargs
+from opd.errors import OpdError
+from opd.models import load_model, load_tokenizer, resolve_model_path, with_template_kwargs
 from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.routed import DEFAULT, RoutedTeacherView, parse_teachers
@@ -51,7 +52,7 @@ def build_teacher(config: TrainConfig, tokenizer, teacher_tokenizer, teacher_pat
                   opened: list) -> TeacherView:
     """``teacher=``: connected (a server: its name, context and tokenizer checked) or loaded in process; a
     connection goes into ``opened`` before it is checked, so that a refusal closes it."""
-    if config.teacher.startswith(("http://", "https://")):
+    if config.remote_teacher:
         teacher = RemoteTeacher(config.teacher, config.teacher_model or None,
                                 api_key=os.environ.get("OPD_TEACHER_API_KEY"))
         opened.append(teacher)

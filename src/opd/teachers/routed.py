@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from opd.errors import OpdError
 from opd.flops import step_flops
-from opd.models import OpdError
 from opd.rollouts import Rollouts
 from opd.teachers.view import Scored, TeacherView
 
