@@ -9,9 +9,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from opd.cli import apply_domains, parser
+from opd.cli import parser
 from opd.config import TrainConfig
-from opd.domains import Choice
+from opd.domains import Choice, apply_domains
 
 ROOT = Path(__file__).resolve().parent.parent
 

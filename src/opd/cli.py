@@ -9,25 +9,10 @@ import time
 import traceback
 from pathlib import Path
 
-from opd.config import TrainConfig, load_config
-from opd.domains import COUNT, HALF_OPEN_SHARE, POSITIVE, SEED, SHARE, Choice, Number, argtype, check
+from opd.config import TrainConfig, config_help, load_config
+from opd.domains import Number, apply_domains, check
 from opd.errors import OpdError
 from opd.experiments.cli import add_experiment_parser
-
-
-def config_help() -> str:
-    """The config fields, grouped, with their defaults, help and allowed values: each field's own declaration."""
-    import dataclasses
-
-    lines, group = ["config fields (key=value):"], None
-    for f in dataclasses.fields(TrainConfig):
-        if f.metadata["group"] != group:
-            group = f.metadata["group"]
-            lines.append(f" {group}:")
-        domain = f.metadata.get("domain")
-        allowed = f" [{domain.describe()}]" if domain is not None and not isinstance(domain, Choice) else ""
-        lines.append(f"  {f.name}={json.dumps(f.default)}  {f.metadata['help']}{allowed}")
-    return "\n".join(lines)
 
 
 def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
@@ -452,30 +437,6 @@ def parser() -> argparse.ArgumentParser:
     tools.add_argument("--out", help="zoo directory (default: the package's embedded/)")
     tools.set_defaults(func=cmd_zoo_tools)
     return root
-
-
-# the values each numeric option may take (opd.domains), by the option's name; "COMMAND.name" for one command's
-# option where it differs. Any other integer option is a count (>= 1), any other number positive and finite.
-OPTION_DOMAINS = {
-    "seed": SEED, "temperature": Number(0, note="0: greedy"), "eval.temperature": POSITIVE,
-    "top_p": Number(0, 1, low_open=True), "eval.samples": Number(0, integer=True, note="0: greedy only"),
-    "port": Number(0, 65535, integer=True), "chat_fraction": HALF_OPEN_SHARE, "target": SHARE,
-    "warmup_steps": Number(0, integer=True), "opd_warmup": Number(0, integer=True),
-}
-
-
-def apply_domains(root: argparse.ArgumentParser) -> None:
-    """Every ``type=int`` / ``type=float`` option of ``root`` and its subcommands checked against its domain
-    (``OPTION_DOMAINS``): ``--temperature nan`` or ``-n -2`` end in argparse's one-line error, exit 2."""
-    for action in root._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                apply_domains(sub)
-        elif action.type in (int, float):
-            command = root.prog.split()[-1]
-            domain = OPTION_DOMAINS.get(f"{command}.{action.dest}") or OPTION_DOMAINS.get(action.dest) or (
-                COUNT if action.type is int else POSITIVE)
-            action.type = argtype(domain, action.type)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -389,3 +389,17 @@ def load_config(toml_path: str | None = None, overrides: list[str] | None = None
     apply_values(config, parsed, "command line")
     config.validate()
     return config
+
+
+def config_help() -> str:
+    """The config fields, grouped, with their defaults, help and allowed values (``opd train --help``): each
+    field's own declaration."""
+    lines, group = ["config fields (key=value):"], None
+    for f in fields(TrainConfig):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines.append(f" {group}:")
+        domain = f.metadata.get("domain")
+        allowed = f" [{domain.describe()}]" if domain is not None and not isinstance(domain, Choice) else ""
+        lines.append(f"  {f.name}={json.dumps(f.default)}  {f.metadata['help']}{allowed}")
+    return "\n".join(lines)

@@ -102,3 +102,27 @@ def argtype(domain, kind: type = float):
 
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" message
     return parse
+
+
+# the values each numeric option of the CLI may take, by the option's name; "COMMAND.name" for one command's
+# option where it differs. Any other integer option is a count (>= 1), any other number positive and finite.
+OPTION_DOMAINS = {
+    "seed": SEED, "temperature": Number(0, note="0: greedy"), "eval.temperature": POSITIVE,
+    "top_p": Number(0, 1, low_open=True), "eval.samples": Number(0, integer=True, note="0: greedy only"),
+    "port": Number(0, 65535, integer=True), "chat_fraction": HALF_OPEN_SHARE, "target": SHARE,
+    "warmup_steps": Number(0, integer=True), "opd_warmup": Number(0, integer=True),
+}
+
+
+def apply_domains(root: argparse.ArgumentParser) -> None:
+    """Every ``type=int`` / ``type=float`` option of ``root`` and its subcommands checked against its domain
+    (``OPTION_DOMAINS``): ``--temperature nan`` or ``-n -2`` end in argparse's one-line error, exit 2."""
+    for action in root._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                apply_domains(sub)
+        elif action.type in (int, float):
+            command = root.prog.split()[-1]
+            domain = OPTION_DOMAINS.get(f"{command}.{action.dest}") or OPTION_DOMAINS.get(action.dest) or (
+                COUNT if action.type is int else POSITIVE)
+            action.type = argtype(domain, action.type)
