@@ -41,7 +41,8 @@ MUTATE := 'opd.losses.*' 'opd.samplers.local.*' 'opd.scoring.*' 'opd.rollouts.*'
 	'opd.experiments.sft_curve.x_log_linear_fit*' 'opd.experiments.sft_curve.x_extrapolate*' \
 	'opd.experiments.sft_curve.x_fit_summary*' 'opd.experiments.sft_curve.x_power10*' \
 	'opd.teachers.alignment.*' 'opd.teachers.view.*' 'opd.tasks.custom.*' 'opd.tasks.math.*' 'opd.api.*' \
-	'opd.tasks.sources.*' 'opd.tasks.jsonl.*' 'opd.trackers.*' 'opd.export.*' 'opd.plan.*'
+	'opd.tasks.sources.*' 'opd.tasks.jsonl.*' 'opd.trackers.*' 'opd.export.*' 'opd.plan.*' \
+	'opd.domains.*' 'opd.runs.*' 'opd.micro_batches.*'
 
 mutate: $(STAMP)
 	$(BIN)/pip install -q -e '.[mutate]'
