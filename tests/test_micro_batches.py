@@ -40,6 +40,12 @@ def conversations(seed: int = 0):
 def test_row_lengths_count_every_position_a_row_occupies():
     rollouts = conversations()
     prompt, completion = row_lengths(rollouts)
+    width = int((rollouts.completion_mask > 0).any(0).nonzero()[0])
+    assert prompt == (rollouts.attention_mask[:, :width] > 0).sum(-1).tolist()  # the prompts as packed
+    assert all(0 < p <= width for p in prompt) and max(prompt) == width
+    empty = pack_pairs([[1, 1, 1], [1]], [[2, 2], [2]], pad_id=0)
+    empty.completion_mask.zero_()  # no sampled token at all: every position is the prompt's
+    assert row_lengths(empty) == ([5, 2], [0, 0])
     assert [p + c for p, c in zip(prompt, completion, strict=True)] == rollouts.attention_mask.sum(-1).tolist()
     assert all(c > s for c, s in zip(completion, rollouts.completion_mask.sum(-1).tolist(), strict=True)
                if s < c) and sum(completion) > rollouts.completion_mask.sum()
