@@ -77,7 +77,6 @@ class Session:
     start_step: int = 0
     records: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
-    warned_collapse: bool = False  # the collapse warning (gradient norm 0 for steps on end) is given once
 
     @property
     def vocab_size(self) -> int:

@@ -84,7 +84,8 @@ def update(session: Session, rollouts: Rollouts, signal: TeacherSignal | None, s
                        "the run stopped before applying it")
     session.optimizer.step()
     session.scheduler.step()
-    weights_ok = all(bool(torch.isfinite(distributed.local_value(p)).all()) for p in session.trainable)
+    weights_ok = bool(torch.stack([torch.isfinite(distributed.local_value(p)).all() for p in session.trainable])
+                      .all())  # one device sync per step, not one per parameter
     if not all(distributed.all_gather(weights_ok, session.dist)):  # overflow in the update itself: never saved
         raise diverged(session, step, "weights", "the update made them NaN or inf", "the run stopped before saving")
     distributed.refresh_full_copy(session.student, session.full_model, session.config.parallel, session.dist)
@@ -235,13 +236,13 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
                   for key in ("student_flops", "teacher_flops")}
         bar = bar_over(range(session.start_step, config.steps), desc=desc, disable=not (progress and main),
                        initial=session.start_step, total=config.steps, unit="step")
-        flat = 0  # steps in a row whose gradient norm was exactly 0
+        flat, warned = 0, False  # steps in a row whose gradient norm was exactly 0; the warning given once
         for step in bar:
             tick = time.perf_counter()
             record = training_step(session, step)
             flat = flat + 1 if record["grad_norm"] == 0 else 0
-            if flat == COLLAPSE_STEPS and main and not session.warned_collapse:
-                session.warned_collapse = True
+            if flat == COLLAPSE_STEPS and main and not warned:
+                warned = True
                 print(f"opd: warning: the gradient norm has been exactly 0 for {COLLAPSE_STEPS} steps in a row (to "
                       f"step {record['step']}): the policy has likely collapsed onto tokens it no longer moves from "
                       f"(a rate too high for it: lr={config.lr:g}); check teacher_kl and accuracy, and lower lr",
