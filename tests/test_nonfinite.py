@@ -141,6 +141,8 @@ def test_a_tiny_temperature_samples_the_argmax_instead_of_nan(tiny_model):
     assert torch.isfinite(logprobs.exp()).all()
     assert logprobs[0].exp().tolist() == [0.0, 1.0, 0.0] and logprobs[1].exp().tolist() == pytest.approx([.5, .5, 0])
     assert torch.allclose(sampling_logprobs(logits, 0.7), torch.log_softmax(logits / 0.7, -1), atol=1e-6)
+    tiny_nucleus = sampling_logprobs(logits, 1.0, 1.9e-158)  # 0 in float32: the top token alone, not NaN
+    assert tiny_nucleus[0].exp().tolist() == [0.0, 1.0, 0.0]
 
 
 def test_a_collapsed_policy_gets_one_warning(model_dirs, tmp_path, monkeypatch, capsys):

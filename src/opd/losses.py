@@ -108,6 +108,7 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: flo
         sorted_lp, order = logprobs.sort(dim=-1, descending=True)
         mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
         drop_sorted = mass_before >= top_p  # a token whose predecessors already reach top_p is outside
+        drop_sorted[..., 0] = False  # the top token always stays (a top_p that is 0 in float32 kept none)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logprobs = torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
     return logprobs
