@@ -36,7 +36,7 @@ MUTATE := 'opd.losses.*' 'opd.samplers.local.*' 'opd.scoring.*' 'opd.rollouts.*'
 	'opd.objective.*' 'opd.samplers.sources.*' 'opd.step_record.*' 'opd.trainer.x_update*' \
 	'opd.trainer.x_training_step*' \
 	'opd.server.api.x_check_sampling*' 'opd.server.api.x_validate_prompt*' 'opd.server.api.x_sampled_choice*' \
-	'opd.server.api.x_stop_ids*' 'opd.server.served.*' 'opd.http.*' 'opd.samplers.remote.*' 'opd.samplers.sync.*' \
+	'opd.server.api.x_stop_ids*' 'opd.server.worker.*' 'opd.http.*' 'opd.samplers.remote.*' 'opd.samplers.sync.*' \
 	'opd.samplers.service.*' 'opd.divergences.*' 'opd.teachers.routed.*' 'opd.setup.x_restore*' \
 	'opd.experiments.sft_curve.x_log_linear_fit*' 'opd.experiments.sft_curve.x_extrapolate*' \
 	'opd.experiments.sft_curve.x_fit_summary*' 'opd.experiments.sft_curve.x_power10*' \

@@ -13,6 +13,7 @@ from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
 from opd.errors import OpdError
 from opd.models import chat_prompt_ids, chat_prompt_text, load_model, save_model, with_template_kwargs
+from opd.rollouts import pack_pairs
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask, Example
 from opd.tasks.jsonl import load_examples
@@ -122,8 +123,8 @@ def test_the_teacher_scores_the_completion_after_its_own_context(model_dirs, tmp
     session = open_session(load_config(None, overrides))
     assert session.teacher_view.path == "shared"  # one tokenizer, one template: the prompts alone differ
     rollouts = session.source.rollouts(0)
-    conversations, privileged = teacher_conversations(rollouts.extras)
-    assert privileged and conversations != rollouts.extras["messages"]
+    conversations, privileged = teacher_conversations(rollouts)
+    assert privileged and conversations != rollouts.messages
     scored = session.teacher_view.score(rollouts, conversations, hidden=kl == "full", privileged=privileged,
                                         topk=session.config.teacher_topk if kl == "topk" else 0)
     model, tokenizer = session.teacher_view.model, session.tokenizer
@@ -135,7 +136,7 @@ def test_the_teacher_scores_the_completion_after_its_own_context(model_dirs, tmp
             want = sequence_logprobs(model, prompt + completion, len(prompt), len(tokenizer))
         torch.testing.assert_close(scored.logprobs[row, mask[row]], want, rtol=0, atol=1e-5)
     with torch.no_grad():
-        plain = session.teacher_view.score(rollouts, rollouts.extras["messages"]).logprobs
+        plain = session.teacher_view.score(rollouts, rollouts.messages).logprobs
     assert (plain - scored.logprobs).abs().max() > 1e-3  # the context matters to the teacher
     training_step(session, 0)
     session.close()
@@ -181,8 +182,9 @@ def test_a_privileged_self_teacher_lowers_the_students_kl_on_its_prompts(tmp_pat
 
 def test_an_example_without_context_is_read_as_the_students(tokenizer, tiny_model):
     plain = Example([{"role": "user", "content": "x"}], None)
-    extras = {"messages": [plain.messages] * 2, "teacher_messages": [plain.teacher_conversation] * 2}
-    assert teacher_conversations(extras) == (extras["messages"], False)
+    rows = pack_pairs([[5], [5]], [[6], [6]], 0)
+    rows.messages, rows.teacher_messages = [plain.messages] * 2, [plain.teacher_conversation] * 2
+    assert teacher_conversations(rows) == (rows.messages, False)
     view = TeacherView(LocalTeacher(tiny_model, len(tokenizer)), tokenizer)
     assert view.reading(False) == "shared" and view.reading(True) == "own"
 

@@ -365,13 +365,14 @@ def test_a_served_teacher_with_another_tokenizer_scores_as_in_process(cross_dirs
 
 
 def test_the_teacher_flops_count_the_tokens_it_read(model_dirs, cross_dirs):
-    from opd.flops import ModelShape, step_flops
+    from opd.flops import ModelShape, StepKind, step_flops
 
     student = ModelShape.of(load_model(model_dirs["student"], CPU, torch.float32))
     teacher = ModelShape.of(load_model(cross_dirs["teacher"], CPU, torch.float32))
-    mine = step_flops(student, teacher, [10, 10], [5, 7], "opd", group=2)
-    theirs = step_flops(student, teacher, [10, 10], [5, 7], "opd", group=2, teacher_lengths=([14, 14], [3, 4]))
-    alone = step_flops(student, teacher, [14, 14], [3, 4], "opd", group=2)
+    mine = step_flops(student, teacher, [10, 10], [5, 7], StepKind.DISTIL, group=2)
+    theirs = step_flops(student, teacher, [10, 10], [5, 7], StepKind.DISTIL, group=2,
+                        teacher_lengths=([14, 14], [3, 4]))
+    alone = step_flops(student, teacher, [14, 14], [3, 4], StepKind.DISTIL, group=2)
     assert theirs["student_flops"] == mine["student_flops"]
     assert theirs["teacher_flops"] == alone["teacher_flops"] != mine["teacher_flops"]
 

@@ -18,8 +18,8 @@ from opd.samplers.turns import environment_ids, render
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask
 from opd.teachers import TeacherView
+from opd.teachers.grade import by_turns, grade
 from opd.teachers.remote import RemoteTeacher
-from opd.teachers.turns import by_turns, grade
 from opd.teachers.view import teacher_conversations
 from opd.trainer import train
 
@@ -80,7 +80,7 @@ def session_named(tmp_path, **extra):
 
 
 def sampled_spans(rollouts, row: int) -> list[tuple[int, int]]:
-    return [(start, end) for start, end, _ in rollouts.extras["turns"][row]]
+    return [(start, end) for start, end, _ in rollouts.turns[row]]
 
 
 def test_tool_calls_are_parsed_as_the_hermes_format_defines():
@@ -126,10 +126,10 @@ def test_a_row_is_the_chat_template_rendering_of_its_conversation(tmp_path):
     session = session_with(GoOn(3), tmp_path)
     rollouts = session.source.rollouts(0)
     tokenizer = session.tokenizer
-    assert all(len(turns) == 3 for turns in rollouts.extras["turns"])  # the embedded student ends its turns
+    assert all(len(turns) == 3 for turns in rollouts.turns)  # the embedded student ends its turns
     for row in range(rollouts.tokens.shape[0]):
         tokens = rollouts.tokens[row][rollouts.attention_mask[row] > 0].tolist()
-        *_, (start, end, before) = rollouts.extras["turns"][row]
+        *_, (start, end, before) = rollouts.turns[row]
         last = tokenizer.decode(rollouts.tokens[row, start:end - 1])
         conversation = before + [{"role": "assistant", "content": last}]
         by_hand = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conversation)
@@ -156,9 +156,9 @@ def test_environment_ids_are_the_template_difference(tokenizer):
 def test_environment_tokens_get_exactly_zero_gradient(tmp_path, kl):
     session = session_with(GoOn(3), tmp_path, kl=kl, prompts_per_step=4, samples_per_prompt=1)
     rollouts = session.source.rollouts(0)
-    graded = grade(session.teacher_view, rollouts, hidden=kl == "full")
+    graded = grade(session.teacher_view, rollouts, session.objective.grading)
     rollouts.teacher_logprobs = graded.logprobs
-    signal = session.objective.signal(graded, session.teacher_view.head if kl == "full" else None)
+    signal = session.objective.signal(graded, session.teacher_view)
     rollouts.advantages = session.objective.advantages(rollouts)
     kept = {}
     norm = session.student.get_decoder().norm
@@ -207,7 +207,7 @@ def test_the_teacher_reads_each_turn_after_the_conversation_in_its_own_rendering
     scored = grade(view, rollouts)
     model, theirs = view.model, view.teacher_tokenizer
     for row in range(rollouts.tokens.shape[0]):
-        for start, end, before in rollouts.extras["turns"][row]:
+        for start, end, before in rollouts.turns[row]:
             turn = rollouts.tokens[row, start:end].tolist()
             got = scored.logprobs[row, start:end]
             with torch.no_grad():
@@ -234,7 +234,7 @@ def test_the_teacher_reads_each_turn_after_the_conversation_in_its_own_rendering
                     want = sequence_logprobs(model, prompt + ids, len(prompt), len(theirs))
                     torch.testing.assert_close(got.sum(), want.sum(), rtol=0, atol=1e-4)
     if path == "shared":  # turn by turn, the same
-        conversations, _ = teacher_conversations(rollouts.extras)
+        conversations, _ = teacher_conversations(rollouts)
         torch.testing.assert_close(by_turns(view, rollouts, conversations, False, 0).logprobs, scored.logprobs,
                                    rtol=0, atol=1e-5)
     session.close()
@@ -298,7 +298,7 @@ def test_a_bad_environment_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
         session_with(Malformed(2), tmp_path / "b").source.rollouts(0)
     session = session_with(NeverEnds(), tmp_path / "c", max_turns=3)
     rollouts = session.source.rollouts(0)
-    figures = rollouts.extras["conversation"]
+    figures = rollouts.conversation
     assert figures["cut"] == figures["conversations"] == 4 and figures["turns"] == 12
     session.close()
 

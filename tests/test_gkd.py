@@ -9,8 +9,8 @@ import torch
 from conftest import read_jsonl, tiny_train_overrides
 from opd.config import load_config
 from opd.errors import OpdError
-from opd.flops import ModelShape, mixed_step_flops, step_flops
-from opd.rollouts import concat_rollouts, pack_pairs
+from opd.flops import ModelShape, StepKind, mixed_step_flops, step_flops
+from opd.rollouts import OffPolicyRows, concat_rollouts, pack_pairs
 from opd.scoring import token_logprobs
 from opd.setup import open_session
 
@@ -37,14 +37,14 @@ def test_off_policy_rows_take_the_datas_completions_and_the_teacher_never_sample
     rollouts = session.source.rollouts(0)
     assert calls == ["student"]
     examples = session.task.train_examples(0, 4, config.seed)
-    on = rollouts.extras["on_policy"].tolist()
+    on = rollouts.on_policy.tolist()
     assert on == [True] * 4 + [False] * 2  # 2 prompts x 2 samples by the student, then 1 row per reference
     tokenizer = session.tokenizer
     for row, example in zip((4, 5), examples[2:], strict=True):
         want = tokenizer.encode(example.completion, add_special_tokens=False)[: config.max_new_tokens - 1]
         assert rollouts.completion_ids()[row] == want + [tokenizer.eos_token_id]
-        assert rollouts.extras["messages"][row] == example.messages
-    assert rollouts.extras["offpolicy"] == {"rows_per_prompt": 1, "teacher_sampled": False}
+        assert rollouts.messages[row] == example.messages
+    assert rollouts.offpolicy == OffPolicyRows(1, False)
 
 
 def test_seq_kd_has_the_teacher_write_the_off_policy_rows(model_dirs, tmp_path, monkeypatch):
@@ -55,8 +55,8 @@ def test_seq_kd_has_the_teacher_write_the_off_policy_rows(model_dirs, tmp_path, 
     calls = counting_sampler(monkeypatch, session)
     rollouts = session.source.rollouts(0)
     assert calls == ["student", "teacher"]
-    assert rollouts.extras["on_policy"].tolist() == [True] * 4 + [False] * 4
-    assert rollouts.extras["offpolicy"] == {"rows_per_prompt": 2, "teacher_sampled": True}
+    assert rollouts.on_policy.tolist() == [True] * 4 + [False] * 4
+    assert rollouts.offpolicy == OffPolicyRows(2, True)
     monkeypatch.undo()
     config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "all-on", kl="full", lmbda=1.0,
                                                     seq_kd="true"))  # nothing off-policy: no teacher samples
@@ -88,7 +88,7 @@ def test_mixed_step_flops_add_the_off_policy_parts():
     teacher = ModelShape(body_params=40_000, d_model=32, d_attn=32, layers=2, vocab=300)
     prompts, completions = [10, 10, 12, 12, 9], [5, 6, 7, 8, 4]
     all_on = mixed_step_flops(student, teacher, prompts, completions, [True] * 5, 1, 1, False)
-    assert all_on == step_flops(student, teacher, prompts, completions, "opd", 1)
+    assert all_on == step_flops(student, teacher, prompts, completions, StepKind.DISTIL, 1)
     written = mixed_step_flops(student, teacher, prompts, completions, [True, True, False, False, False], 1, 1, True)
     given = mixed_step_flops(student, teacher, prompts, completions, [True, True, False, False, False], 1, 1, False)
     assert written["student_flops"] == given["student_flops"] < all_on["student_flops"]  # no student sampling
@@ -98,14 +98,14 @@ def test_mixed_step_flops_add_the_off_policy_parts():
 def test_two_parts_concatenated_keep_every_rows_values(tiny_model, tokenizer):
     first = pack_pairs([[5, 6, 7], [5, 6, 7]], [[8, 9], [10]], tokenizer.pad_token_id)
     first.sampler_logprobs = torch.rand(first.tokens.shape) * first.completion_mask
-    first.extras["messages"] = ["a", "a"]
+    first.messages = ["a", "a"]
     second = pack_pairs([[11, 12, 13, 14, 15]], [[16, 17, 18, 19]], tokenizer.pad_token_id)
-    second.extras["messages"] = ["b"]
+    second.messages = ["b"]
     merged = concat_rollouts(first, second, tokenizer.pad_token_id)
     assert merged.completion_ids() == first.completion_ids() + second.completion_ids()
     starts = [int(row.nonzero()[0]) for row in merged.completion_mask]
     assert starts == [5, 5, 5]  # the layout every stage assumes: all prompts end at one column
-    assert merged.prompt_index.tolist() == [0, 1, 2] and merged.extras["messages"] == ["a", "a", "b"]
+    assert merged.prompt_index.tolist() == [0, 1, 2] and merged.messages == ["a", "a", "b"]
     both = token_logprobs(tiny_model, merged, len(tokenizer)).detach()
     apart = [token_logprobs(tiny_model, part, len(tokenizer)).detach() for part in (first, second)]
     for got, want in ((both[:2], apart[0]), (both[2:], apart[1])):
@@ -140,7 +140,7 @@ def test_one_sample_per_prompt_from_the_teacher_is_still_counted_as_its_sampling
     config = load_config(None, tiny_train_overrides(model_dirs, tmp_path / "run", kl="full", lmbda=0.5,
                                                     samples_per_prompt=1, task=prompts, eval_file=prompts))
     rollouts = open_session(config).source.rollouts(0)
-    assert rollouts.extras["offpolicy"] == {"rows_per_prompt": 1, "teacher_sampled": True}
+    assert rollouts.offpolicy == OffPolicyRows(1, True)
 
 
 def test_with_lmbda_zero_every_row_is_off_policy_and_no_student_kl_is_logged(model_dirs, tmp_path, monkeypatch):
@@ -151,7 +151,7 @@ def test_with_lmbda_zero_every_row_is_off_policy_and_no_student_kl_is_logged(mod
     calls = counting_sampler(monkeypatch, session)
     rollouts = session.source.rollouts(0)
     assert calls == []  # nobody samples: every prompt has a reference completion
-    on = rollouts.extras["on_policy"]
+    on = rollouts.on_policy
     assert on.dtype == torch.bool and on.tolist() == [False] * rollouts.tokens.shape[0] == [False] * 4
     record = training_step(session, 0)
     assert record["offpolicy_rows"] == 4 and record["teacher_kl"] is None

@@ -20,12 +20,12 @@ def gradient(session, batch, calls: list[int] | None = None) -> torch.Tensor:
     asks for, the advantages, and the wrapped loss module (what ``update`` backpropagates). ``calls``: a
     counter that is reset between the forward and the backward pass."""
     objective, view, signal = session.objective, session.teacher_view, None
-    needs = objective.teacher_needs
-    if needs != "nothing":
+    asked = objective.grading
+    if asked is not None:
         messages = [[{"role": "user", "content": "unused on the shared path"}]] * batch.tokens.shape[0]
-        graded = view.score(batch, messages, hidden=needs == "distribution", topk=5 if needs == "topk" else 0)
+        graded = view.score(batch, messages, hidden=asked.hidden, topk=5 if asked.topk else 0)
         batch.teacher_logprobs = graded.logprobs
-        signal = objective.signal(graded, view.head if needs == "distribution" else None)
+        signal = objective.signal(graded, view)
     batch.advantages = objective.advantages(batch)
     session.student.train()
     session.student.zero_grad(set_to_none=True)
@@ -87,7 +87,7 @@ def test_sampling_a_few_rows_at_a_time_keeps_each_rows_prompt_group_and_log_prob
     for row in range(15):  # each row's prompt is its own group's, read off its tokens
         prompt = rollouts.tokens[row][(rollouts.attention_mask[row] > 0) & (rollouts.completion_mask[row] == 0)]
         assert prompt.tolist() == session.prompt_ids(examples[row // 3].messages)
-        assert rollouts.extras["messages"][row] == examples[row // 3].messages
+        assert rollouts.messages[row] == examples[row // 3].messages
     with torch.no_grad():  # the recorded log-probs are the model's at temperature 1, whatever call drew them
         own = token_logprobs(session.full_model, rollouts, session.vocab_size)
     torch.testing.assert_close(own * rollouts.completion_mask, rollouts.sampler_logprobs, atol=1e-5, rtol=1e-5)
@@ -111,12 +111,11 @@ def test_token_budget_micro_batches_keep_the_whole_batchs_update(peaked_teacher,
         batch = unequal_batch(session)
         gradient(session, batch)  # the teacher's part and the advantages, as the step computes them
         signal = None
-        if session.objective.teacher_needs in ("distribution", "topk"):
-            needs = session.objective.teacher_needs
+        if session.objective.exact:
+            asked = session.objective.grading
             messages = [[{"role": "user", "content": "x"}]] * batch.tokens.shape[0]
-            graded = session.teacher_view.score(batch, messages, hidden=needs == "distribution",
-                                                topk=5 if needs == "topk" else 0)
-            signal = session.objective.signal(graded, session.teacher_view.head if needs == "distribution" else None)
+            graded = session.teacher_view.score(batch, messages, hidden=asked.hidden, topk=5 if asked.topk else 0)
+            signal = session.objective.signal(graded, session.teacher_view)
         before = [p.detach().clone() for p in session.trainable]
         use_sgd(session, lr=1.0)
         batches, record = token_budget(session, batch)
@@ -173,7 +172,10 @@ def test_the_teacher_grades_a_few_rows_at_a_time_as_it_grades_them_all(model_dir
                                                                      extra):
     """sample_batch=3 rows: the teacher's forwards hold 3 rows' activations; the log-probs, hidden states, top-k
     and (another tokenizer: the aligned path) the chunks numbered across the batch equal one whole grading."""
-    from opd.teachers.turns import grade
+    from dataclasses import replace
+
+    from opd.objective import Grading
+    from opd.teachers.grade import grade
 
     dirs = cross_dirs if name == "aligned" else model_dirs
     config = load_config(None, tiny_train_overrides(dirs, tmp_path / "run", prompts_per_step=4, samples_per_prompt=2,
@@ -181,12 +183,12 @@ def test_the_teacher_grades_a_few_rows_at_a_time_as_it_grades_them_all(model_dir
     session = open_session(config)
     batch = unequal_batch(session)
     examples = session.task.train_examples(0, 4, 0)
-    batch.extras["messages"] = [ex.messages for ex in examples for _ in range(2)]
-    kind = dict(hidden=name == "full", topk=5 if name == "topk" else 0)
+    batch.messages = [ex.messages for ex in examples for _ in range(2)]
+    kind = Grading(hidden=name == "full", topk=5 if name == "topk" else 0)
     calls = []
     real = session.teacher_view.teacher.score_with_hidden
     session.teacher_view.teacher.score_with_hidden = lambda r: calls.append(r.tokens.shape[0]) or real(r)
-    whole, parts = grade(session.teacher_view, batch, **kind), grade(session.teacher_view, batch, **kind, rows=3)
+    whole, parts = grade(session.teacher_view, batch, kind), grade(session.teacher_view, batch, replace(kind, rows=3))
     assert calls[1:] == [3, 3, 2]  # 8 rows: one forward of 8, then three of at most 3
     torch.testing.assert_close(parts.logprobs, whole.logprobs, atol=1e-5, rtol=1e-5)
     for field in ("hidden", "chunks"):

@@ -194,12 +194,12 @@ def test_opd_train_prints_the_short_form_as_it_starts(model_dirs, tmp_path, caps
 
 
 def test_the_planned_flops_are_opd_trains_accounting_per_step_and_for_the_run():
-    from opd.flops import step_flops
+    from opd.flops import StepKind, step_flops
     from opd.plan import run_flops
 
     student, teacher = ModelFacts.of("s", qwen3(64, 128, 2, 2, 4)), ModelFacts.of("t", qwen3(128, 256, 4, 4, 8))
     config = TrainConfig(prompts_per_step=6, samples_per_prompt=3, steps=7)
-    want = step_flops(student.shape, teacher.shape, [20] * 18, [10] * 18, "opd", 3)
+    want = step_flops(student.shape, teacher.shape, [20] * 18, [10] * 18, StepKind.DISTIL, 3)
     got = run_flops(student, teacher, config, 20.4, 9.6)  # mean lengths, rounded to whole tokens
     assert got["student_per_step"] == want["student_flops"] and got["teacher_per_step"] == want["teacher_flops"]
     assert got["per_step"] == want["student_flops"] + want["teacher_flops"] and got["run"] == 7 * got["per_step"]

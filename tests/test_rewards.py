@@ -29,12 +29,12 @@ def assert_each_row_rewarded_for_its_own_prompt(session, rollouts, registry):
     rows = rollouts.tokens.shape[0]
     prompts = [rollouts.tokens[i][(rollouts.attention_mask[i] > 0) & (rollouts.completion_mask[i] == 0)].tolist()
                for i in range(rows)]
-    step_examples = {tuple(session.prompt_ids(messages)): messages for messages in rollouts.extras["messages"]}
+    step_examples = {tuple(session.prompt_ids(messages)): messages for messages in rollouts.messages}
     assert len(step_examples) >= 2, "the step must hold several prompts for a pairing to be wrong"
     texts = completions_text(session.tokenizer, rollouts.completion_ids())
     for i in range(rows):
         messages = step_examples[tuple(prompts[i])]
-        assert rollouts.extras["messages"][i] == messages, f"row {i} answers another conversation"
+        assert rollouts.messages[i] == messages, f"row {i} answers another conversation"
         assert rollouts.rewards[i].item() == registry.codes[(texts[i], messages[-1]["content"])], f"row {i}"
 
 

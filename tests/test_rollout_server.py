@@ -14,7 +14,7 @@ from opd.errors import OpdError
 from opd.losses import importance_sampling_loss, sampling_logprobs, truncated_importance_weights
 from opd.samplers.remote import RemoteSampler, choice_tokens
 from opd.scoring import token_logprobs
-from opd.server.served import ApiError, ServedModel
+from opd.server.worker import ApiError, ServedModel
 from opd.trainer import train
 
 

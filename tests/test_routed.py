@@ -54,16 +54,16 @@ def overrides(model_dirs, two_teachers, out, **extra) -> list[str]:
 def test_each_row_is_scored_by_the_teacher_its_prompt_names(model_dirs, two_teachers, tmp_path, tokenizer):
     session = open_session(load_config(None, overrides(model_dirs, two_teachers, tmp_path / "run")))
     rollouts = session.source.rollouts(0)
-    names = rollouts.extras["teacher"]
+    names = rollouts.teacher_names
     assert set(names) == {"a", "b"}
-    routed = session.teacher_view.score(rollouts, rollouts.extras["messages"], topk=20)
+    routed = session.teacher_view.score(rollouts, rollouts.messages, topk=20)
     counts = (rollouts.completion_mask[:, 1:] > 0).sum(-1).tolist()
     offsets = [sum(counts[:row]) for row in range(len(counts) + 1)]
     for name in ("a", "b"):
         alone = TeacherView(LocalTeacher(load_model(two_teachers[name], torch.device("cpu"), torch.float32),
                                          len(tokenizer)), tokenizer)
         rows = [i for i, n in enumerate(names) if n == name]
-        own = alone.score(rollouts.select(torch.tensor(rows)), [rollouts.extras["messages"][i] for i in rows], topk=20)
+        own = alone.score(rollouts.select(torch.tensor(rows)), [rollouts.messages[i] for i in rows], topk=20)
         assert torch.allclose(routed.logprobs[rows], own.logprobs, atol=1e-6)
         positions = torch.cat([torch.arange(offsets[r], offsets[r + 1]) for r in rows])
         assert torch.equal(routed.topk[0][positions], own.topk[0])

@@ -79,7 +79,7 @@ def test_sft_pairs_train_on_eos_and_no_bos_inside(model_dirs, tmp_path, tokenize
         prompts_per_step=2, max_new_tokens=8)))
     rollouts = session.source.rollouts(0)
     eos = tokenizer.eos_token_id
-    for messages, row, mask in zip(rollouts.extras["messages"], rollouts.tokens, rollouts.completion_mask,
+    for messages, row, mask in zip(rollouts.messages, rollouts.tokens, rollouts.completion_mask,
                                    strict=True):
         text = "= 2" if messages[-1]["content"] == "Compute 1+1" else long
         assert row[mask > 0].tolist() == tokenizer.encode(text, add_special_tokens=False)[:7] + [eos]
@@ -97,7 +97,7 @@ def test_sft_data_is_taken_in_its_seeded_epoch_order(model_dirs, tmp_path):
         for step in range(4):  # over an epoch boundary
             rollouts = session.source.rollouts(step)
             expected = [session.source.pairs[i][0].messages for i in epoch_order(5, step, 2, seed)]
-            assert rollouts.extras["messages"] == expected and rollouts.tokens.shape[0] == 2
+            assert rollouts.messages == expected and rollouts.tokens.shape[0] == 2
             taken[seed] += [messages[-1]["content"] for messages in expected]
     assert taken[0] != taken[1]
 
@@ -136,7 +136,7 @@ def test_clipping_bounds_the_gradient_the_optimizer_applies(model_dirs, tmp_path
 def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp_path, monkeypatch):
     """teacher_kl, train_reward, completion_tokens and the FLOPs of a step's record, recomputed from the
     rollouts the step trained on (captured), with the prompt lengths counted independently."""
-    from opd.flops import step_flops
+    from opd.flops import StepKind, step_flops
 
     tokenizer = load_tokenizer(model_dirs["student"])
     save_model(stopping_model(tokenizer), tokenizer, tmp_path / "stopping")  # rows of unequal lengths
@@ -162,14 +162,14 @@ def test_the_step_record_is_computed_from_the_steps_own_rollouts(model_dirs, tmp
     prompt_lengths = [int(((a > 0) & (m == 0)).sum()) for a, m in zip(rollouts.attention_mask, mask, strict=True)]
     completion_lengths = [int(m.sum()) for m in mask]
     assert len(set(completion_lengths)) > 1  # unequal lengths, so a mix-up shows
-    flops = step_flops(session.student_shape, session.teacher_view.shape, prompt_lengths, completion_lengths, "opd",
-                       group=session.config.samples_per_prompt)
+    flops = step_flops(session.student_shape, session.teacher_view.shape, prompt_lengths, completion_lengths,
+                       StepKind.DISTIL, group=session.config.samples_per_prompt)
     assert record["student_flops"] == pytest.approx(flops["student_flops"])
     assert record["teacher_flops"] == pytest.approx(flops["teacher_flops"])
 
 
 def test_a_step_on_given_pairs_counts_each_pair_once_and_no_teacher(model_dirs, tmp_path, monkeypatch):
-    from opd.flops import step_flops
+    from opd.flops import StepKind, step_flops
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Compute {i}+1", "completion": f"= {i + 1}"}) + "\n"
@@ -183,7 +183,7 @@ def test_a_step_on_given_pairs_counts_each_pair_once_and_no_teacher(model_dirs, 
     mask = captured[0].completion_mask
     prompts = [int(((a > 0) & (m == 0)).sum()) for a, m in zip(captured[0].attention_mask, mask, strict=True)]
     flops = step_flops(session.student_shape, session.teacher_view.shape, prompts, [int(m.sum()) for m in mask],
-                       "sft_data", group=1)
+                       StepKind.GIVEN, group=1)
     assert record["student_flops"] == pytest.approx(flops["student_flops"]) and record["teacher_flops"] == 0
 
 

@@ -84,10 +84,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     config = load_config(None, overrides + [f"out={out}"])
     if config.kl == "auto":  # resolved here, as the run would, to pick the estimator's learning rate
-        from opd.objective import resolve_kl
+        from opd.objective import kl_of
 
-        config.kl = resolve_kl(config.kl, remote=config.remote_teacher,
-                               several=bool(config.teachers), aligned=other_tokenizer(config))
+        config.kl = kl_of(config, aligned=other_tokenizer(config))
         if config.kl == "sampled" and not any(item.startswith("lr=") for item in overrides):
             config.lr = 3e-4  # the sampled estimator's rate (README: the cross-tokenizer demo, both rates)
     if not any(item.startswith("lr_schedule=") for item in overrides):

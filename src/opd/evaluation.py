@@ -107,10 +107,10 @@ def evaluate_conversations(model: torch.nn.Module, tokenizer: PreTrainedTokenize
     """``evaluate`` with the environment in the loop (``dialogue``: an ``environments.Dialogue``): a prompt's
     score is its conversation's reward (the environment's, else the task's verifier on the last reply); greedy
     conversations for the accuracy and the figures (turns, tool use), sampled ones for the sampled accuracy,
-    and the teacher's KL on temperature-1 conversations, graded as in training (``teachers.turns.grade``)."""
+    and the teacher's KL on temperature-1 conversations, graded as in training (``teachers.grade.grade``)."""
     from opd.samplers.turns import figures, pack, roll_out
     from opd.step_record import conversation_figures
-    from opd.teachers.turns import grade
+    from opd.teachers.grade import grade
 
     was_training = model.training
     model.eval()

@@ -16,6 +16,7 @@ pass reads it once (``grouped_forward_flops``). Evaluation is not counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
@@ -87,24 +88,33 @@ def training_flops(shape: ModelShape, lengths: list[int], logit_positions: int) 
     return 3 * forward_flops(shape, lengths, logit_positions)
 
 
+class StepKind(StrEnum):
+    """What a training step computes, for its FLOPs (``objective.step_kind`` says which a run's steps are)."""
+
+    DISTIL = "distil"  # opd, opd+rl: the student samples, the teacher scores every sequence, the student trains
+    RL = "rl"  # the student samples and trains; no teacher
+    TEACHER_SAMPLES = "teacher_samples"  # sft: the teacher samples, the student trains
+    GIVEN = "given"  # sft_data, midtrain: the student trains on given tokens (producing them is not this run's)
+
+
 def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: list[int],
-               completion_lengths: list[int], method: str = "opd", group: int = 1,
+               completion_lengths: list[int], kind: StepKind = StepKind.DISTIL, group: int = 1,
                teacher_lengths: tuple[list[int], list[int]] | None = None) -> dict:
-    """One training step. opd (and opd+rl): the student samples, the teacher scores every sequence once
-    (logits at completion positions), the student trains. rl: no teacher. sft: the teacher samples
-    and the student only trains. sft_data: the student trains on a given dataset. Runs of ``group``
-    consecutive rows are the samples of one prompt, which every pass reads once. ``teacher_lengths``:
-    the (prompt, completion) lengths the teacher read, when its rendering or tokenizer differs."""
+    """One training step of ``kind`` (``StepKind``: who samples, who scores; the teacher scores a sequence
+    once, logits at completion positions). Runs of ``group`` consecutive rows are the samples of one
+    prompt, which every pass reads once. ``teacher_lengths``: the (prompt, completion) lengths the teacher
+    read, when its rendering or tokenizer differs."""
+    kind = StepKind(kind)
     completion_tokens = sum(completion_lengths)
     student_flops = 3 * grouped_forward_flops(student, prompt_lengths, completion_lengths, group, completion_tokens)
-    if method == "sft_data":  # SFT on a given dataset: producing it is not this run's compute
+    if kind == StepKind.GIVEN:
         return {"student_flops": student_flops, "teacher_flops": 0.0}
-    if method == "sft":
+    if kind == StepKind.TEACHER_SAMPLES:
         teacher_flops = None if teacher is None else sampling_flops(teacher, prompt_lengths, completion_lengths,
                                                                     group)
         return {"student_flops": student_flops, "teacher_flops": teacher_flops}
     student_flops += sampling_flops(student, prompt_lengths, completion_lengths, group)
-    if method == "rl":
+    if kind == StepKind.RL:
         return {"student_flops": student_flops, "teacher_flops": 0.0}
     prompts, completions = teacher_lengths or (prompt_lengths, completion_lengths)
     teacher_flops = None if teacher is None else grouped_forward_flops(teacher, prompts, completions, group,
@@ -125,7 +135,7 @@ def mixed_step_flops(student: ModelShape, teacher: ModelShape | None, prompt_len
     (on_prompts, on_completions), (off_prompts, off_completions) = part(True), part(False)
     total = {"student_flops": 0.0, "teacher_flops": 0.0 if teacher is not None else None}
     if on_prompts:
-        total = step_flops(student, teacher, on_prompts, on_completions, "opd", group)
+        total = step_flops(student, teacher, on_prompts, on_completions, StepKind.DISTIL, group)
     tokens = sum(off_completions)
     total["student_flops"] += 3 * grouped_forward_flops(student, off_prompts, off_completions, off_group, tokens)
     if teacher is not None:

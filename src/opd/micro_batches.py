@@ -69,12 +69,7 @@ def trimmed(rollouts: Rollouts) -> Rollouts:
     used = (rollouts.attention_mask > 0).any(0).nonzero()[:, 0]
     if len(used) == 0:
         return rollouts
-    columns = slice(int(used[0]), int(used[-1]) + 1)
-    fields = {name: getattr(rollouts, name) for name in ("tokens", "attention_mask", "completion_mask",
-                                                         "sampler_logprobs", "teacher_logprobs", "advantages",
-                                                         "engine_logprobs", "is_weights")}
-    cut = {name: None if value is None else value[:, columns] for name, value in fields.items()}
-    return Rollouts(prompt_index=rollouts.prompt_index, rewards=rollouts.rewards, extras=rollouts.extras, **cut)
+    return rollouts.columns(slice(int(used[0]), int(used[-1]) + 1))
 
 
 def padding_share(batches: list[list[int]], prompt_lengths: list[int], completion_lengths: list[int]) -> float:

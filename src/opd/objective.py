@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.divergences import divergence_from_logits
+from opd.flops import StepKind
 from opd.losses import group_centred_rewards, importance_sampling_loss, masked_token_mean, reverse_kl_advantages
 from opd.rollouts import Rollouts
 from opd.scoring import full_divergence, token_logprobs, topk_divergence
@@ -32,12 +33,44 @@ def resolve_kl(kl: str, *, remote: bool, several: bool, aligned: bool) -> str:
     """``kl=auto``: the sampled estimate when the teacher reads another tokenizer (the alignment scores
     sampled tokens only), the teacher's top-k when a server sends it (a server sends log-probs, not the
     whole distribution) or several teachers route rows (each row another head), else the exact KL.
-    Any other value is kept. Setup, ``opd plan`` and ``opd demo`` all resolve it here."""
+    Any other value is kept. ``kl_of`` gathers the inputs from a config."""
     if kl != "auto":
         return kl
     if aligned:
         return "sampled"
     return "topk" if remote or several else "full"
+
+
+def kl_of(config, aligned: bool) -> str:
+    """``config.kl`` resolved (``resolve_kl``) for its teacher: behind a server (``remote_teacher``), several
+    (``teachers=``), and ``aligned`` when the teacher reads another tokenizer (known once both tokenizers
+    are read: setup, ``opd plan``'s probe and ``opd demo`` read them; before that, pass False). The one
+    place that gathers these inputs. Midtraining reads no teacher."""
+    remote = config.remote_teacher and config.method != "midtrain"
+    return resolve_kl(config.kl, remote=remote, several=bool(config.teachers), aligned=aligned)
+
+
+def step_kind(config) -> StepKind:
+    """What each step of a run computes, for its FLOPs: given tokens (``sft_data``, midtraining), the
+    teacher's samples (``sft``), or the student's samples with (``opd``, ``opd+rl``) or without (``rl``) the
+    teacher scoring them. ``opd train`` and ``opd plan`` count by it."""
+    if config.method == "midtrain" or config.sft_data:
+        return StepKind.GIVEN
+    return {"sft": StepKind.TEACHER_SAMPLES, "rl": StepKind.RL}.get(config.method, StepKind.DISTIL)
+
+
+@dataclass(frozen=True)
+class Grading:
+    """What a step asks of the teacher beyond its log-prob of each sampled token: its final hidden states
+    (``kl=full``: its head then gives the whole distribution), its top-``topk`` ids and log-probs per
+    position (``kl=topk``), and how many rows it grades at a time (``sample_batch``; 0: all)."""
+
+    hidden: bool = False
+    topk: int = 0
+    rows: int = 0
+
+
+LOGPROBS = Grading()  # the sampled tokens' log-probs alone (kl=sampled, the logged KL)
 
 
 @dataclass
@@ -74,12 +107,19 @@ class Objective:
     top_p: float = 1.0
     ppo_clip: float = 0.0
     vocab_size: int = 0  # the tokenizer's ids: a padded head's extra rows are never scored
+    teacher_topk: int = 20  # kl=topk: the teacher's ids per position
+    grade_rows: int = 0  # rows the teacher grades at a time (0: the whole batch)
+    kind: StepKind = StepKind.DISTIL  # what a step computes, for its FLOPs
 
     @classmethod
     def of(cls, config, vocab_size: int) -> Objective:
+        """The run's objective (``config.kl`` resolved already). With ``sample_batch``, the teacher grades
+        whole prompts' samples, about ``sample_batch`` rows at a time."""
+        rows = max(1, config.sample_batch // config.samples_per_prompt) * config.samples_per_prompt \
+            if config.sample_batch else 0
         return cls(config.distils, config.rewarded, config.method in SUPERVISED, config.kl, config.divergence,
                    config.beta, config.kl_coef, config.reward_coef, config.gamma, config.temperature, config.top_p,
-                   config.ppo_clip, vocab_size)
+                   config.ppo_clip, vocab_size, config.teacher_topk, rows, step_kind(config))
 
     @property
     def exact(self) -> bool:
@@ -87,20 +127,22 @@ class Objective:
         return self.distils and self.kl in ("full", "topk")
 
     @property
-    def teacher_needs(self) -> str:
-        """What the teacher must compute for a step: ``nothing``, ``token_logprobs`` (the sampled tokens'),
-        ``distribution`` (its hidden states, for its head) or ``topk`` (ids and log-probs per position)."""
+    def grading(self) -> Grading | None:
+        """What a step asks the teacher for (None: no teacher grades the rows): the sampled tokens'
+        log-probs always, and its hidden states (``kl=full``) or its top-k (``kl=topk``) for the loss."""
         if not self.distils:
-            return "nothing"
-        return {"full": "distribution", "topk": "topk"}.get(self.kl, "token_logprobs")
+            return None
+        return Grading(hidden=self.kl == "full", topk=self.teacher_topk if self.kl == "topk" else 0,
+                       rows=self.grade_rows)
 
-    def signal(self, scored, head: torch.nn.Module | None) -> TeacherSignal | None:
-        """The loss's part of a teacher's ``Scored`` answer (None when the loss needs none)."""
-        if self.teacher_needs == "distribution":
-            return TeacherSignal(hidden=scored.hidden, head=head)
-        if self.teacher_needs == "topk":
-            return TeacherSignal(topk_ids=scored.topk[0], topk_logprobs=scored.topk[1])
-        return None
+    def signal(self, scored, view) -> TeacherSignal | None:
+        """The loss's part of a teacher's ``Scored`` answer (None when the loss needs none): its hidden states
+        with ``view``'s head (``kl=full``), or its top-k (``kl=topk``)."""
+        if not self.exact:
+            return None
+        if self.kl == "full":
+            return TeacherSignal(hidden=scored.hidden, head=view.head)
+        return TeacherSignal(topk_ids=scored.topk[0], topk_logprobs=scored.topk[1])
 
     def advantages(self, rollouts: Rollouts) -> torch.Tensor:
         """(B, T) per-token signal: the negative sampled reverse KL (``opd``, ``kl=sampled``), the

@@ -62,7 +62,7 @@ import torch
 from opd.config import TrainConfig
 from opd.errors import OpdError
 from opd.flops import ModelShape, step_flops
-from opd.objective import resolve_kl
+from opd.objective import kl_of, step_kind
 from opd.scoring import LOGITS_BUDGET
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -177,8 +177,7 @@ def memory(student: ModelFacts, teacher: ModelFacts | None, config: TrainConfig,
         sample_rows = min(rows, max(1, config.sample_batch // config.samples_per_prompt) * config.samples_per_prompt)
     chunk_rows = min(micro_rows * completion, max(1, LOGITS_BUDGET // student.vocab))
     # kl=auto as a run resolves it; opd plan's gather resolved it already where it read both tokenizers
-    kl = resolve_kl(config.kl, remote=config.remote_teacher,
-                    several=bool(config.teachers), aligned=False)
+    kl = kl_of(config, aligned=False)
     logit_copies = 5 if kl == "full" and config.distils else 3
     logits = chunk_rows * student.vocab * 4 * logit_copies  # one chunk of the loss's logits, float32
     teacher_hidden = 0 if teacher is None or kl != "full" else rows * completion * teacher.hidden * b
@@ -277,9 +276,8 @@ def run_flops(student: ModelFacts, teacher: ModelFacts | None, config: TrainConf
               completion_tokens: float) -> dict:
     """FLOPs of one step at these lengths (``flops.step_flops``, as ``opd train`` counts them) and of the run."""
     rows = config.prompts_per_step * config.samples_per_prompt
-    method = "sft_data" if config.sft_data else config.method
     one = step_flops(student.shape, teacher.shape if teacher else None, [max(1, round(prompt_tokens))] * rows,
-                     [max(1, round(completion_tokens))] * rows, method, config.samples_per_prompt)
+                     [max(1, round(completion_tokens))] * rows, step_kind(config), config.samples_per_prompt)
     teacher_flops = one["teacher_flops"] or 0.0
     return {"student_per_step": one["student_flops"], "teacher_per_step": teacher_flops,
             "per_step": one["student_flops"] + teacher_flops,

@@ -21,7 +21,7 @@ import torch
 from opd.config import TrainConfig
 from opd.errors import OpdError
 from opd.models import chat_prompt_ids, load_tokenizer, resolve_model_path
-from opd.objective import resolve_kl
+from opd.objective import kl_of
 from opd.plan import ModelFacts, Plan, check_vocab, make_plan
 from opd.tasks.choose import make_task
 from opd.teachers.build import check_teacher_path, teacher_tokenizer_for
@@ -97,7 +97,7 @@ def gather(config: TrainConfig, processes: list[int], prompt_tokens: int) -> tup
                 if teacher is not None:
                     checks.append(check_vocab(teacher, teacher_tokenizer, "the teacher"))
                 path = check_teacher_path(config, tokenizer, teacher_tokenizer, student_path, teacher_path)
-                kl = resolve_kl(config.kl, remote=remote, several=bool(config.teachers), aligned=path == "aligned")
+                kl = kl_of(config, aligned=path == "aligned")
                 checks.append(("ok", {"shared": "one tokenizer and one chat template: the teacher reads the "
                                                 "student's tokens", "own": "one tokenizer, the teacher's own chat "
                                                 "template (teacher_template=own)", "aligned": "the tokenizers "

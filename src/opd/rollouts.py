@@ -9,23 +9,59 @@ log-probability of ``tokens[b, t]`` given ``tokens[b, :t]``; positions outside t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
+
+TOKEN, ROW, BATCH = "token", "row", "batch"  # what a field is indexed by: (B, T), (B,) or the whole batch
+
+
+def per(kind: str, required: bool = False):
+    """A ``Rollouts`` field indexed by ``kind``: selection, trimming and joining read this, so a new field
+    cannot be forgotten by any of them."""
+    if required:
+        return field(metadata={"per": kind})
+    return field(default=None, metadata={"per": kind})
+
+
+class Turn(NamedTuple):
+    """One sampled assistant turn of a conversation row: its columns ``[start, end)`` in the row, and the
+    conversation before it (the student's messages, the environment's answers included)."""
+
+    start: int
+    end: int
+    before: list[dict]
+
+
+@dataclass(frozen=True)
+class OffPolicyRows:
+    """GKD's off-policy part of a step: rows per prompt, and whether the teacher sampled them (else each
+    prompt's reference completion). Its FLOPs depend on both."""
+
+    rows_per_prompt: int
+    teacher_sampled: bool
 
 
 @dataclass
 class Rollouts:
-    tokens: torch.Tensor  # (B, T) long
-    attention_mask: torch.Tensor  # (B, T) long: 1 on prompt and completion tokens, 0 on padding
-    completion_mask: torch.Tensor  # (B, T) float: 1 on sampled tokens (EOS included), 0 elsewhere
-    prompt_index: torch.Tensor  # (B,) long: which prompt of the batch each row answers (its group)
-    sampler_logprobs: torch.Tensor | None = None  # (B, T) log-prob under the sampling distribution
-    teacher_logprobs: torch.Tensor | None = None  # (B, T)
-    rewards: torch.Tensor | None = None  # (B,) task reward of each completion
-    advantages: torch.Tensor | None = None  # (B, T)
-    engine_logprobs: torch.Tensor | None = None  # (B, T) a rollout server's log-probs (its numerics, its weights)
-    is_weights: torch.Tensor | None = None  # (B, T) truncated importance weights trainer / engine (remote sampler)
-    extras: dict = field(default_factory=dict)
+    tokens: torch.Tensor = per(TOKEN, True)  # (B, T) long
+    attention_mask: torch.Tensor = per(TOKEN, True)  # (B, T) long: 1 on prompt and completion tokens, 0 on padding
+    completion_mask: torch.Tensor = per(TOKEN, True)  # (B, T) float: 1 on sampled tokens (EOS included), 0 elsewhere
+    prompt_index: torch.Tensor = per(ROW, True)  # (B,) long: which prompt of the batch each row answers (its group)
+    sampler_logprobs: torch.Tensor | None = per(TOKEN)  # (B, T) log-prob under the sampling distribution
+    teacher_logprobs: torch.Tensor | None = per(TOKEN)  # (B, T)
+    rewards: torch.Tensor | None = per(ROW)  # (B,) task reward of each completion
+    advantages: torch.Tensor | None = per(TOKEN)  # (B, T)
+    engine_logprobs: torch.Tensor | None = per(TOKEN)  # (B, T) a rollout server's log-probs (its numerics, its weights)
+    is_weights: torch.Tensor | None = per(TOKEN)  # (B, T) truncated importance weights trainer / engine (a server)
+    on_policy: torch.Tensor | None = per(ROW)  # (B,) bool: the student's own samples (GKD's lmbda); None: every row
+    messages: list[list[dict]] | None = per(ROW)  # the conversation each row answers, as the student reads it
+    teacher_names: list[str] | None = per(ROW)  # teachers=: the teacher that grades each row ("": teacher=)
+    teacher_messages: list[list[dict]] | None = per(ROW)  # what the teacher reads (privileged context), else messages
+    turns: list[list[Turn]] | None = per(ROW)  # conversation rows: each sampled turn's columns and what came before
+    engine: dict | None = per(BATCH)  # a rollout server's mismatch sums (``samplers.service.reweight``)
+    offpolicy: OffPolicyRows | None = per(BATCH)  # GKD's off-policy part
+    conversation: dict | None = per(BATCH)  # conversation figures: turns, cut conversations, tool calls
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -71,13 +107,38 @@ class Rollouts:
             moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
         return replace(self, **moved)
 
-    def select(self, rows: torch.Tensor | slice) -> Rollouts:
-        """The sub-batch of ``rows`` (used for gradient accumulation micro-batches)."""
+    def select(self, rows: torch.Tensor | slice | list[int]) -> Rollouts:
+        """The sub-batch of ``rows`` (a slice, or indices): every per-token and per-row field, tensors and
+        lists alike, cut to those rows; the batch's figures kept."""
+        if isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
+            rows = rows.nonzero()[:, 0]
+        if isinstance(rows, list):
+            rows = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
+        positions = rows if isinstance(rows, slice) else rows.tolist()
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            picked[f.name] = value[rows] if isinstance(value, torch.Tensor) else value
+            if value is None or f.metadata["per"] == BATCH:
+                continue
+            if isinstance(value, torch.Tensor):
+                picked[f.name] = value[rows]
+            else:
+                picked[f.name] = value[positions] if isinstance(positions, slice) else [value[i] for i in positions]
         return replace(self, **picked)
+
+    def columns(self, span: slice) -> Rollouts:
+        """Columns ``span`` of every per-token field (``micro_batches.trimmed``), the turns' columns moved
+        with them; the rest unchanged."""
+        cut = {f.name: getattr(self, f.name)[:, span] for f in fields(self)
+               if f.metadata["per"] == TOKEN and getattr(self, f.name) is not None}
+        return replace(self, **cut, turns=shifted(self.turns, -(span.start or 0)))
+
+
+def shifted(turns: list[list[Turn]] | None, by: int) -> list[list[Turn]] | None:
+    """``turns`` with their columns moved by ``by``."""
+    if turns is None or by == 0:
+        return turns
+    return [[Turn(t.start + by, t.end + by, t.before) for t in row] for row in turns]
 
 
 def pack_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Rollouts:
@@ -101,13 +162,15 @@ def concat_rollouts(first: Rollouts, second: Rollouts, pad_id: int) -> Rollouts:
     """``first``'s rows, then ``second``'s, in one batch: each part shifted so that every prompt ends at the
     same column (the wider prompt's) and padded on the right to the longer completion. Per-token tensors a
     part lacks are zeros there (``is_weights``: ones); ``second``'s groups are numbered after ``first``'s;
-    list-valued extras are joined, the others kept (``first``'s where both have one)."""
+    per-row values are joined (None when a part has none: a list cannot be joined with nothing); the
+    batch's figures are ``first``'s, else ``second``'s."""
     widths = [int((r.completion_mask > 0).any(0).nonzero()[0]) if r.completion_mask.any() else r.tokens.shape[1]
               for r in (first, second)]
     prompt = max(widths)
     completion = max(r.tokens.shape[1] - w for r, w in zip((first, second), widths, strict=True))
     rows = first.tokens.shape[0] + second.tokens.shape[0]
     device = first.tokens.device
+    fills = {"tokens": pad_id, "is_weights": 1.0}
 
     def joined(name: str, fill: float) -> torch.Tensor | None:
         parts = [getattr(r, name) for r in (first, second)]
@@ -123,15 +186,19 @@ def concat_rollouts(first: Rollouts, second: Rollouts, pad_id: int) -> Rollouts:
             start += count
         return out
 
-    extras = {**second.extras, **first.extras}  # other extras: ``first``'s, else ``second``'s
-    extras.update({key: first.extras[key] + second.extras[key] for key in first.extras
-                   if isinstance(first.extras[key], list) and isinstance(second.extras.get(key), list)})
+    out = {}
+    for f in fields(Rollouts):
+        a, b = getattr(first, f.name), getattr(second, f.name)
+        if f.metadata["per"] == TOKEN:
+            out[f.name] = joined(f.name, fills.get(f.name, 0))
+        elif f.metadata["per"] == BATCH:
+            out[f.name] = a if a is not None else b
+        elif a is None or b is None:
+            out[f.name] = None
+        elif f.name == "turns":
+            out[f.name] = shifted(a, prompt - widths[0]) + shifted(b, prompt - widths[1])
+        else:
+            out[f.name] = torch.cat([a, b]) if isinstance(a, torch.Tensor) else list(a) + list(b)
     groups = int(first.prompt_index.max()) + 1 if first.tokens.shape[0] else 0
-    rewards = None if first.rewards is None or second.rewards is None else torch.cat([first.rewards, second.rewards])
-    return Rollouts(
-        tokens=joined("tokens", pad_id), attention_mask=joined("attention_mask", 0),
-        completion_mask=joined("completion_mask", 0.0),
-        prompt_index=torch.cat([first.prompt_index, second.prompt_index + groups]),
-        sampler_logprobs=joined("sampler_logprobs", 0.0), teacher_logprobs=joined("teacher_logprobs", 0.0),
-        rewards=rewards, advantages=joined("advantages", 0.0), engine_logprobs=joined("engine_logprobs", 0.0),
-        is_weights=joined("is_weights", 1.0), extras=extras)
+    out["prompt_index"] = torch.cat([first.prompt_index, second.prompt_index + groups])
+    return Rollouts(**out)

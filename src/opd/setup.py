@@ -29,23 +29,24 @@ from opd.models import (
     resolve_model_path,
     with_template_kwargs,
 )
-from opd.objective import Objective, resolve_kl
+from opd.objective import Objective, kl_of
 from opd.samplers.sources import (
+    Conversations,
     DataPairs,
     Documents,
     Draw,
     InProcess,
     Mixed,
     OffPolicy,
+    OnServer,
     Prompter,
     Rewards,
     RolloutSource,
     Sampled,
-    Served,
+    ServerSamples,
     StepPrompts,
     document_chunks,
 )
-from opd.samplers.turns import Conversations
 from opd.schedule import lr_factor
 from opd.tasks import Example, Task
 from opd.tasks.choose import make_task
@@ -164,7 +165,7 @@ def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None
         config.template_kwargs("teacher_chat_template_kwargs") | tools)
     aligned = teacher_tokenizer is not None and choose_path(tokenizer, teacher_tokenizer,
                                                             config.teacher_template) == "aligned"
-    config.kl = resolve_kl(config.kl, remote=remote, several=bool(config.teachers), aligned=aligned)
+    config.kl = kl_of(config, aligned)
     config.validate()  # what the resolved kl allows (divergence=, lmbda=)
     if remote and config.kl == "full" and config.distils:
         raise OpdError("kl=full needs the teacher's whole distribution, which a server does not send: "
@@ -400,20 +401,22 @@ def rollout_source(session: Session, service, pairs: list, chunks: list[list[int
     prompts = StepPrompts(session.task, config.prompts_per_step, config.train_prompts, config.seed, session.dist,
                           config.lmbda if config.method == "opd" else 1.0)
     view = session.teacher_view
+    server = None if service is None else OnServer(service, session.full_model, session.vocab_size, draw,
+                                                   config.tis_cap, session.dist)
     if session.dialogue is not None:  # whole conversations: the student's, or for sft the teacher's transcripts
-        talk = session.dialogue
         model = view.model if config.method == "sft" else session.full_model
-        return Conversations(prompts, session.prompter, draw, talk.environment, talk.name, session.task,
-                             talk.max_turns, talk.max_tokens, model, session.vocab_size, device, rank,
-                             service, config.tis_cap)
+        if server is not None:
+            server.model = model
+        return Conversations(prompts, session.prompter, draw, session.dialogue, session.task, model,
+                             session.vocab_size, device, rank, server)
 
     def teacher(seed_offset: int) -> InProcess:  # the teacher in its own template and context when it has them
         return InProcess(view.model, session.prompter, draw, session.vocab_size, device, rank, seed_offset,
                          getattr(view, "teacher_prompt", None), own=view.path == "own")  # routed: the default's model
 
-    if service is not None:
-        on = Served(service, prompts, session.prompter, draw, rewards, session.full_model, session.vocab_size,
-                    config.tis_cap, config.steps, bool(config.async_rollouts), device)
+    if server is not None:
+        on = ServerSamples(server, prompts, session.prompter, rewards, config.steps, bool(config.async_rollouts),
+                           device)
     elif config.method == "sft":  # the teacher writes the completions
         on = Sampled(prompts, teacher(0), rewards)
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from opd.config import TrainConfig
-from opd.flops import ModelShape, mixed_step_flops, step_flops
+from opd.flops import ModelShape, StepKind, mixed_step_flops, step_flops
 from opd.rollouts import Rollouts
 from opd.samplers.service import merge_stats
 from opd.teachers.routed import per_teacher_kl, routed_step_flops
@@ -17,7 +17,8 @@ def rank_figures(rollouts: Rollouts, graded, several: bool) -> dict:
     """What the step's record needs from this rank (``graded``: the teacher's ``Scored`` answer, or None)."""
     mask = rollouts.completion_mask
     completion_lengths = [int(n) for n in mask.sum(-1).tolist()]
-    on_policy = rollouts.extras.get("on_policy", torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device))
+    on_policy = rollouts.on_policy if rollouts.on_policy is not None else \
+        torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
     return {
         "completion_lengths": completion_lengths,
         "prompt_lengths": [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion_lengths,
@@ -29,14 +30,14 @@ def rank_figures(rollouts: Rollouts, graded, several: bool) -> dict:
         else float(((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * mask)[on_policy].sum()),
         "kl_tokens": float(mask[on_policy].sum()),
         "teachers": per_teacher_kl(rollouts, on_policy) if several else None,
-        "names": rollouts.extras.get("teacher", []),
+        "names": rollouts.teacher_names or [],
         # what the teacher read, when its rendering or tokenizer differs (its FLOPs), and the alignment's chunks
         "teacher_prompt_lengths": graded and graded.teacher_prompt_lengths,
         "teacher_completion_lengths": graded and graded.teacher_completion_lengths,
         "chunks": [graded.chunk_count, graded.single_token_chunks] if graded and graded.chunks is not None else None,
-        "engine": rollouts.extras.get("engine"),
-        "offpolicy": rollouts.extras.get("offpolicy"),
-        "conversation": rollouts.extras.get("conversation"),  # multi-turn rollouts: turns, tool calls
+        "engine": rollouts.engine,
+        "offpolicy": rollouts.offpolicy,
+        "conversation": rollouts.conversation,  # multi-turn rollouts: turns, tool calls
     }
 
 
@@ -65,7 +66,7 @@ def engine_stats(ranks: list[dict]) -> dict:
     return merge_stats([r["engine"] for r in ranks]) if ranks[0]["engine"] is not None else {}
 
 
-def step_record(ranks: list[dict], config: TrainConfig, student_shape: ModelShape, teacher_view, from_data: bool,
+def step_record(ranks: list[dict], config: TrainConfig, student_shape: ModelShape, teacher_view, kind: StepKind,
                 step: int, loss: float, grad_norm: float, lr: float, engine: dict, seconds: dict,
                 micro: dict | None = None) -> dict:
     """The step's line of metrics.jsonl from every rank's ``rank_figures``."""
@@ -87,11 +88,11 @@ def step_record(ranks: list[dict], config: TrainConfig, student_shape: ModelShap
     if off_rows:  # the off-policy part's compute: its training and scoring, and the teacher's sampling
         offpolicy = ranks[0]["offpolicy"]
         flops = mixed_step_flops(student_shape, teacher_shape, prompt_lengths, completion_lengths, on_policy,
-                                 config.samples_per_prompt, offpolicy["rows_per_prompt"], offpolicy["teacher_sampled"])
+                                 config.samples_per_prompt, offpolicy.rows_per_prompt, offpolicy.teacher_sampled)
     else:
         flops = step_flops(student_shape, teacher_shape, prompt_lengths, completion_lengths,
-                           "sft_data" if from_data else config.method,
-                           group=1 if from_data else config.samples_per_prompt, teacher_lengths=teacher_lengths)
+                           kind, group=1 if kind == StepKind.GIVEN else config.samples_per_prompt,
+                           teacher_lengths=teacher_lengths)
     if teacher_view is not None and teacher_view.several:  # each teacher's KL and compute
         merged = {"prompt_lengths": prompt_lengths, "completion_lengths": completion_lengths}
         flops.update(routed_step_flops(teacher_view, student_shape, config.samples_per_prompt, ranks, merged))

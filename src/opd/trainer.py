@@ -35,7 +35,7 @@ from opd.scoring import completion_row_offsets
 from opd.setup import Session, open_session
 from opd.step_record import engine_stats, joined, rank_figures, step_record
 from opd.tasks import Example
-from opd.teachers.turns import grade
+from opd.teachers.grade import grade
 from opd.trackers import Trackers
 
 COLLAPSE_STEPS = 10  # a gradient norm of exactly 0 this many steps in a row gets one warning
@@ -117,13 +117,10 @@ def training_step(session: Session, step: int) -> dict:
                        "finite, or a temperature or top_p the logits overflow at", "nothing was sampled") from failed
     sampled = time.perf_counter()
     graded, signal = None, None
-    if objective.distils:  # with kl=full one teacher forward serves the logged KL and the exact-KL loss
-        needs, config = objective.teacher_needs, session.config
-        whole = max(1, config.sample_batch // config.samples_per_prompt) * config.samples_per_prompt  # prompts
-        graded = grade(view, rollouts, hidden=needs == "distribution", topk=config.teacher_topk if needs == "topk"
-                       else 0, rows=whole if config.sample_batch else 0)
+    if objective.grading is not None:  # with kl=full one teacher forward serves the logged KL and the loss
+        graded = grade(view, rollouts, objective.grading)
         rollouts.teacher_logprobs = graded.logprobs
-        signal = objective.signal(graded, view.head if needs == "distribution" else None)
+        signal = objective.signal(graded, view)
     rollouts.advantages = objective.advantages(rollouts)
     scored = time.perf_counter()
 
@@ -140,7 +137,7 @@ def training_step(session: Session, step: int) -> dict:
     pushed = session.source.push_seconds()  # a rollout server's weight push, inside the sampling time
     if pushed is not None:
         seconds["sync"] = pushed
-    record = step_record(ranks, session.config, session.student_shape, view, session.source.from_data, step, loss,
+    record = step_record(ranks, session.config, session.student_shape, view, session.objective.kind, step, loss,
                          grad_norm, lr, engine, seconds, micro)
     if session.config.on_nonfinite == "skip":
         record["nonfinite_skipped"] = int(skipped)

@@ -1,13 +1,15 @@
 """Where a step's rows come from: one interface, ``RolloutSource.rollouts(step)``, that returns this rank's
-``Rollouts`` with their rewards and the conversations they answer (``extras["messages"]``).
+``Rollouts`` with their rewards and the conversations they answer (``Rollouts.messages``).
 
 The sources, each given plain arguments at setup:
 
 - ``Sampled``: a model's samples of the step's prompts, drawn in process (``InProcess``: the student, or
-  the teacher for ``method=sft``) or by a rollout server (``Served``: vLLM or ``opd serve``, the weights
-  pushed before every draw).
+  the teacher for ``method=sft``) or by a rollout server (``ServerSamples``: vLLM or ``opd serve``, the
+  weights pushed before every draw, through ``OnServer``, the one place a source talks to a server).
 - ``OffPolicy``: GKD's off-policy rows, each prompt's reference completion or the teacher's samples.
 - ``Mixed``: GKD's ``lmbda``, the student's rows of the step then the off-policy ones.
+- ``Conversations``: whole conversations (``samplers.turns``), every assistant turn the student's (or for
+  ``sft`` the teacher's), the environment answering each; in process or through a rollout server.
 - ``DataPairs``: ``sft_data``'s (prompt, completion) pairs; ``Documents``: midtraining's document chunks
   mixed with chat pairs.
 
@@ -21,12 +23,14 @@ from dataclasses import dataclass, field
 import torch
 
 from opd import distributed
+from opd.environments import Dialogue
 from opd.errors import OpdError
 from opd.evaluation import completions_text
 from opd.models import chat_prompt_ids
-from opd.rollouts import Rollouts, concat_rollouts, pack_pairs
+from opd.rollouts import OffPolicyRows, Rollouts, concat_rollouts, pack_pairs
 from opd.samplers.local import sample_in_batches
 from opd.samplers.service import RolloutService, reweight
+from opd.samplers.turns import DrawTurn, pack, roll_out
 from opd.tasks import Example, Task
 from opd.tasks.jsonl import epoch_order
 
@@ -104,8 +108,8 @@ class StepPrompts:
 
 @dataclass(frozen=True)
 class Rewards:
-    """Each row's task reward and the conversation it answers (``extras["messages"]``, ``["teacher"]``, and
-    ``["teacher_messages"]``: what the teacher reads, the same objects unless a row has privileged context)."""
+    """Each row's task reward and the conversation it answers (``messages``, ``teacher_names``, and
+    ``teacher_messages``: what the teacher reads, the same objects unless a row has privileged context)."""
 
     tokenizer: object
     task: Task
@@ -113,35 +117,71 @@ class Rewards:
     def attach(self, rollouts: Rollouts, examples: list[Example], per_prompt: int) -> Rollouts:
         texts = completions_text(self.tokenizer, rollouts.completion_ids())
         repeated = [ex for ex in examples for _ in range(per_prompt)]
-        rollouts.extras["messages"] = [ex.messages for ex in repeated]
-        rollouts.extras["teacher"] = [ex.teacher or "" for ex in repeated]  # teachers=: who scores each row
-        rollouts.extras["teacher_messages"] = [ex.teacher_conversation for ex in repeated]  # privileged context
+        rollouts.messages = [ex.messages for ex in repeated]
+        rollouts.teacher_names = [ex.teacher or "" for ex in repeated]  # teachers=: who scores each row
+        rollouts.teacher_messages = [ex.teacher_conversation for ex in repeated]  # privileged context
         rollouts.rewards = torch.tensor([self.task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True)],
                                         device=rollouts.tokens.device)
         return rollouts
 
 
+class OnServer:
+    """A rollout server behind a source, and the one place a source talks to it: the student's weights
+    pushed before a draw, the trainer's own log-probs of the server's samples with their truncated
+    importance weights (``reweighted``), the push time, and the release and close of the server."""
+
+    def __init__(self, service: RolloutService, model: torch.nn.Module, vocab_size: int, draw: Draw,
+                 tis_cap: float, dist: distributed.Dist) -> None:
+        self.service, self.model, self.vocab_size, self.draw = service, model, vocab_size, draw
+        self.tis_cap, self.dist = tis_cap, dist
+
+    @property
+    def where(self) -> str:
+        return self.service.sampler.url
+
+    def push(self, version: int) -> None:
+        """The server holds the weights after ``version`` updates."""
+        self.service.ensure_weights(self.model, version, self.dist)
+
+    def reweighted(self, rollouts: Rollouts) -> Rollouts:
+        """The server's samples with the trainer's log-probs as ``sampler_logprobs``, importance weights
+        against the server's (``engine_logprobs``) and the step's mismatch sums (``Rollouts.engine``)."""
+        rollouts.engine = reweight(self.model, rollouts, self.vocab_size, self.draw.temperature, self.draw.top_p,
+                                   self.tis_cap, self.draw.rows_per_call)
+        return rollouts
+
+
 class RolloutSource:
-    """The interface (and its defaults, for sources with no server behind them)."""
+    """The interface, and what every source with a rollout server behind it (``server``) does with it."""
 
-    from_data = False  # rows from given pairs or documents, not samples (their FLOPs count no sampling)
-    where = ""  # the rollout server behind it, for messages
+    server: OnServer | None = None
 
-    def rollouts(self, step: int) -> Rollouts:
+    @property
+    def where(self) -> str:
+        """The rollout server behind the source, for messages ("" without one)."""
+        return "" if self.server is None else self.server.where
+
+    def rollouts(self, step: int) -> Rollouts | None:
         raise NotImplementedError
 
     def push_seconds(self) -> float | None:
         """Seconds spent pushing weights to a rollout server since the last call (None: no server)."""
-        return None
+        return None if self.server is None else self.server.service.lap()
 
     def finish(self, steps: int) -> None:
         """The run's last update is done: a rollout server ends holding the trained student."""
+        if self.server is not None:
+            self.server.push(steps)
 
     def release(self) -> None:
         """The weights pushed to a rollout server leave it (``opd plan``'s probe: not the run's)."""
+        if self.server is not None:
+            self.server.service.sync.release()
 
     def close(self) -> None:
         """Release what the source holds (a server's connections, a colocated engine)."""
+        if self.server is not None:
+            self.server.service.close()
 
 
 class InProcess:
@@ -177,7 +217,7 @@ class InProcess:
 
 class Sampled(RolloutSource):
     """A model's samples of the step's (on-policy) prompts, with rewards: drawn ``InProcess``, or by a
-    rollout server (``Served``). A step without on-policy prompts (``lmbda=0``) gives None."""
+    rollout server (``ServerSamples``). A step without on-policy prompts (``lmbda=0``) gives None."""
 
     def __init__(self, prompts: StepPrompts, sampler: InProcess, rewards: Rewards) -> None:
         self.prompts, self.sampler, self.rewards = prompts, sampler, rewards
@@ -189,47 +229,31 @@ class Sampled(RolloutSource):
         return self.rewards.attach(self.sampler.sample(examples, step), examples, self.sampler.draw.samples_per_prompt)
 
 
-class Served(RolloutSource):
-    """The student's samples drawn by a rollout server, the weights pushed before every draw; with
-    ``async_rollouts`` the next step's are drawn during this step's update (one update stale). The
-    trainer's own log-probs of the samples become ``sampler_logprobs``, with truncated importance weights
-    against the server's (``extras["engine"]``: the mismatch statistics)."""
+class ServerSamples(RolloutSource):
+    """The student's samples of the step's prompts drawn by a rollout server (``server``), the weights
+    pushed before every draw; with ``async_rollouts`` the next step's are drawn during this step's update
+    (one update stale). The trainer's own log-probs of the samples become ``sampler_logprobs``, with
+    truncated importance weights against the server's (``Rollouts.engine``: the mismatch statistics)."""
 
-    def __init__(self, service: RolloutService, prompts: StepPrompts, prompter: Prompter, draw: Draw,
-                 rewards: Rewards, model: torch.nn.Module, vocab_size: int, tis_cap: float, steps: int,
+    def __init__(self, server: OnServer, prompts: StepPrompts, prompter: Prompter, rewards: Rewards, steps: int,
                  async_rollouts: bool, device: torch.device) -> None:
-        self.service, self.prompts, self.prompter, self.draw, self.rewards = service, prompts, prompter, draw, rewards
-        self.model, self.vocab_size, self.tis_cap = model, vocab_size, tis_cap
+        self.server, self.prompts, self.prompter, self.rewards = server, prompts, prompter, rewards
         self.steps, self.async_rollouts, self.device = steps, async_rollouts, device
-        self.where = service.sampler.url
 
     def rollouts(self, step: int) -> Rollouts | None:
         if not self.prompts.split(step)[0]:
             return None
-        examples, rollouts = self.service.rollouts(step, self.prompts, self.prompter, self.draw, self.model,
-                                                   self.async_rollouts and step + 1 < self.steps)
-        rollouts = rollouts.to(self.device)
-        rollouts.extras["engine"] = reweight(self.model, rollouts, self.vocab_size, self.draw.temperature,
-                                             self.draw.top_p, self.tis_cap, self.draw.rows_per_call)
-        return self.rewards.attach(rollouts, examples, self.draw.samples_per_prompt)
-
-    def push_seconds(self) -> float:
-        return self.service.lap()
-
-    def finish(self, steps: int) -> None:
-        self.service.ensure_weights(self.model, steps, self.prompts.dist)
-
-    def release(self) -> None:
-        self.service.sync.release()
-
-    def close(self) -> None:
-        self.service.close()
+        server = self.server
+        examples, rollouts = server.service.rollouts(step, self.prompts, self.prompter, server.draw, server.model,
+                                                     self.async_rollouts and step + 1 < self.steps)
+        rollouts = server.reweighted(rollouts.to(self.device))
+        return self.rewards.attach(rollouts, examples, server.draw.samples_per_prompt)
 
 
 class OffPolicy(RolloutSource):
     """GKD's off-policy part: each prompt's reference completion from the data (one row), or with
     ``seq_kd`` (or when a prompt has none) ``samples_per_prompt`` of the teacher's samples, with rewards;
-    ``extras["offpolicy"]`` says which. The teacher samples only here, when these rows need it."""
+    ``Rollouts.offpolicy`` says which. The teacher samples only here, when these rows need it."""
 
     def __init__(self, prompts: StepPrompts, teacher: InProcess, prompter: Prompter, rewards: Rewards,
                  seq_kd: bool) -> None:
@@ -250,47 +274,82 @@ class OffPolicy(RolloutSource):
                                   pad).to(self.teacher.device)
             per_prompt = 1
         rollouts = self.rewards.attach(rollouts, examples, per_prompt)
-        rollouts.extras["offpolicy"] = {"rows_per_prompt": per_prompt, "teacher_sampled": sampled}
+        rollouts.offpolicy = OffPolicyRows(per_prompt, sampled)
         return rollouts
 
 
 class Mixed(RolloutSource):
-    """GKD's ``lmbda``: this rank's on-policy rows, then its off-policy ones (``extras["on_policy"]`` tells
+    """GKD's ``lmbda``: this rank's on-policy rows, then its off-policy ones (``Rollouts.on_policy`` tells
     them apart); either part may be empty in a step."""
 
-    def __init__(self, on: Sampled | Served, off: OffPolicy, pad_id: int, device: torch.device) -> None:
+    def __init__(self, on: Sampled | ServerSamples, off: OffPolicy, pad_id: int, device: torch.device) -> None:
         self.on, self.off, self.pad_id, self.device = on, off, pad_id, device
-        self.where = on.where
+        self.server = on.server  # the student's part may be drawn by a rollout server
 
     def rollouts(self, step: int) -> Rollouts:
         rollouts, extra = self.on.rollouts(step), self.off.rollouts(step)
         if extra is None:
             return rollouts
         if rollouts is None:
-            extra.extras["on_policy"] = torch.zeros(extra.tokens.shape[0], dtype=torch.bool, device=self.device)
+            extra.on_policy = torch.zeros(extra.tokens.shape[0], dtype=torch.bool, device=self.device)
             return extra
         merged = concat_rollouts(rollouts, extra, self.pad_id)
-        merged.extras["on_policy"] = torch.arange(merged.tokens.shape[0], device=self.device) < rollouts.tokens.shape[0]
+        merged.on_policy = torch.arange(merged.tokens.shape[0], device=self.device) < rollouts.tokens.shape[0]
         return merged
 
-    def push_seconds(self) -> float | None:
-        return self.on.push_seconds()
 
-    def finish(self, steps: int) -> None:
-        self.on.finish(steps)
+class Conversations(RolloutSource):
+    """The step's conversations as a rollout source: every assistant turn drawn in process, or with
+    ``server`` by a rollout server (one request per open conversation and turn, the weights pushed first; the
+    trainer's own log-probs then become ``sampler_logprobs``, as for ``ServerSamples``)."""
 
-    def release(self) -> None:
-        self.on.release()
+    def __init__(self, prompts: StepPrompts, prompter: Prompter, draw: Draw, dialogue: Dialogue, task,
+                 model: torch.nn.Module, vocab_size: int, device: torch.device, rank: int,
+                 server: OnServer | None = None) -> None:
+        self.prompts, self.prompter, self.draw, self.dialogue, self.task = prompts, prompter, draw, dialogue, task
+        self.model, self.vocab_size, self.device, self.rank, self.server = model, vocab_size, device, rank, server
 
-    def close(self) -> None:
-        self.on.close()
+    def draw_turn(self, step: int) -> DrawTurn:
+        """One sample of each context: the server's (seeded by step and turn), or the model's in process
+        (one generator a step, seeded as ``InProcess`` seeds its draws)."""
+        draw, tokenizer = self.draw, self.prompter.tokenizer
+        if self.server is not None:
+            sampler = self.server.service.sampler
+
+            def served(contexts: list[list[int]], max_new_tokens: int, turn: int) -> Rollouts:
+                return sampler.sample(contexts, samples_per_prompt=1, max_new_tokens=max_new_tokens,
+                                      temperature=draw.temperature, top_p=draw.top_p, eos_id=tokenizer.eos_token_id,
+                                      pad_id=tokenizer.pad_token_id, seed=(draw.seed, step * 1000 + turn, self.rank))
+            return served
+        generator = torch.Generator(self.device).manual_seed(draw.stream(step, self.rank))
+
+        def local(contexts: list[list[int]], max_new_tokens: int, turn: int) -> Rollouts:
+            return sample_in_batches(self.model, contexts, rows=draw.rows_per_call, samples_per_prompt=1,
+                                     max_new_tokens=max_new_tokens, temperature=draw.temperature, top_p=draw.top_p,
+                                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                     vocab_size=self.vocab_size, generator=generator)
+        return local
+
+    def rollouts(self, step: int) -> Rollouts | None:
+        examples = self.prompts.split(step)[0]
+        if not examples:
+            return None
+        if self.server is not None:
+            self.server.push(step)
+        talk = self.dialogue
+        rows = roll_out(self.draw_turn(step), self.prompter.tokenizer, talk.environment, talk.name, examples,
+                        [self.prompter.ids(ex.messages) for ex in examples], self.draw.samples_per_prompt,
+                        talk.max_turns, self.draw.max_new_tokens, talk.max_tokens)
+        rollouts = pack(rows, self.prompter.tokenizer.pad_token_id, self.device, self.task, talk.name)
+        if self.server is not None:
+            rollouts.engine_logprobs = rollouts.sampler_logprobs.clone()
+            rollouts = self.server.reweighted(rollouts)
+        return rollouts
 
 
 class DataPairs(RolloutSource):
     """``sft_data``: this rank's (prompt, completion) pairs of the step, in a seeded order reshuffled every
     epoch; each completion cut to ``max_new_tokens - 1`` tokens with EOS appended."""
-
-    from_data = True
 
     def __init__(self, pairs: list[tuple[Example, str]], prompts_per_step: int, prompter: Prompter,
                  max_new_tokens: int, seed: int, rewards: Rewards, dist: distributed.Dist,
@@ -315,8 +374,6 @@ class DataPairs(RolloutSource):
 class Documents(RolloutSource):
     """``method=midtrain``: this rank's share of the step's document chunks (each chunk's first token is its
     prompt, the rest is trained on) and, with ``chat_fraction``, chat pairs from ``sft_data``."""
-
-    from_data = True
 
     def __init__(self, chunks: list[list[int]], chats: DataPairs, prompts_per_step: int, chat_fraction: float,
                  seed: int, dist: distributed.Dist, device: torch.device) -> None:

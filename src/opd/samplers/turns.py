@@ -6,9 +6,9 @@ One row per conversation, in the student's tokens as its chat template renders t
 prompt, then each sampled turn (its EOS included) followed by the environment's messages
 (``environment_ids``). ``completion_mask`` is 1 on the sampled tokens alone: the environment's tokens are
 read (they are the context of the turns after them) but carry no advantage and no gradient, and the
-teacher grades only sampled tokens. ``extras["turns"]`` holds each row's turn spans (columns) and the
+teacher grades only sampled tokens. ``Rollouts.turns`` holds each row's turn spans (columns) and the
 conversation before each turn, for a teacher that reads the conversation in its own template
-(``teachers.turns``).
+(``teachers.grade``). ``samplers.sources.Conversations`` is the rollout source that draws them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from opd.environments import Conversation, Environment, final_reward, respond
 from opd.errors import OpdError
 from opd.models import template_kwargs
-from opd.rollouts import Rollouts, pack_pairs
+from opd.rollouts import Rollouts, Turn, pack_pairs
 from opd.tasks import Example
 
 PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
@@ -154,14 +154,12 @@ def pack(rows: list[Trajectory], pad_id: int, device: torch.device, task, name: 
         rewards.append(value if value is not None else float(task.reward(t.reply, t.example)))
     rollouts.rewards = torch.tensor(rewards)
     rollouts = rollouts.to(device)
-    rollouts.extras.update({
-        "messages": [t.example.messages for t in rows],
-        "teacher": [t.example.teacher or "" for t in rows],
-        "teacher_messages": [t.example.teacher_conversation for t in rows],
-        "turns": [[(width + a, width + b, t.messages[:n]) for (a, b), n in zip(t.spans, t.before, strict=True)]
-                  for t in rows],
-        "conversation": figures(rows),
-    })
+    rollouts.messages = [t.example.messages for t in rows]
+    rollouts.teacher_names = [t.example.teacher or "" for t in rows]
+    rollouts.teacher_messages = [t.example.teacher_conversation for t in rows]
+    rollouts.turns = [[Turn(width + a, width + b, t.messages[:n]) for (a, b), n in zip(t.spans, t.before, strict=True)]
+                      for t in rows]
+    rollouts.conversation = figures(rows)
     return rollouts
 
 
@@ -175,74 +173,3 @@ def figures(rows: list[Trajectory]) -> dict:
         out["valid_tool_calls"] += more.get("valid_tool_calls", 0)
         out["tool_users"] += more.get("valid_tool_calls", 0) > 0
     return out
-
-
-class Conversations:
-    """The step's conversations as a rollout source (``RolloutSource``'s interface): drawn in process, or with
-    ``service`` by a rollout server, one request per open conversation and turn, the weights pushed first (the
-    trainer's own log-probs then become ``sampler_logprobs``, as for ``Served``)."""
-
-    from_data = False
-
-    def __init__(self, prompts, prompter, draw, environment: Environment, name: str, task, max_turns: int,
-                 max_tokens: int, model: torch.nn.Module, vocab_size: int, device: torch.device, rank: int,
-                 service=None, tis_cap: float = 2.0) -> None:
-        self.prompts, self.prompter, self.draw, self.environment, self.name = prompts, prompter, draw, environment, name
-        self.task, self.max_turns, self.max_tokens = task, max_turns, max_tokens
-        self.model, self.vocab_size, self.device, self.rank = model, vocab_size, device, rank
-        self.service, self.tis_cap = service, tis_cap
-        self.where = service.sampler.url if service is not None else ""
-
-    def draw_turn(self, step: int) -> DrawTurn:
-        from opd.samplers.local import sample_in_batches
-
-        draw, tokenizer = self.draw, self.prompter.tokenizer
-        if self.service is not None:
-            sampler = self.service.sampler
-
-            def served(contexts: list[list[int]], max_new_tokens: int, turn: int) -> Rollouts:
-                return sampler.sample(contexts, samples_per_prompt=1, max_new_tokens=max_new_tokens,
-                                      temperature=draw.temperature, top_p=draw.top_p, eos_id=tokenizer.eos_token_id,
-                                      pad_id=tokenizer.pad_token_id, seed=(draw.seed, step * 1000 + turn, self.rank))
-            return served
-        generator = torch.Generator(self.device).manual_seed(draw.stream(step, self.rank))  # as InProcess draws
-
-        def local(contexts: list[list[int]], max_new_tokens: int, turn: int) -> Rollouts:
-            return sample_in_batches(self.model, contexts, rows=draw.rows_per_call, samples_per_prompt=1,
-                                     max_new_tokens=max_new_tokens, temperature=draw.temperature, top_p=draw.top_p,
-                                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                     vocab_size=self.vocab_size, generator=generator)
-        return local
-
-    def rollouts(self, step: int) -> Rollouts | None:
-        from opd.samplers.service import reweight
-
-        examples = self.prompts.split(step)[0]
-        if not examples:
-            return None
-        if self.service is not None:
-            self.service.ensure_weights(self.model, step, self.prompts.dist)
-        rows = roll_out(self.draw_turn(step), self.prompter.tokenizer, self.environment, self.name, examples,
-                        [self.prompter.ids(ex.messages) for ex in examples], self.draw.samples_per_prompt,
-                        self.max_turns, self.draw.max_new_tokens, self.max_tokens)
-        rollouts = pack(rows, self.prompter.tokenizer.pad_token_id, self.device, self.task, self.name)
-        if self.service is not None:
-            rollouts.engine_logprobs = rollouts.sampler_logprobs.clone()
-            rollouts.extras["engine"] = reweight(self.model, rollouts, self.vocab_size, self.draw.temperature,
-                                                 self.draw.top_p, self.tis_cap, self.draw.rows_per_call)
-        return rollouts
-
-    def push_seconds(self) -> float | None:
-        return None if self.service is None else self.service.lap()
-
-    def finish(self, steps: int) -> None:
-        if self.service is not None:
-            self.service.ensure_weights(self.model, steps, self.prompts.dist)
-
-    def release(self) -> None:
-        if self.service is not None:
-            self.service.sync.release()
-
-    def close(self) -> None:
-        if self.service is not None:
-            self.service.close()

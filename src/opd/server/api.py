@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from opd.server.served import ApiError
+from opd.server.worker import ApiError
 
 MAX_TOP_K = 20
 

@@ -38,7 +38,7 @@ from opd.server.api import (
     stop_ids,
     validate_prompt,
 )
-from opd.server.served import ApiError, Job, ServedModel, Worker, adapter_listing
+from opd.server.worker import ApiError, Job, ServedModel, Worker, adapter_listing
 
 __all__ = ["ApiError", "BackgroundServer", "ServerConfig", "create_app", "free_port", "serve"]
 

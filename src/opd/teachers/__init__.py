@@ -7,8 +7,9 @@ teacher's rendering of the prompt, or (another tokenizer) the completion's text 
 tokens, aligned back on byte offsets (``alignment``).
 """
 
-from opd.teachers.local import LocalTeacher, Teacher
+from opd.teachers.base import InProcessTeacher, Teacher
+from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.view import Scored, TeacherView
 
-__all__ = ["LocalTeacher", "RemoteTeacher", "Scored", "Teacher", "TeacherView"]
+__all__ = ["InProcessTeacher", "LocalTeacher", "RemoteTeacher", "Scored", "Teacher", "TeacherView"]

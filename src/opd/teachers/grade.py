@@ -14,21 +14,26 @@ its activations (and a padded batch's attention mask) for those rows only; the g
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from opd.objective import LOGPROBS, Grading
 from opd.rollouts import Rollouts, pack_pairs
 from opd.teachers.view import Scored, teacher_conversations
 
 
-def grade(view, rollouts: Rollouts, hidden: bool = False, topk: int = 0, rows: int = 0) -> Scored:
-    """The teacher's signal for a step's rows: each row graded after the conversation it answers; ``rows``
-    at a time when given (every rank grades as many parts: a sharded teacher's forwards are collectives)."""
-    count = rollouts.tokens.shape[0]
+def grade(view, rollouts: Rollouts, request: Grading = LOGPROBS) -> Scored:
+    """The teacher's signal for a step's rows (what ``request``, the objective's, asks for): each row graded
+    after the conversation it answers; ``request.rows`` at a time when given (every rank grades as many
+    parts: a sharded teacher's forwards are collectives)."""
+    count, rows, hidden, topk = rollouts.tokens.shape[0], request.rows, request.hidden, request.topk
     if 0 < rows < count:
-        return joined([grade(view, part_of(rollouts, slice(start, start + rows)), hidden, topk)
+        whole = replace(request, rows=0)
+        return joined([grade(view, rollouts.select(slice(start, start + rows)), whole)
                        for start in range(0, count, rows)])
-    conversations, privileged = teacher_conversations(rollouts.extras)
-    if "turns" in rollouts.extras and (privileged or view.several or view.reading(False) != "shared"):
+    conversations, privileged = teacher_conversations(rollouts)
+    if rollouts.turns is not None and (privileged or view.several or view.reading(False) != "shared"):
         return by_turns(view, rollouts, conversations, hidden, topk)
     return view.score(rollouts, conversations, hidden=hidden, topk=topk, privileged=privileged)
 
@@ -40,8 +45,8 @@ def by_turns(view, rollouts: Rollouts, conversations: list[list[dict]], hidden: 
     prompts, completions, messages, owners = [], [], [], []
     tokens = rollouts.tokens.tolist()
     firsts = rollouts.attention_mask.argmax(-1).tolist()  # where each row's left padding ends
-    for row, (turns, theirs) in enumerate(zip(rollouts.extras["turns"], conversations, strict=True)):
-        opening = len(rollouts.extras["messages"][row])  # the student's prompt messages
+    for row, (turns, theirs) in enumerate(zip(rollouts.turns, conversations, strict=True)):
+        opening = len(rollouts.messages[row])  # the student's prompt messages
         for start, end, before in turns:
             if end <= start:
                 continue
@@ -52,9 +57,9 @@ def by_turns(view, rollouts: Rollouts, conversations: list[list[dict]], hidden: 
     device = rollouts.tokens.device
     expanded = pack_pairs(prompts, completions, 0).to(device)  # the padding is masked: any id
     expanded.prompt_index = torch.arange(len(prompts), device=device)
-    names = rollouts.extras.get("teacher")
+    names = rollouts.teacher_names
     if names:
-        expanded.extras["teacher"] = [names[row] for row in owners]
+        expanded.teacher_names = [names[row] for row in owners]
     scored = view.score(expanded, messages, hidden=hidden, topk=topk, privileged=True)
     mask, theirs = rollouts.completion_mask > 0, expanded.completion_mask > 0
     logprobs = torch.zeros(rollouts.tokens.shape, dtype=scored.logprobs.dtype, device=device)
@@ -71,15 +76,6 @@ def by_turns(view, rollouts: Rollouts, conversations: list[list[dict]], hidden: 
         lengths[key] = totals
     return Scored(logprobs, chunks, hidden=scored.hidden, topk=scored.topk, chunk_count=scored.chunk_count,
                   single_token_chunks=scored.single_token_chunks, **lengths)
-
-
-def part_of(rollouts: Rollouts, part: slice) -> Rollouts:
-    """Rows ``part`` of a step's rollouts, with their per-row extras (the lists and row tensors)."""
-    count = rollouts.tokens.shape[0]
-    sub = rollouts.select(part)
-    sub.extras = {key: value[part] if isinstance(value, list | torch.Tensor) and len(value) == count else value
-                  for key, value in rollouts.extras.items()}
-    return sub
 
 
 def joined(parts: list[Scored]) -> Scored:

@@ -1,8 +1,6 @@
-"""A teacher model in this process: it scores the token ids of a rollout."""
+"""A teacher model in this process: it scores the token ids of a rollout (``base.InProcessTeacher``)."""
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 
@@ -17,14 +15,10 @@ from opd.scoring import (
 )
 
 
-class Teacher(Protocol):
-    def score(self, rollouts: Rollouts) -> torch.Tensor:
-        """(B, T) teacher log-prob of every completion token in its context; 0 elsewhere."""
-        ...
-
-
 class LocalTeacher:
     """A teacher model in this process: eval mode, no gradients, its own device and dtype."""
+
+    in_process = True
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, sharded: bool = False) -> None:
         self.model = model.eval().requires_grad_(False)
@@ -49,6 +43,12 @@ class LocalTeacher:
         logprobs = scatter_completion(moved, gather_logprobs(self.head, hidden, completion_targets(moved),
                                                              self.vocab_size))
         return logprobs.to(rollouts.tokens.device, torch.promote_types(logprobs.dtype, torch.float32)), hidden
+
+    def score_topk(self, rollouts: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                              torch.Tensor | None]:
+        """``score`` and, with ``k``, the top-k of the full distribution at every completion position."""
+        logprobs, hidden = self.score_with_hidden(rollouts)
+        return (logprobs, *self.topk(hidden, k)) if k else (logprobs, None, None)
 
     @torch.no_grad()
     def topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,8 @@ class RemoteTeacher:
     Connection errors, timeouts and 5xx answers are retried with exponential backoff; after
     ``retries`` failures the error names the server and the last failure."""
 
+    in_process = False  # a ``base.Teacher``: log-probs and top-k, as the server sends them
+
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0,
                  retries: int = 4, backoff: float = 0.5, rows_per_request: int = 16, concurrency: int = 8) -> None:
         self.http = JsonClient(url, "teacher server", api_key, timeout, retries, backoff, concurrency)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from opd.errors import OpdError
-from opd.flops import step_flops
+from opd.flops import StepKind, step_flops
 from opd.rollouts import Rollouts
 from opd.teachers.view import Scored, TeacherView
 
@@ -32,7 +32,7 @@ def parse_teachers(spec: str) -> dict[str, str]:
 
 class RoutedTeacherView:
     """The ``TeacherView`` interface over several views, routing each row to the view its prompt names
-    (``rollouts.extras["teacher"]``, one name per row)."""
+    (``rollouts.teacher_names``, one name per row)."""
 
     path = "routed"
 
@@ -86,7 +86,7 @@ class RoutedTeacherView:
               privileged: bool = False) -> Scored:
         if hidden:
             self.head  # noqa: B018 - raises the explanation
-        names = rollouts.extras.get("teacher") or [DEFAULT] * rollouts.tokens.shape[0]
+        names = rollouts.teacher_names or [DEFAULT] * rollouts.tokens.shape[0]
         out = torch.zeros(rollouts.tokens.shape, dtype=torch.float32, device=rollouts.tokens.device)
         counts = (rollouts.completion_mask[:, 1:] > 0).sum(-1).tolist()  # completion positions per row
         per_row_ids: list = [None] * len(names)
@@ -122,7 +122,7 @@ def per_teacher_kl(rollouts: Rollouts, on_policy: torch.Tensor) -> dict:
     gap = ((rollouts.sampler_logprobs - rollouts.teacher_logprobs) * rollouts.completion_mask).sum(-1).tolist()
     tokens = rollouts.completion_mask.sum(-1).tolist()
     out: dict[str, list[float]] = {}
-    for name, on, row_gap, row_tokens in zip(rollouts.extras["teacher"], on_policy.tolist(), gap, tokens, strict=True):
+    for name, on, row_gap, row_tokens in zip(rollouts.teacher_names, on_policy.tolist(), gap, tokens, strict=True):
         if on:
             total = out.setdefault(name, [0.0, 0.0])
             total[0] += row_gap
@@ -147,7 +147,7 @@ def routed_step_flops(view: RoutedTeacherView, student_shape, samples_per_prompt
         shape = view.view(name).shape
         flops = None if shape is None else step_flops(
             student_shape, shape, [merged["prompt_lengths"][i] for i in rows],
-            [merged["completion_lengths"][i] for i in rows], "opd", samples_per_prompt)["teacher_flops"]
+            [merged["completion_lengths"][i] for i in rows], StepKind.DISTIL, samples_per_prompt)["teacher_flops"]
         out[f"teacher_flops/{label}"] = flops
         total = None if flops is None or total is None else total + flops
     out["teacher_flops"] = total

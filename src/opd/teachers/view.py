@@ -26,6 +26,7 @@ from opd.flops import ModelShape
 from opd.models import chat_prompt_ids, chat_prompt_text, template_kwargs
 from opd.rollouts import Rollouts, pack_pairs
 from opd.teachers.alignment import Alignment, Events, align, conditional_shares, token_bytes, with_end_of_turn
+from opd.teachers.base import Teacher
 
 TEMPLATES = ("auto", "own", "student")
 SERVED_TOP_K = 20  # top log-probs asked of a server per position (vLLM's default --max-logprobs)
@@ -68,11 +69,11 @@ def choose_path(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBa
     return "shared"
 
 
-def teacher_conversations(extras: dict) -> tuple[list[list[dict]], bool]:
-    """What the teacher reads for each row (``extras["teacher_messages"]``, else the student's messages), and
+def teacher_conversations(rollouts: Rollouts) -> tuple[list[list[dict]], bool]:
+    """What the teacher reads for each row (``rollouts.teacher_messages``, else the student's messages), and
     whether any row's differs from the student's (privileged context)."""
-    student = extras["messages"]
-    teacher = extras.get("teacher_messages", student)
+    student = rollouts.messages
+    teacher = rollouts.teacher_messages if rollouts.teacher_messages is not None else student
     return teacher, any(t is not s and t != s for t, s in zip(teacher, student, strict=True))
 
 
@@ -97,9 +98,9 @@ class Scored:
 
 
 class TeacherView:
-    """The teacher (a ``LocalTeacher`` or ``RemoteTeacher``) reading rollouts the way it was trained to."""
+    """The teacher (a ``base.Teacher``) reading rollouts the way it was trained to."""
 
-    def __init__(self, teacher, student_tokenizer: PreTrainedTokenizerBase,
+    def __init__(self, teacher: Teacher, student_tokenizer: PreTrainedTokenizerBase,
                  teacher_tokenizer: PreTrainedTokenizerBase | None = None, template: str = "auto",
                  path: str | None = None) -> None:
         """``path`` forces one (``aligned`` works for any pair, e.g. to check it against ``shared``);
@@ -214,7 +215,7 @@ class TeacherView:
         theirs = pack_pairs(prompts, [ids for ids, _ in translated], pad)
         theirs.prompt_index = rollouts.prompt_index.cpu()  # rows of one prompt share its forward pass
         theirs = theirs.to(rollouts.tokens.device)
-        in_process = hasattr(self.teacher, "cover_logprobs")  # a LocalTeacher: its full distribution is here
+        in_process = self.teacher.in_process  # its full distribution is here
         if hidden or (path == "aligned" and in_process):
             logprobs, states = self.teacher.score_with_hidden(theirs)
         else:
@@ -270,7 +271,7 @@ class TeacherView:
             theirs = pack_pairs(prompts, rollouts.completion_ids(), self.teacher_tokenizer.pad_token_id)
             theirs.prompt_index = rollouts.prompt_index.cpu()
             theirs = theirs.to(rollouts.tokens.device)
-        if hasattr(self.teacher, "topk"):  # in process
+        if self.teacher.in_process:
             logprobs, states = self.teacher.score_with_hidden(theirs)
             top = self.teacher.topk(states, k)
         else:
