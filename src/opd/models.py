@@ -98,13 +98,35 @@ def template_kwargs(tokenizer: PreTrainedTokenizerBase) -> dict:
     return getattr(tokenizer, TEMPLATE_KWARGS, {})
 
 
+CHAT_TEMPLATE = "opd_chat_template"  # the attribute ``with_chat_template`` sets on a tokenizer
+
+
+def with_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> PreTrainedTokenizerBase:
+    """``tokenizer``, rendering every chat with ``template`` in place of its own (``chat_template=PATH``, or a
+    training template ``opd.templates`` chose); None: its own. The tokenizer's ``chat_template`` is left as it
+    is, so a saved checkpoint keeps the model's own. A copy whenever it changes (one tokenizer object may be
+    shared by the student and the teacher)."""
+    if getattr(tokenizer, CHAT_TEMPLATE, None) == template:
+        return tokenizer
+    tokenizer = copy.copy(tokenizer)
+    setattr(tokenizer, CHAT_TEMPLATE, template)
+    return tokenizer
+
+
+def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The chat template every rendering of ``tokenizer`` uses: ``with_chat_template``'s, else its own."""
+    return getattr(tokenizer, CHAT_TEMPLATE, None) or tokenizer.chat_template
+
+
 def chat_prompt_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, bool]:
-    """``messages`` rendered with the tokenizer's chat template (and its ``template_kwargs``), ready for the
-    reply, and whether its encoding adds the tokenizer's special tokens (only for a base model without a
-    template, which sees the plain text of the last user message)."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             **template_kwargs(tokenizer)), False
+    """``messages`` rendered with the tokenizer's chat template (``chat_template_of``, with its
+    ``template_kwargs``), ready for the reply, and whether its encoding adds the tokenizer's special tokens (only
+    for a base model without a template, which sees the plain text of the last user message). A template that
+    cannot render ``messages`` raises an ``OpdError`` naming its family (``templates.rendered``)."""
+    if chat_template_of(tokenizer):
+        from opd.templates import rendered
+
+        return rendered(tokenizer, messages, True), False
     return messages[-1]["content"], True
 
 

@@ -20,35 +20,29 @@ import torch
 
 from opd.environments import Conversation, Environment, final_reward, respond
 from opd.errors import OpdError
-from opd.models import template_kwargs
+from opd.models import chat_template_of
 from opd.rollouts import Rollouts, Turn, pack_pairs
 from opd.tasks import Example
-
-PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+from opd.templates import between_turns, rendered
 
 
 def render(tokenizer, messages: list[dict], generation: bool) -> str:
-    """``messages`` as the chat template renders them, with the tokenizer's ``template_kwargs`` (the
-    environment's ``tools`` among them: ``setup`` puts them there, for the student's and the teacher's)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
-                                         **template_kwargs(tokenizer))
+    """``messages`` as the chat template renders them (``models.chat_template_of``: a training template
+    ``opd.templates`` chose, or the tokenizer's own), with the tokenizer's ``template_kwargs`` (the environment's
+    ``tools`` among them: ``setup`` puts them there, for the student's and the teacher's); a template that cannot
+    render them raises an ``OpdError`` naming it and why, never the template's own error."""
+    return rendered(tokenizer, messages, generation)
 
 
 def environment_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The tokens between an assistant turn's EOS and the next turn's first sampled token: the rest of the
     assistant's end of turn, ``messages`` (the environment's), and the generation prompt, as the chat template
-    renders them (the difference of two renderings, so any template's format is kept)."""
-    if not tokenizer.chat_template:
+    renders them (``templates.between_turns``: the difference of two renderings, so any template's format is
+    kept; a template that does not extend its own rendering is refused)."""
+    if not chat_template_of(tokenizer):
         raise OpdError("a conversation needs the student's chat template (this student has none): give a "
                        "tokenizer with one")
-    before = render(tokenizer, PROBE, False)
-    after = render(tokenizer, PROBE + messages, True)
-    if not after.startswith(before):
-        raise OpdError("the student's chat template renders a conversation's start differently once it goes on "
-                       "(it does not extend its own rendering), so a turn's tokens cannot be appended")
-    eos = tokenizer.eos_token or ""
-    tail = before[before.rindex(eos) + len(eos):] if eos and eos in before else ""
-    return tokenizer.encode(tail + after[len(before):], add_special_tokens=False)
+    return tokenizer.encode(between_turns(tokenizer, messages), add_special_tokens=False)
 
 
 @dataclass
