@@ -67,7 +67,7 @@ def cmd_midtrain(args: argparse.Namespace) -> int:
 
 def other_tokenizer(config: TrainConfig) -> bool:
     """Whether the teacher's tokenizer differs from the student's (a served teacher's: ``teacher_tokenizer=``)."""
-    if config.remote_teacher and not config.teacher_tokenizer:
+    if (config.remote_teacher or config.program_teacher) and not config.teacher_tokenizer:
         return False
     from opd.models import load_tokenizer, resolve_model_path
     from opd.teachers.view import tokenizer_differences

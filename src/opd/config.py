@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from opd.errors import OpdError
 
 DISTILLING = ("opd", "opd+rl")  # methods where a teacher grades the student's tokens
 REWARDED = ("rl", "opd+rl")  # methods where the task's reward enters the advantage
+PROGRAM = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # module.path:Name
 TEMPLATE_KWARGS_FIELDS = ("chat_template_kwargs", "teacher_chat_template_kwargs")
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # report_to= (opd.trackers logs to them)
 
@@ -64,6 +66,9 @@ class TrainConfig:
     chat_template_kwargs: str = opt("", "JSON object for the student's chat template, e.g. {\"enable_thinking\": "
                                         "false}")
     teacher_chat_template_kwargs: str = opt("", "the same for the teacher's template (its own: not the student's)")
+    chat_template: str = opt("", "a Jinja file: the student's chat template for every rendering (default: its own; "
+                                 "in a conversation, TRL's training variant when its own is not prefix-preserving)")
+    teacher_chat_template: str = opt("", "a Jinja file: the teacher's chat template (default: its own)")
     task: str = opt("arithmetic", "built-in task; prompts: JSONL, parquet/csv/json, a folder, hf:ORG/NAME; "
                                   "module:Class")
     eval_file: str = opt("", "held-out prompts when task is a file or dataset (same forms; hf:NAME@test)")
@@ -296,6 +301,12 @@ class TrainConfig:
     def remote_teacher(self) -> bool:
         """The teacher is behind a server (``teacher=http(s)://HOST:PORT``): it scores; it is not loaded here."""
         return self.teacher.startswith(("http://", "https://"))
+
+    @property
+    def program_teacher(self) -> bool:
+        """The teacher is a program (``teacher=module.path:Name``, ``teachers.programmatic``): it grades, it
+        is no model (``embedded:NAME`` and ``hf:`` specs are models)."""
+        return bool(PROGRAM.fullmatch(self.teacher)) and not self.teacher.startswith(("embedded:", "hf:"))
 
     @property
     def remote_sampler(self) -> bool:

@@ -70,7 +70,8 @@ def gather(config: TrainConfig, processes: list[int], prompt_tokens: int) -> tup
     student, student_path = model_facts(config.student, "student", config)
     remote = config.remote_teacher
     midtrain = config.method == "midtrain"
-    teacher, teacher_path = (None, None) if remote or midtrain else model_facts(config.teacher_spec, "teacher", config)
+    teacher, teacher_path = (None, None) if remote or midtrain or config.program_teacher else model_facts(
+        config.teacher_spec, "teacher", config)
     runnable = has_weights(student_path) and (teacher_path is None or has_weights(teacher_path))
     if not runnable:
         checks.append(("note", "the weights are not here (config.json only): no probe, no time estimate"))

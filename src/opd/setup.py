@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -53,6 +54,7 @@ from opd.tasks.choose import make_task
 from opd.tasks.sources import DataOptions
 from opd.teachers.build import build_teacher, check_teacher_path, route_teachers, teacher_tokenizer_for
 from opd.teachers.view import TeacherView, choose_path
+from opd.templates import choose_templates
 from opd.trackers import check_installed as check_trackers
 
 
@@ -156,13 +158,21 @@ def read_inputs(config: TrainConfig, task: Task | None, reward, environment=None
         raise OpdError("method=sft has the teacher write the completions, which a scoring server cannot: "
                        "load the teacher in-process")
     student_path = resolve_model_path(config.student, "student")
-    teacher_path = None if midtrain or remote else resolve_model_path(config.teacher_spec, "teacher")
+    if config.program_teacher and config.method == "sft" and not config.sft_data:
+        raise OpdError(f"method=sft has the teacher write the completions; teacher={config.teacher} is a program, "
+                       "which only grades: write its completions to a JSONL file and pass sft_data=")
+    teacher_path = None if midtrain or remote or config.program_teacher else resolve_model_path(config.teacher_spec,
+                                                                                              "teacher")
     talk = load_environment(config.environment, config.tools, config.tool_format, given=environment)
     tools = {"tools": talk[0].tools} if talk[0] is not None and getattr(talk[0], "tools", None) else {}
     tokenizer = with_template_kwargs(load_tokenizer(student_path), config.template_kwargs() | tools)
     teacher_tokenizer = None if midtrain else with_template_kwargs(
         teacher_tokenizer_for(config, tokenizer, teacher_path),
         config.template_kwargs("teacher_chat_template_kwargs") | tools)
+    tokenizer, teacher_tokenizer, notes = choose_templates(tokenizer, teacher_tokenizer, config.chat_template,
+                                                           config.teacher_chat_template, talk[0])
+    for note in notes if dist.rank == 0 else []:  # the run's log: which template conversations use
+        print(f"opd: {note}", file=sys.stderr)
     aligned = teacher_tokenizer is not None and choose_path(tokenizer, teacher_tokenizer,
                                                             config.teacher_template) == "aligned"
     config.kl = kl_of(config, aligned)
@@ -300,7 +310,9 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
     context = prompter.max_prompt_tokens + config.max_new_tokens
     view = None if inputs.teacher_tokenizer is None else build_teacher(
         config, tokenizer, inputs.teacher_tokenizer, inputs.teacher_path, inputs.path_kind, device, dtype, dist,
-        context, opened)
+        context, opened, inputs.task)
+    if view is not None and config.program_teacher:  # a program has no size: charged as the student's
+        view.charge(ModelShape.of(student))
     rollout_sampler = connect_sampler(config, tokenizer, inputs.student_path, dtype, context, opened)
     objective = Objective.of(config, len(tokenizer))
     loss_module, full_model = distributed.wrap(student, objective, config.parallel, dist,

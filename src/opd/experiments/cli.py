@@ -65,6 +65,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             out, args.assistant, Path(args.data) if args.data else PersonalizationPlan.data, args.midtrain_steps,
             args.midtrain_lr, args.chat_fraction, args.distill_steps, args.distill_lr, args.segments,
             overrides=args.overrides), progress)
+    elif args.experiment == "regimes":
+        from opd.experiments.regimes import RegimesPlan, run_regimes
+
+        summary = run_regimes(RegimesPlan(out, args.sweep, args.seeds, tuple(args.knobs or ()), args.steps,
+                                          args.warm_steps, args.eval_every, args.eval_examples, args.prompts,
+                                          args.samples, args.fixed_pairs, tuple(args.lrs), args.width, args.layers,
+                                          args.overrides), progress)
     else:
         from opd.experiments.variants import LoraPlan, run_lora
 
@@ -173,3 +180,24 @@ def add_experiment_parser(sub, fmt, epilog: str) -> None:
     pe.add_argument("--distill-lr", type=float, default=3e-4)
     pe.add_argument("--segments", type=int, default=5, help="evaluation points along the distillation")
     pe.set_defaults(func=cmd_experiment)
+    rg = ex_sub.add_parser("regimes", parents=[common], formatter_class=fmt, epilog=epilog,
+                           help="where on-policy distillation beats SFT: one knob at a time, an exact teacher",
+                           description="Synthetic tasks with an exact teacher (opd.regimes): on-policy distillation "
+                           "against SFT on fresh and on fixed teacher samples (and RL on the recoverable horizon "
+                           "arm), from a shared SFT warm start, FLOPs to a ladder of targets.")
+    rg.add_argument("--sweep", default="horizon", choices=("horizon", "entropy", "capacity", "reuse"),
+                    help="the knob: chain length (errors fatal / recoverable), the teacher's temperature over "
+                    "valid walks, the student's width, or the number of training prompts")
+    rg.add_argument("--knobs", type=float, nargs="+", help="the knob's values (default: the sweep's own)")
+    rg.add_argument("--seeds", type=int, default=3)
+    rg.add_argument("--steps", type=int, default=150, help="steps per arm (default 150)")
+    rg.add_argument("--warm-steps", type=int, default=30, help="the shared SFT warm start's steps (default 30)")
+    rg.add_argument("--eval-every", type=int, default=25)
+    rg.add_argument("--eval-examples", type=int, default=256)
+    rg.add_argument("--prompts", type=int, default=16, help="prompts per step (default 16)")
+    rg.add_argument("--samples", type=int, default=4, help="samples per prompt for opd and rl (default 4)")
+    rg.add_argument("--fixed-pairs", type=int, default=256, help="sft-fixed's dataset size (default 256)")
+    rg.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="the learning-rate grid")
+    rg.add_argument("--width", type=int, default=64, help="the student's width (the capacity sweep: its knob)")
+    rg.add_argument("--layers", type=int, default=2)
+    rg.set_defaults(func=cmd_experiment)

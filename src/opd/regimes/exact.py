@@ -9,11 +9,13 @@ teacher rules out costs ``log(epsilon / V)``, not ``-inf``).
 from __future__ import annotations
 
 import random
+import re
 from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from opd.errors import OpdError
 from opd.regimes.tasks import OFF_SUPPORT, roll_out
 from opd.regimes.vocab import EOS
 from opd.tasks import Example, Task
@@ -77,3 +79,26 @@ class ExactTeacher:
         """``log q_t`` (class docstring): (len(completion_ids), V) float32, finite, each row's logsumexp 0."""
         floored = (1 - self.epsilon) * self.probs(prompt_text, completion_ids) + self.epsilon / self.vocab_size
         return floored.log().float()
+
+
+EPSILON = 1e-3  # the floor every regime table states: (1 - eps) p + eps / V
+USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.DOTALL)
+
+
+class Exact:
+    """``teacher=opd.regimes.exact:Exact``: the run's task's exact teacher as a program
+    (``opd.teachers.programmatic``): the problem is read from the prompt's last user turn (the rendered ids
+    decoded), the log-probs are ``ExactTeacher``'s, floored at ``EPSILON``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, task: ExactTask) -> None:
+        if not callable(getattr(task, "next_char_probs", None)):
+            raise OpdError(f"teacher=opd.regimes.exact:Exact grades a task with an exact teacher (task=chain:... or "
+                           f"paths:...); task {getattr(task, 'name', task)!r} has none")
+        self.tokenizer, self.teacher = tokenizer, ExactTeacher(task, tokenizer, EPSILON)
+
+    def logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+        turns = USER_TURN.findall(self.tokenizer.decode(prompt_ids, skip_special_tokens=False))
+        if not turns:
+            raise OpdError("teacher=opd.regimes.exact:Exact: the prompt has no user turn in the ChatML form the regime "
+                           "tasks' tokenizer renders (opd.regimes.vocab)")
+        return self.teacher.logprobs(turns[-1], completion_ids)

@@ -196,11 +196,29 @@ def chain_reward(chain: Chain, completion: str, recoverable: bool) -> float:
     return float(not pending and len(written) == chain.hops and written[-1] == chain.truth[-1])
 
 
-class ChainTask:
-    """Pointer chasing over ``states`` letters for ``hops`` steps; ``arm`` is "fatal" or "recoverable"."""
+class Splits:
+    """The splits every regime task draws its problems from (``problem(rng, split)`` and ``example``): the
+    training prompts of a step a pure function of (seed, step), the held-out ones fixed."""
 
     EVAL_SEED = 1234
     VALIDATION_SEED = 4321
+
+    def train_examples(self, step: int, count: int, seed: int) -> list[Example]:
+        rng = step_rng(seed, step)
+        return [self.example(self.problem(rng, "train")) for _ in range(count)]
+
+    def eval_examples(self, count: int) -> list[Example]:
+        rng = random.Random(self.EVAL_SEED)
+        return [self.example(self.problem(rng, "eval")) for _ in range(count)]
+
+    def validation_examples(self, count: int, exclude: list[Example]) -> list[Example]:
+        """Held-out prompts disjoint from ``exclude`` (as ``ArithmeticTask.validation_examples``)."""
+        return distinct_held_out(lambda rng: self.example(self.problem(rng, "eval")), self.VALIDATION_SEED,
+                                 count, exclude)
+
+
+class ChainTask(Splits):
+    """Pointer chasing over ``states`` letters for ``hops`` steps; ``arm`` is "fatal" or "recoverable"."""
 
     def __init__(self, hops: int = 6, states: int = 8, arm: str = "fatal") -> None:
         if arm not in ARMS or not 2 <= states <= len(LETTERS) or not 1 <= hops:
@@ -220,19 +238,6 @@ class ChainTask:
     @staticmethod
     def example(chain: Chain) -> Example:
         return Example([{"role": "user", "content": chain_prompt(chain)}], chain.truth[-1], completion=chain.truth)
-
-    def train_examples(self, step: int, count: int, seed: int) -> list[Example]:
-        rng = step_rng(seed, step)
-        return [self.example(self.problem(rng, "train")) for _ in range(count)]
-
-    def eval_examples(self, count: int) -> list[Example]:
-        rng = random.Random(self.EVAL_SEED)
-        return [self.example(self.problem(rng, "eval")) for _ in range(count)]
-
-    def validation_examples(self, count: int, exclude: list[Example]) -> list[Example]:
-        """Held-out prompts disjoint from ``exclude`` (as ``ArithmeticTask.validation_examples``)."""
-        return distinct_held_out(lambda rng: self.example(self.problem(rng, "eval")), self.VALIDATION_SEED,
-                                 count, exclude)
 
     def next_char_probs(self, prompt: str, prefix: str) -> dict[str, float]:
         return chain_next_probs(parse_chain_prompt(prompt), prefix, self.recoverable)
@@ -386,12 +391,9 @@ def is_walk(graph: Graph, completion: str) -> bool:
     return len(completion) == graph.length and node == graph.target
 
 
-class PathsTask:
+class PathsTask(Splits):
     """Walks of ``length`` edges on random graphs of ``nodes`` letters and out-degree ``degree``; the exact
     teacher's temperature ``tau`` in [0, inf] sets its entropy; every problem has >= ``min_paths`` walks."""
-
-    EVAL_SEED = 1234
-    VALIDATION_SEED = 4321
 
     def __init__(self, length: int = 4, nodes: int = 8, degree: int = 3, tau: float = 1.0, score_seed: int = 0,
                  min_paths: int = 2) -> None:
@@ -416,19 +418,6 @@ class PathsTask:
         prompt = paths_prompt(graph)
         greedy = roll_out(self.solver(prompt).next_probs)
         return Example([{"role": "user", "content": prompt}], greedy, completion=greedy)
-
-    def train_examples(self, step: int, count: int, seed: int) -> list[Example]:
-        rng = step_rng(seed, step)
-        return [self.example(self.problem(rng, "train")) for _ in range(count)]
-
-    def eval_examples(self, count: int) -> list[Example]:
-        rng = random.Random(self.EVAL_SEED)
-        return [self.example(self.problem(rng, "eval")) for _ in range(count)]
-
-    def validation_examples(self, count: int, exclude: list[Example]) -> list[Example]:
-        """Held-out prompts disjoint from ``exclude`` (as ``ArithmeticTask.validation_examples``)."""
-        return distinct_held_out(lambda rng: self.example(self.problem(rng, "eval")), self.VALIDATION_SEED,
-                                 count, exclude)
 
     def next_char_probs(self, prompt: str, prefix: str) -> dict[str, float]:
         return self.solver(prompt).next_probs(prefix)

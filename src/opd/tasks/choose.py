@@ -40,6 +40,30 @@ def is_file_task(name: str) -> bool:
     return Path(name).is_file() or is_dataset_spec(name)
 
 
+def regime_task(spec: str) -> Task:
+    """The regime map's tasks (``opd.regimes``), each with an exact teacher: ``chain:K[:fatal|recoverable[:N]]``
+    (pointer chasing, K hops through a cycle of N states) and ``paths:L[:TAU]`` (walks of L steps to a target,
+    the teacher's temperature TAU: 0 one walk, inf uniform over valid walks)."""
+    from opd.regimes.tasks import ChainTask, PathsTask
+
+    kind, *values = spec.split(":")
+    usage = ("chain:K[:fatal|recoverable[:N]] (K hops, N states)" if kind == "chain" else
+             "paths:L[:TAU] (L steps, the teacher's temperature TAU >= 0 or inf)")
+    try:
+        if kind == "chain" and 1 <= len(values) <= 3 and values[0].isdigit() and values[1:2] in ([], ["fatal"],
+                                                                                                  ["recoverable"]):
+            states = int(values[2]) if len(values) == 3 else 8
+            if 1 <= int(values[0]) <= 64 and 3 <= states <= 26:
+                return ChainTask(hops=int(values[0]), states=states, arm=values[1] if len(values) > 1 else "fatal")
+        if kind == "paths" and 1 <= len(values) <= 2 and values[0].isdigit() and 1 <= int(values[0]) <= 16:
+            tau = float(values[1]) if len(values) == 2 else 1.0
+            if tau >= 0:
+                return PathsTask(length=int(values[0]), tau=tau)
+    except ValueError:
+        pass
+    raise OpdError(f"task={spec!r}: write {usage}")
+
+
 PYTHON_OBJECT = "python:"  # how config.json records a task or reward given as a Python object
 
 
@@ -58,6 +82,8 @@ def builtin_task(config: TrainConfig) -> Task:
         if not operators.isdigit() or not 1 <= int(operators) <= 12:
             raise OpdError(f"task={config.task!r}: arithmetic:K takes K operators, an integer from 1 to 12")
         return ArithmeticTask(int(operators))
+    if config.task.startswith(("chain:", "paths:")):
+        return regime_task(config.task)
     if is_file_task(config.task):
         from opd.tasks.jsonl import JsonlTask
 

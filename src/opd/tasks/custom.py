@@ -20,7 +20,7 @@ Reward = Callable[[str, Example], float]  # reward(completion, example) -> a fin
 
 def is_import_path(spec: str) -> bool:
     """``module.path:attribute`` (the built-in ``arithmetic:K`` and a hub dataset ``hf:NAME`` are not)."""
-    return bool(IMPORT_PATH.fullmatch(spec)) and not spec.startswith(("arithmetic:", "hf:"))
+    return bool(IMPORT_PATH.fullmatch(spec)) and not spec.startswith(("arithmetic:", "hf:", "chain:", "paths:"))
 
 
 def load_object(spec: str, field: str):

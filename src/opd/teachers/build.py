@@ -13,6 +13,7 @@ from opd.config import TrainConfig
 from opd.errors import OpdError
 from opd.models import load_model, load_tokenizer, resolve_model_path, with_template_kwargs
 from opd.teachers.local import LocalTeacher
+from opd.teachers.programmatic import ProgrammaticTeacher, load_program
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.routed import DEFAULT, RoutedTeacherView, parse_teachers
 from opd.teachers.view import TeacherView, choose_path, tokenizer_differences
@@ -49,10 +50,14 @@ def check_teacher_path(config: TrainConfig, student, teacher, student_path: str,
 
 def build_teacher(config: TrainConfig, tokenizer, teacher_tokenizer, teacher_path: str | None, path_kind: str,
                   device: torch.device, dtype: torch.dtype, dist: distributed.Dist, context: int,
-                  opened: list) -> TeacherView:
-    """``teacher=``: connected (a server: its name, context and tokenizer checked) or loaded in process; a
-    connection goes into ``opened`` before it is checked, so that a refusal closes it."""
-    if config.remote_teacher:
+                  opened: list, task=None) -> TeacherView:
+    """``teacher=``: connected (a server: its name, context and tokenizer checked), a program (given the
+    student's tokenizer and the run's ``task``), or loaded in process; a connection goes into ``opened``
+    before it is checked, so that a refusal closes it."""
+    if config.program_teacher:
+        program = load_program(config.teacher, teacher_tokenizer, task)
+        teacher = ProgrammaticTeacher(program, len(teacher_tokenizer), config.teacher, device)
+    elif config.remote_teacher:
         teacher = RemoteTeacher(config.teacher, config.teacher_model or None,
                                 api_key=os.environ.get("OPD_TEACHER_API_KEY"))
         opened.append(teacher)

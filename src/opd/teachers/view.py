@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from opd.errors import OpdError
 from opd.flops import ModelShape
-from opd.models import chat_prompt_ids, chat_prompt_text, template_kwargs
+from opd.models import chat_prompt_ids, chat_prompt_text, chat_template_of, template_kwargs
 from opd.rollouts import Rollouts, pack_pairs
 from opd.teachers.alignment import Alignment, Events, align, conditional_shares, token_bytes, with_end_of_turn
 from opd.teachers.base import Teacher
@@ -62,7 +62,7 @@ def choose_path(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBa
         raise OpdError(f"teacher_template={template!r} must be one of {', '.join(TEMPLATES)}")
     if tokenizer_differences(student, teacher):
         return "aligned"
-    differs = (student.chat_template != teacher.chat_template
+    differs = (chat_template_of(student) != chat_template_of(teacher)
                or template_kwargs(student) != template_kwargs(teacher))  # chat_template_kwargs
     if template != "student" and differs:
         return "own"
@@ -135,6 +135,10 @@ class TeacherView:
     def sharded(self) -> bool:
         """Its layers are sharded across the ranks (every rank runs each of its forwards)."""
         return self.teacher.sharded
+
+    def charge(self, shape: ModelShape) -> None:
+        """A teacher with no architecture (a program) has its FLOPs counted as a model of ``shape``."""
+        self._shape = shape
 
     @property
     def shape(self) -> ModelShape | None:

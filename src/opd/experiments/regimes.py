@@ -1,0 +1,257 @@
+"""``opd experiment regimes``: where on-policy distillation pays against SFT, one knob at a time, with an exact
+teacher (``opd.regimes``: its distribution is known after any prefix, the student's own included).
+
+A sweep point is a task (and for ``capacity`` a student width). At each point and seed, one SFT warm start
+from a fresh student (``warm_steps`` on the teacher's samples) is shared by every arm; from it:
+
+- ``opd``: on-policy distillation from the exact teacher (``teacher=opd.regimes.exact:Exact``, the exact
+  reverse KL over the vocabulary, ``kl=full``), ``prompts`` prompts x ``samples`` samples a step;
+- ``sft-fresh``: SFT on new teacher samples every step, as many rows a step as ``opd`` (sample-fair);
+- ``sft-fixed``: SFT on one dataset of ``fixed_pairs`` teacher samples, reused (compute-fair);
+- ``rl`` (``horizon``'s recoverable arm): the task's exact reward, group-centred, as many rows as ``opd``.
+
+Each method runs at its best learning rate of ``lrs``, chosen once per sweep at the middle knob value
+(seed 0, final held-out greedy accuracy). FLOPs: the student's as ``opd train`` counts them; the teacher's
+at a nominal size (``scales``: 1, 4, 16 times the student's per-token forward cost), for ``opd`` its
+scoring of every row, for SFT its writing of every pair it trains on (``sft-fixed``: the dataset, once,
+up front), for ``rl`` none. The warm start's compute is the same for every arm and left out.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opd.errors import OpdError
+from opd.experiments import run_config, run_once
+
+SWEEPS = {
+    "horizon": ("hops", (4, 8, 16, 32)),
+    "entropy": ("tau", (0.0, 0.3, 1.0, float("inf"))),
+    "capacity": ("width", (16, 32, 64, 128)),
+    "reuse": ("train_prompts", (1, 16, 0)),
+}
+TEACHER = "opd.regimes.exact:Exact"
+CHAIN_STATES = 8
+PATH_LENGTH = 5
+
+
+@dataclass
+class RegimesPlan:
+    out: Path
+    sweep: str = "horizon"
+    seeds: int = 3
+    knobs: tuple = ()  # () : the sweep's own values
+    steps: int = 150
+    warm_steps: int = 30
+    eval_every: int = 25
+    eval_examples: int = 256
+    prompts: int = 16
+    samples: int = 4
+    fixed_pairs: int = 256
+    lrs: tuple = (1e-3, 3e-3)
+    width: int = 64
+    layers: int = 2
+    overrides: list = field(default_factory=list)
+
+    def values(self) -> tuple:
+        if self.sweep not in SWEEPS:
+            raise OpdError(f"--sweep {self.sweep!r} must be one of {', '.join(SWEEPS)}")
+        return tuple(self.knobs) or SWEEPS[self.sweep][1]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One sweep point: its task, the student's width, the prompts a run may train on, and its methods."""
+
+    name: str
+    task: str
+    width: int
+    train_prompts: int = 0
+    methods: tuple = ("opd", "sft-fresh", "sft-fixed")
+
+
+def points(plan: RegimesPlan) -> list[Point]:
+    out = []
+    for value in plan.values():
+        value = value if plan.sweep == "entropy" else int(value)
+        if plan.sweep == "horizon":
+            for arm in ("fatal", "recoverable"):
+                methods = ("opd", "sft-fresh", "sft-fixed") + (("rl",) if arm == "recoverable" else ())
+                out.append(Point(f"{arm}-k{value}", f"chain:{value}:{arm}:{CHAIN_STATES}", plan.width,
+                                 methods=methods))
+        elif plan.sweep == "entropy":
+            out.append(Point(f"tau{value:g}", f"paths:{PATH_LENGTH}:{value:g}", plan.width))
+        elif plan.sweep == "capacity":
+            out.append(Point(f"width{value}", f"chain:8:recoverable:{CHAIN_STATES}", int(value)))
+        else:
+            out.append(Point(f"prompts{value or 'all'}", f"paths:{PATH_LENGTH}:inf", plan.width, int(value)))
+    return out
+
+
+def teacher_pairs(task_spec: str, count: int, seed: int) -> list[dict]:
+    """``count`` prompts of the training split (``seed``'s stream) with a completion sampled from the exact
+    teacher: SFT's data."""
+    from opd.regimes.exact import reference_completion
+    from opd.tasks.choose import regime_task
+
+    task = regime_task(task_spec)
+    rng = random.Random(f"pairs/{seed}")
+    rows, step = [], 0
+    while len(rows) < count:
+        for example in task.train_examples(step, min(256, count - len(rows)), seed):
+            rows.append({"prompt": example.messages[-1]["content"],
+                         "completion": reference_completion(task, example, rng)})
+        step += 1
+    return rows
+
+
+def write_pairs(path: Path, rows: list[dict]) -> Path:
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        tmp.replace(path)
+    return path
+
+
+def student_dir(plan: RegimesPlan, width: int, seed: int) -> Path:
+    """A fresh character-level student (``opd.zoo.make_model``: ``layers`` layers of ``width``), one per
+    width and seed, shared by the sweep's points."""
+    from opd.models import save_model
+    from opd.regimes.vocab import char_tokenizer
+    from opd.zoo import make_model
+
+    path = plan.out / "models" / f"w{width}-s{seed}"
+    if not (path / "config.json").is_file():
+        tokenizer = char_tokenizer()
+        save_model(make_model(tokenizer, layers=plan.layers, width=width, seed=1000 + seed), tokenizer, path)
+    return path
+
+
+def common(plan: RegimesPlan, point: Point, seed: int) -> dict:
+    return dict(task=point.task, teacher=TEACHER, seed=seed, prompts_per_step=plan.prompts, max_new_tokens=48,
+                eval_examples=plan.eval_examples, eval_samples=0, eval_every=plan.eval_every, warmup_steps=5,
+                save_every=max(plan.eval_every, 50), lr_schedule="constant")
+
+
+def run_arm(plan: RegimesPlan, point: Point, seed: int, method: str, lr: float, warm: Path, progress: bool,
+            where: Path) -> list[dict]:
+    """One arm from the warm start: its metrics (a finished run reused, an interrupted one resumed)."""
+    values = common(plan, point, seed) | dict(student=warm, lr=lr, steps=plan.steps)
+    rows = plan.prompts * plan.samples
+    if method == "opd":
+        values |= dict(method="opd", samples_per_prompt=plan.samples, kl="full",
+                       train_prompts=point.train_prompts)
+    elif method == "rl":
+        values |= dict(method="rl", samples_per_prompt=plan.samples, kl="sampled",
+                       train_prompts=point.train_prompts)
+    else:
+        fresh = method == "sft-fresh"
+        count = rows * plan.steps if fresh else plan.fixed_pairs
+        if point.train_prompts:  # reuse: the same few prompts, fresh completions of them
+            count = rows * plan.steps if fresh else plan.fixed_pairs
+        data = write_pairs(plan.out / "data" / f"{point.name}-s{seed}-{method}.jsonl",
+                           reused_pairs(point, count, seed) if point.train_prompts else
+                           teacher_pairs(point.task, count, 7919 * seed + (1 if fresh else 2)))
+        values |= dict(method="sft", sft_data=data, prompts_per_step=rows, kl="sampled")
+    config = run_config(plan.overrides, where, **values)
+    return run_once(config, progress, desc=f"{point.name} {method} s{seed} lr={lr:g}")
+
+
+def reused_pairs(point: Point, count: int, seed: int) -> list[dict]:
+    """The reuse sweep's SFT data: teacher samples of the first ``train_prompts`` prompts only."""
+    from opd.regimes.exact import reference_completion
+    from opd.tasks.choose import regime_task
+
+    task = regime_task(point.task)
+    pool = task.train_examples(0, point.train_prompts, seed)
+    rng = random.Random(f"reuse/{seed}")
+    return [{"prompt": ex.messages[-1]["content"], "completion": reference_completion(task, ex, rng)}
+            for ex in (pool[i % len(pool)] for i in range(count))]
+
+
+def warm_start(plan: RegimesPlan, point: Point, seed: int, progress: bool) -> Path:
+    """SFT from a fresh student on the teacher's samples: the start every arm of (point, seed) shares."""
+    where = plan.out / "runs" / point.name / f"s{seed}" / "warm"
+    if not plan.warm_steps:
+        return student_dir(plan, point.width, seed)
+    rows = plan.prompts * plan.samples
+    data = write_pairs(plan.out / "data" / f"{point.name}-s{seed}-warm.jsonl",
+                       teacher_pairs(point.task, rows * plan.warm_steps, 7919 * seed))
+    values = common(plan, point, seed) | dict(student=student_dir(plan, point.width, seed), method="sft",
+                                              sft_data=data, prompts_per_step=rows, lr=3e-3,
+                                              steps=plan.warm_steps, kl="sampled", eval_every=plan.warm_steps)
+    run_once(run_config(plan.overrides, where, **values), progress, desc=f"{point.name} warm s{seed}")
+    return where / "final"
+
+
+def final(records: list[dict]) -> float:
+    scored = [r for r in records if r.get("accuracy") is not None]
+    return scored[-1]["accuracy"] if scored else 0.0
+
+
+def choose_rates(plan: RegimesPlan, progress: bool) -> dict[str, float]:
+    """Each method's learning rate: the best final held-out accuracy of ``lrs`` at the middle knob value
+    (seed 0; the horizon sweep: its recoverable arm), kept in ``rates.json``."""
+    path = plan.out / "rates.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if len(plan.lrs) == 1:  # nothing to choose
+        return dict.fromkeys(("opd", "sft-fresh", "sft-fixed", "rl"), plan.lrs[0])
+    candidates = points(plan)
+    middle = [p for p in candidates if "fatal" not in p.name][len(plan.values()) // 2 if plan.sweep != "horizon"
+                                                              else len(plan.values()) // 2]
+    warm = warm_start(plan, middle, 0, progress)
+    chosen, table = {}, {}
+    for method in middle.methods:
+        results = {}
+        for lr in plan.lrs:
+            where = plan.out / "runs" / "rates" / f"{method}-lr{lr:g}"
+            results[lr] = final(run_arm(plan, middle, 0, method, lr, warm, progress, where))
+        chosen[method] = max(results, key=lambda lr: (results[lr], -lr))
+        table[method] = {f"{lr:g}": acc for lr, acc in results.items()}
+    path.write_text(json.dumps(chosen | {"at": middle.name, "accuracy": table}, indent=2))
+    return chosen
+
+
+def run_regimes(plan: RegimesPlan, progress: bool = True) -> dict:
+    """Every point, seed and method of the sweep, then its table, plot and report (``regimes_report``)."""
+    from opd.experiments.regimes_report import report
+
+    started = time.perf_counter()
+    plan.out.mkdir(parents=True, exist_ok=True)
+    rates = choose_rates(plan, progress)
+    results: dict = {}
+    for point in points(plan):
+        for seed in range(plan.seeds):
+            warm = warm_start(plan, point, seed, progress)
+            for method in point.methods:
+                where = plan.out / "runs" / point.name / f"s{seed}" / method
+                records = run_arm(plan, point, seed, method, rates[method], warm, progress, where)
+                results.setdefault(point.name, {}).setdefault(method, []).append(
+                    {"seed": seed, "records": records, "data": data_lengths(plan, point, seed, method)})
+    summary = report(plan, points(plan), results, rates)
+    summary["wall_seconds"] = time.perf_counter() - started
+    (plan.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def data_lengths(plan: RegimesPlan, point: Point, seed: int, method: str) -> list[tuple[int, int]] | None:
+    """The (prompt, completion) lengths in tokens of an SFT arm's pairs (one character a token, the chat
+    template's tokens added), for the teacher's cost of writing them; None for the sampled arms."""
+    if not method.startswith("sft"):
+        return None
+    from opd.models import chat_prompt_ids
+    from opd.regimes.vocab import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    out = []
+    for line in (plan.out / "data" / f"{point.name}-s{seed}-{method}.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.append((len(chat_prompt_ids(tokenizer, [{"role": "user", "content": row["prompt"]}])),
+                    len(row["completion"]) + 1))
+    return out

@@ -1,0 +1,162 @@
+"""The regime map's tables and plot: for each sweep point, each method's final held-out accuracy (mean and
+standard error over seeds), and the compute each needs to reach a ladder of targets, as the ratio
+SFT / on-policy distillation (and RL / on-policy distillation in steps), at nominal teacher sizes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+TARGETS = (0.5, 0.7, 0.9)  # fractions of the best final accuracy any method reaches at the point (seed mean)
+SCALES = (1, 4, 16)  # the teacher's nominal size, in times the student's per-token forward cost
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample standard deviation / sqrt(n); 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def pair_cost(shape, lengths: list[tuple[int, int]]) -> float:
+    """The nominal teacher's FLOPs to write pairs of these (prompt, completion) lengths: one forward over
+    each (with a KV cache, sampling costs what scoring does)."""
+    from opd.flops import grouped_forward_flops
+
+    return sum(grouped_forward_flops(shape, [p], [c], 1, c) for p, c in lengths)
+
+
+def curve(run: dict, method: str, shape, rows_per_step: int, scale: int) -> list[tuple[int, float, float]]:
+    """(step, accuracy, FLOPs so far) at each evaluation: the student's, and the teacher's at ``scale``."""
+    records, lengths = run["records"], run["data"]
+    per_pair = pair_cost(shape, lengths) / len(lengths) if lengths else 0.0
+    up_front = per_pair * len(lengths) if method == "sft-fixed" else 0.0
+    out = []
+    for r in records:
+        if r.get("accuracy") is None:
+            continue
+        teacher = (r.get("teacher_flops_total") or 0.0) if method == "opd" else 0.0
+        if method == "sft-fresh":
+            teacher = per_pair * rows_per_step * r["step"]
+        out.append((r["step"], r["accuracy"], r.get("student_flops_total", 0.0) + scale * (teacher + up_front)))
+    return out
+
+
+def to_target(points: list[tuple[int, float, float]], target: float) -> tuple[int, float] | None:
+    """(steps, FLOPs) at the first evaluation at or above ``target``; None when never reached."""
+    for step, accuracy, flops in points:
+        if accuracy >= target - 1e-9:
+            return step, flops
+    return None
+
+
+def point_summary(name: str, methods: dict, shape, rows_per_step: int) -> dict:
+    finals = {m: [run["records"][-1].get("accuracy") or 0.0 for run in runs] for m, runs in methods.items()}
+    best = max(mean_se(v)[0] for v in finals.values())
+    out = {"point": name, "final": {m: mean_se(v) for m, v in finals.items()}, "best": best, "ratios": {}}
+    for scale in SCALES:
+        for fraction in TARGETS:
+            target = fraction * best
+            if best <= 0:
+                continue
+            for method in ("sft-fresh", "sft-fixed", "rl"):
+                if method not in methods or "opd" not in methods:
+                    continue
+                ratios, reached = [], 0
+                for opd_run, other in zip(methods["opd"], methods[method], strict=True):
+                    a = to_target(curve(opd_run, "opd", shape, rows_per_step, scale), target)
+                    b = to_target(curve(other, method, shape, rows_per_step, scale), target)
+                    if a and b:  # both at the warm start (step 0, no compute yet): equal cost
+                        reached += 1
+                        cost = (b[0], a[0]) if method == "rl" else (b[1], a[1])
+                        ratios.append(cost[0] / cost[1] if cost[1] > 0 else 1.0 if cost[0] == 0 else math.inf)
+                key = f"{method}/opd {'steps' if method == 'rl' else 'flops'} x{scale} @{fraction:g}"
+                out["ratios"][key] = {"geomean": geomean(ratios),
+                                      "values": ratios, "seeds_reaching_both": reached, "target": target}
+    return out
+
+
+def geomean(values: list[float]) -> float | None:
+    if not values:
+        return None
+    if any(math.isinf(v) for v in values):
+        return math.inf
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def cell(value: tuple[float, float]) -> str:
+    return f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
+
+
+def ratio_cell(entry: dict) -> str:
+    if entry["geomean"] is None:
+        return "n/r"
+    values = entry["values"]
+    spread = f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else ""
+    return f"{entry['geomean']:.2f}{spread} ({entry['seeds_reaching_both']})"
+
+
+def report(plan, points: list, results: dict, rates: dict) -> dict:
+    """``report.md``, ``regimes.png`` and the summary's numbers."""
+    import torch
+
+    from opd.flops import ModelShape
+    from opd.models import load_model
+    from opd.regimes.exact import EPSILON
+
+    summaries = []
+    for point in points:
+        model = load_model(plan.out / "models" / f"w{point.width}-s0", torch.device("cpu"), torch.float32)
+        shape = ModelShape.of(model)
+        summaries.append(point_summary(point.name, results[point.name], shape, plan.prompts * plan.samples))
+    methods = sorted({m for s in summaries for m in s["final"]}, key=["opd", "sft-fresh", "sft-fixed", "rl"].index)
+    lines = [f"# Regime map: {plan.sweep}", "",
+             f"Exact teacher floored at epsilon = {EPSILON:g} (mixed with uniform); teacher FLOPs at a nominal size of "
+             f"{', '.join(map(str, SCALES))}x the student's per-token forward cost; {plan.seeds} seeds; "
+             f"{plan.steps} steps per arm from a shared SFT warm start of {plan.warm_steps} steps; learning rates "
+             f"{rates}; held-out greedy accuracy on {plan.eval_examples} prompts (mean ± standard error over seeds).",
+             "", "| point | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for s in summaries:
+        lines.append(f"| {s['point']} | " + " | ".join(cell(s["final"][m]) if m in s["final"] else "" for m in methods)
+                     + " |")
+    for scale in SCALES:
+        keys = sorted({k for s in summaries for k in s["ratios"] if f" x{scale} " in k})
+        lines += ["", f"Compute to target, teacher x{scale}: geometric mean over seeds [min-max] (seeds where both "
+                  "reached it); target = fraction of the best final accuracy at the point. n/r: not reached.", "",
+                  "| point | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for s in summaries:
+            lines.append(f"| {s['point']} | " + " | ".join(ratio_cell(s["ratios"][k]) if k in s["ratios"] else ""
+                                                          for k in keys) + " |")
+    plot(plan.out / "regimes.png", plan.sweep, summaries)
+    lines += ["", "![ratios](regimes.png)", ""]
+    (plan.out / "report.md").write_text("\n".join(lines))
+    return {"sweep": plan.sweep, "epsilon": EPSILON, "scales": SCALES, "targets": TARGETS, "rates": rates,
+            "points": summaries}
+
+
+def plot(path: Path, sweep: str, summaries: list[dict]) -> None:
+    """SFT / OPD FLOPs to target against the sweep's points, one line per target (teacher x1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    names = [s["point"] for s in summaries]
+    for ax, method in zip(axes, ("sft-fresh", "sft-fixed"), strict=True):
+        for fraction in TARGETS:
+            key = f"{method}/opd flops x1 @{fraction:g}"
+            ys = [s["ratios"].get(key, {}).get("geomean") for s in summaries]
+            ax.plot(range(len(names)), [y if y is not None else float("nan") for y in ys], marker="o",
+                    label=f"target {fraction:g} x best")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_title(f"{method} / opd FLOPs to target ({sweep})")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("FLOPs ratio (> 1: on-policy distillation cheaper)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

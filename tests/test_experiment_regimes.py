@@ -1,0 +1,55 @@
+"""``opd experiment regimes``: each sweep's points, the smoke version of a sweep through the CLI (one knob value,
+one seed, a few steps) with its table, plot and summary, run again without training anything, and the
+compute-to-target arithmetic on known curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opd.cli import main
+from opd.experiments.regimes import RegimesPlan, points
+from opd.experiments.regimes_report import mean_se, to_target
+
+
+def test_each_sweep_turns_one_knob():
+    horizon = points(RegimesPlan(Path("x"), "horizon"))
+    assert [p.task for p in horizon][:2] == ["chain:4:fatal:8", "chain:4:recoverable:8"] and len(horizon) == 8
+    assert [p.methods for p in horizon[:2]] == [("opd", "sft-fresh", "sft-fixed"), ("opd", "sft-fresh", "sft-fixed",
+                                                                                     "rl")]
+    assert [p.task for p in points(RegimesPlan(Path("x"), "entropy"))] == ["paths:5:0", "paths:5:0.3", "paths:5:1",
+                                                                         "paths:5:inf"]
+    capacity = points(RegimesPlan(Path("x"), "capacity"))
+    assert {p.task for p in capacity} == {"chain:8:recoverable:8"} and [p.width for p in capacity] == [16, 32, 64, 128]
+    assert [p.train_prompts for p in points(RegimesPlan(Path("x"), "reuse"))] == [1, 16, 0]
+
+
+def test_compute_to_target_reads_the_first_evaluation_that_reaches_it():
+    curve = [(0, 0.0, 0.0), (10, 0.3, 5.0), (20, 0.6, 9.0), (30, 0.5, 12.0)]
+    assert to_target(curve, 0.3) == (10, 5.0) and to_target(curve, 0.55) == (20, 9.0)
+    assert to_target(curve, 0.7) is None
+    assert mean_se([0.2, 0.4]) == pytest.approx((0.3, 0.1))
+
+
+def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsys):
+    out = tmp_path / "regimes"
+    argv = ["experiment", "regimes", "--sweep", "horizon", "--knobs", "3", "--seeds", "1", "--steps", "2",
+            "--warm-steps", "2", "--eval-every", "2", "--eval-examples", "8", "--prompts", "2", "--samples", "2",
+            "--fixed-pairs", "8", "--lrs", "0.003", "--width", "16", "--layers", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["point"] for p in summary["points"]] == ["fatal-k3", "recoverable-k3"]
+    assert set(summary["points"][1]["final"]) == {"opd", "sft-fresh", "sft-fixed", "rl"}
+    assert summary["epsilon"] > 0 and summary["scales"] == [1, 4, 16]
+    report = (out / "report.md").read_text()
+    assert "| recoverable-k3 |" in report and "epsilon" in report and (out / "regimes.png").stat().st_size > 0
+    for method in ("opd", "sft-fresh", "sft-fixed", "rl"):
+        records = [json.loads(line) for line in (out / "runs" / "recoverable-k3" / "s0" / method / "metrics.jsonl")
+                   .read_text().splitlines()]
+        assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/s0/*/metrics.jsonl")}
+    assert main(argv) == 0  # again: every run reused
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/s0/*/metrics.jsonl")} == stamps
+    capsys.readouterr()
