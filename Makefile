@@ -42,7 +42,7 @@ MUTATE := 'opd.losses.*' 'opd.samplers.local.*' 'opd.scoring.*' 'opd.rollouts.*'
 	'opd.experiments.sft_curve.x_fit_summary*' 'opd.experiments.sft_curve.x_power10*' \
 	'opd.teachers.alignment.*' 'opd.teachers.view.*' 'opd.tasks.custom.*' 'opd.tasks.math.*' 'opd.api.*' \
 	'opd.tasks.sources.*' 'opd.tasks.jsonl.*' 'opd.trackers.*' 'opd.export.*' 'opd.plan.*' \
-	'opd.domains.*' 'opd.runs.*' 'opd.micro_batches.*'
+	'opd.domains.*' 'opd.runs.*' 'opd.micro_batches.*' 'opd.teachers.grade.*' 'opd.teachers.programmatic.*'
 
 mutate: $(STAMP)
 	$(BIN)/pip install -q -e '.[mutate]'

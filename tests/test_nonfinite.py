@@ -157,6 +157,15 @@ def test_a_collapsed_policy_gets_one_warning(model_dirs, tmp_path, monkeypatch, 
                                                  save_every=14)), progress=False)
     err = capsys.readouterr().err
     assert err.count("opd: warning: the gradient norm has been exactly 0 for 10 steps in a row (to step 11)") == 1
+    assert "rewards were equal" not in err  # distillation: the reward plays no part
+
+
+def test_rls_warning_names_equal_rewards(model_dirs, tmp_path, monkeypatch, capsys):
+    real = opd.trainer.training_step
+    monkeypatch.setattr(opd.trainer, "training_step", lambda session, index: {**real(session, index), "grad_norm": 0.0})
+    train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "r", method="rl", kl="sampled", steps=10,
+                                                 eval_every=10, save_every=10)), progress=False)
+    assert "every group's rewards were equal" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])

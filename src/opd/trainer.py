@@ -240,9 +240,11 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
             flat = flat + 1 if record["grad_norm"] == 0 else 0
             if flat == COLLAPSE_STEPS and main and not warned:
                 warned = True
+                why = ("every group's rewards were equal (nothing to learn from: all right or all wrong; more "
+                       "samples_per_prompt or an easier start give a signal), or " if config.method == "rl" else "")
                 print(f"opd: warning: the gradient norm has been exactly 0 for {COLLAPSE_STEPS} steps in a row (to "
-                      f"step {record['step']}): the policy has likely collapsed onto tokens it no longer moves from "
-                      f"(a rate too high for it: lr={config.lr:g}); check teacher_kl and accuracy, and lower lr",
+                      f"step {record['step']}): {why}the policy has likely collapsed onto tokens it no longer moves "
+                      f"from (a rate too high for it: lr={config.lr:g}); check teacher_kl and accuracy, and lower lr",
                       file=sys.stderr)
             done = record["step"] == config.steps
             if evaluates and (record["step"] % config.eval_every == 0 or done):
