@@ -53,3 +53,18 @@ def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsy
     assert main(argv) == 0  # again: every run reused
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/s0/*/metrics.jsonl")} == stamps
     capsys.readouterr()
+
+
+def test_the_entropy_sweep_reports_path_diversity(tmp_path, capsys):
+    out = tmp_path / "entropy"
+    assert main(["experiment", "regimes", "--sweep", "entropy", "--knobs", "inf", "--seeds", "1", "--steps", "2",
+                 "--warm-steps", "2", "--eval-every", "2", "--eval-examples", "8", "--prompts", "2", "--samples", "2",
+                 "--fixed-pairs", "8", "--lrs", "0.003", "--width", "16", "--layers", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    diversity = summary["points"][0]["diversity"]
+    assert set(diversity) == {"opd", "sft-fresh", "sft-fixed"} and all(0 <= d[0] <= 1 for d in diversity.values())
+    assert "Path diversity" in (out / "report.md").read_text()
+    cached = json.loads((out / "runs" / "tauinf" / "s0" / "opd" / "diversity.json").read_text())
+    assert cached["samples"] == 8 and cached["diversity"] == diversity["opd"][0]
+    capsys.readouterr()

@@ -111,6 +111,8 @@ OPTION_DOMAINS = {
     "top_p": Number(0, 1, low_open=True), "eval.samples": Number(0, integer=True, note="0: greedy only"),
     "port": Number(0, 65535, integer=True), "chat_fraction": HALF_OPEN_SHARE, "target": SHARE,
     "warmup_steps": Number(0, integer=True), "opd_warmup": Number(0, integer=True),
+    "regimes.knobs": Number(0, inf_ok=True, note="the entropy sweep's teacher temperatures: 0 to inf"),
+    "regimes.warm_steps": Number(0, integer=True, note="0: no warm start"),
 }
 
 

@@ -72,6 +72,7 @@ class Point:
     width: int
     train_prompts: int = 0
     methods: tuple = ("opd", "sft-fresh", "sft-fixed")
+    max_new_tokens: int = 48  # room for the answer and its corrections, so that no arm is cut short
 
 
 def points(plan: RegimesPlan) -> list[Point]:
@@ -82,7 +83,7 @@ def points(plan: RegimesPlan) -> list[Point]:
             for arm in ("fatal", "recoverable"):
                 methods = ("opd", "sft-fresh", "sft-fixed") + (("rl",) if arm == "recoverable" else ())
                 out.append(Point(f"{arm}-k{value}", f"chain:{value}:{arm}:{CHAIN_STATES}", plan.width,
-                                 methods=methods))
+                                 methods=methods, max_new_tokens=3 * value + 8))
         elif plan.sweep == "entropy":
             out.append(Point(f"tau{value:g}", f"paths:{PATH_LENGTH}:{value:g}", plan.width))
         elif plan.sweep == "capacity":
@@ -133,7 +134,8 @@ def student_dir(plan: RegimesPlan, width: int, seed: int) -> Path:
 
 
 def common(plan: RegimesPlan, point: Point, seed: int) -> dict:
-    return dict(task=point.task, teacher=TEACHER, seed=seed, prompts_per_step=plan.prompts, max_new_tokens=48,
+    return dict(task=point.task, teacher=TEACHER, seed=seed, prompts_per_step=plan.prompts,
+                max_new_tokens=point.max_new_tokens,
                 eval_examples=plan.eval_examples, eval_samples=0, eval_every=plan.eval_every, warmup_steps=5,
                 save_every=max(plan.eval_every, 50), lr_schedule="constant")
 
@@ -203,8 +205,7 @@ def choose_rates(plan: RegimesPlan, progress: bool) -> dict[str, float]:
     if len(plan.lrs) == 1:  # nothing to choose
         return dict.fromkeys(("opd", "sft-fresh", "sft-fixed", "rl"), plan.lrs[0])
     candidates = points(plan)
-    middle = [p for p in candidates if "fatal" not in p.name][len(plan.values()) // 2 if plan.sweep != "horizon"
-                                                              else len(plan.values()) // 2]
+    middle = [p for p in candidates if "fatal" not in p.name][len(plan.values()) // 2]
     warm = warm_start(plan, middle, 0, progress)
     chosen, table = {}, {}
     for method in middle.methods:
@@ -233,11 +234,47 @@ def run_regimes(plan: RegimesPlan, progress: bool = True) -> dict:
                 where = plan.out / "runs" / point.name / f"s{seed}" / method
                 records = run_arm(plan, point, seed, method, rates[method], warm, progress, where)
                 results.setdefault(point.name, {}).setdefault(method, []).append(
-                    {"seed": seed, "records": records, "data": data_lengths(plan, point, seed, method)})
+                    {"seed": seed, "records": records, "data": data_lengths(plan, point, seed, method),
+                     "diversity": diversity(where, point) if point.task.startswith("paths:") else None})
     summary = report(plan, points(plan), results, rates)
     summary["wall_seconds"] = time.perf_counter() - started
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+DIVERSITY_PROMPTS, DIVERSITY_SAMPLES = 64, 8
+
+
+def diversity(run_dir: Path, point: Point) -> float:
+    """Path diversity of a run's final student (``PathsTask.path_diversity``: distinct valid walks per valid
+    answer) over ``DIVERSITY_SAMPLES`` samples at temperature 1 of each of the first ``DIVERSITY_PROMPTS``
+    held-out prompts, averaged; cached in the run's directory. Reverse KL is mode-seeking: this is what it
+    costs in diversity."""
+    cache = run_dir / "diversity.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["diversity"]
+    import torch
+
+    from opd.evaluation import completions_text
+    from opd.models import chat_prompt_ids, load_model, load_tokenizer
+    from opd.samplers.local import sample_in_batches
+    from opd.tasks.choose import regime_task
+
+    task = regime_task(point.task)
+    model = load_model(run_dir / "final", torch.device("cpu"), torch.float32).eval()
+    tokenizer = load_tokenizer(run_dir / "final")
+    examples = task.eval_examples(DIVERSITY_PROMPTS)
+    drawn = sample_in_batches(model, [chat_prompt_ids(tokenizer, ex.messages) for ex in examples], rows=0,
+                              samples_per_prompt=DIVERSITY_SAMPLES, max_new_tokens=point.max_new_tokens,
+                              temperature=1.0, top_p=1.0, eos_id=tokenizer.eos_token_id,
+                              pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                              generator=torch.Generator().manual_seed(0))
+    texts = completions_text(tokenizer, drawn.completion_ids())
+    values = [task.path_diversity(texts[i * DIVERSITY_SAMPLES:(i + 1) * DIVERSITY_SAMPLES], ex)
+              for i, ex in enumerate(examples)]
+    value = sum(values) / len(values)
+    cache.write_text(json.dumps({"diversity": value, "prompts": len(values), "samples": DIVERSITY_SAMPLES}))
+    return value
 
 
 def data_lengths(plan: RegimesPlan, point: Point, seed: int, method: str) -> list[tuple[int, int]] | None:

@@ -56,6 +56,8 @@ def point_summary(name: str, methods: dict, shape, rows_per_step: int) -> dict:
     finals = {m: [run["records"][-1].get("accuracy") or 0.0 for run in runs] for m, runs in methods.items()}
     best = max(mean_se(v)[0] for v in finals.values())
     out = {"point": name, "final": {m: mean_se(v) for m, v in finals.items()}, "best": best, "ratios": {}}
+    if all(run.get("diversity") is not None for runs in methods.values() for run in runs):
+        out["diversity"] = {m: mean_se([run["diversity"] for run in runs]) for m, runs in methods.items()}
     for scale in SCALES:
         for fraction in TARGETS:
             target = fraction * best
@@ -121,6 +123,13 @@ def report(plan, points: list, results: dict, rates: dict) -> dict:
     for s in summaries:
         lines.append(f"| {s['point']} | " + " | ".join(cell(s["final"][m]) if m in s["final"] else "" for m in methods)
                      + " |")
+    if all("diversity" in s for s in summaries):
+        lines += ["", "Path diversity of each final student (distinct valid walks per valid answer, 8 samples at T=1 "
+                  "of 64 held-out prompts; mean ± standard error over seeds):", "",
+                  "| point | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for s in summaries:
+            lines.append(f"| {s['point']} | " + " | ".join(f"{s['diversity'][m][0]:.3f} ± {s['diversity'][m][1]:.3f}"
+                                                          if m in s["diversity"] else "" for m in methods) + " |")
     for scale in SCALES:
         keys = sorted({k for s in summaries for k in s["ratios"] if f" x{scale} " in k})
         lines += ["", f"Compute to target, teacher x{scale}: geometric mean over seeds [min-max] (seeds where both "
