@@ -113,6 +113,7 @@ OPTION_DOMAINS = {
     "warmup_steps": Number(0, integer=True), "opd_warmup": Number(0, integer=True),
     "regimes.knobs": Number(0, inf_ok=True, note="the entropy sweep's teacher temperatures: 0 to inf"),
     "regimes.warm_steps": Number(0, integer=True, note="0: no warm start"),
+    "regimes.base_steps": Number(0, integer=True, note="0: no base"),
 }
 
 

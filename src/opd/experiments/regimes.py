@@ -1,8 +1,12 @@
 """``opd experiment regimes``: where on-policy distillation pays against SFT, one knob at a time, with an exact
 teacher (``opd.regimes``: its distribution is known after any prefix, the student's own included).
 
-A sweep point is a task (and for ``capacity`` a student width). At each point and seed, one SFT warm start
-from a fresh student (``warm_steps`` on the teacher's samples) is shared by every arm; from it:
+A sweep point is a task (and for ``capacity`` a student width). Each seed's student is first taught the
+sweep's basic skill (``base_steps`` of SFT on the teacher's samples of the sweep's easiest task: one hop of a
+chain is looked up in the prompt's table, one step of a walk in its graph), as a pretrained model would know
+it; the students of ``opd experiment regimes``' default size do not learn it within a sweep's budget
+otherwise. At each point and seed, one SFT warm start from that base (``warm_steps`` on the point's teacher
+samples) is shared by every arm; from it:
 
 - ``opd``: on-policy distillation from the exact teacher (``teacher=opd.regimes.exact:Exact``, the exact
   reverse KL over the vocabulary, ``kl=full``), ``prompts`` prompts x ``samples`` samples a step;
@@ -47,13 +51,15 @@ class RegimesPlan:
     knobs: tuple = ()  # () : the sweep's own values
     steps: int = 150
     warm_steps: int = 30
+    base_steps: int = 600
+    base_lr: float = 1e-3
     eval_every: int = 25
     eval_examples: int = 256
     prompts: int = 16
     samples: int = 4
     fixed_pairs: int = 256
-    lrs: tuple = (1e-3, 3e-3)
-    width: int = 64
+    lrs: tuple = (3e-4, 1e-3)
+    width: int = 128
     layers: int = 2
     overrides: list = field(default_factory=list)
 
@@ -176,17 +182,41 @@ def reused_pairs(point: Point, count: int, seed: int) -> list[dict]:
             for ex in (pool[i % len(pool)] for i in range(count))]
 
 
+def base_task(plan: RegimesPlan) -> str:
+    """The sweep's easiest task, whose skill every point needs (a chain's lookup, a walk's step)."""
+    return f"paths:{PATH_LENGTH}:inf" if plan.sweep in ("entropy", "reuse") else f"chain:4:fatal:{CHAIN_STATES}"
+
+
+def base(plan: RegimesPlan, width: int, seed: int, progress: bool) -> Path:
+    """A fresh student taught the sweep's basic skill: ``base_steps`` of SFT on teacher samples of
+    ``base_task`` (one per width and seed, shared by the sweep's points; none with ``base_steps=0``)."""
+    if not plan.base_steps:
+        return student_dir(plan, width, seed)
+    where = plan.out / "runs" / "base" / f"w{width}-s{seed}"
+    rows = plan.prompts * plan.samples
+    task = base_task(plan)
+    data = write_pairs(plan.out / "data" / f"base-w{width}-s{seed}.jsonl",
+                       teacher_pairs(task, rows * plan.base_steps, 31337 + seed))
+    point = Point("base", task, width, max_new_tokens=32)
+    values = common(plan, point, seed) | dict(student=student_dir(plan, width, seed), method="sft", sft_data=data,
+                                              prompts_per_step=rows, lr=plan.base_lr, steps=plan.base_steps,
+                                              kl="sampled", eval_every=max(plan.base_steps // 4, 1))
+    run_once(run_config(plan.overrides, where, **values), progress, desc=f"base w{width} s{seed}")
+    return where / "final"
+
+
 def warm_start(plan: RegimesPlan, point: Point, seed: int, progress: bool) -> Path:
     """SFT from a fresh student on the teacher's samples: the start every arm of (point, seed) shares."""
     where = plan.out / "runs" / point.name / f"s{seed}" / "warm"
+    start = base(plan, point.width, seed, progress)
     if not plan.warm_steps:
-        return student_dir(plan, point.width, seed)
+        return start
     rows = plan.prompts * plan.samples
     data = write_pairs(plan.out / "data" / f"{point.name}-s{seed}-warm.jsonl",
                        teacher_pairs(point.task, rows * plan.warm_steps, 7919 * seed))
-    values = common(plan, point, seed) | dict(student=student_dir(plan, point.width, seed), method="sft",
-                                              sft_data=data, prompts_per_step=rows, lr=3e-3,
-                                              steps=plan.warm_steps, kl="sampled", eval_every=plan.warm_steps)
+    values = common(plan, point, seed) | dict(student=start, method="sft", sft_data=data, prompts_per_step=rows,
+                                              lr=plan.base_lr, steps=plan.warm_steps, kl="sampled",
+                                              eval_every=plan.warm_steps)
     run_once(run_config(plan.overrides, where, **values), progress, desc=f"{point.name} warm s{seed}")
     return where / "final"
 
