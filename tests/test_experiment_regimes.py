@@ -36,7 +36,8 @@ def test_compute_to_target_reads_the_first_evaluation_that_reaches_it():
 def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsys):
     out = tmp_path / "regimes"
     argv = ["experiment", "regimes", "--sweep", "horizon", "--knobs", "3", "--seeds", "1", "--steps", "2",
-            "--warm-steps", "2", "--base-steps", "2", "--eval-every", "2", "--eval-examples", "8", "--prompts", "2", "--samples", "2",
+            "--warm-steps", "2", "--base-steps", "2", "--eval-every", "2", "--eval-examples", "8", "--prompts", "2",
+            "--samples", "2",
             "--fixed-pairs", "8", "--lrs", "0.003", "--width", "16", "--layers", "1", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -62,7 +63,8 @@ def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsy
 def test_the_entropy_sweep_reports_path_diversity(tmp_path, capsys):
     out = tmp_path / "entropy"
     assert main(["experiment", "regimes", "--sweep", "entropy", "--knobs", "inf", "--seeds", "1", "--steps", "2",
-                 "--warm-steps", "2", "--base-steps", "2", "--eval-every", "2", "--eval-examples", "8", "--prompts", "2", "--samples", "2",
+                 "--warm-steps", "2", "--base-steps", "2", "--eval-every", "2", "--eval-examples", "8", "--prompts", "2",
+            "--samples", "2",
                  "--fixed-pairs", "8", "--lrs", "0.003", "--width", "16", "--layers", "1", "--out", str(out),
                  "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
