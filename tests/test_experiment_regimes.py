@@ -63,8 +63,8 @@ def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsy
 def test_the_entropy_sweep_reports_path_diversity(tmp_path, capsys):
     out = tmp_path / "entropy"
     assert main(["experiment", "regimes", "--sweep", "entropy", "--knobs", "inf", "--seeds", "1", "--steps", "2",
-                 "--warm-steps", "2", "--base-steps", "2", "--eval-every", "2", "--eval-examples", "8", "--prompts", "2",
-            "--samples", "2",
+                 "--warm-steps", "2", "--base-steps", "2", "--eval-every", "2", "--eval-examples", "8",
+                 "--prompts", "2", "--samples", "2",
                  "--fixed-pairs", "8", "--lrs", "0.003", "--width", "16", "--layers", "1", "--out", str(out),
                  "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
