@@ -43,7 +43,7 @@ def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsy
     summary = json.loads((out / "summary.json").read_text())
     assert [p["point"] for p in summary["points"]] == ["fatal-k3", "recoverable-k3"]
     base = json.loads((out / "runs" / "base" / "w16-s0" / "config.json").read_text())
-    assert base["task"] == "chain:4:fatal:8" and base["steps"] == 2  # the seed's student taught one hop first
+    assert base["task"] == "chain:3:fatal:8" and base["steps"] == 2  # the seed's student taught the chains first
     warm = json.loads((out / "runs" / "fatal-k3" / "s0" / "warm" / "config.json").read_text())
     assert warm["student"] == str(out / "runs" / "base" / "w16-s0" / "final")
     assert set(summary["points"][1]["final"]) == {"opd", "sft-fresh", "sft-fixed", "rl"}

@@ -2,11 +2,11 @@
 teacher (``opd.regimes``: its distribution is known after any prefix, the student's own included).
 
 A sweep point is a task (and for ``capacity`` a student width). Each seed's student is first taught the
-sweep's basic skill (``base_steps`` of SFT on the teacher's samples of the sweep's easiest task: one hop of a
-chain is looked up in the prompt's table, one step of a walk in its graph), as a pretrained model would know
-it; the students of ``opd experiment regimes``' default size do not learn it within a sweep's budget
-otherwise. At each point and seed, one SFT warm start from that base (``warm_steps`` on the point's teacher
-samples) is shared by every arm; from it:
+sweep's basic skill (``base_steps`` of SFT on the teacher's samples of chains of every length the sweep uses,
+fatal arm, or of walks at the highest entropy: a state looked up in the prompt's table, a step of a walk in
+its graph), as a pretrained model would know it; a student of the default size does not learn it within
+a sweep's budget otherwise. At each point and seed, one SFT warm start from that base (``warm_steps`` on the
+point's teacher samples) is shared by every arm; from it:
 
 - ``opd``: on-policy distillation from the exact teacher (``teacher=opd.regimes.exact:Exact``, the exact
   reverse KL over the vocabulary, ``kl=full``), ``prompts`` prompts x ``samples`` samples a step;
@@ -182,22 +182,30 @@ def reused_pairs(point: Point, count: int, seed: int) -> list[dict]:
             for ex in (pool[i % len(pool)] for i in range(count))]
 
 
-def base_task(plan: RegimesPlan) -> str:
-    """The sweep's easiest task, whose skill every point needs (a chain's lookup, a walk's step)."""
-    return f"paths:{PATH_LENGTH}:inf" if plan.sweep in ("entropy", "reuse") else f"chain:4:fatal:{CHAIN_STATES}"
+def base_tasks(plan: RegimesPlan) -> list[str]:
+    """The tasks that teach the sweep's basic skill, in equal shares: chains of every length the sweep uses
+    (the lookup at every position; one length alone does not carry to longer chains), or walks at the
+    highest entropy."""
+    if plan.sweep in ("entropy", "reuse"):
+        return [f"paths:{PATH_LENGTH}:inf"]
+    hops = plan.values() if plan.sweep == "horizon" else (8,)
+    return [f"chain:{int(k)}:fatal:{CHAIN_STATES}" for k in hops]
 
 
 def base(plan: RegimesPlan, width: int, seed: int, progress: bool) -> Path:
     """A fresh student taught the sweep's basic skill: ``base_steps`` of SFT on teacher samples of
-    ``base_task`` (one per width and seed, shared by the sweep's points; none with ``base_steps=0``)."""
+    ``base_tasks`` (one per width and seed, shared by the sweep's points; none with ``base_steps=0``)."""
     if not plan.base_steps:
         return student_dir(plan, width, seed)
     where = plan.out / "runs" / "base" / f"w{width}-s{seed}"
     rows = plan.prompts * plan.samples
-    task = base_task(plan)
-    data = write_pairs(plan.out / "data" / f"base-w{width}-s{seed}.jsonl",
-                       teacher_pairs(task, rows * plan.base_steps, 31337 + seed))
-    point = Point("base", task, width, max_new_tokens=32)
+    tasks = base_tasks(plan)
+    share = -(-rows * plan.base_steps // len(tasks))
+    pairs = [pair for i, task in enumerate(tasks) for pair in teacher_pairs(task, share, 31337 + 101 * seed + i)]
+    random.Random(f"base/{seed}").shuffle(pairs)
+    data = write_pairs(plan.out / "data" / f"base-w{width}-s{seed}.jsonl", pairs)
+    hops = max(int(task.split(":")[1]) for task in tasks)
+    point = Point("base", tasks[-1], width, max_new_tokens=3 * hops + 8)
     values = common(plan, point, seed) | dict(student=student_dir(plan, width, seed), method="sft", sft_data=data,
                                               prompts_per_step=rows, lr=plan.base_lr, steps=plan.base_steps,
                                               kl="sampled", eval_every=max(plan.base_steps // 4, 1))
