@@ -71,11 +71,16 @@ def test_grading_in_parts_equals_grading_whole(tokenizer, tiny_model):
 
 def test_joined_answers_number_the_chunks_across_the_batch():
     one = Scored(torch.zeros(1, 3), torch.tensor([[-1, 0, 1]]), chunk_count=2, single_token_chunks=1,
-                 teacher_prompt_lengths=[4], teacher_completion_lengths=[2])
+                 teacher_prompt_lengths=[4], teacher_completion_lengths=[2],
+                 topk=(torch.tensor([[1, 2]]), torch.tensor([[-0.1, -2.0]])), hidden=torch.zeros(2, 4))
     two = Scored(torch.ones(2, 3), torch.tensor([[-1, 0, 0], [-1, 1, 2]]), chunk_count=3, single_token_chunks=2,
-                 teacher_prompt_lengths=[5, 6], teacher_completion_lengths=[1, 3])
+                 teacher_prompt_lengths=[5, 6], teacher_completion_lengths=[1, 3],
+                 topk=(torch.tensor([[3, 4], [5, 6]]), torch.tensor([[-0.3, -1.0], [-0.5, -0.9]])),
+                 hidden=torch.ones(3, 4))
     both = joined([one, two])
     assert both.chunks.tolist() == [[-1, 0, 1], [-1, 2, 2], [-1, 3, 4]]
     assert (both.chunk_count, both.single_token_chunks) == (5, 3)
     assert both.teacher_prompt_lengths == [4, 5, 6] and both.teacher_completion_lengths == [2, 1, 3]
     assert torch.equal(both.logprobs, torch.cat([one.logprobs, two.logprobs]))
+    assert both.topk[0].tolist() == [[1, 2], [3, 4], [5, 6]] and both.topk[1].shape == (3, 2)
+    assert torch.equal(both.hidden, torch.cat([one.hidden, two.hidden]))

@@ -89,7 +89,7 @@ def test_column_trimming_moves_every_per_token_field_and_the_turns():
 def test_joining_two_batches_keeps_every_field():
     first, second = full(), trimmed(full(offset=100).select(slice(0, 2)))  # a narrower part, shifted right
     shift = 2  # first's prompts end at column 4, second's at 2
-    merged = concat_rollouts(first, second, pad_id=0)
+    merged = concat_rollouts(first, second, pad_id=99)
     assert merged.tokens.shape == (ROWS + 2, WIDTH)
     for f in fields(Rollouts):
         a, b, got = getattr(first, f.name), getattr(second, f.name), getattr(merged, f.name)
@@ -100,7 +100,7 @@ def test_joining_two_batches_keeps_every_field():
         elif f.name == "turns":
             assert got[:ROWS] == a and [row[0].start for row in got[ROWS:]] == [b[0][0].start + shift] * 2
         elif f.metadata["per"] == TOKEN:
-            fill = {"tokens": 0, "is_weights": 1.0}.get(f.name, 0)
+            fill = {"tokens": 99, "is_weights": 1.0}.get(f.name, 0)
             assert torch.equal(got[:ROWS], a), f.name
             assert torch.equal(got[ROWS:, shift : shift + b.shape[1]], b), f.name
             outside = torch.cat([got[ROWS:, :shift], got[ROWS:, shift + b.shape[1]:]], 1)
