@@ -10,9 +10,10 @@ import torch
 from test_cross_teacher import sequence_logprobs
 
 from conftest import read_jsonl, tiny_train_overrides
+from opd.chat_settings import with_template_kwargs
 from opd.config import load_config
 from opd.errors import OpdError
-from opd.models import chat_prompt_ids, chat_prompt_text, load_model, save_model, with_template_kwargs
+from opd.models import chat_prompt_ids, chat_prompt_text, load_model, save_model
 from opd.rollouts import pack_pairs
 from opd.setup import open_session
 from opd.tasks import ArithmeticTask, Example

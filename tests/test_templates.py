@@ -15,8 +15,9 @@ import pytest
 import torch
 from test_turns import AskTwice, scripted
 
+from opd.chat_settings import chat_template_of
 from opd.errors import OpdError
-from opd.models import chat_prompt_ids, chat_prompt_text, chat_template_of
+from opd.models import chat_prompt_ids, chat_prompt_text
 from opd.rollouts import pack_pairs
 from opd.samplers.turns import environment_ids, pack, render, roll_out
 from opd.tasks import ArithmeticTask

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from opd.chat_settings import chat_template_of
 from opd.errors import OpdError
 
 
@@ -77,45 +77,6 @@ def cache_kwargs(model: torch.nn.Module, cache) -> dict:
 @functools.cache
 def _cache_argument(decoder_class: type) -> str:
     return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
-
-
-TEMPLATE_KWARGS = "opd_chat_template_kwargs"  # the attribute ``with_template_kwargs`` sets on a tokenizer
-
-
-def with_template_kwargs(tokenizer: PreTrainedTokenizerBase, kwargs: dict) -> PreTrainedTokenizerBase:
-    """``tokenizer``, rendering every chat with ``kwargs`` passed to its template (``chat_template_kwargs``,
-    e.g. ``{"enable_thinking": false}``); a copy when it already renders with other ones (one tokenizer object
-    shared by the student and a served teacher)."""
-    if template_kwargs(tokenizer) == kwargs:
-        return tokenizer
-    if hasattr(tokenizer, TEMPLATE_KWARGS):
-        tokenizer = copy.copy(tokenizer)
-    setattr(tokenizer, TEMPLATE_KWARGS, dict(kwargs))
-    return tokenizer
-
-
-def template_kwargs(tokenizer: PreTrainedTokenizerBase) -> dict:
-    return getattr(tokenizer, TEMPLATE_KWARGS, {})
-
-
-CHAT_TEMPLATE = "opd_chat_template"  # the attribute ``with_chat_template`` sets on a tokenizer
-
-
-def with_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> PreTrainedTokenizerBase:
-    """``tokenizer``, rendering every chat with ``template`` in place of its own (``chat_template=PATH``, or a
-    training template ``opd.templates`` chose); None: its own. The tokenizer's ``chat_template`` is left as it
-    is, so a saved checkpoint keeps the model's own. A copy whenever it changes (one tokenizer object may be
-    shared by the student and the teacher)."""
-    if getattr(tokenizer, CHAT_TEMPLATE, None) == template:
-        return tokenizer
-    tokenizer = copy.copy(tokenizer)
-    setattr(tokenizer, CHAT_TEMPLATE, template)
-    return tokenizer
-
-
-def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The chat template every rendering of ``tokenizer`` uses: ``with_chat_template``'s, else its own."""
-    return getattr(tokenizer, CHAT_TEMPLATE, None) or tokenizer.chat_template
 
 
 def chat_prompt_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, bool]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from opd import distributed, runs
+from opd.chat_settings import with_template_kwargs
 from opd.config import TrainConfig
 from opd.environments import Dialogue, load_environment
 from opd.errors import OpdError
@@ -28,7 +29,6 @@ from opd.models import (
     pick_dtype,
     quiet_peft,
     resolve_model_path,
-    with_template_kwargs,
 )
 from opd.objective import Objective, kl_of
 from opd.samplers.sources import (

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
+from opd.chat_settings import chat_template_of, template_kwargs, with_chat_template
 from opd.errors import OpdError
-from opd.models import chat_template_of, template_kwargs, with_chat_template
 
 REPLY = "opd-reply"  # the probe's assistant turn: a text no template adds
 RESULT = "opd-result-27"  # the probe's tool result, which the rendering must keep

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from opd.chat_settings import chat_template_of
 from opd.environments import Conversation, Environment, final_reward, respond
 from opd.errors import OpdError
-from opd.models import chat_template_of
 from opd.rollouts import Rollouts, Turn, pack_pairs
 from opd.tasks import Example
 from opd.templates import between_turns, rendered

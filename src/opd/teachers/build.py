@@ -9,9 +9,10 @@ import os
 import torch
 
 from opd import distributed
+from opd.chat_settings import with_template_kwargs
 from opd.config import TrainConfig
 from opd.errors import OpdError
-from opd.models import load_model, load_tokenizer, resolve_model_path, with_template_kwargs
+from opd.models import load_model, load_tokenizer, resolve_model_path
 from opd.teachers.local import LocalTeacher
 from opd.teachers.programmatic import ProgrammaticTeacher, load_program
 from opd.teachers.remote import RemoteTeacher

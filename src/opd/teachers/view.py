@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from opd.chat_settings import chat_template_of, template_kwargs
 from opd.errors import OpdError
 from opd.flops import ModelShape
-from opd.models import chat_prompt_ids, chat_prompt_text, chat_template_of, template_kwargs
+from opd.models import chat_prompt_ids, chat_prompt_text
 from opd.rollouts import Rollouts, pack_pairs
 from opd.teachers.alignment import Alignment, Events, align, conditional_shares, token_bytes, with_end_of_turn
 from opd.teachers.base import Teacher
