@@ -197,13 +197,15 @@ def test_fatal_and_recoverable_differ_exactly_as_specified():
 
 
 @pytest.mark.parametrize("arm", ARMS)
-def test_the_chain_grade_reads_the_final_state(arm):
+def test_the_chain_grade_reads_every_state(arm):
     task = ChainTask(hops=4, states=6, arm=arm)
     example = task.eval_examples(1)[0]
     _, truth = truth_chain(prompt_of(example))
     other = shifted(truth[1], "abcdef")
     assert task.reward(truth, example) == 1.0
-    assert task.reward(truth[0] + other + truth[2:], example) == 1.0  # only the last state is graded
+    assert task.reward(truth[0] + other + truth[2:], example) == 0.0  # a wrong middle state: wrong
+    mended = truth[0] + other + MARKER + truth[1] + truth[2:]  # the same state corrected
+    assert task.reward(mended, example) == float(arm == "recoverable")
     for bad in ("", truth[:-1], truth + truth[-1], truth + MARKER, MARKER + truth, truth + " ", truth.upper(),
                 truth[:-1] + "z", truth[:2] + "!!" + truth[2:]):
         assert task.reward(bad, example) == 0.0, bad
@@ -353,3 +355,14 @@ def test_settings_are_checked_and_named():
                 lambda: PathsTask(nodes=3, degree=3)):
         with pytest.raises(ValueError):
             bad()
+
+
+def test_copying_the_start_is_no_answer_when_the_cycle_divides_the_chain():
+    """One cycle of N states: s_K = s_0 whenever N divides K. A student that writes any K states ending on the
+    start must not be paid (the final-state grade did, and a one-layer student found it)."""
+    task = ChainTask(hops=8, states=4, arm="fatal")
+    example = task.eval_examples(1)[0]
+    _, truth = truth_chain(prompt_of(example))
+    start = prompt_of(example).split(";")[1][0]
+    assert truth[-1] == start and task.reward(truth, example) == 1.0
+    assert task.reward(start * 8, example) == 0.0

@@ -188,12 +188,14 @@ def chain_next_probs(chain: Chain, prefix: str, recoverable: bool) -> dict[str, 
 
 
 def chain_reward(chain: Chain, completion: str, recoverable: bool) -> float:
-    """1.0 iff ``completion`` is well formed, has no pending ``!``, writes exactly K states and ends on s_K."""
+    """1.0 iff ``completion`` is well formed, has no pending ``!`` and writes (after corrections) exactly the true
+    chain s_1..s_K. Every state is graded, not the last alone: the table is one cycle of N states, so
+    s_K = s_0 whenever N divides K, and a final-state grade would pay a student that copies the start."""
     read = read_chain(completion, chain.successor, recoverable)
     if read is None:
         return 0.0
     written, pending = read
-    return float(not pending and len(written) == chain.hops and written[-1] == chain.truth[-1])
+    return float(not pending and written == chain.truth)
 
 
 class Splits:
