@@ -74,3 +74,13 @@ def test_the_entropy_sweep_reports_path_diversity(tmp_path, capsys):
     cached = json.loads((out / "runs" / "tauinf" / "s0" / "opd" / "diversity.json").read_text())
     assert cached["samples"] == 8 and cached["diversity"] == diversity["opd"][0]
     capsys.readouterr()
+
+
+def test_the_reuse_sweeps_sft_data_holds_the_prompts_its_sampled_arms_train_on():
+    from opd.experiments.regimes import teacher_pairs
+    from opd.tasks.choose import regime_task
+
+    pairs = teacher_pairs("paths:5:inf", 12, seed=7920, prompts=3, run_seed=1)
+    pool = [ex.messages[-1]["content"] for ex in regime_task("paths:5:inf").train_examples(0, 3, 1)]
+    assert [p["prompt"] for p in pairs] == pool * 4
+    assert len({p["prompt"] for p in teacher_pairs("paths:5:inf", 12, seed=7920)}) > 3  # fresh prompts otherwise

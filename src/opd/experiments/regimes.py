@@ -99,21 +99,25 @@ def points(plan: RegimesPlan) -> list[Point]:
     return out
 
 
-def teacher_pairs(task_spec: str, count: int, seed: int) -> list[dict]:
+def teacher_pairs(task_spec: str, count: int, seed: int, prompts: int = 0, run_seed: int = 0) -> list[dict]:
     """``count`` prompts of the training split (``seed``'s stream) with a completion sampled from the exact
-    teacher: SFT's data."""
+    teacher: SFT's data. With ``prompts`` (the reuse sweep): the first ``prompts`` prompts of ``run_seed``'s
+    stream again and again, the ones ``train_prompts`` gives the sampled arms of that seed."""
     from opd.regimes.exact import reference_completion
     from opd.tasks.choose import regime_task
 
     task = regime_task(task_spec)
     rng = random.Random(f"pairs/{seed}")
-    rows, step = [], 0
-    while len(rows) < count:
-        for example in task.train_examples(step, min(256, count - len(rows)), seed):
-            rows.append({"prompt": example.messages[-1]["content"],
-                         "completion": reference_completion(task, example, rng)})
-        step += 1
-    return rows
+    if prompts:
+        pool = task.train_examples(0, prompts, run_seed)
+        examples = [pool[i % len(pool)] for i in range(count)]
+    else:
+        examples, step = [], 0
+        while len(examples) < count:
+            examples += task.train_examples(step, min(256, count - len(examples)), seed)
+            step += 1
+    return [{"prompt": ex.messages[-1]["content"], "completion": reference_completion(task, ex, rng)}
+            for ex in examples]
 
 
 def write_pairs(path: Path, rows: list[dict]) -> Path:
@@ -160,26 +164,12 @@ def run_arm(plan: RegimesPlan, point: Point, seed: int, method: str, lr: float, 
     else:
         fresh = method == "sft-fresh"
         count = rows * plan.steps if fresh else plan.fixed_pairs
-        if point.train_prompts:  # reuse: the same few prompts, fresh completions of them
-            count = rows * plan.steps if fresh else plan.fixed_pairs
         data = write_pairs(plan.out / "data" / f"{point.name}-s{seed}-{method}.jsonl",
-                           reused_pairs(point, count, seed) if point.train_prompts else
-                           teacher_pairs(point.task, count, 7919 * seed + (1 if fresh else 2)))
+                           teacher_pairs(point.task, count, 7919 * seed + (1 if fresh else 2), point.train_prompts,
+                                         seed))
         values |= dict(method="sft", sft_data=data, prompts_per_step=rows, kl="sampled")
     config = run_config(plan.overrides, where, **values)
     return run_once(config, progress, desc=f"{point.name} {method} s{seed} lr={lr:g}")
-
-
-def reused_pairs(point: Point, count: int, seed: int) -> list[dict]:
-    """The reuse sweep's SFT data: teacher samples of the first ``train_prompts`` prompts only."""
-    from opd.regimes.exact import reference_completion
-    from opd.tasks.choose import regime_task
-
-    task = regime_task(point.task)
-    pool = task.train_examples(0, point.train_prompts, seed)
-    rng = random.Random(f"reuse/{seed}")
-    return [{"prompt": ex.messages[-1]["content"], "completion": reference_completion(task, ex, rng)}
-            for ex in (pool[i % len(pool)] for i in range(count))]
 
 
 def base_tasks(plan: RegimesPlan) -> list[str]:
