@@ -114,16 +114,17 @@ class Rollouts:
             rows = rows.nonzero()[:, 0]
         if isinstance(rows, list):
             rows = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
-        positions = rows if isinstance(rows, slice) else rows.tolist()
+        positions = None  # the rows as Python ints, read off the device only when a list needs them
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None or f.metadata["per"] == BATCH:
                 continue
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) or isinstance(rows, slice):
                 picked[f.name] = value[rows]
             else:
-                picked[f.name] = value[positions] if isinstance(positions, slice) else [value[i] for i in positions]
+                positions = rows.tolist() if positions is None else positions
+                picked[f.name] = [value[i] for i in positions]
         return replace(self, **picked)
 
     def columns(self, span: slice) -> Rollouts:
