@@ -24,6 +24,27 @@ def test_each_sweep_turns_one_knob():
     capacity = points(RegimesPlan(Path("x"), "capacity"))
     assert {p.task for p in capacity} == {"chain:8:recoverable:8"} and [p.width for p in capacity] == [16, 32, 64, 128]
     assert [p.train_prompts for p in points(RegimesPlan(Path("x"), "reuse"))] == [1, 16, 0]
+    noise = points(RegimesPlan(Path("x"), "noise"))
+    assert [p.noise for p in noise] == [0.0, 0.02, 0.05, 0.1] and {p.task for p in noise} == {"chain:8:recoverable:8"}
+    assert noise[0].methods == ("opd", "sft-fresh", "sft-fixed", "dart")
+
+
+def test_the_noise_sweep_runs_every_arm_under_its_noise_and_darts_data_marks_it(tmp_path, capsys):
+    out = tmp_path / "noise"
+    assert main(["experiment", "regimes", "--sweep", "noise", "--knobs", "0.3", "--seeds", "1", "--steps", "2",
+                 "--warm-steps", "2", "--base-steps", "2", "--eval-every", "2", "--eval-examples", "8", "--prompts",
+                 "2", "--samples", "2", "--fixed-pairs", "8", "--lrs", "0.003", "--width", "16", "--layers", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["points"][0]["final"]) == {"opd", "sft-fresh", "sft-fixed", "dart"}
+    for method in ("opd", "sft-fresh", "sft-fixed", "dart", "warm"):
+        assert json.loads((out / "runs" / "noise0.3" / "s0" / method / "config.json").read_text())["sample_noise"] == 0.3
+    assert json.loads((out / "runs" / "base" / "w16-s0" / "config.json").read_text())["sample_noise"] == 0.0
+    dart = [json.loads(line) for line in (out / "data" / "noise0.3-s0-dart.jsonl").read_text().splitlines()]
+    clean = [json.loads(line) for line in (out / "data" / "noise0.3-s0-sft-fresh.jsonl").read_text().splitlines()]
+    assert sum(len(row["untrained"]) for row in dart) > 0 and all("untrained" not in row for row in clean)
+    assert "| noise0.3 |" in (out / "report.md").read_text()
+    capsys.readouterr()
 
 
 def test_compute_to_target_reads_the_first_evaluation_that_reaches_it():

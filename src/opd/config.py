@@ -126,6 +126,10 @@ class TrainConfig:
     max_new_tokens: int = opt(48, "a completion's tokens at most (a conversation's: per assistant turn)", COUNT)
     temperature: float = opt(1.0, "the sampling temperature of training rollouts", POSITIVE)
     top_p: float = opt(1.0, "nucleus sampling for training rollouts (1: off)", Number(0, 1, low_open=True))
+    sample_noise: float = opt(0.0, "injected errors: the environment replaces each sampled token (not a stop token) "
+                                   "with probability q by one drawn uniformly from the task's noise tokens (a regime "
+                                   "task's states; else every ordinary token), in training rollouts and evaluation; a "
+                                   "replaced token is context, not trained on", Number(0, 1, high_open=True))
     sample_batch: int = opt(0, "rows (prompts x samples) sampled in process at once, its KV cache sized for them (0: "
                                "all)", Number(0, integer=True, note="0: all rows at once"))
     sampler: str = opt("local", "who samples the student's rollouts: local | http://HOST:PORT (vLLM or opd serve) | "
@@ -319,6 +323,9 @@ class TrainConfig:
         if self.sampler != "local" and self.method in ("sft", "midtrain"):
             raise OpdError(f"sampler={self.sampler}: method={self.method} trains on given or teacher-written "
                            "completions; a rollout server samples the student (opd, rl, opd+rl)")
+        if self.sample_noise and (self.sampler != "local" or self.environment or self.tools):
+            raise OpdError(f"sample_noise={self.sample_noise}: the injected errors are made by the in-process sampler "
+                           "of single-turn rollouts (sampler=local, no environment= or tools=)")
         if self.async_rollouts and not self.remote_sampler:
             raise OpdError("async_rollouts=1 needs a rollout server (sampler=http://HOST:PORT): the in-process "
                            "sampler and the update share one model")

@@ -3,13 +3,13 @@ teacher."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from opd.models import chat_prompt_ids
-from opd.samplers.local import sample
+from opd.samplers.local import Noise, sample
 from opd.tasks import Example, Task
 
 
@@ -41,6 +41,7 @@ def evaluate(
     samples: int = 0,
     sample_temperature: float = 1.0,
     dialogue=None,
+    noise: Noise | None = None,
 ) -> EvalResult:
     """Greedy accuracy on ``examples``; with ``samples`` = k > 0 also the sampled accuracy
     ``1/(N k) sum_i sum_j r(y_ij)``, y_ij ~ pi(. | x_i) at ``sample_temperature`` (the mean of k
@@ -48,7 +49,9 @@ def evaluate(
     teacher (a ``teachers.TeacherView``), the mean over completion tokens of ``log pi(x_t) - log
     p_teacher(x_t)`` on the student's own temperature-1 samples, the Monte Carlo estimate of the per-token
     reverse KL (the same estimator for any teacher; for one with another tokenizer, the teacher's
-    log-prob of each student token's text given the text before it, ``TeacherView.score``)."""
+    log-prob of each student token's text given the text before it, ``TeacherView.score``). With ``noise``
+    (``sample_noise``) the accuracies are under the same injected errors as training, each from its own
+    stream fixed by ``seed`` (the KL is on the student's own samples, without them)."""
     if dialogue is not None:
         return evaluate_conversations(model, tokenizer, task, examples, dialogue, max_new_tokens=max_new_tokens,
                                       teacher=teacher, batch_size=batch_size, seed=seed, samples=samples,
@@ -61,22 +64,26 @@ def evaluate(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     draws = torch.Generator(device=device).manual_seed(seed + 1_000_003)  # the sampled accuracy's own stream
+    greedy_noise = noise and replace(noise, seed=seed + 2_000_029)
+    drawn_noise = noise and replace(noise, seed=seed + 3_000_017)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [chat_prompt_ids(tokenizer, ex.messages) for ex in chunk]
         greedy = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                        noise=greedy_noise and greedy_noise.shifted(start))
         lengths.extend(greedy.completion_mask.sum(-1).tolist())
         if chunk[0].verifiable:
-            texts = completions_text(tokenizer, greedy.completion_ids())
+            texts = completions_text(tokenizer, greedy.written_ids())
             correct += sum(task.reward(t, ex) for t, ex in zip(texts, chunk, strict=True))
             scored += len(chunk)
             if samples > 0:
                 drawn = sample(model, prompts, samples_per_prompt=samples, max_new_tokens=max_new_tokens,
                                temperature=sample_temperature, eos_id=tokenizer.eos_token_id,
-                               pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), generator=draws)
+                               pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), generator=draws,
+                               noise=drawn_noise and drawn_noise.shifted(start))
                 repeated = [ex for ex in chunk for _ in range(samples)]
-                texts = completions_text(tokenizer, drawn.completion_ids())
+                texts = completions_text(tokenizer, drawn.written_ids())
                 sampled_correct += sum(task.reward(t, ex) for t, ex in zip(texts, repeated, strict=True))
                 sampled_scored += len(repeated)
         if teacher is not None:
@@ -120,9 +127,9 @@ def evaluate_conversations(model: torch.nn.Module, tokenizer: PreTrainedTokenize
     draws = torch.Generator(device=device).manual_seed(seed + 1_000_003)
 
     def talk(chunk: list[Example], prompts: list[list[int]], temperature: float, generator, count: int):
-        def draw_turn(contexts: list[list[int]], budget: int, turn: int):
+        def draw_turn(contexts: list[list[int]], budget: int, turn: int, stops: list[int]):
             return sample(model, contexts, max_new_tokens=budget, temperature=temperature,
-                          eos_id=tokenizer.eos_token_id, pad_id=pad, vocab_size=vocab, generator=generator)
+                          eos_id=stops, pad_id=pad, vocab_size=vocab, generator=generator)
         rows = roll_out(draw_turn, tokenizer, dialogue.environment, dialogue.name, chunk, prompts, count,
                         dialogue.max_turns, max_new_tokens, dialogue.max_tokens)
         return rows, pack(rows, pad, device, task, dialogue.name)

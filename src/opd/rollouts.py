@@ -100,6 +100,18 @@ class Rollouts:
             out.append([tok for tok, m in zip(row, mask, strict=True) if m > 0])
         return out
 
+    def written_ids(self) -> list[list[int]]:
+        """Each row's tokens from the completion column on (the first column any row's completion has a token
+        in: every row's completion starts there), the attended ones: the sampled tokens and the environment's
+        among them (``sample_noise``'s replacements, a conversation's turns). What a reward reads."""
+        sampled = (self.completion_mask > 0).any(0).nonzero()
+        if len(sampled) == 0:
+            return [[] for _ in range(self.tokens.shape[0])]
+        start = int(sampled[0])
+        return [[tok for tok, a in zip(row, attended, strict=True) if a > 0]
+                for row, attended in zip(self.tokens[:, start:].tolist(), self.attention_mask[:, start:].tolist(),
+                                         strict=True)]
+
     def to(self, device: torch.device | str) -> Rollouts:
         moved = {}
         for f in fields(self):
@@ -142,8 +154,10 @@ def shifted(turns: list[list[Turn]] | None, by: int) -> list[list[Turn]] | None:
     return [[Turn(t.start + by, t.end + by, t.before) for t in row] for row in turns]
 
 
-def pack_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Rollouts:
-    """Rollouts for given (prompt, completion) token pairs: the SFT layout, same as the sampler's."""
+def pack_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+               trained: list[list[float]] | None = None) -> Rollouts:
+    """Rollouts for given (prompt, completion) token pairs: the SFT layout, same as the sampler's. ``trained``:
+    each completion token's ``completion_mask`` (0: context, not trained on; default every token 1)."""
     prompt_width = max(len(p) for p in prompts)
     completion_width = max(max(len(c) for c in completions), 1)
     batch = len(prompts)
@@ -155,7 +169,8 @@ def pack_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: i
         tokens[row, start:prompt_width] = torch.tensor(prompt, dtype=torch.long)
         tokens[row, prompt_width : prompt_width + len(completion)] = torch.tensor(completion, dtype=torch.long)
         attention[row, start : prompt_width + len(completion)] = 1
-        completion_mask[row, prompt_width : prompt_width + len(completion)] = 1.0
+        completion_mask[row, prompt_width : prompt_width + len(completion)] = (
+            1.0 if trained is None else torch.tensor(trained[row], dtype=torch.float32))
     return Rollouts(tokens, attention, completion_mask, torch.arange(batch))
 
 

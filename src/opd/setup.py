@@ -31,6 +31,7 @@ from opd.models import (
     resolve_model_path,
 )
 from opd.objective import Objective, kl_of
+from opd.samplers.local import Noise, task_noise
 from opd.samplers.sources import (
     Conversations,
     DataPairs,
@@ -77,6 +78,7 @@ class Session:
     teacher_view: TeacherView | None  # the teacher (its model, tokenizer, shape) as it reads the student's rows
     source: RolloutSource | None = None  # where each step's rows come from
     dialogue: Dialogue | None = None  # conversations: the environment that answers each turn, and its bounds
+    noise: Noise | None = None  # sample_noise: the environment's replacements of sampled tokens (rollouts, evaluation)
     start_step: int = 0
     records: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
@@ -322,6 +324,7 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
         view = route_teachers(view, config, tokenizer, inputs.student_path, device, dtype, context, opened)
     session = Session(config, run_dir or Path(), device, dist, tokenizer, prompter, student, full_model, loss_module,
                       objective, optimizer, scheduler, inputs.task, inputs.eval_set, view)
+    session.noise = task_noise(config.sample_noise, inputs.task, tokenizer, session.vocab_size)
     if inputs.environment is not None:
         session.dialogue = Dialogue(*inputs.environment, config.max_turns, config.max_trajectory_tokens or context)
     pairs, chunks = [], []
@@ -329,7 +332,7 @@ def build_session(config: TrainConfig, resume: str | Path | None, task: Task | N
         from opd.tasks.jsonl import load_sft_pairs
 
         pairs = load_sft_pairs(config.sft_data, DataOptions.of(config))
-        for example, _ in pairs:
+        for example, *_ in pairs:
             prompter.ids(example.messages)
     if config.method == "midtrain":
         chunks = document_chunks(config.docs, tokenizer, config.doc_tokens, DataOptions.of(config))
@@ -409,7 +412,7 @@ def rollout_source(session: Session, service, pairs: list, chunks: list[list[int
     if pairs:
         return data
     draw = Draw(config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p, config.seed,
-                config.sample_batch)
+                config.sample_batch, session.noise)
     prompts = StepPrompts(session.task, config.prompts_per_step, config.train_prompts, config.seed, session.dist,
                           config.lmbda if config.method == "opd" else 1.0)
     view = session.teacher_view

@@ -169,7 +169,7 @@ def run_eval(session: Session) -> dict:
         return evaluate(session.full_model, session.tokenizer, session.task, examples,
                         max_new_tokens=config.max_new_tokens, teacher=view, seed=config.seed,
                         samples=config.eval_samples, sample_temperature=config.eval_temperature,
-                        batch_size=config.eval_batch, dialogue=session.dialogue)
+                        batch_size=config.eval_batch, dialogue=session.dialogue, noise=session.noise)
 
     if session.teacher_view is None or not session.teacher_view.several:
         result = run(session.eval_set, session.teacher_view)

@@ -184,10 +184,11 @@ def add_experiment_parser(sub, fmt, epilog: str) -> None:
                            help="where on-policy distillation beats SFT: one knob at a time, an exact teacher",
                            description="Synthetic tasks with an exact teacher (opd.regimes): on-policy distillation "
                            "against SFT on fresh and on fixed teacher samples (and RL on the recoverable horizon "
-                           "arm), from a shared SFT warm start, FLOPs to a ladder of targets.")
-    rg.add_argument("--sweep", default="horizon", choices=("horizon", "entropy", "capacity", "reuse"),
+                           "arm, DART in the noise sweep), from a shared SFT warm start, FLOPs to a ladder of targets.")
+    rg.add_argument("--sweep", default="horizon", choices=("horizon", "entropy", "capacity", "reuse", "noise"),
                     help="the knob: chain length (errors fatal / recoverable), the teacher's temperature over "
-                    "valid walks, the student's width, or the number of training prompts")
+                    "valid walks, the student's width, the number of training prompts, or the injected errors' "
+                    "rate (sample_noise; with DART's control)")
     rg.add_argument("--knobs", type=float, nargs="+", help="the knob's values (default: the sweep's own)")
     rg.add_argument("--seeds", type=int, default=3)
     rg.add_argument("--steps", type=int, default=150, help="steps per arm (default 150)")

@@ -12,7 +12,11 @@ point's teacher samples) is shared by every arm; from it:
   reverse KL over the vocabulary, ``kl=full``), ``prompts`` prompts x ``samples`` samples a step;
 - ``sft-fresh``: SFT on new teacher samples every step, as many rows a step as ``opd`` (sample-fair);
 - ``sft-fixed``: SFT on one dataset of ``fixed_pairs`` teacher samples, reused (compute-fair);
-- ``rl`` (``horizon``'s recoverable arm): the task's exact reward, group-centred, as many rows as ``opd``.
+- ``rl`` (``horizon``'s recoverable arm): the task's exact reward, group-centred, as many rows as ``opd``;
+- ``dart`` (``noise``): SFT on new teacher samples made under the same injected errors as the student's
+  rollouts (``sample_noise``), the loss on the teacher's own characters only (Laskey et al. 2017, DART): it
+  sees recovery states as ``opd`` does, off-policy. In the noise sweep every arm samples and is evaluated
+  under the point's noise; ``sft-fresh`` and ``sft-fixed`` train on clean teacher samples.
 
 Each method runs at its best learning rate of ``lrs``, chosen once per sweep at the middle knob value
 (seed 0, final held-out greedy accuracy). FLOPs: the student's as ``opd train`` counts them; the teacher's
@@ -37,7 +41,9 @@ SWEEPS = {
     "entropy": ("tau", (0.0, 0.3, 1.0, float("inf"))),
     "capacity": ("width", (16, 32, 64, 128)),
     "reuse": ("train_prompts", (1, 16, 0)),
+    "noise": ("sample_noise", (0.0, 0.02, 0.05, 0.1)),
 }
+NOISE_HOPS = 8  # the noise sweep's chain: the recoverable arm at a middle horizon
 TEACHER = "opd.regimes.exact:Exact"
 CHAIN_STATES = 8
 PATH_LENGTH = 5
@@ -78,13 +84,14 @@ class Point:
     width: int
     train_prompts: int = 0
     methods: tuple = ("opd", "sft-fresh", "sft-fixed")
+    noise: float = 0.0  # sample_noise of every arm (rollouts and evaluation)
     max_new_tokens: int = 48  # room for the answer and its corrections, so that no arm is cut short
 
 
 def points(plan: RegimesPlan) -> list[Point]:
     out = []
     for value in plan.values():
-        value = value if plan.sweep == "entropy" else int(value)
+        value = value if plan.sweep in ("entropy", "noise") else int(value)
         if plan.sweep == "horizon":
             for arm in ("fatal", "recoverable"):
                 methods = ("opd", "sft-fresh", "sft-fixed") + (("rl",) if arm == "recoverable" else ())
@@ -92,6 +99,10 @@ def points(plan: RegimesPlan) -> list[Point]:
                                  methods=methods, max_new_tokens=3 * value + 8))
         elif plan.sweep == "entropy":
             out.append(Point(f"tau{value:g}", f"paths:{PATH_LENGTH}:{value:g}", plan.width))
+        elif plan.sweep == "noise":
+            out.append(Point(f"noise{value:g}", f"chain:{NOISE_HOPS}:recoverable:{CHAIN_STATES}", plan.width,
+                             methods=("opd", "sft-fresh", "sft-fixed", "dart"), noise=float(value),
+                             max_new_tokens=3 * NOISE_HOPS + 8))
         elif plan.sweep == "capacity":
             out.append(Point(f"width{value}", f"chain:8:recoverable:{CHAIN_STATES}", int(value)))
         else:
@@ -99,11 +110,13 @@ def points(plan: RegimesPlan) -> list[Point]:
     return out
 
 
-def teacher_pairs(task_spec: str, count: int, seed: int, prompts: int = 0, run_seed: int = 0) -> list[dict]:
+def teacher_pairs(task_spec: str, count: int, seed: int, prompts: int = 0, run_seed: int = 0,
+                  noise: float = 0.0) -> list[dict]:
     """``count`` prompts of the training split (``seed``'s stream) with a completion sampled from the exact
     teacher: SFT's data. With ``prompts`` (the reuse sweep): the first ``prompts`` prompts of ``run_seed``'s
-    stream again and again, the ones ``train_prompts`` gives the sampled arms of that seed."""
-    from opd.regimes.exact import reference_completion
+    stream again and again, the ones ``train_prompts`` gives the sampled arms of that seed. With ``noise``
+    (DART): sampled under injected errors, the replaced characters ``untrained``."""
+    from opd.regimes.exact import noisy_completion, reference_completion
     from opd.tasks.choose import regime_task
 
     task = regime_task(task_spec)
@@ -116,6 +129,9 @@ def teacher_pairs(task_spec: str, count: int, seed: int, prompts: int = 0, run_s
         while len(examples) < count:
             examples += task.train_examples(step, min(256, count - len(examples)), seed)
             step += 1
+    if noise:
+        return [{"prompt": ex.messages[-1]["content"], "completion": text, "untrained": [list(s) for s in spans]}
+                for ex in examples for text, spans in [noisy_completion(task, ex, rng, noise)]]
     return [{"prompt": ex.messages[-1]["content"], "completion": reference_completion(task, ex, rng)}
             for ex in examples]
 
@@ -147,7 +163,7 @@ def common(plan: RegimesPlan, point: Point, seed: int) -> dict:
     return dict(task=point.task, teacher=TEACHER, seed=seed, prompts_per_step=plan.prompts,
                 max_new_tokens=point.max_new_tokens,
                 eval_examples=plan.eval_examples, eval_samples=0, eval_every=plan.eval_every, warmup_steps=5,
-                save_every=max(plan.eval_every, 50), lr_schedule="constant")
+                save_every=max(plan.eval_every, 50), lr_schedule="constant", sample_noise=point.noise)
 
 
 def run_arm(plan: RegimesPlan, point: Point, seed: int, method: str, lr: float, warm: Path, progress: bool,
@@ -162,11 +178,12 @@ def run_arm(plan: RegimesPlan, point: Point, seed: int, method: str, lr: float, 
         values |= dict(method="rl", samples_per_prompt=plan.samples, kl="sampled",
                        train_prompts=point.train_prompts)
     else:
-        fresh = method == "sft-fresh"
+        fresh = method in ("sft-fresh", "dart")
         count = rows * plan.steps if fresh else plan.fixed_pairs
+        stream = 7919 * seed + (1 if fresh else 2) + (2 if method == "dart" else 0)
         data = write_pairs(plan.out / "data" / f"{point.name}-s{seed}-{method}.jsonl",
-                           teacher_pairs(point.task, count, 7919 * seed + (1 if fresh else 2), point.train_prompts,
-                                         seed))
+                           teacher_pairs(point.task, count, stream, point.train_prompts, seed,
+                                         point.noise if method == "dart" else 0.0))
         values |= dict(method="sft", sft_data=data, prompts_per_step=rows, kl="sampled")
     config = run_config(plan.overrides, where, **values)
     return run_once(config, progress, desc=f"{point.name} {method} s{seed} lr={lr:g}")
@@ -178,6 +195,8 @@ def base_tasks(plan: RegimesPlan) -> list[str]:
     highest entropy."""
     if plan.sweep in ("entropy", "reuse"):
         return [f"paths:{PATH_LENGTH}:inf"]
+    if plan.sweep == "noise":
+        return [f"chain:{NOISE_HOPS}:fatal:{CHAIN_STATES}"]
     hops = plan.values() if plan.sweep == "horizon" else (8,)
     return [f"chain:{int(k)}:fatal:{CHAIN_STATES}" for k in hops]
 
@@ -195,7 +214,7 @@ def base(plan: RegimesPlan, width: int, seed: int, progress: bool) -> Path:
     random.Random(f"base/{seed}").shuffle(pairs)
     data = write_pairs(plan.out / "data" / f"base-w{width}-s{seed}.jsonl", pairs)
     hops = max(int(task.split(":")[1]) for task in tasks)
-    point = Point("base", tasks[-1], width, max_new_tokens=3 * hops + 8)
+    point = Point("base", tasks[-1], width, max_new_tokens=3 * hops + 8)  # noiseless
     values = common(plan, point, seed) | dict(student=student_dir(plan, width, seed), method="sft", sft_data=data,
                                               prompts_per_step=rows, lr=plan.base_lr, steps=plan.base_steps,
                                               kl="sampled", eval_every=max(plan.base_steps // 4, 1))
@@ -231,7 +250,7 @@ def choose_rates(plan: RegimesPlan, progress: bool) -> dict[str, float]:
     if path.is_file():
         return json.loads(path.read_text())
     if len(plan.lrs) == 1:  # nothing to choose
-        return dict.fromkeys(("opd", "sft-fresh", "sft-fixed", "rl"), plan.lrs[0])
+        return dict.fromkeys(("opd", "sft-fresh", "sft-fixed", "rl", "dart"), plan.lrs[0])
     candidates = points(plan)
     middle = [p for p in candidates if "fatal" not in p.name][len(plan.values()) // 2]
     warm = warm_start(plan, middle, 0, progress)

@@ -7,8 +7,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-TARGETS = (0.5, 0.7, 0.9)  # fractions of the best final accuracy any method reaches at the point (seed mean)
+# a target: the warm start's accuracy plus this share of the way to the best final accuracy any method reaches at
+# the point (seed means); below the warm start nothing is to be gained and every method costs nothing
+TARGETS = (0.5, 0.7, 0.9)
 SCALES = (1, 4, 16)  # the teacher's nominal size, in times the student's per-token forward cost
+METHODS = ("opd", "sft-fresh", "sft-fixed", "dart", "rl")
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -38,7 +41,7 @@ def curve(run: dict, method: str, shape, rows_per_step: int, scale: int) -> list
         if r.get("accuracy") is None:
             continue
         teacher = (r.get("teacher_flops_total") or 0.0) if method == "opd" else 0.0
-        if method == "sft-fresh":
+        if method in ("sft-fresh", "dart"):
             teacher = per_pair * rows_per_step * r["step"]
         out.append((r["step"], r["accuracy"], r.get("student_flops_total", 0.0) + scale * (teacher + up_front)))
     return out
@@ -55,15 +58,17 @@ def to_target(points: list[tuple[int, float, float]], target: float) -> tuple[in
 def point_summary(name: str, methods: dict, shape, rows_per_step: int) -> dict:
     finals = {m: [run["records"][-1].get("accuracy") or 0.0 for run in runs] for m, runs in methods.items()}
     best = max(mean_se(v)[0] for v in finals.values())
-    out = {"point": name, "final": {m: mean_se(v) for m, v in finals.items()}, "best": best, "ratios": {}}
+    start = mean_se([start_accuracy(run) for run in next(iter(methods.values()))])[0]
+    out = {"point": name, "final": {m: mean_se(v) for m, v in finals.items()}, "best": best, "start": start,
+           "ratios": {}}
     if all(run.get("diversity") is not None for runs in methods.values() for run in runs):
         out["diversity"] = {m: mean_se([run["diversity"] for run in runs]) for m, runs in methods.items()}
     for scale in SCALES:
         for fraction in TARGETS:
-            target = fraction * best
-            if best <= 0:
+            target = start + fraction * (best - start)
+            if best <= start:
                 continue
-            for method in ("sft-fresh", "sft-fixed", "rl"):
+            for method in ("sft-fresh", "sft-fixed", "dart", "rl"):
                 if method not in methods or "opd" not in methods:
                     continue
                 ratios, reached = [], 0
@@ -78,6 +83,11 @@ def point_summary(name: str, methods: dict, shape, rows_per_step: int) -> dict:
                 out["ratios"][key] = {"geomean": geomean(ratios),
                                       "values": ratios, "seeds_reaching_both": reached, "target": target}
     return out
+
+
+def start_accuracy(run: dict) -> float:
+    """The warm start's accuracy: a run's first evaluation (step 0), which every arm of a seed shares."""
+    return next((r["accuracy"] for r in run["records"] if r.get("accuracy") is not None), 0.0)
 
 
 def geomean(values: list[float]) -> float | None:
@@ -113,16 +123,18 @@ def report(plan, points: list, results: dict, rates: dict) -> dict:
         model = load_model(plan.out / "models" / f"w{point.width}-s0", torch.device("cpu"), torch.float32)
         shape = ModelShape.of(model)
         summaries.append(point_summary(point.name, results[point.name], shape, plan.prompts * plan.samples))
-    methods = sorted({m for s in summaries for m in s["final"]}, key=["opd", "sft-fresh", "sft-fixed", "rl"].index)
+    methods = sorted({m for s in summaries for m in s["final"]}, key=METHODS.index)
     lines = [f"# Regime map: {plan.sweep}", "",
              f"Exact teacher floored at epsilon = {EPSILON:g} (mixed with uniform); teacher FLOPs at a nominal size of "
              f"{', '.join(map(str, SCALES))}x the student's per-token forward cost; {plan.seeds} seeds; "
              f"{plan.steps} steps per arm from a shared SFT warm start of {plan.warm_steps} steps; learning rates "
-             f"{rates}; held-out greedy accuracy on {plan.eval_examples} prompts (mean ± standard error over seeds).",
-             "", "| point | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+             f"{rates} (5 warm-up steps, then constant); held-out greedy accuracy on {plan.eval_examples} prompts "
+             "(mean ± standard error over seeds; one prompt set's binomial standard error is about "
+             f"{100 * math.sqrt(0.25 / plan.eval_examples):.1f} points at 50%).",
+             "", "| point | warm start | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
     for s in summaries:
-        lines.append(f"| {s['point']} | " + " | ".join(cell(s["final"][m]) if m in s["final"] else "" for m in methods)
-                     + " |")
+        lines.append(f"| {s['point']} | {100 * s['start']:.1f} | "
+                     + " | ".join(cell(s["final"][m]) if m in s["final"] else "" for m in methods) + " |")
     if all("diversity" in s for s in summaries):
         lines += ["", "Path diversity of each final student (distinct valid walks per valid answer, 8 samples at T=1 "
                   "of 64 held-out prompts; mean ± standard error over seeds):", "",
@@ -133,7 +145,8 @@ def report(plan, points: list, results: dict, rates: dict) -> dict:
     for scale in SCALES:
         keys = sorted({k for s in summaries for k in s["ratios"] if f" x{scale} " in k})
         lines += ["", f"Compute to target, teacher x{scale}: geometric mean over seeds [min-max] (seeds where both "
-                  "reached it); target = fraction of the best final accuracy at the point. n/r: not reached.", "",
+                  "reached it); target = the warm start's accuracy + fraction x (best final accuracy at the point - "
+                  "the warm start's). n/r: not reached.", "",
                   "| point | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for s in summaries:
             lines.append(f"| {s['point']} | " + " | ".join(ratio_cell(s["ratios"][k]) if k in s["ratios"] else ""

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from opd.errors import OpdError
-from opd.regimes.tasks import OFF_SUPPORT, roll_out
+from opd.regimes.tasks import OFF_SUPPORT, roll_out, sample_key
 from opd.regimes.vocab import EOS
 from opd.tasks import Example, Task
 
@@ -40,6 +40,26 @@ def reference_completion(task: ExactTask, example: Example, rng: random.Random |
     character in sorted order), sampled from the exact distribution with it."""
     prompt = example.messages[-1]["content"]
     return roll_out(lambda prefix: task.next_char_probs(prompt, prefix), rng)
+
+
+def noisy_completion(task: ExactTask, example: Example, rng: random.Random, rate: float,
+                     max_chars: int = 256) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The teacher's sampled completion under ``sample_noise=rate`` (DART's data, Laskey et al. 2017): each
+    character it writes is, with probability ``rate``, replaced by one of ``task.noise_tokens`` drawn
+    uniformly (as ``opd.samplers.local.Noise`` does to the student's tokens; EOS never), and the teacher goes
+    on from the corrupted prefix. Returns the text and the replaced characters' ``[i, i + 1)`` spans: the
+    environment's, not trained on."""
+    prompt = example.messages[-1]["content"]
+    text, spans = "", []
+    for _ in range(max_chars + 1):
+        char = sample_key(sorted(task.next_char_probs(prompt, text).items()), rng.random())
+        if char == EOS:
+            return text, tuple(spans)
+        if rng.random() < rate:
+            spans.append((len(text), len(text) + 1))
+            char = task.noise_tokens[rng.randrange(len(task.noise_tokens))]
+        text += char
+    raise RuntimeError(f"no EOS after {max_chars} characters: {text[:40]}...")
 
 
 class ExactTeacher:

@@ -228,6 +228,7 @@ class ChainTask(Splits):
         self.hops, self.states, self.arm = hops, states, arm
         self.recoverable = arm == "recoverable"
         self.name = f"chain-{arm}-k{hops}-n{states}"
+        self.noise_tokens = LETTERS[:states]  # sample_noise replaces a character by a state drawn uniformly
 
     def problem(self, rng: random.Random, split: str) -> Chain:
         for _ in range(MAX_DRAWS):
@@ -405,6 +406,7 @@ class PathsTask(Splits):
         self.length, self.nodes, self.degree, self.tau = length, nodes, degree, float(tau)
         self.score_seed, self.min_paths = score_seed, min_paths
         self.name = f"paths-l{length}-n{nodes}-d{degree}-tau{self.tau:g}"
+        self.noise_tokens = LETTERS[:nodes]  # sample_noise replaces a character by a node drawn uniformly
 
     def solver(self, prompt: str) -> PathsSolver:
         return paths_solver(prompt, self.tau, self.score_seed)

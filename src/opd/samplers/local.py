@@ -13,11 +13,13 @@ reverse-KL advantage measures that policy against the teacher.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from opd.errors import NonFiniteError
+from opd.errors import NonFiniteError, OpdError
 from opd.losses import sampling_logprobs
 from opd.models import cache_kwargs
 from opd.rollouts import Rollouts, concat_rollouts
@@ -97,6 +99,57 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.searchsorted(cdf, point, right=True)[:, 0]
 
 
+@dataclass(frozen=True)
+class Noise:
+    """The environment's corruption of sampled tokens (``sample_noise=q``): each token the model draws that is
+    not a stop token is, with probability ``rate``, replaced by one of ``tokens`` drawn uniformly (it may be the
+    same token). A replaced token is the environment's, not the model's choice: its ``completion_mask`` is 0
+    (no loss on it, no log-prob recorded), and the model reads it as context from there on. The draws come
+    from their own stream, ``seed``, so a run's sampling stream is the same with and without noise.
+    Injected errors of this kind are DART's (Laskey et al. 2017, arXiv 1703.09327): they put a policy in
+    states off its own path, where it must recover."""
+
+    rate: float
+    tokens: tuple[int, ...]
+    seed: int
+
+    def shifted(self, by: int) -> Noise:
+        """The same noise on another stream (a later chunk of ``sample_in_batches``)."""
+        return Noise(self.rate, self.tokens, self.seed + 7919 * by)
+
+
+NOISE_STREAM = 1_000_033  # a step's noise draws: its sampling seed plus this (their own stream)
+
+
+def task_noise(rate: float, task, tokenizer, vocab_size: int) -> Noise | None:
+    """``sample_noise=rate``'s ``Noise`` for ``task``: its ``noise_tokens`` (a string, one token a character: a
+    regime task's states) when it has them, else every id below ``vocab_size`` that is no special token; None
+    at rate 0. The seed is a placeholder each use replaces (``replace(noise, seed=...)``)."""
+    if not rate:
+        return None
+    chars = getattr(task, "noise_tokens", None)
+    if chars:
+        ids = [tokenizer.encode(c, add_special_tokens=False) for c in chars]
+        if any(len(i) != 1 for i in ids):
+            raise OpdError(f"sample_noise: the task's noise tokens {chars!r} are not one token each in the student's "
+                           "tokenizer")
+        tokens = tuple(i[0] for i in ids)
+    else:
+        specials = set(tokenizer.all_special_ids)
+        tokens = tuple(i for i in range(vocab_size) if i not in specials)
+    return Noise(rate, tokens, 0)
+
+
+def corrupt(token: torch.Tensor, noise: Noise, stops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Which of ``token`` (B,) the environment replaces (a bool (B,) tensor) and what with (B,): a stop token
+    never, another with probability ``noise.rate``, by ``noise.tokens[j]``, j uniform."""
+    hit = torch.rand(token.shape, generator=generator, device=token.device) < noise.rate
+    hit &= ~torch.isin(token, stops)
+    choices = torch.tensor(noise.tokens, dtype=torch.long, device=token.device)
+    swap = choices[torch.randint(len(choices), token.shape, generator=generator, device=token.device)]
+    return hit, torch.where(hit, swap, token)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, P) token ids and attention mask with every prompt ending at column P - 1."""
     width = max(len(p) for p in prompts)
@@ -122,6 +175,7 @@ def sample(
     pad_id: int,
     vocab_size: int,
     generator: torch.Generator | None = None,
+    noise: Noise | None = None,
 ) -> Rollouts:
     """Sample ``samples_per_prompt`` completions for each prompt; temperature 0 means greedy.
 
@@ -131,7 +185,8 @@ def sample(
 
     Rows are grouped by prompt: rows ``i*G .. i*G+G-1`` answer prompt ``i``. A row stops after its
     first EOS (``eos_id``: one id, or a list of stop ids), which is part of the completion (and so is
-    trained on); later columns are padding.
+    trained on); later columns are padding. With ``noise``, the environment replaces some drawn tokens
+    (``Noise``): masked out of ``completion_mask``, attended as context.
     """
     device = next(model.parameters()).device
     stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
@@ -160,9 +215,12 @@ def sample(
     completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     completion_lp = torch.zeros((batch, max_new_tokens), device=device)
     completion_mask = torch.zeros((batch, max_new_tokens), device=device)
+    written = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)  # attended: the noise's too
     length = 0
     # one new token attends to every unpadded position: with SDPA and only full-attention layers the
     # (B, 1, 1, L) mask is the 2D one, given as is instead of rebuilt by the model at every step
+    noisy = noise is not None and noise.rate > 0
+    noise_draws = torch.Generator(device).manual_seed(noise.seed) if noisy else None
     direct_mask = (getattr(model.config, "_attn_implementation", None) == "sdpa"
                    and all(isinstance(layer, PreallocatedLayer) for layer in cache.layers))
     for step in range(max_new_tokens):
@@ -174,9 +232,15 @@ def sample(
             token = draw(logprobs.exp(), generator)
             token_lp = logprobs.gather(-1, token[:, None])[:, 0]
         rows_now = active[live]
+        if noisy:  # the environment's tokens: context, not the model's choice
+            replaced, token = corrupt(token, noise, stops, noise_draws)
+            token_lp = torch.where(replaced, torch.zeros_like(token_lp), token_lp)
+            completion_mask[rows_now, step] = (~replaced[live]).float()
+        else:
+            completion_mask[rows_now, step] = 1.0
         completion[rows_now, step] = token[live]
+        written[rows_now, step] = 1
         completion_lp[rows_now, step] = token_lp[live].float()
-        completion_mask[rows_now, step] = 1.0
         length = step + 1
         live = live & ~torch.isin(token, stops)
         kept = int(live.sum())
@@ -195,11 +259,11 @@ def sample(
                        use_cache=True, **with_cache).logits[:, -1, :vocab_size]
 
     completion, completion_lp = completion[:, :length], completion_lp[:, :length]
-    completion_mask = completion_mask[:, :length]
+    completion_mask, written = completion_mask[:, :length], written[:, :length]
     zeros = torch.zeros((batch, prompt_width), device=device)
     return Rollouts(
         tokens=torch.cat([prompt_tokens, completion], dim=1),
-        attention_mask=torch.cat([prompt_mask, completion_mask.long()], dim=1),
+        attention_mask=torch.cat([prompt_mask, written], dim=1),
         completion_mask=torch.cat([zeros, completion_mask], dim=1),
         prompt_index=rows,
         sampler_logprobs=torch.cat([zeros, completion_lp], dim=1),
@@ -207,7 +271,7 @@ def sample(
 
 
 def sample_in_batches(model: torch.nn.Module, prompts: list[list[int]], *, rows: int, samples_per_prompt: int,
-                      pad_id: int, **kwargs) -> Rollouts:
+                      pad_id: int, noise: Noise | None = None, **kwargs) -> Rollouts:
     """``sample`` over ``prompts`` a few at a time, at most ``rows`` rows (prompts x samples) per call, so the
     KV cache is sized for those rows (``rows=0``: all at once, one call). The rows, their order and groups are
     one call's; the draws differ from one call's (the generator is read in another order)."""
@@ -215,6 +279,6 @@ def sample_in_batches(model: torch.nn.Module, prompts: list[list[int]], *, rows:
     out = None
     for start in range(0, len(prompts), per_call):
         part = sample(model, prompts[start : start + per_call], samples_per_prompt=samples_per_prompt,
-                      pad_id=pad_id, **kwargs)
+                      pad_id=pad_id, noise=noise.shifted(start) if noise and start else noise, **kwargs)
         out = part if out is None else concat_rollouts(out, part, pad_id)
     return out

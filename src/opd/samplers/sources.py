@@ -18,7 +18,7 @@ The trainer asks its one source and never tests which kind it has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -28,7 +28,7 @@ from opd.errors import OpdError
 from opd.evaluation import completions_text
 from opd.models import chat_prompt_ids
 from opd.rollouts import OffPolicyRows, Rollouts, concat_rollouts, pack_pairs
-from opd.samplers.local import sample_in_batches
+from opd.samplers.local import NOISE_STREAM, Noise, sample_in_batches
 from opd.samplers.service import RolloutService, reweight
 from opd.samplers.turns import DrawTurn, pack, roll_out
 from opd.tasks import Example, Task
@@ -70,6 +70,7 @@ class Draw:
     top_p: float
     seed: int
     rows_per_call: int = 0  # sample_batch: rows the in-process sampler draws at once (0: all of them)
+    noise: Noise | None = None  # sample_noise: the environment's replacements of drawn tokens
 
     def stream(self, step: int, rank: int, offset: int = 0) -> int:
         """The seed of a step's draws on ``rank`` (rank 0: as one process; ``offset``: another stream)."""
@@ -115,7 +116,7 @@ class Rewards:
     task: Task
 
     def attach(self, rollouts: Rollouts, examples: list[Example], per_prompt: int) -> Rollouts:
-        texts = completions_text(self.tokenizer, rollouts.completion_ids())
+        texts = completions_text(self.tokenizer, rollouts.written_ids())
         repeated = [ex for ex in examples for _ in range(per_prompt)]
         rollouts.messages = [ex.messages for ex in repeated]
         rollouts.teacher_names = [ex.teacher or "" for ex in repeated]  # teachers=: who scores each row
@@ -201,12 +202,16 @@ class InProcess:
         prompts = [self.prompter.ids(ex.messages) for ex in examples]
         seed = draw.stream(step, self.rank, self.seed_offset)
         reads_own = self.teacher_prompt is not None and (self.own or any(ex.teacher_messages for ex in examples))
+        if reads_own and draw.noise is not None:
+            raise OpdError("sample_noise with a teacher that writes in its own chat template or context: its samples "
+                           "are re-packed after the student's rendering, where the replaced tokens' places are lost")
         rollouts = sample_in_batches(
             self.model, [self.teacher_prompt(ex.teacher_conversation) for ex in examples] if reads_own else prompts,
             rows=draw.rows_per_call, samples_per_prompt=draw.samples_per_prompt, max_new_tokens=draw.max_new_tokens,
             temperature=draw.temperature, top_p=draw.top_p, eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id, vocab_size=self.vocab_size,
-            generator=torch.Generator(self.device).manual_seed(seed))
+            generator=torch.Generator(self.device).manual_seed(seed),
+            noise=draw.noise and replace(draw.noise, seed=seed + NOISE_STREAM))
         if reads_own:  # the student trains on the teacher's completion after its own rendering
             groups = rollouts.prompt_index
             rollouts = pack_pairs([p for p in prompts for _ in range(draw.samples_per_prompt)],
@@ -360,14 +365,27 @@ class DataPairs(RolloutSource):
 
     def ids(self, index: int) -> tuple[list[int], list[int]]:
         """Pair ``index`` as token ids: the chat-rendered prompt and the completion."""
-        example, text = self.pairs[index]
+        example, text, *_ = self.pairs[index]
         return self.prompter.ids(example.messages), self.prompter.completion(text, self.max_new_tokens)
+
+    def trained(self, index: int, length: int) -> list[float]:
+        """Pair ``index``'s loss mask over its ``length`` completion ids: 0 on a token that overlaps one of its
+        ``untrained`` character spans (``load_sft_pairs``), 1 elsewhere (the appended EOS included)."""
+        _, text, *rest = self.pairs[index]
+        spans = rest[0] if rest else ()
+        if not spans:
+            return [1.0] * length
+        offsets = self.prompter.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        mask = [0.0 if any(a < end and start < b for start, end in spans) else 1.0 for a, b in offsets]
+        return mask[:length - 1] + [1.0]  # the completion is cut to max_new_tokens - 1 tokens, then EOS
 
     def rollouts(self, step: int) -> Rollouts:
         order = epoch_order(len(self.pairs), step, self.prompts_per_step, self.seed)
         mine = distributed.shard(order, self.dist)
         pairs = [self.ids(i) for i in mine]
-        rollouts = pack_pairs([p for p, _ in pairs], [c for _, c in pairs], self.prompter.tokenizer.pad_token_id)
+        trained = [self.trained(i, len(c)) for i, (_, c) in zip(mine, pairs, strict=True)]
+        rollouts = pack_pairs([p for p, _ in pairs], [c for _, c in pairs], self.prompter.tokenizer.pad_token_id,
+                              trained)
         return self.rewards.attach(rollouts.to(self.device), [self.pairs[i][0] for i in mine], 1)
 
 

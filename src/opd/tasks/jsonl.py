@@ -251,17 +251,43 @@ class JsonlTask:
 
 
 def load_sft_pairs(path: str | Path, options: DataOptions = DEFAULT_OPTIONS):
-    """An SFT dataset: each row a prompt (``prompt`` or ``messages``, as above) and its ``completion`` (or
-    the messages' last assistant turn). Read as a table even when ``streaming`` (training indexes it)."""
+    """An SFT dataset: each row a prompt (``prompt`` or ``messages``, as above), its ``completion`` (or the
+    messages' last assistant turn) and, optionally, ``untrained``: ``[start, end)`` character spans of the
+    completion that are context, not trained on (the environment's tokens, e.g. DART's injected errors).
+    Each item is ``(example, completion, spans)``. Read as a table even when ``streaming`` (training indexes
+    it)."""
 
-    def pair(obj, where: str) -> tuple[Example, str]:
+    def pair(obj, where: str) -> tuple[Example, str, tuple[tuple[int, int], ...]]:
         example, completion = parse_record(obj, where, options)
         if not isinstance(completion, str) or not completion:
             raise OpdError(f"{where}: field '{options.completion_field}' must be a non-empty string (or end the "
                            f"'{options.messages_field}' with the assistant's answer)")
-        return example, completion
+        return example, completion, untrained_spans(obj.get("untrained") if isinstance(obj, dict) else None,
+                                                    len(completion), where)
 
     return read_rows(path, replace(options, streaming=False), "SFT data file", pair, (options.prompt_columns,))
+
+
+def untrained_spans(value, length: int, where: str) -> tuple[tuple[int, int], ...]:
+    """A row's ``untrained`` field: ``[[start, end], ...]``, character offsets into the completion with
+    ``0 <= start < end <= length``, in order and not overlapping (None: no span)."""
+    if value is None:
+        return ()
+    problem = "a list of [start, end] pairs of integers"
+    if not isinstance(value, list):
+        raise OpdError(f"{where}: field 'untrained' must be {problem}, got {type(value).__name__}")
+    spans, last = [], 0
+    for item in value:
+        if (not isinstance(item, list | tuple) or len(item) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+            raise OpdError(f"{where}: field 'untrained' must be {problem}, got {item!r}")
+        start, end = item
+        if not last <= start < end <= length:
+            raise OpdError(f"{where}: field 'untrained' span {item} must lie within the completion's {length} "
+                           f"characters, after the span before it ({last}), with start < end")
+        spans.append((start, end))
+        last = end
+    return tuple(spans)
 
 
 def load_documents(path: str | Path, options: DataOptions = DEFAULT_OPTIONS):

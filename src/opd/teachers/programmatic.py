@@ -67,16 +67,19 @@ class ProgrammaticTeacher(HeadTeacher):
 
     def rows(self, rollouts: Rollouts) -> torch.Tensor:
         """(N, V) the program's log-probs at every completion position, in ``scoring.completion_hidden``'s
-        order (row by row): each row's prompt is its tokens before the first completion column, and every
-        token after it (a conversation's environment tokens too) is the completion the program reads."""
+        order (row by row): each row's prompt is its tokens before the completion column (the first any row
+        has a completion token in), and every token after it (a conversation's environment tokens, a replaced
+        token of ``sample_noise``, too) is the completion the program reads."""
         tokens, attention = rollouts.tokens.tolist(), rollouts.attention_mask.tolist()
         masks = (rollouts.completion_mask > 0).tolist()
+        any_row = (rollouts.completion_mask > 0).any(0).nonzero()
+        start = int(any_row[0]) if len(any_row) else 0  # every row's completion begins in this column
         out = []
         for row, (ids, attended, mask) in enumerate(zip(tokens, attention, masks, strict=True)):
             columns = [t for t, m in enumerate(mask) if m]
             if not columns:
                 continue
-            first, start = attended.index(1), columns[0]
+            first = attended.index(1)
             last = max(t for t, a in enumerate(attended) if a) + 1
             given = self.program.logprobs(ids[first:start], ids[start:last])
             values = torch.as_tensor(given, dtype=torch.float32)
