@@ -11,7 +11,7 @@ import pytest
 
 from opd.cli import main
 from opd.experiments.regimes import RegimesPlan, points
-from opd.experiments.regimes_report import mean_se, to_target
+from opd.experiments.regimes_report import mean_se, parts_at, to_target
 
 
 def test_each_sweep_turns_one_knob():
@@ -52,6 +52,17 @@ def test_compute_to_target_reads_the_first_evaluation_that_reaches_it():
     assert to_target(curve, 0.3) == (10, 5.0) and to_target(curve, 0.55) == (20, 9.0)
     assert to_target(curve, 0.7) is None
     assert mean_se([0.2, 0.4]) == pytest.approx((0.3, 0.1))
+
+
+def test_the_compute_to_a_target_is_split_into_the_students_training_and_sampling_and_the_teachers():
+    run = {"records": [{"step": 0, "accuracy": 0.2, "student_flops_total": 0.0, "teacher_flops_total": 0.0},
+                       {"step": 10, "accuracy": 0.8, "student_flops_total": 400.0, "teacher_flops_total": 50.0}],
+           "data": None}
+    assert parts_at(run, "opd", None, 4, 0.5) == {"student_training": 300.0, "student_sampling": 100.0,
+                                                  "teacher": 50.0}
+    assert parts_at(run, "opd", None, 4, 0.9) is None
+    assert parts_at(run | {"data": []}, "sft-fixed", None, 4, 0.5) == {"student_training": 400.0, "student_sampling": 0.0,
+                                                        "teacher": 0.0}
 
 
 def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsys):

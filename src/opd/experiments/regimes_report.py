@@ -47,6 +47,24 @@ def curve(run: dict, method: str, shape, rows_per_step: int, scale: int) -> list
     return out
 
 
+def parts_at(run: dict, method: str, shape, rows_per_step: int, target: float) -> dict[str, float] | None:
+    """``split`` of the compute a run has spent when it first reaches ``target`` (teacher at x1)."""
+    student_only = curve(run, method, shape, rows_per_step, 0)
+    with_teacher = curve(run, method, shape, rows_per_step, 1)
+    for (_, accuracy, student), (_, _, total) in zip(student_only, with_teacher, strict=True):
+        if accuracy >= target - 1e-9:
+            return split(method, student, total - student)
+    return None
+
+
+def split(method: str, student: float, teacher: float) -> dict[str, float]:
+    """FLOPs so far by part: the student's training (6N per trained token) and sampling (2N per sampled token:
+    a quarter of ``opd train``'s student count for the sampling methods, whose rows it both samples and
+    trains on), and the teacher's (scoring for ``opd``, writing the pairs for SFT and DART; at x1)."""
+    sampling = student / 4 if method in ("opd", "rl") else 0.0
+    return {"student_training": student - sampling, "student_sampling": sampling, "teacher": teacher}
+
+
 def to_target(points: list[tuple[int, float, float]], target: float) -> tuple[int, float] | None:
     """(steps, FLOPs) at the first evaluation at or above ``target``; None when never reached."""
     for step, accuracy, flops in points:
@@ -80,6 +98,12 @@ def point_summary(name: str, methods: dict, shape, rows_per_step: int) -> dict:
                         cost = (b[0], a[0]) if method == "rl" else (b[1], a[1])
                         ratios.append(cost[0] / cost[1] if cost[1] > 0 else 1.0 if cost[0] == 0 else math.inf)
                 key = f"{method}/opd {'steps' if method == 'rl' else 'flops'} x{scale} @{fraction:g}"
+                if scale == 1 and fraction == TARGETS[-1]:
+                    for name, runs in (("opd", methods["opd"]), (method, methods[method])):
+                        found = [p for p in (parts_at(r, name, shape, rows_per_step, target) for r in runs) if p]
+                        if found:
+                            out.setdefault("parts", {})[name] = {k: sum(p[k] for p in found) / len(found)
+                                                                 for k in found[0]} | {"seeds": len(found)}
                 out["ratios"][key] = {"geomean": geomean(ratios),
                                       "values": ratios, "seeds_reaching_both": reached, "target": target}
     return out
@@ -151,6 +175,14 @@ def report(plan, points: list, results: dict, rates: dict) -> dict:
         for s in summaries:
             lines.append(f"| {s['point']} | " + " | ".join(ratio_cell(s["ratios"][k]) if k in s["ratios"] else ""
                                                           for k in keys) + " |")
+    lines += ["", f"Where the compute to the {TARGETS[-1]:g} target goes (teacher x1; FLOPs, mean over the seeds that "
+              "reach it, their count in brackets): student training (6N a trained token), student sampling (2N a "
+              "sampled token), teacher (scoring for opd, writing the pairs for SFT and DART).", "",
+              "| point | method | student training | student sampling | teacher |", "|---|---|---|---|---|"]
+    for s in summaries:
+        for method, p in sorted(s.get("parts", {}).items(), key=lambda item: METHODS.index(item[0])):
+            lines.append(f"| {s['point']} | {method} ({p['seeds']}) | {p['student_training']:.3g} | "
+                         f"{p['student_sampling']:.3g} | {p['teacher']:.3g} |")
     plot(plan.out / "regimes.png", plan.sweep, summaries)
     lines += ["", "![ratios](regimes.png)", ""]
     (plan.out / "report.md").write_text("\n".join(lines))
