@@ -11,7 +11,10 @@ import pytest
 
 from opd.cli import main
 from opd.experiments.regimes import RegimesPlan, points
-from opd.experiments.regimes_report import mean_se, parts_at, to_target
+from opd.experiments.regimes_report import mean_se, parts_at, ratio_cell, ratio_entry, to_target
+from opd.flops import ModelShape
+from opd.regimes.vocab import char_tokenizer
+from opd.zoo import make_model
 
 
 def test_each_sweep_turns_one_knob():
@@ -38,7 +41,8 @@ def test_the_noise_sweep_runs_every_arm_under_its_noise_and_darts_data_marks_it(
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["points"][0]["final"]) == {"opd", "sft-fresh", "sft-fixed", "dart"}
     for method in ("opd", "sft-fresh", "sft-fixed", "dart", "warm"):
-        assert json.loads((out / "runs" / "noise0.3" / "s0" / method / "config.json").read_text())["sample_noise"] == 0.3
+        config = json.loads((out / "runs" / "noise0.3" / "s0" / method / "config.json").read_text())
+        assert config["sample_noise"] == 0.3
     assert json.loads((out / "runs" / "base" / "w16-s0" / "config.json").read_text())["sample_noise"] == 0.0
     dart = [json.loads(line) for line in (out / "data" / "noise0.3-s0-dart.jsonl").read_text().splitlines()]
     clean = [json.loads(line) for line in (out / "data" / "noise0.3-s0-sft-fresh.jsonl").read_text().splitlines()]
@@ -61,8 +65,23 @@ def test_the_compute_to_a_target_is_split_into_the_students_training_and_samplin
     assert parts_at(run, "opd", None, 4, 0.5) == {"student_training": 300.0, "student_sampling": 100.0,
                                                   "teacher": 50.0}
     assert parts_at(run, "opd", None, 4, 0.9) is None
-    assert parts_at(run | {"data": []}, "sft-fixed", None, 4, 0.5) == {"student_training": 400.0, "student_sampling": 0.0,
-                                                        "teacher": 0.0}
+    assert parts_at(run | {"data": []}, "sft-fixed", None, 4, 0.5) == {"student_training": 400.0,
+                                                                       "student_sampling": 0.0, "teacher": 0.0}
+
+
+def test_a_ratio_counts_the_seeds_only_one_method_brings_to_the_target_and_the_blogs_two_bases():
+    def run(accuracies, flops, data=None):
+        return {"records": [{"step": 10 * i, "accuracy": a, "student_flops_total": f, "teacher_flops_total": 0.0}
+                            for i, (a, f) in enumerate(zip(accuracies, flops, strict=True))], "data": data}
+
+    opd = [run([0.2, 0.9], [0.0, 100.0]), run([0.2, 0.9], [0.0, 100.0])]
+    sft = [run([0.2, 0.9], [0.0, 200.0], [(4, 4)] * 2), run([0.2, 0.5], [0.0, 200.0], [(4, 4)] * 2)]
+    shape = ModelShape.of(make_model(char_tokenizer(), layers=1, width=16, seed=0))
+    charged = ratio_entry(opd, sft, "sft-fixed", shape, 4, 1, 0.8)
+    given = ratio_entry(opd, sft, "sft-fixed", shape, 4, 1, 0.8, given=True)
+    assert (charged["seeds_reaching_both"], charged["opd_only"], charged["other_only"]) == (1, 1, 0)
+    assert given["values"] == [2.0] and charged["values"][0] > 2.0  # writing the two pairs charged
+    assert ratio_cell(charged).endswith("(1, 1 opd only)")
 
 
 def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsys):
