@@ -87,6 +87,24 @@ def test_the_rollouts_of_a_server_equal_the_trainers_layout(student_server, toke
     assert rollouts.completion_mask.sum() == sum(len(c) for c in rollouts.completion_ids())
 
 
+def test_a_conversation_turns_stop_ids_go_to_the_server(student_server, tokenizer):
+    """A turn's stop ids beyond the EOS (``templates.turn_stops``) reach the server as ``stop_token_ids``: a row
+    ends on the first of them it draws, which it keeps."""
+    free = completions(student_server, prompt=[5, 6, 7], n=8, max_tokens=16, logprobs=0, seed=1,
+                       return_token_ids=True, ignore_eos=True)
+    stop = free[0]["token_ids"][2]  # a token the model does draw here
+    sampler = RemoteSampler(student_server.url, rows_per_request=8)
+    try:
+        sampler.connect(tokenizer, 64)
+        rollouts = sampler.sample([[5, 6, 7]], samples_per_prompt=8, max_new_tokens=16, temperature=1.0, top_p=1.0,
+                                  eos_id=[tokenizer.eos_token_id, stop], pad_id=tokenizer.pad_token_id, seed=(1, 0, 0))
+    finally:
+        sampler.close()
+    rows = rollouts.completion_ids()
+    assert any(ids[-1] == stop for ids in rows)
+    assert all(stop not in ids[:-1] and tokenizer.eos_token_id not in ids[:-1] for ids in rows)
+
+
 def test_truncated_importance_weights_and_the_loss_that_uses_them():
     trainer = torch.tensor([[0.0, -1.0, -2.0, -0.5]], dtype=torch.float64)
     engine = torch.tensor([[0.0, -2.5, -1.0, -0.4]], dtype=torch.float64)

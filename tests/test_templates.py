@@ -24,7 +24,15 @@ from opd.tasks import ArithmeticTask
 from opd.teachers import LocalTeacher, TeacherView
 from opd.teachers.grade import grade
 from opd.teachers.view import choose_path
-from opd.templates import between_turns, check_student, choose_templates, for_template, structured_calls
+from opd.templates import (
+    between_turns,
+    check_student,
+    choose_templates,
+    for_template,
+    structured_calls,
+    turn_end,
+    turn_stops,
+)
 from opd.zoo import make_model
 
 SPEC = importlib.util.find_spec("trl")
@@ -38,14 +46,11 @@ ORIGINALS = sorted(p.stem for p in FOLDER.glob("*.jinja") if not p.stem.endswith
 NOT_PREFIX_PRESERVING = {"qwen3", "qwen3_5_think", "qwen3_5_nothink", "qwen3_6"}  # conversations take *_training
 NO_TOOL_ROLE = {"cohere": "cannot render", "cohere2": "no tool role", "gemma": "cannot render",
                 "gemma3": "cannot render", "phi3": "no tool role", "phi3_5": "no tool role"}
-# the model ends a tool-calling turn on another token than the one it ends an answer with (GPT-OSS <|call|>,
-# Gemma 4 <|tool_response>), and opd's sampler stops on the EOS alone
-OTHER_STOP_TOKEN = {"gptoss", "gemma4", "gemma4_v3", "gemma4_v4", "gemma4_v5"}
 # the generation prompt opens the reasoning (<think>), and the template drops it from past turns, where the row keeps
 # what the model wrote: only the environment's part of the row is the template's
 REASONING_IN_PROMPT = {"deepseek_r1_distill", "deepseekv3", "nemotron_3_nano", "nemotron_3_super", "nemotron_3_ultra",
                        "nemotron_3_5_lightning"}
-CLOSER = {"gptoss": "<|end|>"}  # the template closes a past turn with it, where the model ends one with <|return|>
+CLOSER = {"gptoss": {"<|return|>": "<|end|>"}}  # a past answer closes with <|end|>, the row keeps <|return|>
 EOS = {"glm4moe": "<|user|>"}  # GLM closes no turn: the model stops on the next message's role token
 MARKERS = re.compile(r"<[|｜][^<>\s]{1,40}?[|｜]>|<[a-z_]{3,20}\|>|<\|[a-z_]{3,20}>|<(?:start|end)_of_turn>|<bos>")
 REPLIES = ("= 4", "Yes, 4.")
@@ -71,23 +76,31 @@ def families(tokenizer):
     return {name: family_tokenizer(tokenizer, name) for name in ORIGINALS}
 
 
-def sampled(tokenizer, history: list[dict], reply: dict) -> str:
+def stop_tokens(tokenizer, tools: bool) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(turn_stops(tokenizer, tools))
+
+
+def sampled(tokenizer, history: list[dict], reply: dict, tools: bool) -> tuple[str, str]:
     """What the model writes for ``reply`` after ``history``: the template's last turn between its generation
-    prompt and the EOS (a thinking template's empty ``<think>`` block included)."""
+    prompt and the first stop token (a thinking template's empty ``<think>`` block included), and that token
+    ("" where the template renders none after the turn)."""
     prompt = render(tokenizer, history, True)
     closed = render(tokenizer, for_template(tokenizer, history + [reply])[:len(history) + 1], False)
     assert closed.startswith(prompt), (prompt, closed)
-    end = closed.find(tokenizer.eos_token, len(prompt))
-    return closed[len(prompt):] if end < 0 else closed[len(prompt):end]
+    ends = [(closed.find(stop, len(prompt)), stop) for stop in stop_tokens(tokenizer, tools)]
+    end, stop = min(((i, s) for i, s in ends if i >= 0), default=(-1, ""))
+    return (closed[len(prompt):], "") if end < 0 else (closed[len(prompt):end], stop)
 
 
-def opd_row(tokenizer, conversation: list[dict], closer: str) -> str:
-    """The conversation's row as opd builds it: the prompt, each turn as sampled, its end (``closer``: the EOS
-    but where the template closes a past turn otherwise), the environment's tokens (``environment_ids``)."""
+def opd_row(tokenizer, conversation: list[dict], closers: dict) -> str:
+    """The conversation's row as opd builds it: the prompt, each turn as sampled, the stop token it ended on (as
+    the template closes a past turn: ``closers``), the environment's tokens (``environment_ids``)."""
+    tools = any(m["role"] == "tool" for m in conversation)
     row = chat_prompt_text(tokenizer, conversation[:1])[0]
     i = 1
     while i < len(conversation):
-        row += sampled(tokenizer, conversation[:i], conversation[i])
+        text, stop = sampled(tokenizer, conversation[:i], conversation[i], tools)
+        row += text
         answer = []
         for message in conversation[i + 1:]:
             if message["role"] == "assistant":
@@ -95,7 +108,8 @@ def opd_row(tokenizer, conversation: list[dict], closer: str) -> str:
             answer.append(message)
         if not answer:
             return row
-        row += closer + tokenizer.decode(environment_ids(tokenizer, answer))
+        stop = stop or turn_end(tokenizer, answer).stop  # GLM renders none: the next message's opening stops it
+        row += closers.get(stop, stop) + tokenizer.decode(environment_ids(tokenizer, answer))
         i += 1 + len(answer)
     return row
 
@@ -118,7 +132,7 @@ def same_as_template(tokenizer, conversation: list[dict], name: str) -> None:
                 assert text[cut + len(eos):] == tokenizer.decode(environment_ids(tokenizer, conversation[i + 1:i + 2]))
         return
     full = render(tokenizer, conversation, False)
-    row = opd_row(tokenizer, conversation, CLOSER.get(name, eos))
+    row = opd_row(tokenizer, conversation, CLOSER.get(name, {}))
     assert full.startswith(row), (row, full)
     assert full[len(row):] == "" or full[len(row):].startswith(eos)
 
@@ -136,9 +150,8 @@ def test_a_user_follow_up_renders_as_the_family_template_does(families, name):
 
 @pytest.mark.parametrize("name", ORIGINALS)
 def test_a_tool_turn_runs_on_every_template_with_a_tool_role(families, name):
-    if name in NO_TOOL_ROLE or name in OTHER_STOP_TOKEN:
-        reason = NO_TOOL_ROLE.get(name, "does not end an assistant turn")
-        with pytest.raises(OpdError, match=rf"the {name} chat template .*{reason}"):
+    if name in NO_TOOL_ROLE:
+        with pytest.raises(OpdError, match=rf"the {name} chat template .*{NO_TOOL_ROLE[name]}"):
             chosen(families[name], tools=True)
         return
     student, _, _ = chosen(families[name], tools=True)
@@ -156,13 +169,39 @@ def test_the_not_prefix_preserving_family_is_refused_without_its_training_templa
         check_student(families["qwen3"], tools=False)
 
 
-def test_a_family_whose_turns_end_before_the_eos_is_refused(families):
-    """Phi-3 ends a turn with <|end|>, its tokenizer's EOS is <|endoftext|> (which the template puts at the end of
-    a closed conversation): the student would not stop where the turn ends."""
-    phi = copy.copy(families["phi3"])
-    phi.eos_token = "<|endoftext|>"
-    with pytest.raises(OpdError, match=r"the phi3 chat template ends a past assistant turn with '<\|user\|>"):
-        check_student(phi, tools=False)
+@pytest.mark.parametrize(("name", "eos", "tools", "stops"), [
+    ("qwen3_8", None, True, ["<|im_end|>"]),
+    ("llama3_1", None, True, ["<|eot_id|>"]),
+    ("gptoss", None, True, ["<|return|>", "<|call|>"]),  # an answer, a call
+    ("gemma4", None, True, ["<turn|>", "<|tool_response>"]),
+    ("glm4moe", None, True, ["<|user|>", "<|observation|>"]),  # no closer: the next message's opening
+    ("phi3", "<|endoftext|>", False, ["<|endoftext|>", "<|end|>"]),  # the EOS ends a closed conversation only
+    ("gemma3", "<eos>", False, ["<eos>", "<end_of_turn>"]),
+])
+def test_a_turn_stops_on_the_eos_and_the_tokens_the_family_ends_its_turns_with(families, name, eos, tools, stops):
+    tokenizer = copy.deepcopy(families[name])
+    if eos:
+        tokenizer.add_special_tokens({"eos_token": eos})
+    student, _, _ = chosen(tokenizer, tools)
+    assert stop_tokens(student, tools) == stops
+
+
+def test_the_row_keeps_the_eos_where_the_family_ends_a_turn_with_another_token(families):
+    """Phi-3's tokenizer ends on <|endoftext|>, its turns on <|end|>: a turn the student ends on either is followed
+    by the template's next message, the stop token it wrote kept."""
+    phi = copy.deepcopy(families["phi3"])
+    phi.add_special_tokens({"eos_token": "<|endoftext|>"})
+    student, _, _ = chosen(phi, tools=False)
+    after = student.decode(environment_ids(student, [{"role": "user", "content": "Sure?"}]))
+    assert after == "\n<|user|>\nSure?<|end|>\n<|assistant|>\n"
+
+
+def test_a_template_that_ends_no_turn_with_a_special_token_is_refused(tokenizer):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n\n{% endfor %}"
+                           "{% if add_generation_prompt %}assistant:{% endif %}")
+    with pytest.raises(OpdError, match="ends no assistant turn with a special token"):
+        check_student(plain, tools=False)
 
 
 def test_a_template_error_is_an_opd_error_naming_the_family(tokenizer, families):

@@ -35,7 +35,7 @@ class Asking:
 
 def scripted(tokenizer, replies: list[str], seen: list):
     """A draw that answers turn ``t`` of every context with ``replies[t]`` and EOS (log-prob -1 per token)."""
-    def draw(contexts: list[list[int]], max_new_tokens: int, turn: int):
+    def draw(contexts: list[list[int]], max_new_tokens: int, turn: int, stops: list[int]):
         seen.append([list(c) for c in contexts])
         ids = (tokenizer.encode(replies[turn], add_special_tokens=False) + [tokenizer.eos_token_id])[:max_new_tokens]
         drawn = pack_pairs(contexts, [ids] * len(contexts), tokenizer.pad_token_id)

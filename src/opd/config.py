@@ -88,8 +88,9 @@ class TrainConfig:
     section("conversations: an environment answers each assistant turn (opd.environments)")
     environment: str = opt("", "module:Name of an environment (start(example) -> conversation)")
     tools: str = opt("", "module:function,...: the built-in tool-calling environment with these functions")
-    tool_format: str = opt("hermes", "tools=: calls as hermes (<tool_call>JSON</tool_call>) | compact ([calc 3*4])",
-                                     Choice(("hermes", "compact")))
+    tool_format: str = opt("auto", "tools=: how calls are read: auto (the family's response template, else hermes) | "
+                                   "hermes (<tool_call>JSON</tool_call>) | compact ([calc 3*4])",
+                                   Choice(("auto", "hermes", "compact")))
     max_turns: int = opt(4, "assistant turns per conversation at most", COUNT)
     max_trajectory_tokens: int = opt(0, "a conversation's tokens at most, prompt included (0: the student's context)",
                                         Number(0, integer=True, note="0: the student's context"))

@@ -4,13 +4,21 @@ An environment is given like ``reward=`` (an object, or ``module:Name`` naming a
 ``start(example)`` opens one conversation, whose ``respond(reply)`` takes the assistant's reply text and
 returns the messages that answer it (tool results, a user's next turn) or None when the conversation is
 over; ``reward()`` is the conversation's final reward (None: the task's verifier reads the last reply), and
-``tools`` (on the environment) the JSON schemas the chat template is given (None: no tools).
+``tools`` (on the environment) the JSON schemas the chat template is given (None: no tools). An environment
+that reads the assistant's turn itself has ``read(tokenizer, context, ids)`` (the turn's token ids, its stop
+token included, after the conversation's ``context`` ids), which returns the turn as a message (None: its text,
+``{"role": "assistant", "content": reply}``); its conversations' ``respond`` is then given that message (a dict),
+which is also the conversation's assistant turn.
 
 ``ToolEnvironment`` is the built-in one (``tools=module:fn,module:fn``): Python functions called with the
-arguments of each tool call in the reply, parsed in the Hermes/Qwen format the chat templates of those
-families define (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, any number per reply), or with
-``tool_format=compact`` the embedded family's own ``[NAME ARGUMENT]``; a reply without a call ends the
-conversation, and every call's result (or what was wrong with it) answers it as a ``tool`` message.
+arguments of each tool call in the reply; a reply without a call ends the conversation, and every call's
+result (or what was wrong with it) answers it as a ``tool`` message. ``tool_format=auto`` (the default) reads
+the calls the family's way, transformers' ``parse_response`` with the family's response template (the
+tokenizer's own, else the one TRL has for the chat template: Qwen's Hermes JSON and XML, Llama 3.1/3.2,
+GPT-OSS, GLM-4-MoE, Gemma 4, LFM2, ...; ``templates.response_template``), the turn handed back to the template
+with structured ``tool_calls``; where there is none, as ``hermes``: the Hermes/Qwen format
+(``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, any number per reply) in the reply's text, which
+the turn keeps as it is. ``tool_format=compact`` is the embedded family's own ``[NAME ARGUMENT]``.
 
 What the environment says is checked as it is said: an exception in it, or a turn that is not a list of
 ``{"role": "user" | "tool" | "system", "content": str}`` messages, stops the run with an ``OpdError`` naming
@@ -31,7 +39,7 @@ from opd.tasks import Example
 ROLES = ("user", "tool", "system")
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 COMPACT_CALL = re.compile(r"\[(\w+) ([^\]\n]*)\]")  # the embedded family's: [calc 347*86]
-TOOL_FORMATS = ("hermes", "compact")
+TOOL_FORMATS = ("auto", "hermes", "compact")
 
 
 class Conversation(Protocol):
@@ -96,6 +104,23 @@ def parse_tool_calls(reply: str) -> list[ToolCall]:
     return calls
 
 
+def structured_call(call) -> ToolCall:
+    """One of a message's structured ``tool_calls`` (``{"type": "function", "function": {"name", "arguments"}}``)
+    as a ``ToolCall``; one without a name or with arguments that are not an object is invalid."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        return ToolCall("", {}, 'a call is {"name": ..., "arguments": {...}}')
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):  # the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            arguments = None
+    if not isinstance(arguments, dict):
+        return ToolCall(function["name"], {}, "the arguments must be an object")
+    return ToolCall(function["name"], arguments)
+
+
 def tool_schema(function: Callable) -> dict:
     """The JSON schema chat templates take for ``function`` (transformers' ``get_json_schema``: its type hints
     and its docstring's ``Args:``)."""
@@ -114,8 +139,8 @@ class ToolConversation:
     calls: int = 0
     valid_calls: int = 0
 
-    def respond(self, reply: str) -> list[dict] | None:
-        calls = self.environment.parse(reply)
+    def respond(self, reply: str | dict) -> list[dict] | None:
+        calls = self.environment.calls(reply)
         if not calls:
             return None
         out = []
@@ -144,16 +169,43 @@ class ToolConversation:
 
 class ToolEnvironment:
     """Tool calling: each reply's calls are run and their results answer it; a reply without one ends the
-    conversation (the task's verifier grades it)."""
+    conversation (the task's verifier grades it). ``call_format``: ``TOOL_FORMATS`` (see the module)."""
 
-    def __init__(self, functions: list[Callable], call_format: str = "hermes") -> None:
+    def __init__(self, functions: list[Callable], call_format: str = "auto") -> None:
         if not functions:
             raise OpdError("tools= names no function")
         if call_format not in TOOL_FORMATS:
             raise OpdError(f"tool_format={call_format!r} must be one of {', '.join(TOOL_FORMATS)}")
         self.functions = {f.__name__: f for f in functions}
         self.tools = [tool_schema(f) for f in functions]
-        self.parse = parse_tool_calls if call_format == "hermes" else parse_compact_calls
+        self.format = call_format
+        self.parse = parse_compact_calls if call_format == "compact" else parse_tool_calls
+
+    def read(self, tokenizer, context: list[int], ids: list[int]) -> dict | None:
+        """The assistant's turn ``ids`` (its stop token included) after ``context`` as a message with structured
+        ``tool_calls``, where ``tool_format=auto`` and the family has a response template
+        (``templates.response_template``): as transformers' ``parse_response`` reads it, the arguments typed by
+        the tools' schemas. None (the turn is its text, whose calls ``parse`` finds) otherwise: another format,
+        no response template, a reply without calls, or one the family's parser cannot read."""
+        from opd.templates import response_template
+
+        schema = response_template(tokenizer) if self.format == "auto" else None
+        if schema is None:
+            return None
+        try:
+            message = tokenizer.parse_response(ids, schema=schema, prefix=context, tools=self.tools)
+        except Exception:  # noqa: BLE001 - a reply the family's parser cannot read is read as text
+            return None
+        if not isinstance(message, dict) or not message.get("tool_calls"):
+            return None
+        return {**message, "role": "assistant", "content": message.get("content") or ""}
+
+    def calls(self, reply: str | dict) -> list[ToolCall]:
+        """The calls in ``reply``: a message's structured ``tool_calls`` (``read``), else those ``parse`` finds
+        in its text (a message's ``content``, or the reply text itself)."""
+        if isinstance(reply, dict) and reply.get("tool_calls"):
+            return [structured_call(call) for call in reply["tool_calls"]]
+        return self.parse(reply.get("content") or "" if isinstance(reply, dict) else reply)
 
     def start(self, example: Example) -> ToolConversation:
         return ToolConversation(self)
@@ -185,10 +237,25 @@ def checked_turn(turn, name: str, example: Example, reply: str) -> list[dict] | 
     return turn
 
 
-def respond(conversation: Conversation, reply: str, name: str, example: Example) -> list[dict] | None:
-    """``conversation.respond(reply)``, checked; an exception in it becomes an ``OpdError`` naming it."""
+def read_turn(environment: Environment, tokenizer, context: list[int], ids: list[int], name: str) -> dict | None:
+    """``environment.read(tokenizer, context, ids)``, checked: a message (a dict with a ``content`` string) or
+    None; anything else, or an exception in it, is an ``OpdError`` naming the environment."""
     try:
-        turn = conversation.respond(reply)
+        message = environment.read(tokenizer, context, ids)
+    except Exception as err:  # noqa: BLE001 - a user's environment: stop, explained
+        raise OpdError(f"environment {name}: read() raised {type(err).__name__}: {err}") from err
+    if message is not None and not (isinstance(message, dict) and isinstance(message.get("content"), str)):
+        raise OpdError(f"environment {name}: read() returned {str(message)[:80]!r}; it must return a message "
+                       "({'role': 'assistant', 'content': str, ...}) or None")
+    return message
+
+
+def respond(conversation: Conversation, reply: str, name: str, example: Example,
+            message: dict | None = None) -> list[dict] | None:
+    """``conversation.respond(reply)`` (``respond(message)`` for an environment that reads its turns itself: the
+    message its ``read`` returned), checked; an exception in it becomes an ``OpdError`` naming it."""
+    try:
+        turn = conversation.respond(reply if message is None else message)
     except OpdError:
         raise
     except Exception as err:  # noqa: BLE001 - any error in a user's environment stops the run, explained
@@ -208,7 +275,7 @@ def final_reward(conversation: Conversation, name: str) -> float | None:
     return None if value is None else float(value)
 
 
-def load_environment(spec: str, tools: str, tool_format: str = "hermes",
+def load_environment(spec: str, tools: str, tool_format: str = "auto",
                      given=None) -> tuple[Environment | None, str]:
     """``given`` (a Python object, ``opd.train(..., environment=)``), else ``environment=module:Name`` (a class or
     factory called with no arguments, or an instance) or ``tools=module:fn,...`` (the built-in

@@ -9,13 +9,21 @@ time (nothing is copied into opd) when the family's own template is recognised (
 and fails the probe conversation, and the user gave no ``chat_template=``. The model's own template stays on its
 tokenizer (what a checkpoint saves); the teacher keeps its own unless ``teacher_chat_template=`` gives one. A
 template that cannot express the conversation at all (no ``tool`` role) is refused before any compute.
+
+A sampled turn stops on the EOS or on the token the template ends that kind of turn with (``turn_stops``: GPT-OSS
+``<|call|>``, Gemma 4 ``<|tool_response>``, Phi-3 ``<|end|>``), which the row keeps as sampled; the environment's
+tokens after it are the template's (``turn_end``). ``response_template`` is how the family's replies are read back
+into messages with structured tool calls (``tool_format=auto``), the tokenizer's own or the installed TRL's.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from jinja2 import TemplateError
 
@@ -52,6 +60,36 @@ def training_template(family: str | None) -> str | None:
     if not family or family.endswith("_training"):
         return None
     return trl_templates().get(f"{family}_training")
+
+
+def response_template(tokenizer) -> dict | None:
+    """How a reply in the tokenizer's family is read back into a message (``content``, structured ``tool_calls``;
+    transformers' ``parse_response``): the tokenizer's own ``response_template`` (a checkpoint's, which transformers
+    loads), else the one TRL's ``add_response_schema`` gives its chat template or the family of the one its
+    conversations use (TRL's training variant), where TRL ships that template; None where neither."""
+    own = getattr(tokenizer, "response_template", None)
+    if own:
+        return own
+    family = family_of(chat_template_of(tokenizer)) or ""
+    original = trl_templates().get(family.removesuffix("_training"))
+    candidates = [t for t in (tokenizer.chat_template, original) if isinstance(t, str)]
+    return next((found for t in candidates if (found := trl_response_template(t)) is not None), None)
+
+
+@functools.cache
+def trl_response_template(template: str) -> dict | None:
+    """The response template TRL's ``add_response_schema`` sets for the chat template ``template`` (one TRL ships
+    and knows how to parse), read from the installed TRL at run time; None when it has none or TRL is missing."""
+    if importlib.util.find_spec("trl") is None:
+        return None
+    from trl.chat_template_utils import add_response_schema
+
+    holder = SimpleNamespace(chat_template=template)  # add_response_schema sets its template on what it is given
+    try:
+        add_response_schema(holder)
+    except ValueError:  # a template TRL does not recognise
+        return None
+    return getattr(holder, "response_template", None)
 
 
 def describe(tokenizer) -> str:
@@ -153,54 +191,125 @@ def render_error(tokenizer, messages: list[dict], err: Exception) -> OpdError:
                     f"({type(err).__name__}: {reason[:160]}): {advice}")
 
 
+def special_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's special and added tokens (the markers chat templates are written in)."""
+    return set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+
+
 def leading_special(tokenizer, text: str) -> str:
     """The special (added) token ``text`` starts with, or ""."""
     ids = tokenizer.encode(text, add_special_tokens=False)[:1]
-    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-    if not ids or ids[0] not in special:
+    if not ids or ids[0] not in special_ids(tokenizer):
         return ""
     token = tokenizer.convert_ids_to_tokens(ids[0])
     return token if text.startswith(token) else ""
 
 
-def between_turns(tokenizer, messages: list[dict]) -> str:
-    """The text between an assistant turn's EOS (the student's last sampled token) and the next turn's first
-    sampled token: the rest of the turn's end, ``messages`` and the generation prompt, as the template renders
-    them after a probe turn. The conversation up to that EOS must render the same once ``messages`` follow
-    (prefix-preserving). A template that closes a past turn with another special token than the one the model
-    stops on (GPT-OSS: ``<|end|>`` for ``<|return|>``) keeps the sampled one in the row."""
-    eos = tokenizer.eos_token or ""
-    if not eos:
-        raise OpdError("a conversation needs the tokenizer's eos_token (the student ends each turn on it): set one")
-    probe = for_template(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": REPLY}]
-                         + messages)[:2]  # the assistant's turn as the template reads it before these messages
-    before, after = rendered(tokenizer, probe, False), rendered(tokenizer, probe + messages, True)
-    anchor = before.rfind(REPLY)
-    if anchor < 0:
+def trailing_special(tokenizer, text: str) -> str:
+    """The special (added) token ``text`` ends with, whitespace after it aside, or ""."""
+    stripped = text.rstrip()
+    ids = tokenizer.encode(stripped, add_special_tokens=False)[-1:]
+    if not ids or ids[0] not in special_ids(tokenizer):
+        return ""
+    token = tokenizer.convert_ids_to_tokens(ids[0])
+    return token if stripped.endswith(token) else ""
+
+
+def probe_replies(tokenizer, messages: list[dict]) -> list[dict]:
+    """The probe's assistant turn before ``messages``, as the template may read it: the text ``REPLY``; where
+    ``messages`` open with tool results and the template renders them only after structured calls
+    (``needs_calls``), one call per result, named by it, with ``REPLY`` its argument and no text (Gemma 4 renders a
+    calling turn's text after the results), then (for a template that drops the calls) with the text too."""
+    answers = []
+    for message in messages:
+        if message.get("role") != "tool":
+            break
+        answers.append(message)
+    if not answers or not needs_calls(tokenizer):
+        return [{"role": "assistant", "content": REPLY}]
+    calls = [{"type": "function", "function": {"name": answer.get("name") or "tool", "arguments": {"opd": REPLY}}}
+             for answer in answers]
+    return [{"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "assistant", "content": REPLY, "tool_calls": calls}]
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """How an assistant turn ends before the environment's messages, in the template's text."""
+
+    stop: str  # the token the model ends the turn with: the sampler stops on it, the row keeps it
+    rest: str  # the text after the turn's end, the environment's: its messages and the next generation prompt
+
+
+def turn_end(tokenizer, messages: list[dict]) -> TurnEnd:
+    """The end of an assistant turn that ``messages`` follow, from two renderings of a probe conversation: the
+    turn as the conversation's last message (as the model writes it) and with ``messages`` and the generation
+    prompt after it. The model's stop token is, in this order:
+
+    1. the tokenizer's EOS, where the two share it after the turn's text (``<|im_end|>``, ``<|eot_id|>``);
+    2. else the last special token they share after the turn's text (Phi-3's ``<|end|>`` where the EOS is
+       ``<|endoftext|>``, GPT-OSS's ``<|call|>`` and Gemma 4's ``<|tool_response>`` after a call);
+    3. where they share none but each starts with one, the finished turn's: GPT-OSS ends an answer with
+       ``<|return|>`` and closes it with ``<|end|>`` once the conversation goes on (the row keeps the sampled one);
+    4. where the template writes nothing after the turn (GLM), the first special token of the message after it.
+
+    The conversation up to the turn's text must render the same once ``messages`` follow (prefix-preserving), and
+    a template that ends the turn with no special token is refused (the sampler could not stop it)."""
+    if not tokenizer.eos_token:
+        raise OpdError("a conversation needs the tokenizer's eos_token (a turn may end on it): set one")
+    for reply in probe_replies(tokenizer, messages):
+        probe = [{"role": "user", "content": "x"}, reply]
+        before = rendered(tokenizer, probe, False)
+        anchor = before.rfind(REPLY)
+        if anchor >= 0:
+            break
+    else:
         raise OpdError(f"{describe(tokenizer)} drops the assistant's reply from its rendering, so a conversation "
                        "cannot be kept token for token: give chat_template=PATH with one that keeps it")
-    end = before.find(eos, anchor)
-    if end < 0:  # no EOS after the reply: the next message's opening may be what the model stops on (GLM)
-        if after.startswith(before) and after[len(before):].startswith(eos):
-            return after[len(before) + len(eos):]
-        raise OpdError(f"{describe(tokenizer)} does not end an assistant turn with the tokenizer's EOS {eos!r} "
-                       f"(after the reply it renders {before[anchor + len(REPLY):][:40]!r}, then "
-                       f"{after[len(before):][:40]!r}), and the student ends each turn on its EOS: set the "
-                       "tokenizer's eos_token to the token the model ends a turn with")
-    if after[:end] != before[:end]:
-        where = next(i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b)
+    after = rendered(tokenizer, probe + messages, True)
+    start = anchor + len(REPLY)
+    shared = len(os.path.commonprefix([before, after]))
+    if shared < start:
         family = family_of(chat_template_of(tokenizer))
         fix = (f"opd runs conversations in TRL's {family}_training template when it is installed (pip install trl)"
                if training_template(family) else "give chat_template=PATH with a template that is")
         raise OpdError(f"{describe(tokenizer)} renders a conversation's start differently once it goes on (it is "
-                       f"not prefix-preserving: {before[where:end][:50]!r} becomes {after[where:end][:50]!r}), so "
-                       f"a turn's tokens cannot be appended to the sampled ones: {fix}")
-    rest = after[end:]
-    closer = eos if rest.startswith(eos) else leading_special(tokenizer, rest) if end == anchor + len(REPLY) else ""
-    if not closer:  # (another closer only in the EOS's place: right after the reply)
-        raise OpdError(f"{describe(tokenizer)} ends a past assistant turn with {rest[:40]!r} where the model "
-                       f"ends it with {eos!r}: give chat_template=PATH with a template that keeps the turn's end")
-    return rest[len(closer):]
+                       f"not prefix-preserving: {before[shared:start][:50]!r} becomes {after[shared:start][:50]!r}), "
+                       f"so a turn's tokens cannot be appended to the sampled ones: {fix}")
+    eos = before.find(tokenizer.eos_token, start, shared)
+    if eos >= 0 and shared >= eos + len(tokenizer.eos_token):
+        return TurnEnd(tokenizer.eos_token, after[eos + len(tokenizer.eos_token):])
+    tail = before[start:shared].rstrip()
+    stop = trailing_special(tokenizer, tail)
+    if stop:
+        return TurnEnd(stop, after[start + len(tail):])
+    finished, past = leading_special(tokenizer, before[start:]), leading_special(tokenizer, after[start:])
+    if finished and past:
+        return TurnEnd(finished, after[start + len(past):])
+    opening = leading_special(tokenizer, after[len(before):]) if shared == len(before) else ""
+    if opening:
+        return TurnEnd(opening, after[len(before) + len(opening):])
+    raise OpdError(f"{describe(tokenizer)} ends no assistant turn with a special token (after the reply it renders "
+                   f"{before[start:][:40]!r}, and {after[start:][:40]!r} once the conversation goes on), so the "
+                   "student's sampler could not stop the turn: give chat_template=PATH with a template that ends "
+                   "each assistant turn with one")
+
+
+def between_turns(tokenizer, messages: list[dict]) -> str:
+    """The text between an assistant turn's stop token (the student's last sampled token) and the next turn's
+    first sampled token: ``messages`` and the generation prompt, as the template renders them (``turn_end``)."""
+    return turn_end(tokenizer, messages).rest
+
+
+def turn_stops(tokenizer, tools: bool) -> list[int]:
+    """The tokens a conversation's sampled turn stops on: the tokenizer's EOS, then the token the template ends the
+    model's turn with before each probe turn (``probe_turns``: a user's follow-up, a tool result when ``tools``;
+    ``turn_end``). Just the EOS where the template ends every turn with it (the embedded family, Qwen, Llama)."""
+    stops = [tokenizer.eos_token_id]
+    for turn in probe_turns(tools):
+        stop = tokenizer.convert_tokens_to_ids(turn_end(tokenizer, turn).stop)
+        stops += [stop] if stop not in stops else []
+    return stops
 
 
 def probe_turns(tools: bool) -> list[list[dict]]:

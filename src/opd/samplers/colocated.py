@@ -21,7 +21,7 @@ import torch
 from opd.errors import OpdError
 from opd.models import plain_model
 from opd.rollouts import Rollouts, pack_pairs
-from opd.samplers.remote import request_seed
+from opd.samplers.remote import request_seed, stop_list
 
 
 def check_available() -> None:
@@ -57,13 +57,13 @@ class ColocatedSampler:
         return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
 
     def sample(self, prompts: list[list[int]], *, samples_per_prompt: int, max_new_tokens: int, temperature: float,
-               top_p: float, eos_id: int, pad_id: int, seed: tuple[int, ...]) -> Rollouts:
+               top_p: float, eos_id: int | list[int], pad_id: int, seed: tuple[int, ...]) -> Rollouts:
         from vllm import SamplingParams, TokensPrompt
 
         self.wake()
         params = SamplingParams(n=samples_per_prompt, temperature=temperature, top_p=top_p,
                                 max_tokens=max_new_tokens, logprobs=0, seed=request_seed(*seed),
-                                stop_token_ids=[eos_id], detokenize=False)
+                                stop_token_ids=stop_list(eos_id), detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         self.llm.sleep(level=1)
         self.awake = False

@@ -1,7 +1,8 @@
 """The student's rollouts from a server: vLLM's OpenAI-compatible ``/v1/completions`` (``vllm serve``,
 ``opd serve``, or anything that speaks it), with the student's weights pushed to it after every update.
 
-A request sends token-id prompts and asks for ``n`` samples each, stopping at the student's EOS, with
+A request sends token-id prompts and asks for ``n`` samples each, stopping at the student's EOS (a
+conversation's turn: at any of its stop ids, ``stop_token_ids``), with
 the sampled tokens' ids (``return_token_ids``, or vLLM's older ``return_tokens_as_token_ids`` strings)
 and their log-probs (``logprobs=0``). The server's log-probs become ``Rollouts.engine_logprobs``: the
 engine's numerics are not the trainer's, which the trainer corrects with a truncated importance weight
@@ -24,6 +25,11 @@ def request_seed(*parts: int) -> int:
     """A seed for one request, a pure function of (run seed, step, rank, chunk): reruns draw the same."""
     digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def stop_list(eos_id: int | list[int]) -> list[int]:
+    """The stop ids a draw is given (``eos_id``: one id, or a conversation turn's list), as a list."""
+    return [eos_id] if isinstance(eos_id, int) else list(eos_id)
 
 
 def choice_tokens(choice: dict, where: str) -> tuple[list[int], list[float]]:
@@ -65,7 +71,7 @@ class RemoteSampler:
             tokenizer_fix="The rollout server must serve the student (its tokenizer).")
 
     def sample(self, prompts: list[list[int]], *, samples_per_prompt: int, max_new_tokens: int, temperature: float,
-               top_p: float, eos_id: int, pad_id: int, seed: tuple[int, ...]) -> Rollouts:
+               top_p: float, eos_id: int | list[int], pad_id: int, seed: tuple[int, ...]) -> Rollouts:
         """Rollouts in the in-process sampler's layout (rows grouped by prompt), with the server's log-probs
         as ``engine_logprobs``; ``sampler_logprobs`` is left for the trainer to fill with its own."""
         per_request = max(self.rows_per_request // samples_per_prompt, 1)
@@ -75,7 +81,7 @@ class RemoteSampler:
         def ask(index: int) -> list[tuple[list[int], list[float]]]:
             chunk = chunks[index]
             body = {"model": model, "prompt": chunk, "n": samples_per_prompt, "max_tokens": max_new_tokens,
-                    "temperature": temperature, "top_p": top_p, "logprobs": 0, "stop_token_ids": [eos_id],
+                    "temperature": temperature, "top_p": top_p, "logprobs": 0, "stop_token_ids": stop_list(eos_id),
                     "seed": request_seed(*seed, index), "return_token_ids": True,
                     "return_tokens_as_token_ids": True, "skip_special_tokens": False}
             choices = self.http.request("POST", "/v1/completions", body).get("choices") or []

@@ -321,17 +321,17 @@ class Conversations(RolloutSource):
         if self.server is not None:
             sampler = self.server.service.sampler
 
-            def served(contexts: list[list[int]], max_new_tokens: int, turn: int) -> Rollouts:
+            def served(contexts: list[list[int]], max_new_tokens: int, turn: int, stops: list[int]) -> Rollouts:
                 return sampler.sample(contexts, samples_per_prompt=1, max_new_tokens=max_new_tokens,
-                                      temperature=draw.temperature, top_p=draw.top_p, eos_id=tokenizer.eos_token_id,
+                                      temperature=draw.temperature, top_p=draw.top_p, eos_id=stops,
                                       pad_id=tokenizer.pad_token_id, seed=(draw.seed, step * 1000 + turn, self.rank))
             return served
         generator = torch.Generator(self.device).manual_seed(draw.stream(step, self.rank))
 
-        def local(contexts: list[list[int]], max_new_tokens: int, turn: int) -> Rollouts:
+        def local(contexts: list[list[int]], max_new_tokens: int, turn: int, stops: list[int]) -> Rollouts:
             return sample_in_batches(self.model, contexts, rows=draw.rows_per_call, samples_per_prompt=1,
                                      max_new_tokens=max_new_tokens, temperature=draw.temperature, top_p=draw.top_p,
-                                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                     eos_id=stops, pad_id=tokenizer.pad_token_id,
                                      vocab_size=self.vocab_size, generator=generator)
         return local
 

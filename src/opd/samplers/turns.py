@@ -3,12 +3,13 @@
 sampled, or the row would pass ``max_trajectory_tokens``.
 
 One row per conversation, in the student's tokens as its chat template renders the conversation: the
-prompt, then each sampled turn (its EOS included) followed by the environment's messages
-(``environment_ids``). ``completion_mask`` is 1 on the sampled tokens alone: the environment's tokens are
-read (they are the context of the turns after them) but carry no advantage and no gradient, and the
-teacher grades only sampled tokens. ``Rollouts.turns`` holds each row's turn spans (columns) and the
-conversation before each turn, for a teacher that reads the conversation in its own template
-(``teachers.grade``). ``samplers.sources.Conversations`` is the rollout source that draws them.
+prompt, then each sampled turn (its stop token included: the EOS, or the token the template ends that kind
+of turn with, ``templates.turn_stops``) followed by the environment's messages (``environment_ids``).
+``completion_mask`` is 1 on the sampled tokens alone: the environment's tokens are read (they are the context
+of the turns after them) but carry no advantage and no gradient, and the teacher grades only sampled tokens.
+``Rollouts.turns`` holds each row's turn spans (columns) and the conversation before each turn, for a teacher
+that reads the conversation in its own template (``teachers.grade``). ``samplers.sources.Conversations`` is
+the rollout source that draws them.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from opd.chat_settings import chat_template_of
-from opd.environments import Conversation, Environment, final_reward, respond
+from opd.environments import Conversation, Environment, final_reward, read_turn, respond
 from opd.errors import OpdError
 from opd.rollouts import Rollouts, Turn, pack_pairs
 from opd.tasks import Example
-from opd.templates import between_turns, rendered
+from opd.templates import between_turns, rendered, turn_stops
 
 
 def render(tokenizer, messages: list[dict], generation: bool) -> str:
@@ -34,15 +35,26 @@ def render(tokenizer, messages: list[dict], generation: bool) -> str:
     return rendered(tokenizer, messages, generation)
 
 
-def environment_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The tokens between an assistant turn's EOS and the next turn's first sampled token: the rest of the
-    assistant's end of turn, ``messages`` (the environment's), and the generation prompt, as the chat template
-    renders them (``templates.between_turns``: the difference of two renderings, so any template's format is
-    kept; a template that does not extend its own rendering is refused)."""
+def with_template(tokenizer):
+    """``tokenizer``, checked to have a chat template (a conversation is rendered in it)."""
     if not chat_template_of(tokenizer):
         raise OpdError("a conversation needs the student's chat template (this student has none): give a "
                        "tokenizer with one")
-    return tokenizer.encode(between_turns(tokenizer, messages), add_special_tokens=False)
+    return tokenizer
+
+
+def environment_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The tokens between an assistant turn's stop token and the next turn's first sampled token: ``messages``
+    (the environment's) and the generation prompt, as the chat template renders them after the turn's end
+    (``templates.between_turns``: the difference of two renderings, so any template's format is kept; a template
+    that does not extend its own rendering is refused)."""
+    return tokenizer.encode(between_turns(with_template(tokenizer), messages), add_special_tokens=False)
+
+
+def stop_ids(tokenizer, environment: Environment) -> list[int]:
+    """The tokens a turn of a conversation with ``environment`` stops on (``templates.turn_stops``): the EOS, and
+    the tokens the template ends a turn with before a user's message or, with tools, a tool result."""
+    return turn_stops(with_template(tokenizer), bool(getattr(environment, "tools", None)))
 
 
 @dataclass
@@ -75,15 +87,18 @@ def row_logprobs(drawn: Rollouts) -> list[list[float]]:
             for row, mask in zip(values.tolist(), drawn.completion_mask.tolist(), strict=True)]
 
 
-DrawTurn = Callable[[list[list[int]], int, int], Rollouts]  # (contexts, max_new_tokens, turn) -> one sample each
+# (contexts, max_new_tokens, turn, stop ids) -> one sample of each context, ended by one of the stop ids
+DrawTurn = Callable[[list[list[int]], int, int, list[int]], Rollouts]
 
 
 def roll_out(draw_turn: DrawTurn, tokenizer, environment: Environment, name: str, examples: list[Example],
              prompts: list[list[int]], samples_per_prompt: int, max_turns: int, max_new_tokens: int,
              max_tokens: int) -> list[Trajectory]:
     """``samples_per_prompt`` conversations of each example (``prompts``: their rendered prompt ids), every
-    assistant turn of every open conversation drawn in one ``draw_turn`` call per turn."""
-    eos = tokenizer.eos_token_id
+    assistant turn of every open conversation drawn in one ``draw_turn`` call per turn, which stops each on the
+    turn's stop tokens (``stop_ids``); the one a turn ended on stays in the row as it was sampled."""
+    stops = stop_ids(tokenizer, environment)
+    reads = hasattr(environment, "read")  # an environment that reads each turn itself (environments)
     rows = []
     for example, prompt in zip(examples, prompts, strict=True):
         for _ in range(samples_per_prompt):
@@ -93,19 +108,22 @@ def roll_out(draw_turn: DrawTurn, tokenizer, environment: Environment, name: str
         if not active:
             break
         room = [max_tokens - len(t.prompt) - len(t.ids) for t in active]
-        drawn = draw_turn([t.prompt + t.ids for t in active], min(max_new_tokens, max(room)), turn)
+        drawn = draw_turn([t.prompt + t.ids for t in active], min(max_new_tokens, max(room)), turn, stops)
         for t, ids, logprobs, free in zip(active, drawn.completion_ids(), row_logprobs(drawn), room, strict=True):
-            ids, logprobs = ids[:free], logprobs[:free]
+            ids, logprobs, context = ids[:free], logprobs[:free], t.prompt + t.ids
             t.before.append(len(t.messages))
             t.spans.append((len(t.ids), len(t.ids) + len(ids)))
             t.add(ids, logprobs)
-            ended = bool(ids) and ids[-1] == eos
+            ended = bool(ids) and ids[-1] in stops
             t.reply = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True)
-            t.messages.append({"role": "assistant", "content": t.reply})
+            message = {"role": "assistant", "content": t.reply}
+            if reads and ended:  # the environment reads the turn itself (tool calls, structured)
+                message = read_turn(environment, tokenizer, context, ids, name) or message
+            t.messages.append(message)
             if not ended:  # the turn ran out of tokens
                 t.done = t.cut = True
                 continue
-            answer = respond(t.conversation, t.reply, name, t.example)
+            answer = respond(t.conversation, t.reply, name, t.example, message if reads else None)
             if answer is None:
                 t.done = True
                 continue

@@ -9,7 +9,7 @@ calculator it needs one call and one copy::
     assistant: Answer: 29842
 
 ``[NAME ARGUMENT]`` is the embedded family's own tool-call format (``tool_format=compact``: short, so the
-small models' context holds a conversation); real models use their template's (``tool_format=hermes``).
+small models' context holds a conversation); real models use their family's own (``tool_format=auto``).
 The verifier reads the last reply's ``Answer:``. The train and evaluation splits are disjoint: a problem
 is held out exactly when a hash of its text falls in the evaluation bucket.
 """

@@ -1,0 +1,146 @@
+"""Real model families end to end: tiny random-weight models of real architectures (Qwen3, Llama, GPT-OSS, Gemma 3,
+Phi-3; built in-process from transformers configs, hidden size 32, one layer), each with its family's chat template
+from the installed TRL and a tokenizer carrying the family's special tokens (``test_templates.family_tokenizer``),
+saved as a checkpoint and opened as a run: a multi-turn tool conversation is sampled through opd's conversation path
+(each turn stopped on the family's stop tokens) and one training step runs on it; a family whose template has no tool
+role is refused with an ``OpdError`` before any compute."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from test_templates import family_tokenizer
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from conftest import tiny_train_overrides
+from opd.config import load_config
+from opd.errors import OpdError
+from opd.models import save_model
+from opd.setup import open_session
+from opd.tasks import ArithmeticTask
+from opd.trainer import training_step
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed (dev extra)")
+SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 4096}
+FAMILIES = {  # template -> (model class, its config with the family's own fields)
+    "qwen3_8": (Qwen3ForCausalLM, lambda: Qwen3Config(**SHAPE, tie_word_embeddings=True)),
+    "llama3_1": (LlamaForCausalLM, lambda: LlamaConfig(**SHAPE)),
+    "gptoss": (GptOssForCausalLM, lambda: GptOssConfig(**SHAPE, num_local_experts=2, num_experts_per_tok=1,
+                                                       sliding_window=16, layer_types=["sliding_attention"])),
+}
+NO_TOOL_ROLE = {
+    "gemma3": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(**SHAPE, sliding_window=16), "cannot render"),
+    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**{**SHAPE, "num_key_value_heads": 2}, pad_token_id=0),
+             "no tool role"),
+}
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first
+        b: the second
+    """
+    return a + b
+
+
+class Calculator:
+    """A tool environment for a random model, which writes no call: each conversation's first turn is answered
+    with the calculator's result (the template is handed one call per result), the second ends it."""
+
+    def __init__(self) -> None:
+        from opd.environments import tool_schema
+
+        self.tools = [tool_schema(add)]
+
+    def start(self, example):
+        return Answering()
+
+
+class Answering:
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def respond(self, reply: str):
+        self.turns += 1
+        return [{"role": "tool", "name": "add", "content": "42"}] if self.turns == 1 else None
+
+    def reward(self):
+        return float(self.turns)
+
+
+def checkpoint(base, name: str, model_class, config, path):
+    """A random ``model_class`` on the family's tokenizer, saved at ``path``; its stop tokens' logits raised at
+    sampling time (``ending``) so that its turns end within a few tokens."""
+    tokenizer = family_tokenizer(base, name)
+    settings = config()
+    settings.vocab_size, settings.pad_token_id = len(tokenizer), tokenizer.pad_token_id
+    settings.eos_token_id, settings.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+    torch.manual_seed(0)
+    save_model(model_class(settings), tokenizer, path)
+    return path
+
+
+def ending(session) -> None:
+    """Raise the stop tokens' logits by 6 (about half the mass on 330 tokens) in every forward of the student."""
+    from opd.samplers.turns import stop_ids
+
+    stops = stop_ids(session.tokenizer, session.dialogue.environment)
+
+    def raise_stops(module, inputs, output):
+        output = output.clone()
+        output[..., stops] += 6.0
+        return output
+
+    session.student.get_output_embeddings().register_forward_hook(raise_stops)
+
+
+def run_overrides(path, out) -> list[str]:
+    return tiny_train_overrides({"student": str(path), "teacher": "self"}, out, teacher="self", steps=1,
+                                prompts_per_step=2, samples_per_prompt=1, max_new_tokens=12, max_turns=3,
+                                max_trajectory_tokens=3000, eval_every=10, save_every=10, dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_tool_conversation_and_a_training_step_on_a_real_architecture(tokenizer, tmp_path, name):
+    model_class, config = FAMILIES[name]
+    path = checkpoint(tokenizer, name, model_class, config, tmp_path / "model")
+    session = open_session(load_config(None, run_overrides(path, tmp_path / "run")), task=ArithmeticTask(2),
+                           environment=Calculator())
+    try:
+        assert type(session.student).__name__ == model_class.__name__
+        ending(session)
+        rollouts = session.source.rollouts(0)
+        assert rollouts.conversation["turns"] > rollouts.conversation["conversations"]  # a tool turn each, at least
+        texts = [session.tokenizer.decode(row) for row in rollouts.tokens.tolist()]
+        assert all("42" in text for text in texts)  # the calculator's result is in every row
+        before = {k: v.clone() for k, v in session.student.state_dict().items()}
+        record = training_step(session, 0)
+        assert torch.isfinite(torch.tensor(record["loss"]))
+        assert any(not torch.equal(v, before[k]) for k, v in session.student.state_dict().items())
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("name", sorted(NO_TOOL_ROLE))
+def test_a_tool_turn_on_a_template_without_a_tool_role_is_refused(tokenizer, tmp_path, name):
+    model_class, config, reason = NO_TOOL_ROLE[name]
+    path = checkpoint(tokenizer, name, model_class, config, tmp_path / "model")
+    with pytest.raises(OpdError, match=rf"the {name} chat template .*{reason}"):
+        open_session(load_config(None, run_overrides(path, tmp_path / "run")), task=ArithmeticTask(2),
+                     environment=Calculator())
