@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from opd.cli import main
-from opd.experiments.regimes import RegimesPlan, points
+from opd.experiments.regimes import RegimesPlan, points, rate_score
 from opd.experiments.regimes_report import mean_se, parts_at, ratio_cell, ratio_entry, to_target
 from opd.flops import ModelShape
 from opd.regimes.vocab import char_tokenizer
@@ -49,6 +49,15 @@ def test_the_noise_sweep_runs_every_arm_under_its_noise_and_darts_data_marks_it(
     assert sum(len(row["untrained"]) for row in dart) > 0 and all("untrained" not in row for row in clean)
     assert "| noise0.3 |" in (out / "report.md").read_text()
     capsys.readouterr()
+
+
+def test_of_two_rates_that_end_equal_the_faster_is_chosen():
+    def records(accuracies):
+        return [{"step": 10 * i, "accuracy": a} for i, a in enumerate(accuracies)] + [{"step": 99, "loss": 0.1}]
+
+    slow, fast, lower = records([0.5, 0.6, 0.8, 1.0]), records([0.5, 0.9, 1.0, 0.998]), records([0.5, 0.5, 0.5, 0.9])
+    assert rate_score(fast) > rate_score(slow) > rate_score(records([0.5, 0.9, 0.95, 0.97]))
+    assert rate_score(lower) < rate_score(slow)  # a lower end is worse, however it got there
 
 
 def test_compute_to_target_reads_the_first_evaluation_that_reaches_it():

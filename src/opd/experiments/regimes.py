@@ -238,14 +238,18 @@ def warm_start(plan: RegimesPlan, point: Point, seed: int, progress: bool) -> Pa
     return where / "final"
 
 
-def final(records: list[dict]) -> float:
-    scored = [r for r in records if r.get("accuracy") is not None]
-    return scored[-1]["accuracy"] if scored else 0.0
+def rate_score(records: list[dict]) -> tuple[float, float]:
+    """How a learning rate ranks: its final held-out accuracy (to 1 point), then the mean of its evaluations
+    (the area under its curve: of two rates that end equal, the one that gets there sooner, which is what
+    compute to a target measures)."""
+    scored = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    return (round(scored[-1], 2), sum(scored) / len(scored)) if scored else (0.0, 0.0)
 
 
 def choose_rates(plan: RegimesPlan, progress: bool) -> dict[str, float]:
-    """Each method's learning rate: the best final held-out accuracy of ``lrs`` at the middle knob value
-    (seed 0; the horizon sweep: its recoverable arm), kept in ``rates.json``."""
+    """Each method's learning rate: the best of ``lrs`` at the middle knob value (seed 0; the horizon sweep:
+    its recoverable arm) by ``rate_score`` (final held-out accuracy, then the area under the curve), kept in
+    ``rates.json``."""
     path = plan.out / "rates.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -259,9 +263,9 @@ def choose_rates(plan: RegimesPlan, progress: bool) -> dict[str, float]:
         results = {}
         for lr in plan.lrs:
             where = plan.out / "runs" / "rates" / f"{method}-lr{lr:g}"
-            results[lr] = final(run_arm(plan, middle, 0, method, lr, warm, progress, where))
+            results[lr] = rate_score(run_arm(plan, middle, 0, method, lr, warm, progress, where))
         chosen[method] = max(results, key=lambda lr: (results[lr], -lr))
-        table[method] = {f"{lr:g}": acc for lr, acc in results.items()}
+        table[method] = {f"{lr:g}": {"final": score[0], "mean": round(score[1], 4)} for lr, score in results.items()}
     path.write_text(json.dumps(chosen | {"at": middle.name, "accuracy": table}, indent=2))
     return chosen
 
