@@ -117,6 +117,14 @@ def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsy
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/s0/*/metrics.jsonl")}
     assert main(argv) == 0  # again: every run reused
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/s0/*/metrics.jsonl")} == stamps
+    # a report of the runs finished so far, training nothing: a point missing one method's run is pending
+    whole = json.loads((out / "summary.json").read_text())
+    (out / "runs" / "fatal-k3" / "s0" / "opd" / "summary.json").unlink()
+    assert main(argv + ["--report-only"]) == 0
+    partial = json.loads((out / "summary.json").read_text())
+    assert partial["pending"] == ["fatal-k3"] and [p["point"] for p in partial["points"]] == ["recoverable-k3"]
+    assert partial["points"][0]["final"] == whole["points"][1]["final"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/s0/*/metrics.jsonl")} == stamps
     capsys.readouterr()
 
 

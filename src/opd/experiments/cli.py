@@ -71,7 +71,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         summary = run_regimes(RegimesPlan(out, args.sweep, args.seeds, tuple(args.knobs or ()), args.steps,
                                           args.warm_steps, args.base_steps, args.base_lr, args.eval_every,
                                           args.eval_examples, args.prompts, args.samples, args.fixed_pairs,
-                                          tuple(args.lrs), args.width, args.layers, args.overrides), progress)
+                                          tuple(args.lrs), args.width, args.layers, args.overrides,
+                                          args.report_only), progress)
     else:
         from opd.experiments.variants import LoraPlan, run_lora
 
@@ -194,15 +195,18 @@ def add_experiment_parser(sub, fmt, epilog: str) -> None:
     rg.add_argument("--steps", type=int, default=150, help="steps per arm (default 150)")
     rg.add_argument("--warm-steps", type=int, default=30, help="each point's shared SFT warm start's steps "
                     "(default 30)")
-    rg.add_argument("--base-steps", type=int, default=600, help="SFT steps that first teach each seed's student the "
-                    "sweep's basic skill on its easiest task (default 600; 0: none)")
+    rg.add_argument("--base-steps", type=int, default=None, help="SFT steps that first teach each seed's student the "
+                    "sweep's basic skill (default: 300 for the chain sweeps, horizon, capacity and noise, 600 for the "
+                    "walks, entropy and reuse; 0: none)")
     rg.add_argument("--base-lr", type=float, default=1e-3, help="the base's and the warm starts' rate (default 1e-3)")
-    rg.add_argument("--eval-every", type=int, default=25)
+    rg.add_argument("--eval-every", type=int, default=10)
     rg.add_argument("--eval-examples", type=int, default=256)
     rg.add_argument("--prompts", type=int, default=16, help="prompts per step (default 16)")
     rg.add_argument("--samples", type=int, default=4, help="samples per prompt for opd and rl (default 4)")
     rg.add_argument("--fixed-pairs", type=int, default=256, help="sft-fixed's dataset size (default 256)")
-    rg.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3], help="the learning-rate grid")
+    rg.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="the learning-rate grid")
     rg.add_argument("--width", type=int, default=128, help="the student's width (the capacity sweep: its knob)")
     rg.add_argument("--layers", type=int, default=2)
+    rg.add_argument("--report-only", action="store_true", help="train nothing: the table and plot of the runs "
+                    "finished so far (a point with every method finished for at least one seed), while a sweep runs")
     rg.set_defaults(func=cmd_experiment)

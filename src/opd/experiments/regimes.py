@@ -44,6 +44,9 @@ SWEEPS = {
     "noise": ("sample_noise", (0.0, 0.02, 0.05, 0.1)),
 }
 NOISE_HOPS = 8  # the noise sweep's chain: the recoverable arm at a middle horizon
+# the base's SFT steps: a 2 x 128 student learns the chains' lookup in a sharp transition between about 250 and 500
+# steps (bench/results/regimes/calibration.md), so 300 leaves it inside, below the ceiling; the walks take longer
+BASE_STEPS = {"horizon": 300, "capacity": 300, "noise": 300, "entropy": 600, "reuse": 600}
 TEACHER = "opd.regimes.exact:Exact"
 CHAIN_STATES = 8
 PATH_LENGTH = 5
@@ -57,17 +60,22 @@ class RegimesPlan:
     knobs: tuple = ()  # () : the sweep's own values
     steps: int = 150
     warm_steps: int = 30
-    base_steps: int = 600
+    base_steps: int | None = None  # None: the sweep's own (BASE_STEPS)
     base_lr: float = 1e-3
-    eval_every: int = 25
+    eval_every: int = 10
     eval_examples: int = 256
     prompts: int = 16
     samples: int = 4
     fixed_pairs: int = 256
-    lrs: tuple = (3e-4, 1e-3)
+    lrs: tuple = (1e-4, 3e-4, 1e-3)
     width: int = 128
     layers: int = 2
     overrides: list = field(default_factory=list)
+    report_only: bool = False  # train nothing: report the runs finished so far
+
+    def __post_init__(self) -> None:
+        if self.base_steps is None:
+            self.base_steps = BASE_STEPS.get(self.sweep, 300)
 
     def values(self) -> tuple:
         if self.sweep not in SWEEPS:
@@ -254,7 +262,9 @@ def choose_rates(plan: RegimesPlan, progress: bool) -> dict[str, float]:
     if path.is_file():
         return json.loads(path.read_text())
     if len(plan.lrs) == 1:  # nothing to choose
-        return dict.fromkeys(("opd", "sft-fresh", "sft-fixed", "rl", "dart"), plan.lrs[0])
+        chosen = dict.fromkeys(("opd", "sft-fresh", "sft-fixed", "rl", "dart"), plan.lrs[0])
+        path.write_text(json.dumps(chosen, indent=2))
+        return chosen
     candidates = points(plan)
     middle = [p for p in candidates if "fatal" not in p.name][len(plan.values()) // 2]
     warm = warm_start(plan, middle, 0, progress)
@@ -275,6 +285,8 @@ def run_regimes(plan: RegimesPlan, progress: bool = True) -> dict:
     from opd.experiments.regimes_report import report
 
     started = time.perf_counter()
+    if plan.report_only:
+        return report_finished(plan, started)
     plan.out.mkdir(parents=True, exist_ok=True)
     rates = choose_rates(plan, progress)
     results: dict = {}
@@ -284,11 +296,55 @@ def run_regimes(plan: RegimesPlan, progress: bool = True) -> dict:
             for method in point.methods:
                 where = plan.out / "runs" / point.name / f"s{seed}" / method
                 records = run_arm(plan, point, seed, method, rates[method], warm, progress, where)
-                results.setdefault(point.name, {}).setdefault(method, []).append(
-                    {"seed": seed, "records": records, "data": data_lengths(plan, point, seed, method),
-                     "diversity": diversity(where, point) if point.task.startswith("paths:") else None})
+                results.setdefault(point.name, {}).setdefault(method, []).append(arm_result(plan, point, seed,
+                                                                                            method, records))
     summary = report(plan, points(plan), results, rates)
     summary["wall_seconds"] = time.perf_counter() - started
+    (plan.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def arm_result(plan: RegimesPlan, point: Point, seed: int, method: str, records: list[dict]) -> dict:
+    where = plan.out / "runs" / point.name / f"s{seed}" / method
+    return {"seed": seed, "records": records, "data": data_lengths(plan, point, seed, method),
+            "diversity": diversity(where, point) if point.task.startswith("paths:") else None}
+
+
+def finished(where: Path, steps: int) -> bool:
+    path = where / "summary.json"
+    return path.is_file() and json.loads(path.read_text())["steps"] >= steps
+
+
+def report_finished(plan: RegimesPlan, started: float) -> dict:
+    """``--report-only``: the report of the runs finished so far, training nothing: each point with the seeds
+    whose every method has finished (a point with none is left out and named in the summary as pending)."""
+    from opd.experiments.regimes_report import report
+    from opd.runs import read_metrics
+
+    path = plan.out / "rates.json"
+    if not path.is_file():
+        raise OpdError(f"{plan.out}: no rates.json yet (the sweep has not chosen its learning rates): nothing to "
+                       "report")
+    rates = json.loads(path.read_text())
+    done, results, pending = [], {}, []
+    for point in points(plan):
+        seeds = [seed for seed in range(plan.seeds)
+                 if all(finished(plan.out / "runs" / point.name / f"s{seed}" / m, plan.steps) for m in point.methods)]
+        if not seeds:
+            pending.append(point.name)
+            continue
+        done.append(point)
+        for seed in seeds:
+            for method in point.methods:
+                records = read_metrics(plan.out / "runs" / point.name / f"s{seed}" / method)
+                results.setdefault(point.name, {}).setdefault(method, []).append(arm_result(plan, point, seed,
+                                                                                            method, records))
+    if not done:
+        raise OpdError(f"{plan.out}: no point has a seed with every method finished yet (pending: "
+                       f"{', '.join(pending)})")
+    summary = report(plan, done, results, {k: v for k, v in rates.items() if k not in ("at", "accuracy")})
+    summary |= {"pending": pending, "seeds_done": {name: len(runs["opd"]) for name, runs in results.items()},
+                "wall_seconds": time.perf_counter() - started}
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

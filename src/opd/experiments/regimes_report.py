@@ -78,7 +78,7 @@ def point_summary(name: str, methods: dict, shape, rows_per_step: int) -> dict:
     best = max(mean_se(v)[0] for v in finals.values())
     start = mean_se([start_accuracy(run) for run in next(iter(methods.values()))])[0]
     out = {"point": name, "final": {m: mean_se(v) for m, v in finals.items()}, "best": best, "start": start,
-           "ratios": {}}
+           "seeds": len(next(iter(methods.values()))), "ratios": {}}
     if all(run.get("diversity") is not None for runs in methods.values() for run in runs):
         out["diversity"] = {m: mean_se([run["diversity"] for run in runs]) for m, runs in methods.items()}
     for scale in SCALES:
@@ -165,14 +165,14 @@ def report(plan, points: list, results: dict, rates: dict) -> dict:
     methods = sorted({m for s in summaries for m in s["final"]}, key=METHODS.index)
     lines = [f"# Regime map: {plan.sweep}", "",
              f"Exact teacher floored at epsilon = {EPSILON:g} (mixed with uniform); teacher FLOPs at a nominal size of "
-             f"{', '.join(map(str, SCALES))}x the student's per-token forward cost; {plan.seeds} seeds; "
+             f"{', '.join(map(str, SCALES))}x the student's per-token forward cost; {plan.seeds} seeds planned; "
              f"{plan.steps} steps per arm from a shared SFT warm start of {plan.warm_steps} steps; learning rates "
              f"{rates} (5 warm-up steps, then constant); held-out greedy accuracy on {plan.eval_examples} prompts "
              "(mean ± standard error over seeds; one prompt set's binomial standard error is about "
              f"{100 * math.sqrt(0.25 / plan.eval_examples):.1f} points at 50%).",
-             "", "| point | warm start | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+             "", "| point | seeds | warm start | " + " | ".join(methods) + " |", "|---" * (len(methods) + 3) + "|"]
     for s in summaries:
-        lines.append(f"| {s['point']} | {100 * s['start']:.1f} | "
+        lines.append(f"| {s['point']} | {s['seeds']} | {100 * s['start']:.1f} | "
                      + " | ".join(cell(s["final"][m]) if m in s["final"] else "" for m in methods) + " |")
     if all("diversity" in s for s in summaries):
         lines += ["", "Path diversity of each final student (distinct valid walks per valid answer, 8 samples at T=1 "
