@@ -83,3 +83,11 @@ def test_an_explicit_reply_budget_is_kept_or_refused_with_the_range():
     assert reply_budget(256, None)[0] == 128
     with pytest.raises(OpdError, match="give a value from 1 to 255"):
         reply_budget(256, 256)
+
+
+@pytest.mark.parametrize("value, message", [("{enable_thinking: false}", "is not JSON"),
+                                            ("[false]", "must be a JSON object of template variables")])
+def test_chat_template_kwargs_that_are_not_a_json_object_are_refused(model_dirs, capsys, value, message):
+    assert main(["chat", str(model_dirs["student"]), "--chat-template-kwargs", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"opd: error: --chat-template-kwargs {value!r} {message}") and err.count("\n") == 1

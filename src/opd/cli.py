@@ -152,15 +152,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def template_kwargs_option(text: str | None, option: str) -> dict:
+    """A JSON object of chat template variables given on the command line (``--chat-template-kwargs``)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OpdError(f"{option} {text!r} is not JSON ({err.msg}); give an object, e.g. "
+                       f"{option} '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise OpdError(f"{option} {text!r} must be a JSON object of template variables, e.g. "
+                       f"{option} '{{\"enable_thinking\": false}}'")
+    return value
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from opd.chat import chat
+    from opd.chat_settings import with_template_kwargs
     from opd.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise OpdError("--temperature must be at least 0 (0: greedy) and --top-p in (0, 1]")
+    kwargs = template_kwargs_option(args.chat_template_kwargs, "--chat-template-kwargs")
     device = pick_device(args.device)
     path = resolve_model_path(args.model, "model")
-    tokenizer = load_tokenizer(path)
+    tokenizer = with_template_kwargs(load_tokenizer(path), kwargs)
     model = load_model(path, device, pick_dtype("auto", device)).eval()
     return chat(model, tokenizer, temperature=args.temperature, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, system=args.system or "", seed=args.seed)
@@ -358,6 +375,9 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-p", type=float, default=1.0)
     ch.add_argument("--max-new-tokens", type=int, default=None,
                     help="longest reply in tokens (default: 256, or half the model's context when that is smaller)")
+    ch.add_argument("--chat-template-kwargs", metavar="JSON",
+                    help="variables for the chat template, as a JSON object (as opd train's chat_template_kwargs), "
+                    "e.g. '{\"enable_thinking\": false}' to turn a Qwen3 model's thinking off")
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--device", default="auto")
     ch.set_defaults(func=cmd_chat)
