@@ -105,6 +105,21 @@ def test_a_conversation_turns_stop_ids_go_to_the_server(student_server, tokenize
     assert all(stop not in ids[:-1] and tokenizer.eos_token_id not in ids[:-1] for ids in rows)
 
 
+def test_a_server_that_samples_past_the_tokenizer_is_named(student_server, tokenizer):
+    """vLLM samples every row of a padded embedding (Qwen: 151,936 rows, 151,669 tokens); a token past the
+    tokenizer has no text and no row in the trainer's scoring: the run stops naming the server, not a gather."""
+    sampler = RemoteSampler(student_server.url, rows_per_request=4)
+    try:
+        sampler.connect(tokenizer, 64)
+        assert sampler.vocab_size == len(tokenizer)
+        sampler.vocab_size = 8  # as if the tokenizer had 8 ids and the model more rows: the ids drawn are past it
+        with pytest.raises(OpdError, match=r"sampled token id \d+, past the student tokenizer's 8 ids"):
+            sampler.sample([[5, 6, 7]], samples_per_prompt=4, max_new_tokens=8, temperature=1.0, top_p=1.0,
+                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=(0, 0, 0))
+    finally:
+        sampler.close()
+
+
 def test_truncated_importance_weights_and_the_loss_that_uses_them():
     trainer = torch.tensor([[0.0, -1.0, -2.0, -0.5]], dtype=torch.float64)
     engine = torch.tensor([[0.0, -2.5, -1.0, -0.4]], dtype=torch.float64)

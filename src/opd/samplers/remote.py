@@ -61,11 +61,13 @@ class RemoteSampler:
         self.url = self.http.url
         self.model = model
         self.base_model: str | None = None
+        self.vocab_size: int | None = None  # the student tokenizer's ids: a token past them has no text
         self.rows_per_request, self.concurrency = rows_per_request, concurrency
         self.pool = ThreadPoolExecutor(concurrency)
 
     def connect(self, tokenizer, context_needed: int) -> None:
         """Check the served model (name, context, tokenizer) before training."""
+        self.vocab_size = len(tokenizer)
         self.model = self.base_model = check_served(
             self.http, "sampler", self.model, "sampler_model", tokenizer, context_needed,
             tokenizer_fix="The rollout server must serve the student (its tokenizer).")
@@ -96,6 +98,12 @@ class RemoteSampler:
         for ids in completions:
             if len(ids) > max_new_tokens:
                 raise OpdError(f"rollout server {self.url} returned {len(ids)} tokens for max_tokens={max_new_tokens}")
+            if self.vocab_size is not None and ids and max(ids) >= self.vocab_size:
+                raise OpdError(f"rollout server {self.url} sampled token id {max(ids)}, past the student tokenizer's "
+                               f"{self.vocab_size} ids: the model's embedding is padded past its tokenizer (e.g. "
+                               "Qwen's 151,936 rows for 151,669 tokens) and the server samples the padded rows; "
+                               "serve it with opd serve, which samples the tokenizer's ids only, or make the "
+                               "server's vocabulary the tokenizer's")
         rows = [p for p in prompts for _ in range(samples_per_prompt)]
         rollouts = pack_pairs(rows, completions, pad_id)
         rollouts.prompt_index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
