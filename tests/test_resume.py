@@ -129,3 +129,16 @@ def test_a_config_json_that_is_not_json_is_named(model_dirs, tmp_path):
     (out / "config.json").write_text("{\n  \"kl\": ")
     with pytest.raises(OpdError, match=r"config.json is not valid JSON \(line 2"):
         train(load_config(None, auto_overrides(model_dirs, out, steps=4)), resume=out, progress=False)
+
+
+def test_a_field_read_only_with_another_may_differ_where_that_one_is_unset(tmp_path):
+    """``tool_format`` is read only with ``tools=``: a run started when its default was ``hermes`` resumes under the
+    ``auto`` default without tools, and is refused with them (its calls would be read another way)."""
+    from opd.config import TrainConfig
+    from opd.runs import check_resumable
+
+    (tmp_path / "config.json").write_text(json.dumps(TrainConfig(tool_format="hermes").to_dict()))
+    check_resumable(tmp_path, TrainConfig(tool_format="auto"))
+    (tmp_path / "config.json").write_text(json.dumps(TrainConfig(tool_format="hermes", tools="m:f").to_dict()))
+    with pytest.raises(OpdError, match="tool_format: run has 'hermes', now 'auto'"):
+        check_resumable(tmp_path, TrainConfig(tool_format="auto", tools="m:f"))

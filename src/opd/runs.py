@@ -27,6 +27,9 @@ RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "device", "para
 
 # fields a run resolves when it starts (``auto``, or what the models imply): config.json keeps what was asked for,
 # its "resolved" object what each became; a resumed run must resolve those that change results the same way
+# a field read only when another is set: inert (and free to differ, e.g. a default that changed) where that one is
+# empty on both sides
+INERT_WITHOUT = {"tool_format": "tools"}
 RESOLVED = ("kl", "teacher_template", "dtype", "device", "sampler_sync")
 SAME_RESOLUTION = ("kl", "teacher_template", "dtype")  # device and sampler_sync may change, as device and sampler
 TEMPLATE_REQUEST = {"own": "own", "shared": "student"}  # teacher_template= that keeps a resolved path (aligned: none)
@@ -80,6 +83,8 @@ def check_resumable(run_dir: Path, config: TrainConfig) -> None:
         then, now = saved.get(key, defaults.get(key)), current.get(key)
         if key in RESOLVED and (then == now or "auto" in (then, now) or resolved.get(key) == now):
             return True  # an auto (or the value it became) is checked once this run has resolved it
+        if key in INERT_WITHOUT and not saved.get(INERT_WITHOUT[key]) and not current.get(INERT_WITHOUT[key]):
+            return True
         return key in RESUMABLE_CHANGES or then == now
 
     differing = sorted(k for k in set(saved) | set(current) if not agree(k))
