@@ -73,7 +73,7 @@ def qwen3_model(tokenizer, width: int, layers: int, seed: int):
     heads = 2
     config = Qwen3Config(vocab_size=ROWS, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, head_dim=width // heads,
-                         max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0,
+                         max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model = Qwen3ForCausalLM(config)
     with torch.no_grad():
@@ -266,3 +266,46 @@ def test_opd_chat_with_a_trained_qwen3_student(pair, tmp_path, monkeypatch, caps
                                              add_generation_prompt=True, enable_thinking=thinking)
     assert tokenizer.decode(prompt) == expected and expected.endswith(THINKING_OFF) != thinking
     assert len(reply) == 8 and max(reply) < TOKENS, reply
+
+
+def docs_tool_command() -> list[str]:
+    """The real-pair tool command of docs/conversations.md, as a user copies it (continuations joined)."""
+    import shlex
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "conversations.md").read_text()
+    start = text.index("opd train student=Qwen/Qwen3-1.7B")
+    lines = []
+    for line in text[start:].splitlines():
+        lines.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    return shlex.split(" ".join(lines))
+
+
+def test_the_docs_real_pair_tool_command_runs_as_written_on_stand_ins(pair, tmp_path, monkeypatch, capsys):
+    """docs/conversations.md's command for a Qwen3 pair with tools, word for word but for the models (the stand-in
+    pair above, for Qwen/Qwen3-1.7B and Qwen/Qwen3-8B), the prompts file and the tools' module (written here), and
+    a short run's size: the student's conversations take TRL's qwen3 training template, the tools reach it."""
+    from opd.cli import main
+
+    (tmp_path / "mytools.py").write_text(
+        'def search(query: str) -> str:\n    """Search the web.\n\n    Args:\n        query: the words\n    """\n'
+        '    return "nothing found"\n\n\n'
+        'def fetch(url: str) -> str:\n    """Fetch a page.\n\n    Args:\n        url: the address\n    """\n'
+        '    return "an empty page"\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    command = docs_tool_command()
+    assert command[:2] == ["opd", "train"] and "tools=mytools:search,mytools:fetch" in command
+    stand_ins = {"student=Qwen/Qwen3-1.7B": f"student={pair['student']}",
+                 "teacher=Qwen/Qwen3-8B": f"teacher={pair['teacher']}", "task=prompts.jsonl": f"task={pair['prompts']}"}
+    assert set(stand_ins) <= set(command)
+    args = [stand_ins.get(word, word) for word in command[1:]]
+    out = tmp_path / "run"
+    short = ["steps=1", "prompts_per_step=2", "samples_per_prompt=2", "max_new_tokens=6", "max_turns=2",
+             f"eval_file={pair['held_out']}", "eval_examples=2", "eval_samples=0", "warmup_steps=0"]
+    assert main(args + short + ["--out", str(out)]) == 0
+    log = capsys.readouterr()
+    assert "qwen3_training" in log.out + log.err  # said in the run's log: the family's training template taken
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1] and all(math.isfinite(r["loss"]) for r in records[1:])
+    assert records[0]["teacher_accuracy"] is not None  # the teacher's own conversations, in its training variant

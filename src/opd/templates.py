@@ -363,6 +363,18 @@ def conversation_template(tokenizer, check) -> tuple[object, str]:
                        f"fails: {refusal}); the saved tokenizer keeps its own")
 
 
+def writing_template(tokenizer, environment):
+    """``tokenizer`` as a model writes its own conversations in (the teacher's accuracy, measured on the
+    environment's conversations): what a student's conversations take (``conversation_template``: its own
+    template, or its family's training variant, which renders the same but for the dropped history), since a
+    conversation's row appends each turn to the sampled tokens; None when no template can."""
+    tools = bool(getattr(environment, "tools", None))
+    try:
+        return conversation_template(tokenizer, lambda t: check_student(t, tools))[0]
+    except OpdError:
+        return None
+
+
 def choose_templates(student, teacher, chat_template: str, teacher_chat_template: str, environment) -> tuple:
     """(student tokenizer, teacher tokenizer, notes for the run's log): each rendering with ``chat_template=`` /
     ``teacher_chat_template=`` (files) when given; with an environment, each checked on a probe conversation

@@ -217,8 +217,13 @@ def train(config: TrainConfig, resume: str | Path | None = None, progress: bool 
         evaluates = main or (view is not None and view.sharded)
         if not records and evaluates:  # a fresh run: measure where the student and teacher start
             teacher = None  # a teacher behind a server only scores; it cannot be asked to answer
-            if view is not None and view.model is not None:  # in its own tokens and template
-                teacher = evaluate(view.model, view.teacher_tokenizer, session.task, session.eval_set,
+            writer = view and view.teacher_tokenizer  # in its own tokens and template (conversations: one it can
+            if view is not None and session.dialogue is not None:  # write them in, e.g. Qwen3's training variant)
+                from opd.templates import writing_template
+
+                writer = writing_template(writer, session.dialogue.environment)
+            if view is not None and view.model is not None and writer is not None:
+                teacher = evaluate(view.model, writer, session.task, session.eval_set,
                                    max_new_tokens=config.max_new_tokens, seed=config.seed,
                                    samples=config.eval_samples, sample_temperature=config.eval_temperature,
                                    batch_size=config.eval_batch, dialogue=session.dialogue)
