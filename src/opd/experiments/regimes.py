@@ -290,14 +290,15 @@ def run_regimes(plan: RegimesPlan, progress: bool = True) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
     rates = choose_rates(plan, progress)
     results: dict = {}
-    for point in points(plan):
-        for seed in range(plan.seeds):
-            warm = warm_start(plan, point, seed, progress)
-            for method in point.methods:
-                where = plan.out / "runs" / point.name / f"s{seed}" / method
-                records = run_arm(plan, point, seed, method, rates[method], warm, progress, where)
-                results.setdefault(point.name, {}).setdefault(method, []).append(arm_result(plan, point, seed,
-                                                                                            method, records))
+    # seed by seed, every point of a seed before the next seed's: a sweep stopped part way has the whole map at
+    # fewer seeds (``--report-only``), not a part of it at every seed
+    for seed, point in ((seed, point) for seed in range(plan.seeds) for point in points(plan)):
+        warm = warm_start(plan, point, seed, progress)
+        for method in point.methods:
+            where = plan.out / "runs" / point.name / f"s{seed}" / method
+            records = run_arm(plan, point, seed, method, rates[method], warm, progress, where)
+            results.setdefault(point.name, {}).setdefault(method, []).append(arm_result(plan, point, seed, method,
+                                                                                        records))
     summary = report(plan, points(plan), results, rates)
     summary["wall_seconds"] = time.perf_counter() - started
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=2))
