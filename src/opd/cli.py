@@ -152,21 +152,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def template_kwargs_option(text: str | None, option: str) -> dict:
-    """A JSON object of chat template variables given on the command line (``--chat-template-kwargs``)."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise OpdError(f"{option} {text!r} is not JSON ({err.msg}); give an object, e.g. "
-                       f"{option} '{{\"enable_thinking\": false}}'") from None
-    if not isinstance(value, dict):
-        raise OpdError(f"{option} {text!r} must be a JSON object of template variables, e.g. "
-                       f"{option} '{{\"enable_thinking\": false}}'")
-    return value
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
     from opd.chat import chat
     from opd.chat_settings import with_template_kwargs
@@ -174,7 +159,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise OpdError("--temperature must be at least 0 (0: greedy) and --top-p in (0, 1]")
-    kwargs = template_kwargs_option(args.chat_template_kwargs, "--chat-template-kwargs")
+    from opd.config import parse_template_kwargs
+
+    kwargs = parse_template_kwargs(args.chat_template_kwargs, "--chat-template-kwargs ", "--chat-template-kwargs ")
     device = pick_device(args.device)
     path = resolve_model_path(args.model, "model")
     tokenizer = with_template_kwargs(load_tokenizer(path), kwargs)

@@ -282,17 +282,7 @@ class TrainConfig:
 
     def template_kwargs(self, name: str = "chat_template_kwargs") -> dict:
         """``chat_template_kwargs`` (or ``teacher_chat_template_kwargs``) as the dict the template receives."""
-        text = getattr(self, name)
-        if not text:
-            return {}
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise OpdError(f"config field {name}={text!r} is not JSON ({err.msg}); give an object, e.g. "
-                           f"{name}='{{\"enable_thinking\": false}}'") from None
-        if not isinstance(value, dict):
-            raise OpdError(f"config field {name}={text!r} must be a JSON object of template variables")
-        return value
+        return parse_template_kwargs(getattr(self, name), f"config field {name}=", f"{name}=")
 
     def validate_conversations(self) -> None:
         if self.method not in ("opd", "rl", "opd+rl", "sft"):
@@ -343,6 +333,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_template_kwargs(text: str | None, given: str, example: str) -> dict:
+    """``text``, a JSON object of chat template variables, as a dict ({} when empty); ``given`` names where it
+    was given in an error (``config field chat_template_kwargs=``), ``example`` how to give it."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OpdError(f"{given}{text!r} is not JSON ({err.msg}); give an object, e.g. "
+                       f"{example}'{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise OpdError(f"{given}{text!r} must be a JSON object of template variables, e.g. "
+                       f"{example}'{{\"enable_thinking\": false}}'")
+    return value
 
 
 def field_types() -> dict[str, type]:
