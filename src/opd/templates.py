@@ -115,7 +115,7 @@ def structured_calls(messages: list[dict]) -> list[dict]:
     """``messages`` with ``tool_calls`` on each assistant turn a ``tool`` message answers, as templates such as
     GPT-OSS's need: the turn's Hermes calls when they match its answers, else one call per answer, named by it
     (the calls' text is then taken out of the turn's content)."""
-    from opd.environments import TOOL_CALL, parse_tool_calls
+    from opd.tool_calls import TOOL_CALL, parse_tool_calls
 
     out = [dict(m) for m in messages]
     for i, message in enumerate(out):
