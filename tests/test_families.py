@@ -3,7 +3,7 @@ Phi-3; built in-process from transformers configs, hidden size 32, one layer), e
 from the installed TRL and a tokenizer carrying the family's special tokens (``test_templates.family_tokenizer``),
 saved as a checkpoint and opened as a run: a multi-turn tool conversation is sampled through opd's conversation path
 (each turn stopped on the family's stop tokens) and one training step runs on it; a family whose template has no tool
-role is refused with an ``OpdError`` before any compute."""
+role is refused with an ``OpdError`` before any compute, and every family runs a user's follow-up and a step."""
 
 from __future__ import annotations
 
@@ -144,3 +144,44 @@ def test_a_tool_turn_on_a_template_without_a_tool_role_is_refused(tokenizer, tmp
     with pytest.raises(OpdError, match=rf"the {name} chat template .*{reason}"):
         open_session(load_config(None, run_overrides(path, tmp_path / "run")), task=ArithmeticTask(2),
                      environment=Calculator())
+
+
+class FollowUp:
+    """A user who asks once more after the first reply; no tools."""
+
+    tools = None
+
+    def start(self, example):
+        return Asking()
+
+
+class Asking:
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def respond(self, reply: str):
+        self.turns += 1
+        return [{"role": "user", "content": "Sure? opd-follow-up"}] if self.turns == 1 else None
+
+    def reward(self):
+        return float(self.turns)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(NO_TOOL_ROLE))
+def test_a_user_follow_up_and_a_training_step_on_every_architecture(tokenizer, tmp_path, name):
+    """Gemma 3 and Phi-3, refused a tool turn, run a user's follow-up, as the others do (their turns stop on
+    <end_of_turn> / <|end|>, not their EOS)."""
+    model_class, config = (FAMILIES.get(name) or NO_TOOL_ROLE[name])[:2]
+    path = checkpoint(tokenizer, name, model_class, config, tmp_path / "model")
+    session = open_session(load_config(None, run_overrides(path, tmp_path / "run")), task=ArithmeticTask(2),
+                           environment=FollowUp())
+    try:
+        ending(session)
+        rollouts = session.source.rollouts(0)
+        assert rollouts.conversation["turns"] > rollouts.conversation["conversations"]
+        texts = [session.tokenizer.decode(row) for row in rollouts.tokens.tolist()]
+        assert all("opd-follow-up" in text for text in texts)  # the follow-up is in every row
+        record = training_step(session, 0)
+        assert torch.isfinite(torch.tensor(record["loss"]))
+    finally:
+        session.close()
