@@ -206,15 +206,17 @@ def report(plan, points: list, results: dict, rates: dict) -> dict:
 
 
 def plot(path: Path, sweep: str, summaries: list[dict]) -> None:
-    """SFT / OPD FLOPs to target against the sweep's points, one line per target (teacher x1)."""
+    """SFT (and DART) / OPD FLOPs to target against the sweep's points, one line per target (teacher x1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    others = [m for m in ("sft-fresh", "sft-fixed", "dart") if any(m in s["final"] for s in summaries)]
+    figure, axes = plt.subplots(1, len(others), figsize=(5.5 * len(others), 4), sharey=True, squeeze=False)
+    axes = axes[0]
     names = [s["point"] for s in summaries]
-    for ax, method in zip(axes, ("sft-fresh", "sft-fixed"), strict=True):
+    for ax, method in zip(axes, others, strict=True):
         for fraction in TARGETS:
             key = f"{method}/opd flops x1 @{fraction:g}"
             ys = [s["ratios"].get(key, {}).get("geomean") for s in summaries]
