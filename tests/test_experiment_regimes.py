@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from opd.cli import main
-from opd.experiments.regimes import RegimesPlan, points, rate_score
+from opd.experiments.regimes import RegimesPlan, data_lengths, points, rate_score
 from opd.experiments.regimes_report import mean_se, parts_at, ratio_cell, ratio_entry, to_target
 from opd.flops import ModelShape
 from opd.regimes.vocab import char_tokenizer
@@ -48,6 +48,9 @@ def test_the_noise_sweep_runs_every_arm_under_its_noise_and_darts_data_marks_it(
     clean = [json.loads(line) for line in (out / "data" / "noise0.3-s0-sft-fresh.jsonl").read_text().splitlines()]
     assert sum(len(row["untrained"]) for row in dart) > 0 and all("untrained" not in row for row in clean)
     assert "| noise0.3 |" in (out / "report.md").read_text()
+    plan = RegimesPlan(out, "noise", seeds=1, knobs=(0.3,))
+    lengths = data_lengths(plan, points(plan)[0], 0, "dart")  # the teacher's writing of DART's data is charged
+    assert lengths is not None and len(lengths) == len(dart)
     capsys.readouterr()
 
 

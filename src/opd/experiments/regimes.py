@@ -388,7 +388,7 @@ def diversity(run_dir: Path, point: Point) -> float:
 def data_lengths(plan: RegimesPlan, point: Point, seed: int, method: str) -> list[tuple[int, int]] | None:
     """The (prompt, completion) lengths in tokens of an SFT arm's pairs (one character a token, the chat
     template's tokens added), for the teacher's cost of writing them; None for the sampled arms."""
-    if not method.startswith("sft"):
+    if not method.startswith("sft") and method != "dart":
         return None
     from opd.models import chat_prompt_ids
     from opd.regimes.vocab import char_tokenizer
