@@ -89,11 +89,16 @@ def test_a_ratio_counts_the_seeds_only_one_method_brings_to_the_target_and_the_b
     opd = [run([0.2, 0.9], [0.0, 100.0]), run([0.2, 0.9], [0.0, 100.0])]
     sft = [run([0.2, 0.9], [0.0, 200.0], [(4, 4)] * 2), run([0.2, 0.5], [0.0, 200.0], [(4, 4)] * 2)]
     shape = ModelShape.of(make_model(char_tokenizer(), layers=1, width=16, seed=0))
-    charged = ratio_entry(opd, sft, "sft-fixed", shape, 4, 1, 0.8)
-    given = ratio_entry(opd, sft, "sft-fixed", shape, 4, 1, 0.8, given=True)
+    charged = ratio_entry(opd, sft, "sft-fixed", shape, 4, 1, 0.9, 6 / 7)  # target 0.2 + 6/7 x 0.7 = 0.8
+    given = ratio_entry(opd, sft, "sft-fixed", shape, 4, 1, 0.9, 6 / 7, given=True)
     assert (charged["seeds_reaching_both"], charged["opd_only"], charged["other_only"]) == (1, 1, 0)
     assert given["values"] == [2.0] and charged["values"][0] > 2.0  # writing the two pairs charged
     assert ratio_cell(charged).endswith("(1, 1 opd only)")
+    # a seed whose warm start is past the best has no target: no ratio (not an infinite one: a fixed dataset
+    # written up front against opd's nothing at step 0)
+    ahead = ratio_entry([run([0.95, 0.9], [0.0, 1.0])], [run([0.95, 0.9], [0.0, 2.0], [(4, 4)])], "sft-fixed",
+                        shape, 4, 1, 0.9, 0.5)
+    assert (ahead["geomean"], ahead["seeds_at_best"]) == (None, 1)
 
 
 def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsys):

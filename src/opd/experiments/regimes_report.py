@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-# a target: the warm start's accuracy plus this share of the way to the best final accuracy any method reaches at
-# the point (seed means); below the warm start nothing is to be gained and every method costs nothing
+# a seed's target: its warm start's accuracy plus this share of the way to the best final accuracy any method reaches
+# at the point (seed mean); a seed whose warm start is past that best has nothing to gain and gives no ratio
 TARGETS = (0.5, 0.7, 0.9)
 SCALES = (1, 4, 16)  # the teacher's nominal size, in times the student's per-token forward cost
 METHODS = ("opd", "sft-fresh", "sft-fixed", "dart", "rl")
@@ -83,9 +83,6 @@ def point_summary(name: str, methods: dict, shape, rows_per_step: int) -> dict:
         out["diversity"] = {m: mean_se([run["diversity"] for run in runs]) for m, runs in methods.items()}
     for scale in SCALES:
         for fraction in TARGETS:
-            target = start + fraction * (best - start)
-            if best <= start:
-                continue
             for method in ("sft-fresh", "sft-fixed", "dart", "rl"):
                 if method not in methods or "opd" not in methods:
                     continue
@@ -93,10 +90,11 @@ def point_summary(name: str, methods: dict, shape, rows_per_step: int) -> dict:
                     key = (f"{method}/opd {'steps' if method == 'rl' else 'flops'} x{scale} @{fraction:g}"
                            + (" data given" if given else ""))
                     out["ratios"][key] = ratio_entry(methods["opd"], methods[method], method, shape, rows_per_step,
-                                                     scale, target, given)
+                                                     scale, best, fraction, given)
                 if scale == 1 and fraction == TARGETS[-1]:
                     for name, runs in (("opd", methods["opd"]), (method, methods[method])):
-                        found = [p for p in (parts_at(r, name, shape, rows_per_step, target) for r in runs) if p]
+                        found = [p for p in (parts_at(r, name, shape, rows_per_step, seed_target(r, best, fraction))
+                                             for r in runs if seed_target(r, best, fraction) is not None) if p]
                         if found:
                             out.setdefault("parts", {})[name] = {k: sum(p[k] for p in found) / len(found)
                                                                  for k in found[0]} | {"seeds": len(found)}
@@ -108,23 +106,35 @@ def start_accuracy(run: dict) -> float:
     return next((r["accuracy"] for r in run["records"] if r.get("accuracy") is not None), 0.0)
 
 
+def seed_target(run: dict, best: float, fraction: float) -> float | None:
+    """A seed's target: its warm start's accuracy plus ``fraction`` of the way to ``best`` (None when its warm
+    start is already at or above ``best``: nothing to gain, no ratio)."""
+    start = start_accuracy(run)
+    return None if best <= start else start + fraction * (best - start)
+
+
 def ratio_entry(opd_runs: list, other_runs: list, method: str, shape, rows_per_step: int, scale: int,
-                target: float, given: bool = False) -> dict:
-    """The ratio other / opd of the compute (RL: steps) to ``target``, per seed where both reach it; the seeds
-    where only one does are counted. ``given``: the blog's first basis, SFT's dataset given (its writing not
-    charged; the 9x), where the default charges it (the 30x); the teacher's scoring for opd is always charged."""
-    ratios, reached, opd_only, other_only = [], 0, 0, 0
+                best: float, fraction: float, given: bool = False) -> dict:
+    """The ratio other / opd of the compute (RL: steps) to each seed's target (``seed_target``), per seed where
+    both reach it; the seeds where only one does are counted, and those already past ``best``. ``given``: the
+    blog's first basis, SFT's dataset given (its writing not charged; the 9x), where the default charges it
+    (the 30x); the teacher's scoring for opd is always charged."""
+    ratios, reached, opd_only, other_only, no_room = [], 0, 0, 0, 0
     for opd_run, other in zip(opd_runs, other_runs, strict=True):
+        target = seed_target(opd_run, best, fraction)
+        if target is None:
+            no_room += 1
+            continue
         a = to_target(curve(opd_run, "opd", shape, rows_per_step, scale), target)
         b = to_target(curve(other, method, shape, rows_per_step, 0 if given else scale), target)
         opd_only += bool(a and not b)
         other_only += bool(b and not a)
-        if a and b:  # both at the warm start (step 0, no compute yet): equal cost
+        if a and b:
             reached += 1
             cost = (b[0], a[0]) if method == "rl" else (b[1], a[1])
             ratios.append(cost[0] / cost[1] if cost[1] > 0 else 1.0 if cost[0] == 0 else math.inf)
     return {"geomean": geomean(ratios), "values": ratios, "seeds_reaching_both": reached, "opd_only": opd_only,
-            "other_only": other_only, "target": target}
+            "other_only": other_only, "seeds_at_best": no_room}
 
 
 def geomean(values: list[float]) -> float | None:
@@ -140,8 +150,8 @@ def cell(value: tuple[float, float]) -> str:
 
 
 def ratio_cell(entry: dict) -> str:
-    alone = "".join(f", {entry[k]} {who} only" for k, who in (("opd_only", "opd"), ("other_only", "other"))
-                    if entry.get(k))
+    alone = "".join(f", {entry[k]} {who}" for k, who in (("opd_only", "opd only"), ("other_only", "other only"),
+                                                          ("seeds_at_best", "started past the best")) if entry.get(k))
     if entry["geomean"] is None:
         return f"n/r{alone}"
     values = entry["values"]
@@ -184,8 +194,8 @@ def report(plan, points: list, results: dict, rates: dict) -> dict:
     for scale in SCALES:
         keys = sorted({k for s in summaries for k in s["ratios"] if f" x{scale} " in k})
         lines += ["", f"Compute to target, teacher x{scale}: geometric mean over seeds [min-max] (seeds where both "
-                  "reached it); target = the warm start's accuracy + fraction x (best final accuracy at the point - "
-                  "the warm start's). n/r: not reached.", "",
+                  "reached it); a seed's target = its warm start's accuracy + fraction x (best final accuracy at the "
+                  "point - its warm start's). n/r: not reached.", "",
                   "| point | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for s in summaries:
             lines.append(f"| {s['point']} | " + " | ".join(ratio_cell(s["ratios"][k]) if k in s["ratios"] else ""
