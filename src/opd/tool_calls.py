@@ -42,16 +42,7 @@ def parse_tool_calls(reply: str) -> list[ToolCall]:
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             calls.append(ToolCall("", {}, 'a call is {"name": ..., "arguments": {...}}'))
             continue
-        arguments = value.get("arguments", {})
-        if isinstance(arguments, str):  # some models write the arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                arguments = None
-        if not isinstance(arguments, dict):
-            calls.append(ToolCall(value["name"], {}, "the arguments must be an object"))
-            continue
-        calls.append(ToolCall(value["name"], arguments))
+        calls.append(named_call(value["name"], value.get("arguments", {})))
     if reply.count("<tool_call>") > len(calls):
         calls.append(ToolCall("", {}, "a <tool_call> is not closed"))
     return calls
@@ -63,12 +54,17 @@ def structured_call(call) -> ToolCall:
     function = call.get("function", call) if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         return ToolCall("", {}, 'a call is {"name": ..., "arguments": {...}}')
-    arguments = function.get("arguments") or {}
-    if isinstance(arguments, str):  # the arguments as a JSON string
+    return named_call(function["name"], function.get("arguments") or {})
+
+
+def named_call(name: str, arguments) -> ToolCall:
+    """A call of ``name`` with ``arguments``: an object, or a JSON string of one (as some models write them);
+    anything else is an invalid call."""
+    if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             arguments = None
     if not isinstance(arguments, dict):
-        return ToolCall(function["name"], {}, "the arguments must be an object")
-    return ToolCall(function["name"], arguments)
+        return ToolCall(name, {}, "the arguments must be an object")
+    return ToolCall(name, arguments)

@@ -21,6 +21,12 @@ def run_config(overrides: list[str], out: Path, **values) -> TrainConfig:
     return load_config(None, list(overrides) + fixed + [f"out={out}"])
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether the run in ``run_dir`` ended having trained ``steps`` steps or more (its ``summary.json``)."""
+    path = run_dir / "summary.json"
+    return path.is_file() and json.loads(path.read_text())["steps"] >= steps
+
+
 def run_once(config: TrainConfig, progress: bool = True, desc: str = "opd") -> list[dict]:
     """Train ``config`` into ``config.out`` and return its metrics: a finished run with the same config
     is reused, an interrupted one resumed, otherwise a new one started."""
@@ -29,9 +35,7 @@ def run_once(config: TrainConfig, progress: bool = True, desc: str = "opd") -> l
     run_dir = Path(config.out)
     if (run_dir / "config.json").is_file():
         runs.check_resumable(run_dir, config)
-        summary_path = run_dir / "summary.json"
-        done = summary_path.is_file() and json.loads(summary_path.read_text())["steps"] >= config.steps
-        if not done:
+        if not finished(run_dir, config.steps):
             train(config, resume=run_dir, progress=progress, desc=desc)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise OpdError(f"{run_dir} exists and is not an opd run directory; move it away or choose another --out")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.errors import OpdError
-from opd.experiments import run_config, run_once
+from opd.experiments import finished, run_config, run_once
 
 SWEEPS = {
     "horizon": ("hops", (4, 8, 16, 32)),
@@ -309,11 +309,6 @@ def arm_result(plan: RegimesPlan, point: Point, seed: int, method: str, records:
     where = plan.out / "runs" / point.name / f"s{seed}" / method
     return {"seed": seed, "records": records, "data": data_lengths(plan, point, seed, method),
             "diversity": diversity(where, point) if point.task.startswith("paths:") else None}
-
-
-def finished(where: Path, steps: int) -> bool:
-    path = where / "summary.json"
-    return path.is_file() and json.loads(path.read_text())["steps"] >= steps
 
 
 def report_finished(plan: RegimesPlan, started: float) -> dict:
