@@ -69,16 +69,18 @@ class Calculator:
         self.tools = [tool_schema(add)]
 
     def start(self, example):
-        return Answering()
+        return AnswerOnce({"role": "tool", "name": "add", "content": "42"})
 
 
-class Answering:
-    def __init__(self) -> None:
-        self.turns = 0
+class AnswerOnce:
+    """A conversation whose first turn is answered with ``message``, the second ends it."""
+
+    def __init__(self, message: dict) -> None:
+        self.message, self.turns = message, 0
 
     def respond(self, reply: str):
         self.turns += 1
-        return [{"role": "tool", "name": "add", "content": "42"}] if self.turns == 1 else None
+        return [self.message] if self.turns == 1 else None
 
     def reward(self):
         return float(self.turns)
@@ -152,19 +154,7 @@ class FollowUp:
     tools = None
 
     def start(self, example):
-        return Asking()
-
-
-class Asking:
-    def __init__(self) -> None:
-        self.turns = 0
-
-    def respond(self, reply: str):
-        self.turns += 1
-        return [{"role": "user", "content": "Sure? opd-follow-up"}] if self.turns == 1 else None
-
-    def reward(self):
-        return float(self.turns)
+        return AnswerOnce({"role": "user", "content": "Sure? opd-follow-up"})
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(NO_TOOL_ROLE))
