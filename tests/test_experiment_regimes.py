@@ -160,3 +160,13 @@ def test_the_reuse_sweeps_sft_data_holds_the_prompts_its_sampled_arms_train_on()
     pool = [ex.messages[-1]["content"] for ex in regime_task("paths:5:inf").train_examples(0, 3, 1)]
     assert [p["prompt"] for p in pairs] == pool * 4
     assert len({p["prompt"] for p in teacher_pairs("paths:5:inf", 12, seed=7920)}) > 3  # fresh prompts otherwise
+
+
+def test_a_run_is_finished_once_it_has_trained_the_steps_asked(tmp_path):
+    """What an experiment reuses as is (``run_once``) and reports (``--report-only``): a run asked for more steps
+    than it trained is resumed, not reused."""
+    from opd.experiments import finished
+
+    assert not finished(tmp_path, 2)  # no summary: never finished
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 2}))
+    assert finished(tmp_path, 2) and not finished(tmp_path, 3)
