@@ -57,9 +57,14 @@ def assert_distribution(dist: dict[str, float], allowed: set[str]) -> None:
 
 def sequence_prob(task, prompt: str, text: str) -> float:
     """The teacher's probability of the whole completion ``text`` then EOS, from its conditionals (float64)."""
+    return continuation_prob(task, prompt, "", text)
+
+
+def continuation_prob(task, prompt: str, prefix: str, text: str) -> float:
+    """The teacher's probability of writing ``text`` then EOS after ``prefix`` (float64)."""
     prob = 1.0
     for i, char in enumerate([*text, EOS]):
-        prob *= next_char_probs(task, prompt, text[:i]).get(char, 0.0)
+        prob *= next_char_probs(task, prompt, prefix + text[:i]).get(char, 0.0)
     return prob
 
 
@@ -224,7 +229,8 @@ def test_paths_distribution_sums_to_one_on_every_prefix(tau):
         for length in range(5):
             for prefix in itertools.product("abcd!", repeat=length):
                 assert_distribution(next_char_probs(task, prompt, "".join(prefix)), set("abcd") | {EOS})
-        assert next_char_probs(task, prompt, "!") == {EOS: 1.0}  # off the support: stop
+        assert next_char_probs(task, prompt, "!") == {EOS: 1.0}  # malformed: stop
+        assert next_char_probs(task, prompt, "abcd") == {EOS: 1.0}  # longer than L: stop
 
 
 def test_tau_sets_the_teachers_walk_distribution_exactly():
@@ -288,6 +294,46 @@ def test_paths_off_by_one_and_non_edges_are_caught():
             assert task.reward(bad, example) == 0.0, bad
         _, walks = brute_walks(prompt)
         assert all(task.reward(w, example) == 1.0 for w in walks)
+
+
+def test_a_lost_walker_is_continued_to_length_l_never_stopped():
+    """Off the target's walks (a wrong turn, a non-edge step) the teacher finishes a walk of the remaining
+    length from the student's node, free end, as the brute force over every continuation says: Boltzmann
+    over the free walks at tau, uniform at inf, the best one at 0; never EOS before L letters."""
+    scores = edge_scores(0)
+    for tau in (INF, 0.7, 0.0):
+        task = PathsTask(length=4, nodes=5, degree=2, tau=tau, min_paths=2)
+        lost_seen = 0
+        for example in task.eval_examples(3):
+            prompt = prompt_of(example)
+            _, walks = brute_walks(prompt)
+            lists, _, _ = prompt.partition(";")
+            out = dict(entry.split(":") for entry in lists.split(","))
+            for cut in range(1, 4):
+                for prefix in ("".join(seq) for seq in itertools.product(sorted(out), repeat=cut)):
+                    if any(w.startswith(prefix) for w in walks):
+                        continue  # on a walk to the target: the tests above
+                    lost_seen += 1
+                    node, left = prefix[-1], 4 - cut
+                    free = ["".join(seq) for seq in itertools.product(sorted(out), repeat=left)
+                            if all(v in out[u] for u, v in zip((node, *seq[:-1]), seq, strict=True))]
+                    probs = {w: continuation_prob(task, prompt, prefix, w) for w in free}
+                    for i in range(left):
+                        assert EOS not in next_char_probs(task, prompt, prefix + free[0][:i])  # never stops early
+                    given = math.fsum(probs.values())
+                    assert given == pytest.approx(1.0, abs=1e-12), (prefix, tau)
+                    if tau == INF:
+                        assert all(p == pytest.approx(1 / len(free), abs=1e-12) for p in probs.values())
+                    elif tau > 0:
+                        norm = math.fsum(math.exp(walk_score(node, w, scores) / tau) for w in free)
+                        for w in free:
+                            assert probs[w] == pytest.approx(math.exp(walk_score(node, w, scores) / tau) / norm,
+                                                             rel=1e-9)
+                    else:
+                        (best,) = [w for w in free if probs[w] > 0]
+                        assert walk_score(node, best, scores) == pytest.approx(
+                            max(walk_score(node, w, scores) for w in free), abs=1e-12)
+        assert lost_seen > 10
 
 
 # ---------------------------------------------------------------------------------------------- exact teacher

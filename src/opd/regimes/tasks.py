@@ -33,8 +33,14 @@ scores``. Its next-character marginals come from the dynamic programme over (nod
 ``argmax_v score(u, v) + best(v, r - 1)``, ties to the earliest letter, so all mass sits on one walk and a
 student off that walk is led along the best completion of its own prefix.
 
-**Off the support** (a malformed prefix; in Paths also a non-edge step, a node outside the graph, or a
-prefix that no walk of the remaining length can finish) the teacher says EOS with probability 1: stop.
+**Off the support** (a malformed prefix: a character that is no state or node, too many of them) the teacher
+says EOS with probability 1: stop. A Paths student that is lost but well formed (a non-edge step, or a node
+from which no walk of the remaining length reaches the target) is continued from the node it reached, as
+the fatal chain continues a wrong state: the teacher finishes a walk of the remaining length as if any end
+were allowed, ``p(v | u, r) = exp(score(u, v) / tau) * F(v, r - 1) / F(u, r)`` with ``F(u, 0) = 1`` (the
+same programme, free end; ``tau = 0``: its best walk), then EOS after L steps. It never stops a walk
+early: a teacher that did (this module's first version) taught the on-policy student to end its walks a
+step short whenever it might be lost (docs/experiments.md).
 The train and evaluation splits are disjoint by construction: a problem is held out exactly when a hash
 of its prompt falls in the evaluation bucket (as in ``opd.tasks.arithmetic``).
 """
@@ -293,10 +299,12 @@ def walk_counts(graph: Graph) -> list[dict[str, int]]:
     return counts
 
 
-def log_partition(graph: Graph, scores: dict[tuple[str, str], float], tau: float) -> list[dict[str, float]]:
+def log_partition(graph: Graph, scores: dict[tuple[str, str], float], tau: float,
+                  free: bool = False) -> list[dict[str, float]]:
     """``log Z(u, r)`` (module docstring) in log space: ``logsumexp_v score(u, v) / tau + log Z(v, r - 1)``;
-    ``-inf`` where no walk exists. For ``tau = inf`` the exponent is 0 and Z counts walks."""
-    table = [{u: 0.0 if u == graph.target else -math.inf for u in graph.out}]
+    ``-inf`` where no walk exists. For ``tau = inf`` the exponent is 0 and Z counts walks. ``free``: walks
+    that may end anywhere (``log F``: ``F(u, 0) = 1``), the teacher's continuation of a lost student."""
+    table = [{u: 0.0 if free or u == graph.target else -math.inf for u in graph.out}]
     for _ in range(graph.length):
         previous = table[-1]
         table.append({u: logsumexp([edge_weight(scores[u, v], tau) + previous[v] for v in graph.out[u]])
@@ -304,10 +312,11 @@ def log_partition(graph: Graph, scores: dict[tuple[str, str], float], tau: float
     return table
 
 
-def best_scores(graph: Graph, scores: dict[tuple[str, str], float]) -> list[dict[str, float]]:
+def best_scores(graph: Graph, scores: dict[tuple[str, str], float], free: bool = False) -> list[dict[str, float]]:
     """``best(u, r)``: the highest score of a walk of r edges from u to the target (``-inf`` if none):
-    ``best(u, 0) = 0 if u == target``, ``best(u, r) = max_v score(u, v) + best(v, r - 1)``."""
-    table = [{u: 0.0 if u == graph.target else -math.inf for u in graph.out}]
+    ``best(u, 0) = 0 if u == target``, ``best(u, r) = max_v score(u, v) + best(v, r - 1)``; ``free``: of any
+    walk of r edges from u (``best(u, 0) = 0`` for every u)."""
+    table = [{u: 0.0 if free or u == graph.target else -math.inf for u in graph.out}]
     for _ in range(graph.length):
         previous = table[-1]
         table.append({u: max(scores[u, v] + previous[v] for v in graph.out[u]) for u in graph.out})
@@ -334,24 +343,32 @@ class PathsSolver:
     scores: dict[tuple[str, str], float]
     tau: float
     counts: list[dict[str, int]]
-    table: list[dict[str, float]]  # best(u, r) for tau = 0, log Z(u, r) otherwise
+    table: list[dict[str, float]]  # best(u, r) for tau = 0, log Z(u, r) otherwise: walks to the target
+    free: list[dict[str, float]]  # the same over walks that end anywhere: a lost student's continuation
 
     @classmethod
     def build(cls, graph: Graph, scores: dict[tuple[str, str], float], tau: float) -> PathsSolver:
-        table = best_scores(graph, scores) if tau == 0 else log_partition(graph, scores, tau)
-        return cls(graph, scores, tau, walk_counts(graph), table)
+        def tables(free: bool) -> list[dict[str, float]]:
+            return best_scores(graph, scores, free) if tau == 0 else log_partition(graph, scores, tau, free)
+
+        return cls(graph, scores, tau, walk_counts(graph), tables(False), tables(True))
 
     def position(self, prefix: str) -> str | None:
-        """The node ``prefix`` has walked to, or None when it is off the support: a non-edge step, too many
-        steps, or a node from which no walk of the remaining length reaches the target."""
-        node, out = self.graph.start, self.graph.out
-        if len(prefix) > self.graph.length:
+        """The node ``prefix`` has walked to, taking each letter as the next node (a non-edge step too: the
+        teacher goes on from where the student is), or None when it is malformed: a letter that is no node,
+        or more than L of them."""
+        if len(prefix) > self.graph.length or any(char not in self.graph.out for char in prefix):
             return None
+        return prefix[-1] if prefix else self.graph.start
+
+    def on_path(self, prefix: str) -> bool:
+        """Whether ``prefix`` is the start of a valid walk that some walk of the remaining length finishes."""
+        node = self.graph.start
         for char in prefix:
-            if char not in out[node]:
-                return None
+            if char not in self.graph.out[node]:
+                return False
             node = char
-        return node if self.counts[self.graph.length - len(prefix)][node] > 0 else None
+        return self.counts[self.graph.length - len(prefix)][node] > 0
 
     def next_probs(self, prefix: str) -> dict[str, float]:
         node = self.position(prefix)
@@ -359,11 +376,14 @@ class PathsSolver:
             return OFF_SUPPORT
         left = self.graph.length - len(prefix)
         if left == 0:
-            return certain(EOS)  # position() checked that the walk ends on the target
-        steps = [v for v in self.graph.out[node] if self.counts[left - 1][v] > 0]
+            return certain(EOS)  # a walk of L steps ends here, on the target or not
+        if self.on_path(prefix):
+            table, steps = self.table, [v for v in self.graph.out[node] if self.counts[left - 1][v] > 0]
+        else:  # lost: finish a walk of the remaining length, any end (module docstring)
+            table, steps = self.free, list(self.graph.out[node])
         if self.tau == 0:
-            return certain(max(steps, key=lambda v: (self.scores[node, v] + self.table[left - 1][v], -ord(v))))
-        logits = [edge_weight(self.scores[node, v], self.tau) + self.table[left - 1][v] for v in steps]
+            return certain(max(steps, key=lambda v: (self.scores[node, v] + table[left - 1][v], -ord(v))))
+        logits = [edge_weight(self.scores[node, v], self.tau) + table[left - 1][v] for v in steps]
         norm = logsumexp(logits)
         weights = [math.exp(x - norm) for x in logits]
         total = math.fsum(weights)
