@@ -175,3 +175,96 @@ def test_a_user_follow_up_and_a_training_step_on_every_architecture(tokenizer, t
         assert torch.isfinite(torch.tensor(record["loss"]))
     finally:
         session.close()
+
+
+REAL_EOS = {"phi3": ("<|endoftext|>", "<|end|>"), "gemma3": ("<eos>", "<end_of_turn>")}  # EOS, the reply's end
+
+
+def real_eos_checkpoint(base, name: str, path):
+    """``checkpoint`` with the family's real EOS, which is not the token its template ends a reply with."""
+    eos, _ = REAL_EOS[name]
+    tokenizer = family_tokenizer(base, name)
+    tokenizer.add_special_tokens({"eos_token": eos})
+    model_class, config = NO_TOOL_ROLE[name][:2]
+    settings = config()
+    settings.vocab_size, settings.pad_token_id = len(tokenizer), tokenizer.pad_token_id
+    settings.eos_token_id, settings.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+    torch.manual_seed(0)
+    save_model(model_class(settings), tokenizer, path)
+    return path
+
+
+def raise_token(model, token: int) -> None:
+    """Make ``token`` the most likely next token everywhere (its logit raised by 50)."""
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., token] += 50.0
+        return output
+
+    model.get_output_embeddings().register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("name", sorted(REAL_EOS))
+def test_a_single_reply_stops_on_the_familys_turn_end_not_only_its_eos(tokenizer, tmp_path, name, monkeypatch,
+                                                                       capsys):
+    """Phi-3 ends a reply with <|end|> and Gemma 3 with <end_of_turn>, not their EOS (<|endoftext|>, <eos>): a plain
+    run's rollouts, its evaluation, its SFT rows and `opd sample` stop there (they ran to max_new_tokens on the EOS
+    alone)."""
+    import opd.models
+    import opd.samplers.local
+    from opd.cli import main
+    from opd.evaluation import evaluate
+    from opd.samplers.sources import Prompter
+
+    path = real_eos_checkpoint(tokenizer, name, tmp_path / "model")
+    session = open_session(load_config(None, run_overrides(path, tmp_path / "run")), task=ArithmeticTask(2))
+    try:
+        end = session.tokenizer.convert_tokens_to_ids(REAL_EOS[name][1])
+        assert end != session.tokenizer.eos_token_id
+        raise_token(session.student, end)
+        rollouts = session.source.rollouts(0)
+        assert rollouts.completion_ids() == [[end]] * 2  # stopped on the first token
+        examples = ArithmeticTask(2).eval_examples(3)
+        result = evaluate(session.student, session.tokenizer, ArithmeticTask(2), examples, max_new_tokens=12)
+        assert result.mean_completion_tokens == 1.0
+        assert Prompter(session.tokenizer, 100).completion("4", 12)[-1] == end  # SFT's rows end as replies do
+    finally:
+        session.close()
+
+    drawn, real_load, real_sample = [], opd.models.load_model, opd.samplers.local.sample
+
+    def load_model(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        raise_token(model, end)
+        return model
+
+    def sample(model, prompts, **kwargs):
+        rollouts = real_sample(model, prompts, **kwargs)
+        drawn.append(rollouts.completion_ids())
+        return rollouts
+
+    monkeypatch.setattr(opd.models, "load_model", load_model)
+    monkeypatch.setattr(opd.samplers.local, "sample", sample)
+    assert main(["sample", str(path), "--prompt", "2+2?", "-n", "2", "--max-new-tokens", "6", "--device", "cpu",
+                 "--chat-template-kwargs", "{}"]) == 0
+    assert drawn == [[[end], [end]]] and capsys.readouterr().out.count("--- sample") == 2
+
+
+@pytest.mark.parametrize("name", sorted(REAL_EOS))
+def test_the_aligned_teacher_reads_the_familys_turn_end_as_the_end_of_the_reply(tokenizer, name):
+    """A student reply that stopped on <|end|> / <end_of_turn> reaches a teacher of another tokenizer ending with
+    the teacher's own reply end, the two ends paired as one chunk (as a reply stopped on the EOS is)."""
+    from opd.teachers.view import TeacherView
+
+    student = family_tokenizer(tokenizer, name)
+    student.add_special_tokens({"eos_token": REAL_EOS[name][0]})
+    end = student.convert_tokens_to_ids(REAL_EOS[name][1])
+    view = TeacherView(None, student, tokenizer, path="aligned")
+    text = student.encode("12+3=15", add_special_tokens=False)
+    for stop in (end, student.eos_token_id):
+        ids, alignment = view.translate(text + [stop])
+        assert ids[-1] == tokenizer.eos_token_id and tokenizer.decode(ids[:-1]) == "12+3=15"
+        assert alignment.student[-1] == alignment.teacher[-1] == alignment.count - 1  # the ends, one chunk
+    ids, _ = view.translate(text)  # cut short: no end
+    assert tokenizer.decode(ids) == "12+3=15"

@@ -236,9 +236,9 @@ def test_opd_serve_samples_for_a_run_on_a_qwen3_pair(pair, tmp_path, spy, monkey
 
 @pytest.mark.parametrize("thinking", [True, False], ids=["thinking", "no-thinking"])
 def test_opd_chat_with_a_trained_qwen3_student(pair, tmp_path, monkeypatch, capsys, thinking):
-    """One exchange with `opd chat` on a run's final/ (the padded model it saved), thinking on and off
-    (--chat-template-kwargs): the prompt is Qwen3's rendering of the message, the reply drawn from the
-    tokenizer's ids only."""
+    """One exchange with `opd chat`, and one sample with `opd sample`, on a run's final/ (the padded model it
+    saved), thinking on and off (--chat-template-kwargs): the prompt is Qwen3's rendering of the message, the
+    reply drawn from the tokenizer's ids only."""
     import opd.chat
     from opd.cli import main
     from opd.models import load_tokenizer
@@ -266,6 +266,14 @@ def test_opd_chat_with_a_trained_qwen3_student(pair, tmp_path, monkeypatch, caps
                                              add_generation_prompt=True, enable_thinking=thinking)
     assert tokenizer.decode(prompt) == expected and expected.endswith(THINKING_OFF) != thinking
     assert len(reply) == 8 and max(reply) < TOKENS, reply
+    # `opd sample` takes the same switch
+    import opd.samplers.local
+
+    monkeypatch.setattr(opd.samplers.local, "sample", sample)
+    assert main(["sample", str(final), "--prompt", "What is 2 plus 2?", "--max-new-tokens", "8",
+                 "--chat-template-kwargs", switch]) == 0
+    assert capsys.readouterr().out.count("--- sample") == 1
+    assert tokenizer.decode(drawn[-1][0]) == expected and max(drawn[-1][1]) < TOKENS
 
 
 def docs_tool_command() -> list[str]:

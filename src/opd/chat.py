@@ -19,6 +19,7 @@ from opd.errors import OpdError
 from opd.evaluation import completions_text
 from opd.models import chat_prompt_ids
 from opd.samplers.local import sample
+from opd.templates import reply_stops
 
 DEFAULT_REPLY_TOKENS = 256
 HELP = "commands: /reset (forget the conversation), /help, /quit (or end of input)"
@@ -115,7 +116,7 @@ def chat(model: torch.nn.Module, tokenizer, *, temperature: float = 0.7, top_p: 
             print(f"(the {conversation.dropped} oldest exchanges no longer fit the context and were dropped)",
                   file=stdout)
         rollouts = sample(model, [prompt], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                          eos_id=reply_stops(tokenizer), pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                           generator=generator)
         reply = completions_text(tokenizer, rollouts.completion_ids())[0].strip()
         conversation.turns.append({"role": "assistant", "content": reply})

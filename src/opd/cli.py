@@ -134,17 +134,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from opd.chat_settings import with_template_kwargs
+    from opd.config import parse_template_kwargs
     from opd.evaluation import completions_text
     from opd.models import chat_prompt_ids, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
     from opd.samplers.local import sample
+    from opd.templates import reply_stops
 
+    kwargs = parse_template_kwargs(args.chat_template_kwargs, "--chat-template-kwargs ", "--chat-template-kwargs ")
     device = pick_device(args.device)
     path = resolve_model_path(args.model, "model")
-    tokenizer = load_tokenizer(path)
+    tokenizer = with_template_kwargs(load_tokenizer(path), kwargs)
     model = load_model(path, device, pick_dtype("auto", device)).eval()
     prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
     rollouts = sample(model, [prompt], samples_per_prompt=args.n, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, eos_id=tokenizer.eos_token_id,
+                      temperature=args.temperature, top_p=args.top_p, eos_id=reply_stops(tokenizer),
                       pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                       generator=torch.Generator(device).manual_seed(args.seed))
     for i, text in enumerate(completions_text(tokenizer, rollouts.completion_ids())):
@@ -348,6 +352,9 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
     sm.add_argument("--top-p", type=float, default=1.0)
     sm.add_argument("--max-new-tokens", type=int, default=64)
+    sm.add_argument("--chat-template-kwargs", metavar="JSON",
+                    help="variables for the chat template, as a JSON object (as opd train's chat_template_kwargs), "
+                    "e.g. '{\"enable_thinking\": false}' to turn a Qwen3 model's thinking off")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--device", default="auto")
     sm.set_defaults(func=cmd_sample)

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from opd.models import chat_prompt_ids
 from opd.samplers.local import Noise, sample
 from opd.tasks import Example, Task
+from opd.templates import reply_stops
 
 
 @dataclass
@@ -66,11 +67,12 @@ def evaluate(
     draws = torch.Generator(device=device).manual_seed(seed + 1_000_003)  # the sampled accuracy's own stream
     greedy_noise = noise and replace(noise, seed=seed + 2_000_029)
     drawn_noise = noise and replace(noise, seed=seed + 3_000_017)
+    stops = reply_stops(tokenizer)  # the EOS, and the token the template ends a reply with
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [chat_prompt_ids(tokenizer, ex.messages) for ex in chunk]
         greedy = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                        eos_id=stops, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                         noise=greedy_noise and greedy_noise.shifted(start))
         lengths.extend(greedy.completion_mask.sum(-1).tolist())
         if chunk[0].verifiable:
@@ -79,7 +81,7 @@ def evaluate(
             scored += len(chunk)
             if samples > 0:
                 drawn = sample(model, prompts, samples_per_prompt=samples, max_new_tokens=max_new_tokens,
-                               temperature=sample_temperature, eos_id=tokenizer.eos_token_id,
+                               temperature=sample_temperature, eos_id=stops,
                                pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), generator=draws,
                                noise=drawn_noise and drawn_noise.shifted(start))
                 repeated = [ex for ex in chunk for _ in range(samples)]
@@ -88,7 +90,7 @@ def evaluate(
                 sampled_scored += len(repeated)
         if teacher is not None:
             sampled = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
-                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                             eos_id=stops, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                              generator=generator)
             privileged = any(ex.teacher_messages for ex in chunk)  # the teacher reads its own context
             teacher_lp = teacher.score(sampled, [ex.teacher_conversation for ex in chunk],

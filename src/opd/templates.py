@@ -312,6 +312,20 @@ def turn_stops(tokenizer, tools: bool) -> list[int]:
     return stops
 
 
+def reply_stops(tokenizer) -> list[int]:
+    """The tokens a single reply (a training row, an evaluation, ``opd sample``, ``opd chat``) stops on: the EOS,
+    and the token the template ends a finished assistant turn with (``turn_stops`` without tools: Phi-3's
+    ``<|end|>``, Gemma 3's ``<end_of_turn>``, GPT-OSS's ``<|return|>``), the last in the list. The EOS alone where
+    the template ends the turn with it, where the tokenizer has no chat template, or where opd cannot read the
+    turn's end from its renderings (a conversation would be refused there; a single reply keeps the EOS)."""
+    if not chat_template_of(tokenizer):
+        return [tokenizer.eos_token_id]
+    try:
+        return turn_stops(tokenizer, False)
+    except (OpdError, TemplateError):
+        return [tokenizer.eos_token_id]
+
+
 def probe_turns(tools: bool) -> list[list[dict]]:
     """The environment's turns a run's templates are checked with: a user's follow-up, and a tool result when
     the environment has tools."""

@@ -20,6 +20,7 @@ from opd.errors import OpdError
 from opd.losses import truncated_importance_weights
 from opd.rollouts import Rollouts
 from opd.scoring import token_logprobs
+from opd.templates import reply_stops
 
 
 class RolloutService:
@@ -75,7 +76,7 @@ class RolloutService:
     def draw(self, prompts: list[list[int]], tokenizer, draw, step: int, rank: int) -> Rollouts:
         return self.sampler.sample(prompts, samples_per_prompt=draw.samples_per_prompt,
                                    max_new_tokens=draw.max_new_tokens, temperature=draw.temperature,
-                                   top_p=draw.top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   top_p=draw.top_p, eos_id=reply_stops(tokenizer), pad_id=tokenizer.pad_token_id,
                                    seed=(draw.seed, step, rank))
 
     def lap(self) -> float:

@@ -19,6 +19,7 @@ The trainer asks its one source and never tests which kind it has.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
@@ -33,6 +34,7 @@ from opd.samplers.service import RolloutService, reweight
 from opd.samplers.turns import DrawTurn, pack, roll_out
 from opd.tasks import Example, Task
 from opd.tasks.jsonl import epoch_order
+from opd.templates import reply_stops
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,17 @@ class Prompter:
             ids = ids[-self.max_prompt_tokens:]
         return ids
 
+    @cached_property
+    def reply_end(self) -> int:
+        """The token a finished reply ends with in the student's template (``templates.reply_stops``: Phi-3's
+        ``<|end|>``, Gemma 3's ``<end_of_turn>``), the EOS where the template ends it with the EOS."""
+        return reply_stops(self.tokenizer)[-1]
+
     def completion(self, text: str, max_new_tokens: int) -> list[int]:
-        """A given completion as token ids: cut to ``max_new_tokens - 1`` tokens, EOS appended."""
+        """A given completion as token ids: cut to ``max_new_tokens - 1`` tokens, the reply's end appended (the
+        token the sampler stops the student's own replies on)."""
         ids = self.tokenizer.encode(text, add_special_tokens=False)[: max_new_tokens - 1]
-        return ids + [self.tokenizer.eos_token_id]
+        return ids + [self.reply_end]
 
 
 @dataclass(frozen=True)
@@ -208,7 +217,7 @@ class InProcess:
         rollouts = sample_in_batches(
             self.model, [self.teacher_prompt(ex.teacher_conversation) for ex in examples] if reads_own else prompts,
             rows=draw.rows_per_call, samples_per_prompt=draw.samples_per_prompt, max_new_tokens=draw.max_new_tokens,
-            temperature=draw.temperature, top_p=draw.top_p, eos_id=tokenizer.eos_token_id,
+            temperature=draw.temperature, top_p=draw.top_p, eos_id=reply_stops(tokenizer),
             pad_id=tokenizer.pad_token_id, vocab_size=self.vocab_size,
             generator=torch.Generator(self.device).manual_seed(seed),
             noise=draw.noise and replace(draw.noise, seed=seed + NOISE_STREAM))

@@ -28,6 +28,7 @@ from opd.models import chat_prompt_ids, chat_prompt_text
 from opd.rollouts import Rollouts, pack_pairs
 from opd.teachers.alignment import Alignment, Events, align, conditional_shares, token_bytes, with_end_of_turn
 from opd.teachers.base import Teacher
+from opd.templates import reply_stops
 
 TEMPLATES = ("auto", "own", "student")
 SERVED_TOP_K = 20  # top log-probs asked of a server per position (vLLM's default --max-logprobs)
@@ -113,6 +114,9 @@ class TeacherView:
         self.template = template
         self.path = path or choose_path(student_tokenizer, self.teacher_tokenizer, template)
         if self.path == "aligned":
+            # a reply's end: any of the student's stop tokens, read as the teacher's own reply end
+            self.student_stops = set(reply_stops(student_tokenizer))
+            self.teacher_end = reply_stops(self.teacher_tokenizer)[-1]
             self.student_bytes = token_bytes(student_tokenizer)
             self.teacher_bytes = token_bytes(self.teacher_tokenizer)
             self.events = Events(self.student_bytes, self.teacher_bytes, set(student_tokenizer.added_tokens_decoder),
@@ -157,14 +161,15 @@ class TeacherView:
         return self.teacher_tokenizer.encode(text, add_special_tokens=special)
 
     def translate(self, completion: list[int]) -> tuple[list[int], Alignment]:
-        """A student completion (ids, EOS last when it was sampled) as the teacher's ids, aligned."""
-        student_eos = completion[-1:] == [self.student_tokenizer.eos_token_id]
-        pieces = [self.student_bytes[i] for i in (completion[:-1] if student_eos else completion)]
+        """A student completion (ids, its stop token last when it was sampled: ``templates.reply_stops``) as the
+        teacher's ids, aligned; the stop token becomes the one the teacher's template ends a reply with."""
+        ended = bool(completion) and completion[-1] in self.student_stops
+        pieces = [self.student_bytes[i] for i in (completion[:-1] if ended else completion)]
         text = b"".join(pieces).decode("utf-8", errors="replace")
         ids = self.teacher_tokenizer.encode(text, add_special_tokens=False)
         alignment = align(pieces, [self.teacher_bytes[i] for i in ids])
-        if student_eos:
-            return ids + [self.teacher_tokenizer.eos_token_id], with_end_of_turn(alignment)
+        if ended:
+            return ids + [self.teacher_end], with_end_of_turn(alignment)
         return ids, alignment
 
     def describe(self, texts: list[str]) -> str:
