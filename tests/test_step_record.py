@@ -74,3 +74,28 @@ def test_two_ranks_make_one_record():
                       1e-3, {}, SECONDS)
     two = step_record(halves, config, STUDENT, View(), StepKind.DISTIL, 0, 1.0, 0.1, 1e-3, {}, SECONDS)
     assert one == two
+
+
+@pytest.mark.parametrize("kind", [StepKind.DISTIL, StepKind.RL, StepKind.TEACHER_SAMPLES])
+def test_the_environments_tokens_are_counted_in_their_own_row(kind):
+    """A token after the prompt that is not trained (a tool's result, ``sample_noise``'s replacement) is read by
+    every pass as part of its own row, whichever row of the prompt's group it is in; only the logits skip it."""
+    config = load_config(None, ["samples_per_prompt=2", "kl=sampled"])
+
+    def record_with_env_token(row: int, column: int):
+        batch = rows()
+        batch.completion_mask[row, column] = 0  # the environment's token: attended, not trained
+        figures = rank_figures(batch, None, several=False)
+        return figures, step_record([figures], config, STUDENT, View(), kind, 0, 1.0, 0.1, 1e-3, {}, SECONDS)
+
+    first, in_first = record_with_env_token(2, 4)  # the middle 9 of the group's first row
+    second, in_second = record_with_env_token(3, 3)  # a 6 written by the environment in the group's second row
+    assert first["completion_lengths"] == [2, 1, 2, 1] and first["written_lengths"] == [2, 1, 3, 1]
+    assert first["prompt_lengths"] == second["prompt_lengths"] == [2, 2, 3, 3]
+    want = step_flops(STUDENT, TEACHER, [2, 2, 3, 3], [2, 1, 3, 1], kind, 2, trained_tokens=6)
+    assert (in_first["student_flops"], in_first["teacher_flops"]) == (want["student_flops"], want["teacher_flops"])
+    assert in_first["completion_tokens"] == 6
+    # the same token count after each prompt, so the same compute to within the attention's lengths
+    assert in_second["student_flops"] == pytest.approx(in_first["student_flops"], rel=0.05)
+    trained_all = step_flops(STUDENT, TEACHER, [2, 2, 3, 3], [2, 1, 3, 1], kind, 2)
+    assert in_first["student_flops"] < trained_all["student_flops"]  # fewer logits, nothing else

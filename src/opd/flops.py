@@ -99,13 +99,16 @@ class StepKind(StrEnum):
 
 def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: list[int],
                completion_lengths: list[int], kind: StepKind = StepKind.DISTIL, group: int = 1,
-               teacher_lengths: tuple[list[int], list[int]] | None = None) -> dict:
+               teacher_lengths: tuple[list[int], list[int]] | None = None, trained_tokens: int | None = None) -> dict:
     """One training step of ``kind`` (``StepKind``: who samples, who scores; the teacher scores a sequence
     once, logits at completion positions). Runs of ``group`` consecutive rows are the samples of one
-    prompt, which every pass reads once. ``teacher_lengths``: the (prompt, completion) lengths the teacher
-    read, when its rendering or tokenizer differs."""
+    prompt, which every pass reads once. A row's completion is every token after its prompt: the tokens
+    sampled, and the environment's among them (a conversation's turns, ``sample_noise``'s replacements),
+    each its own row's, read by every pass and counted in sampling as a sampled token; ``trained_tokens``
+    (default: all of them) are the positions with logits. ``teacher_lengths``: the (prompt, completion)
+    lengths the teacher read, when its rendering or tokenizer differs."""
     kind = StepKind(kind)
-    completion_tokens = sum(completion_lengths)
+    completion_tokens = sum(completion_lengths) if trained_tokens is None else trained_tokens
     student_flops = 3 * grouped_forward_flops(student, prompt_lengths, completion_lengths, group, completion_tokens)
     if kind == StepKind.GIVEN:
         return {"student_flops": student_flops, "teacher_flops": 0.0}
@@ -124,19 +127,23 @@ def step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: 
 
 def mixed_step_flops(student: ModelShape, teacher: ModelShape | None, prompt_lengths: list[int],
                      completion_lengths: list[int], on_policy: list[bool], group: int, off_group: int,
-                     teacher_sampled: bool) -> dict:
+                     teacher_sampled: bool, trained_lengths: list[int] | None = None) -> dict:
     """A step with GKD's off-policy rows (``lmbda < 1``): ``step_flops`` of the on-policy rows (the student
     samples, the teacher scores, the student trains), plus for the off-policy rows the student's training,
-    the teacher's scoring, and the teacher's sampling when it wrote them (``off_group`` rows per prompt)."""
-    def part(flag: bool) -> tuple[list[int], list[int]]:
-        rows = [i for i, on in enumerate(on_policy) if on == flag]
-        return [prompt_lengths[i] for i in rows], [completion_lengths[i] for i in rows]
+    the teacher's scoring, and the teacher's sampling when it wrote them (``off_group`` rows per prompt).
+    ``trained_lengths``: each row's trained tokens, where fewer than its completion's (``step_flops``)."""
+    trained_lengths = completion_lengths if trained_lengths is None else trained_lengths
 
-    (on_prompts, on_completions), (off_prompts, off_completions) = part(True), part(False)
+    def part(flag: bool) -> tuple[list[int], list[int], int]:
+        rows = [i for i, on in enumerate(on_policy) if on == flag]
+        return ([prompt_lengths[i] for i in rows], [completion_lengths[i] for i in rows],
+                sum(trained_lengths[i] for i in rows))
+
+    (on_prompts, on_completions, on_trained), (off_prompts, off_completions, tokens) = part(True), part(False)
     total = {"student_flops": 0.0, "teacher_flops": 0.0 if teacher is not None else None}
     if on_prompts:
-        total = step_flops(student, teacher, on_prompts, on_completions, StepKind.DISTIL, group)
-    tokens = sum(off_completions)
+        total = step_flops(student, teacher, on_prompts, on_completions, StepKind.DISTIL, group,
+                           trained_tokens=on_trained)
     total["student_flops"] += 3 * grouped_forward_flops(student, off_prompts, off_completions, off_group, tokens)
     if teacher is not None:
         total["teacher_flops"] += grouped_forward_flops(teacher, off_prompts, off_completions, off_group, tokens)

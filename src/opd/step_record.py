@@ -17,11 +17,15 @@ def rank_figures(rollouts: Rollouts, graded, several: bool) -> dict:
     """What the step's record needs from this rank (``graded``: the teacher's ``Scored`` answer, or None)."""
     mask = rollouts.completion_mask
     completion_lengths = [int(n) for n in mask.sum(-1).tolist()]
+    # every token after a row's prompt, the environment's among them (a conversation's turns, sample_noise's
+    # replacements): its own row's, for the FLOPs; the trained ones are completion_lengths
+    written_lengths = [len(ids) for ids in rollouts.written_ids()]
     on_policy = rollouts.on_policy if rollouts.on_policy is not None else \
         torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
     return {
         "completion_lengths": completion_lengths,
-        "prompt_lengths": [int(n) - c for n, c in zip(rollouts.attention_mask.sum(-1).tolist(), completion_lengths,
+        "written_lengths": written_lengths,
+        "prompt_lengths": [int(n) - w for n, w in zip(rollouts.attention_mask.sum(-1).tolist(), written_lengths,
                                                       strict=True)],
         "rewards": rollouts.rewards.tolist(),
         # GKD's off-policy rows (lmbda < 1) train on the divergence; the logged KL and reward are the student's
@@ -71,6 +75,7 @@ def step_record(ranks: list[dict], config: TrainConfig, student_shape: ModelShap
                 micro: dict | None = None) -> dict:
     """The step's line of metrics.jsonl from every rank's ``rank_figures``."""
     completion_lengths, prompt_lengths = joined(ranks, "completion_lengths"), joined(ranks, "prompt_lengths")
+    written_lengths = joined(ranks, "written_lengths")
     rewards, on_policy = joined(ranks, "rewards"), joined(ranks, "on_policy")
     student_rewards = [r for r, on in zip(rewards, on_policy, strict=True) if on]
     teacher_lengths = None
@@ -87,14 +92,16 @@ def step_record(ranks: list[dict], config: TrainConfig, student_shape: ModelShap
     off_rows = len(on_policy) - sum(on_policy)
     if off_rows:  # the off-policy part's compute: its training and scoring, and the teacher's sampling
         offpolicy = ranks[0]["offpolicy"]
-        flops = mixed_step_flops(student_shape, teacher_shape, prompt_lengths, completion_lengths, on_policy,
-                                 config.samples_per_prompt, offpolicy.rows_per_prompt, offpolicy.teacher_sampled)
+        flops = mixed_step_flops(student_shape, teacher_shape, prompt_lengths, written_lengths, on_policy,
+                                 config.samples_per_prompt, offpolicy.rows_per_prompt, offpolicy.teacher_sampled,
+                                 trained_lengths=completion_lengths)
     else:
-        flops = step_flops(student_shape, teacher_shape, prompt_lengths, completion_lengths,
+        flops = step_flops(student_shape, teacher_shape, prompt_lengths, written_lengths,
                            kind, group=1 if kind == StepKind.GIVEN else config.samples_per_prompt,
-                           teacher_lengths=teacher_lengths)
+                           teacher_lengths=teacher_lengths, trained_tokens=sum(completion_lengths))
     if teacher_view is not None and teacher_view.several:  # each teacher's KL and compute
-        merged = {"prompt_lengths": prompt_lengths, "completion_lengths": completion_lengths}
+        merged = {"prompt_lengths": prompt_lengths, "completion_lengths": written_lengths,
+                  "trained_lengths": completion_lengths}
         flops.update(routed_step_flops(teacher_view, student_shape, config.samples_per_prompt, ranks, merged))
     pushed = seconds.get("sync")
     return {

@@ -147,7 +147,8 @@ def routed_step_flops(view: RoutedTeacherView, student_shape, samples_per_prompt
         shape = view.view(name).shape
         flops = None if shape is None else step_flops(
             student_shape, shape, [merged["prompt_lengths"][i] for i in rows],
-            [merged["completion_lengths"][i] for i in rows], StepKind.DISTIL, samples_per_prompt)["teacher_flops"]
+            [merged["completion_lengths"][i] for i in rows], StepKind.DISTIL, samples_per_prompt,
+            trained_tokens=sum(merged["trained_lengths"][i] for i in rows))["teacher_flops"]
         out[f"teacher_flops/{label}"] = flops
         total = None if flops is None or total is None else total + flops
     out["teacher_flops"] = total
