@@ -275,7 +275,7 @@ def connect_sampler(config: TrainConfig, tokenizer, student_path: str, dtype: to
     if config.sampler == "vllm":
         from opd.samplers.colocated import ColocatedSampler
 
-        sampler = ColocatedSampler(student_path, dtype, config.vllm_memory, context, config.seed)
+        sampler = ColocatedSampler(student_path, dtype, config.vllm_memory, context, config.seed, len(tokenizer))
         opened.append(sampler)
         return sampler
     return None

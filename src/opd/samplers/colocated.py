@@ -21,7 +21,7 @@ import torch
 from opd.errors import OpdError
 from opd.models import plain_model
 from opd.rollouts import Rollouts, pack_pairs
-from opd.samplers.remote import request_seed, stop_list
+from opd.samplers.remote import check_ids, request_seed, stop_list
 
 
 def check_available() -> None:
@@ -35,8 +35,10 @@ def check_available() -> None:
 
 
 class ColocatedSampler:
-    def __init__(self, student_path: str, dtype: torch.dtype, memory: float, max_model_len: int, seed: int) -> None:
+    def __init__(self, student_path: str, dtype: torch.dtype, memory: float, max_model_len: int, seed: int,
+                 vocab_size: int | None = None) -> None:
         check_available()
+        self.vocab_size = vocab_size  # the student tokenizer's ids: a token past them has no text
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
         from vllm import LLM
 
@@ -73,6 +75,8 @@ class ColocatedSampler:
                 ids = list(sample.token_ids)
                 completions.append(ids)
                 values.append([step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)])
+        check_ids(completions, self.vocab_size, "the colocated vLLM engine (sampler=vllm)", "sample with "
+                  "sampler=local or a rollout server of opd serve, which sample the tokenizer's ids only")
         rollouts = pack_pairs([p for p in prompts for _ in range(samples_per_prompt)], completions, pad_id)
         rollouts.prompt_index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
         width = max(len(p) for p in prompts)

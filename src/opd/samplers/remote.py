@@ -27,6 +27,19 @@ def request_seed(*parts: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def check_ids(completions: list[list[int]], vocab_size: int | None, engine: str, fix: str) -> None:
+    """Refuse a sampled token id past the student tokenizer's ``vocab_size`` ids (None: not known): the model's
+    embedding is padded past its tokenizer (e.g. Qwen's 151,936 rows for 151,669 tokens) and ``engine`` sampled
+    a padded row, which has no text and which opd's own sampler never draws; ``fix`` says what to do."""
+    if vocab_size is None:
+        return
+    for ids in completions:
+        if ids and max(ids) >= vocab_size:
+            raise OpdError(f"{engine} sampled token id {max(ids)}, past the student tokenizer's {vocab_size} ids: the "
+                           "model's embedding is padded past its tokenizer (e.g. Qwen's 151,936 rows for 151,669 "
+                           f"tokens) and the engine samples the padded rows; {fix}")
+
+
 def stop_list(eos_id: int | list[int]) -> list[int]:
     """The stop ids a draw is given (``eos_id``: one id, or a conversation turn's list), as a list."""
     return [eos_id] if isinstance(eos_id, int) else list(eos_id)
@@ -98,12 +111,8 @@ class RemoteSampler:
         for ids in completions:
             if len(ids) > max_new_tokens:
                 raise OpdError(f"rollout server {self.url} returned {len(ids)} tokens for max_tokens={max_new_tokens}")
-            if self.vocab_size is not None and ids and max(ids) >= self.vocab_size:
-                raise OpdError(f"rollout server {self.url} sampled token id {max(ids)}, past the student tokenizer's "
-                               f"{self.vocab_size} ids: the model's embedding is padded past its tokenizer (e.g. "
-                               "Qwen's 151,936 rows for 151,669 tokens) and the server samples the padded rows; "
-                               "serve it with opd serve, which samples the tokenizer's ids only, or make the "
-                               "server's vocabulary the tokenizer's")
+        check_ids(completions, self.vocab_size, f"rollout server {self.url}", "serve it with opd serve, which "
+                  "samples the tokenizer's ids only, or make the server's vocabulary the tokenizer's")
         rows = [p for p in prompts for _ in range(samples_per_prompt)]
         rollouts = pack_pairs(rows, completions, pad_id)
         rollouts.prompt_index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
