@@ -268,3 +268,27 @@ def test_the_aligned_teacher_reads_the_familys_turn_end_as_the_end_of_the_reply(
         assert alignment.student[-1] == alignment.teacher[-1] == alignment.count - 1  # the ends, one chunk
     ids, _ = view.translate(text)  # cut short: no end
     assert tokenizer.decode(ids) == "12+3=15"
+
+
+def test_opd_serve_ends_a_sample_on_the_familys_turn_end_as_on_its_eos(tokenizer, tmp_path):
+    """A client of `opd serve` gets a Phi-3 sample ended on <|end|> (finish_reason "stop", stop_reason None: one of
+    the model's end tokens, as vLLM stops on every EOS of a generation config), and the whole budget with
+    ignore_eos."""
+    from fastapi.testclient import TestClient
+
+    from opd.models import load_model, load_tokenizer
+    from opd.server import ServerConfig, create_app
+
+    path = real_eos_checkpoint(tokenizer, "phi3", tmp_path / "model")
+    served = load_tokenizer(path)
+    end = served.convert_tokens_to_ids("<|end|>")
+    model = load_model(path, torch.device("cpu"), torch.float32).eval()
+    raise_token(model, end)
+    app = create_app(model, served, ServerConfig(model_name="phi3", api_key=None, max_model_len=256,
+                                                 max_body_bytes=64 * 1024))
+    body = {"model": "phi3", "prompt": [[5, 6, 7]], "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    with TestClient(app) as client:
+        (choice,) = client.post("/v1/completions", json=body).json()["choices"]
+        assert choice["token_ids"] == [end] and choice["finish_reason"] == "stop" and choice["stop_reason"] is None
+        (choice,) = client.post("/v1/completions", json=body | {"ignore_eos": True}).json()["choices"]
+        assert choice["token_ids"] == [end] * 6 and choice["finish_reason"] == "length"

@@ -233,11 +233,13 @@ def top_dict(res: dict, position: int, k: int, decode) -> dict:
 MAX_N = 256
 
 
-def stop_ids(body: CompletionRequest, eos_id: int) -> list[int]:
-    """The tokens that end a sample: the model's EOS (unless ``ignore_eos``) and ``stop_token_ids``."""
+def stop_ids(body: CompletionRequest, eos_ids: list[int]) -> list[int]:
+    """The tokens that end a sample: the model's end tokens ``eos_ids`` (``templates.reply_stops``: its EOS, and
+    the token its template ends a reply with, as vLLM stops on every EOS of a model's generation config) unless
+    ``ignore_eos``, and ``stop_token_ids``."""
     if body.n > MAX_N:
         raise ApiError(400, f"n={body.n}: at most {MAX_N} samples per prompt")
-    return sorted(({eos_id} if not body.ignore_eos else set()) | set(body.stop_token_ids or []))
+    return sorted((set(eos_ids) if not body.ignore_eos else set()) | set(body.stop_token_ids or []))
 
 
 def stop_at_string(completion: list[int], logprobs: list[float], stop: list[str], decode):
@@ -260,13 +262,15 @@ def stop_at_string(completion: list[int], logprobs: list[float], stop: list[str]
 
 
 def sampled_choice(index: int, prompt: list[int], completion: list[int], logprobs: list[float], text: str,
-                   stop_string: str | None, body: CompletionRequest, tokenizer, stops: list[int], eos_id: int) -> dict:
+                   stop_string: str | None, body: CompletionRequest, tokenizer, stops: list[int],
+                   eos_ids: list[int]) -> dict:
     """One sample (as ``stop_at_string`` left it) in vLLM's choice shape. A sample ended by a stop token
     keeps it (in ``token_ids`` and the log-probs; ``finish_reason`` "stop", ``stop_reason`` the token id, or
-    None for EOS); one ended by a stop string has ``stop_reason`` the string."""
+    None for one of the model's end tokens ``eos_ids``); one ended by a stop string has ``stop_reason`` the
+    string."""
     stopped = stop_string is not None or (bool(completion) and completion[-1] in stops)
     reason = stop_string
-    if stop_string is None and stopped and completion[-1] != eos_id:
+    if stop_string is None and stopped and completion[-1] not in eos_ids:
         reason = completion[-1]
     choice: dict = {"index": index, "text": text, "logprobs": None, "finish_reason": "stop" if stopped else "length",
                     "stop_reason": reason}

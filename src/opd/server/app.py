@@ -39,6 +39,7 @@ from opd.server.api import (
     validate_prompt,
 )
 from opd.server.worker import ApiError, Job, ServedModel, Worker, adapter_listing
+from opd.templates import reply_stops
 
 __all__ = ["ApiError", "BackgroundServer", "ServerConfig", "create_app", "free_port", "serve"]
 
@@ -85,6 +86,7 @@ class ServerConfig:
 def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="opd serve", docs_url=None, redoc_url=None)
     vocab_size = len(tokenizer)
+    eos_ids = reply_stops(tokenizer)  # where a sample ends unless ignore_eos: the EOS and the template's reply end
     served = ServedModel(model, config.model_name)
 
     def score(module: torch.nn.Module, sequences: list[list[int]], top_k: int) -> list[dict]:
@@ -172,7 +174,7 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
     async def sample_request(body: CompletionRequest, sequences: list[list[int]]) -> tuple[list[dict], int]:
         from opd.samplers.local import sample
 
-        stops = stop_ids(body, tokenizer.eos_token_id)
+        stops = stop_ids(body, eos_ids)
         temperature = 1.0 if body.temperature is None else float(body.temperature)
         generator = torch.Generator().manual_seed(body.seed if body.seed is not None
                                                   else int.from_bytes(os.urandom(6), "little"))
@@ -196,7 +198,7 @@ def create_app(model: torch.nn.Module, tokenizer, config: ServerConfig) -> FastA
 
         ended = [stop_at_string(ids, lps, body.stop_strings, decode) for ids, lps in drawn]
         choices = [sampled_choice(i, sequences[i // body.n], ids, lps, text, hit, body, tokenizer, stops,
-                                  tokenizer.eos_token_id) for i, (ids, lps, text, hit) in enumerate(ended)]
+                                  eos_ids) for i, (ids, lps, text, hit) in enumerate(ended)]
         if scored is not None:  # vLLM repeats the prompt's log-probs in each of its choices
             entries = [prompt_entries(seq, res, body.prompt_logprobs, tokenizer.decode)
                        for seq, res in zip(sequences, scored, strict=True)]
