@@ -118,6 +118,11 @@ def test_a_sweeps_smoke_version_runs_reports_and_reuses_its_runs(tmp_path, capsy
     assert summary["epsilon"] > 0 and summary["scales"] == [1, 4, 16]
     report = (out / "report.md").read_text()
     assert "| recoverable-k3 |" in report and "epsilon" in report and (out / "regimes.png").stat().st_size > 0
+    table = (out / "table.md").read_text().splitlines()  # the docs' compact table: accuracies, then ratios
+    header = next(line for line in table if line.startswith("| point | sft-fresh @0.5 x1"))
+    assert "sft-fixed @0.9 x16 given" in header and header.endswith("rl/opd steps @0.5 | rl/opd steps @0.9 |")
+    rows = [line for line in table if line.startswith("| recoverable-k3 |")]
+    assert len(rows) == 2 and rows[1].count("|") == header.count("|")
     for method in ("opd", "sft-fresh", "sft-fixed", "rl"):
         records = [json.loads(line) for line in (out / "runs" / "recoverable-k3" / "s0" / method / "metrics.jsonl")
                    .read_text().splitlines()]

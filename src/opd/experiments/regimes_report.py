@@ -211,8 +211,50 @@ def report(plan, points: list, results: dict, rates: dict) -> dict:
     plot(plan.out / "regimes.png", plan.sweep, summaries)
     lines += ["", "![ratios](regimes.png)", ""]
     (plan.out / "report.md").write_text("\n".join(lines))
+    (plan.out / "table.md").write_text("\n".join(compact_tables(summaries, methods)) + "\n")
     return {"sweep": plan.sweep, "epsilon": EPSILON, "scales": SCALES, "targets": TARGETS, "rates": rates,
             "points": summaries}
+
+
+def short_cell(entry: dict | None) -> str:
+    """A ratio as the docs' compact table writes it: geometric mean [range], then +k (seeds only opd reaches the
+    target), -k (only the other method), =k (seeds whose warm start is past the best already)."""
+    if entry is None:
+        return ""
+    marks = "".join(f" {sign}{entry[key]}" for key, sign in (("opd_only", "+"), ("other_only", "-"),
+                                                             ("seeds_at_best", "=")) if entry.get(key))
+    if entry["geomean"] is None:
+        return f"n/r{marks}"
+    values = entry["values"]
+    spread = f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else ""
+    return f"{entry['geomean']:.2f}{spread}{marks}"
+
+
+def compact_tables(summaries: list[dict], methods: list[str]) -> list[str]:
+    """``table.md``, what the docs show of a sweep: final accuracies, and the ratios at the halfway and top
+    targets with the smallest and largest teacher (``sft-fixed`` also with its dataset given)."""
+    lines = ["| point | seeds | warm start | " + " | ".join(methods) + " |", "|---" * (len(methods) + 3) + "|"]
+    for s in summaries:
+        lines.append(f"| {s['point']} | {s['seeds']} | {100 * s['start']:.1f} | "
+                     + " | ".join(cell(s["final"][m]) if m in s["final"] else "" for m in methods) + " |")
+    keys = []
+    low, high = TARGETS[0], TARGETS[-1]
+    for scale in (SCALES[0], SCALES[-1]):
+        for method in (m for m in methods if m not in ("opd", "rl")):
+            for fraction in (low, high):
+                keys.append((f"{method} @{fraction:g} x{scale}", f"{method}/opd flops x{scale} @{fraction:g}"))
+                if method == "sft-fixed" and scale == SCALES[-1]:
+                    keys.append((f"{method} @{fraction:g} x{scale} given",
+                                 f"{method}/opd flops x{scale} @{fraction:g} data given"))
+    if "rl" in methods:
+        keys += [(f"rl/opd steps @{fraction:g}", f"rl/opd steps x1 @{fraction:g}") for fraction in (low, high)]
+    lines += ["", "FLOPs to target, other / opd (geometric mean over the seeds where both reach it [range]; +k: k "
+              "seeds only opd reaches, -k: only the other, =k: k seeds whose warm start is past the best; x1 / x16: "
+              "the teacher's nominal size; given: SFT's dataset not charged):", "",
+              "| point | " + " | ".join(label for label, _ in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for s in summaries:
+        lines.append(f"| {s['point']} | " + " | ".join(short_cell(s["ratios"].get(key)) for _, key in keys) + " |")
+    return lines
 
 
 def plot(path: Path, sweep: str, summaries: list[dict]) -> None:
