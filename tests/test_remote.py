@@ -220,3 +220,14 @@ def test_a_run_closes_its_teacher_servers_connections_when_it_ends_or_a_check_re
         train(load_config(None, tiny_train_overrides(model_dirs, tmp_path / "other", steps=1, teacher=other.url)),
               progress=False)
     assert len(made) == 3 and made[2].http.client.is_closed
+
+
+def test_the_first_id_past_the_tokenizer_is_refused_naming_the_engine_and_the_fix():
+    from opd.samplers.remote import check_ids
+
+    check_ids([[0, 7], []], 8, "engine", "fix it")  # the tokenizer's last id is its own
+    check_ids([[99]], None, "engine", "fix it")  # the tokenizer's size unknown: nothing to check
+    with pytest.raises(OpdError, match=r"^engine sampled token id 8, past the student tokenizer's 8 ids: the model's "
+                       r"embedding is padded past its tokenizer \(e\.g\. Qwen's 151,936 rows for 151,669 tokens\) and "
+                       r"the engine samples the padded rows; fix it$"):
+        check_ids([[1], [0, 8]], 8, "engine", "fix it")
