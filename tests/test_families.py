@@ -86,10 +86,10 @@ class AnswerOnce:
         return float(self.turns)
 
 
-def checkpoint(base, name: str, model_class, config, path):
-    """A random ``model_class`` on the family's tokenizer, saved at ``path``; its stop tokens' logits raised at
-    sampling time (``ending``) so that its turns end within a few tokens."""
-    tokenizer = family_tokenizer(base, name)
+def checkpoint(base, name: str, model_class, config, path, tokenizer=None):
+    """A random ``model_class`` on the family's tokenizer (or ``tokenizer``), saved at ``path``; its stop tokens'
+    logits raised at sampling time (``ending``) so that its turns end within a few tokens."""
+    tokenizer = tokenizer or family_tokenizer(base, name)
     settings = config()
     settings.vocab_size, settings.pad_token_id = len(tokenizer), tokenizer.pad_token_id
     settings.eos_token_id, settings.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
@@ -186,12 +186,7 @@ def real_eos_checkpoint(base, name: str, path):
     tokenizer = family_tokenizer(base, name)
     tokenizer.add_special_tokens({"eos_token": eos})
     model_class, config = NO_TOOL_ROLE[name][:2]
-    settings = config()
-    settings.vocab_size, settings.pad_token_id = len(tokenizer), tokenizer.pad_token_id
-    settings.eos_token_id, settings.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
-    torch.manual_seed(0)
-    save_model(model_class(settings), tokenizer, path)
-    return path
+    return checkpoint(base, name, model_class, config, path, tokenizer)
 
 
 def raise_token(model, token: int) -> None:

@@ -149,14 +149,21 @@ def cell(value: tuple[float, float]) -> str:
     return f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
 
 
+def reached(entry: dict) -> str | None:
+    """A ratio's geometric mean and its range over the seeds ("1.30 [0.90-1.80]"), None when no seed reached
+    the target with both methods."""
+    if entry["geomean"] is None:
+        return None
+    values = entry["values"]
+    spread = f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else ""
+    return f"{entry['geomean']:.2f}{spread}"
+
+
 def ratio_cell(entry: dict) -> str:
     alone = "".join(f", {entry[k]} {who}" for k, who in (("opd_only", "opd only"), ("other_only", "other only"),
                                                           ("seeds_at_best", "started past the best")) if entry.get(k))
-    if entry["geomean"] is None:
-        return f"n/r{alone}"
-    values = entry["values"]
-    spread = f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else ""
-    return f"{entry['geomean']:.2f}{spread} ({entry['seeds_reaching_both']}{alone})"
+    text = reached(entry)
+    return f"n/r{alone}" if text is None else f"{text} ({entry['seeds_reaching_both']}{alone})"
 
 
 def report(plan, points: list, results: dict, rates: dict) -> dict:
@@ -223,11 +230,7 @@ def short_cell(entry: dict | None) -> str:
         return ""
     marks = "".join(f" {sign}{entry[key]}" for key, sign in (("opd_only", "+"), ("other_only", "-"),
                                                              ("seeds_at_best", "=")) if entry.get(key))
-    if entry["geomean"] is None:
-        return f"n/r{marks}"
-    values = entry["values"]
-    spread = f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else ""
-    return f"{entry['geomean']:.2f}{spread}{marks}"
+    return f"{reached(entry) or 'n/r'}{marks}"
 
 
 def compact_tables(summaries: list[dict], methods: list[str]) -> list[str]:
