@@ -353,31 +353,29 @@ class PathsSolver:
 
         return cls(graph, scores, tau, walk_counts(graph), tables(False), tables(True))
 
-    def position(self, prefix: str) -> str | None:
+    def walk(self, prefix: str) -> tuple[str, bool] | None:
         """The node ``prefix`` has walked to, taking each letter as the next node (a non-edge step too: the
-        teacher goes on from where the student is), or None when it is malformed: a letter that is no node,
-        or more than L of them."""
-        if len(prefix) > self.graph.length or any(char not in self.graph.out for char in prefix):
+        teacher goes on from where the student is), and whether it is still on a walk to the target (every step
+        an edge, the target reachable in the steps left); None when it is malformed: a letter that is no node, or
+        more than L of them."""
+        if len(prefix) > self.graph.length:
             return None
-        return prefix[-1] if prefix else self.graph.start
-
-    def on_path(self, prefix: str) -> bool:
-        """Whether ``prefix`` is the start of a valid walk that some walk of the remaining length finishes."""
-        node = self.graph.start
+        node, edges = self.graph.start, True
         for char in prefix:
-            if char not in self.graph.out[node]:
-                return False
-            node = char
-        return self.counts[self.graph.length - len(prefix)][node] > 0
+            if char not in self.graph.out:
+                return None
+            edges, node = edges and char in self.graph.out[node], char
+        return node, edges and self.counts[self.graph.length - len(prefix)][node] > 0
 
     def next_probs(self, prefix: str) -> dict[str, float]:
-        node = self.position(prefix)
-        if node is None:
+        walked = self.walk(prefix)
+        if walked is None:
             return OFF_SUPPORT
+        node, on_path = walked
         left = self.graph.length - len(prefix)
         if left == 0:
             return certain(EOS)  # a walk of L steps ends here, on the target or not
-        if self.on_path(prefix):
+        if on_path:
             table, steps = self.table, [v for v in self.graph.out[node] if self.counts[left - 1][v] > 0]
         else:  # lost: finish a walk of the remaining length, any end (module docstring)
             table, steps = self.free, list(self.graph.out[node])
