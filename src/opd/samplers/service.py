@@ -20,7 +20,6 @@ from opd.errors import OpdError
 from opd.losses import truncated_importance_weights
 from opd.rollouts import Rollouts
 from opd.scoring import token_logprobs
-from opd.templates import reply_stops
 
 
 class RolloutService:
@@ -62,21 +61,21 @@ class RolloutService:
         else:
             self.ensure_weights(model, step, dist)
             examples = prompts.split(step)[0]
-            rollouts = self.draw([prompter.ids(ex.messages) for ex in examples], prompter.tokenizer, draw, step,
+            rollouts = self.draw([prompter.ids(ex.messages) for ex in examples], prompter, draw, step,
                                  dist.rank)
         self.pending = None
         if lookahead:
             self.ensure_weights(model, step, dist)
             upcoming = prompts.split(step + 1)[0]
             self.pending = (step + 1, upcoming, self.executor.submit(
-                self.draw, [prompter.ids(ex.messages) for ex in upcoming], prompter.tokenizer, draw, step + 1,
+                self.draw, [prompter.ids(ex.messages) for ex in upcoming], prompter, draw, step + 1,
                 dist.rank))
         return examples, rollouts
 
-    def draw(self, prompts: list[list[int]], tokenizer, draw, step: int, rank: int) -> Rollouts:
+    def draw(self, prompts: list[list[int]], prompter, draw, step: int, rank: int) -> Rollouts:
         return self.sampler.sample(prompts, samples_per_prompt=draw.samples_per_prompt,
                                    max_new_tokens=draw.max_new_tokens, temperature=draw.temperature,
-                                   top_p=draw.top_p, eos_id=reply_stops(tokenizer), pad_id=tokenizer.pad_token_id,
+                                   top_p=draw.top_p, eos_id=prompter.stops, pad_id=prompter.tokenizer.pad_token_id,
                                    seed=(draw.seed, step, rank))
 
     def lap(self) -> float:

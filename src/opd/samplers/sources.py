@@ -57,16 +57,16 @@ class Prompter:
         return ids
 
     @cached_property
-    def reply_end(self) -> int:
-        """The token a finished reply ends with in the student's template (``templates.reply_stops``: Phi-3's
-        ``<|end|>``, Gemma 3's ``<end_of_turn>``), the EOS where the template ends it with the EOS."""
-        return reply_stops(self.tokenizer)[-1]
+    def stops(self) -> list[int]:
+        """The tokens a reply stops on (``templates.reply_stops``: the EOS and the token the student's template
+        ends a reply with, Phi-3's ``<|end|>``, Gemma 3's ``<end_of_turn>``), read once from the template."""
+        return reply_stops(self.tokenizer)
 
     def completion(self, text: str, max_new_tokens: int) -> list[int]:
         """A given completion as token ids: cut to ``max_new_tokens - 1`` tokens, the reply's end appended (the
         token the sampler stops the student's own replies on)."""
         ids = self.tokenizer.encode(text, add_special_tokens=False)[: max_new_tokens - 1]
-        return ids + [self.reply_end]
+        return ids + [self.stops[-1]]
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ class InProcess:
         rollouts = sample_in_batches(
             self.model, [self.teacher_prompt(ex.teacher_conversation) for ex in examples] if reads_own else prompts,
             rows=draw.rows_per_call, samples_per_prompt=draw.samples_per_prompt, max_new_tokens=draw.max_new_tokens,
-            temperature=draw.temperature, top_p=draw.top_p, eos_id=reply_stops(tokenizer),
+            temperature=draw.temperature, top_p=draw.top_p, eos_id=self.prompter.stops,
             pad_id=tokenizer.pad_token_id, vocab_size=self.vocab_size,
             generator=torch.Generator(self.device).manual_seed(seed),
             noise=draw.noise and replace(draw.noise, seed=seed + NOISE_STREAM))
